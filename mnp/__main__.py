@@ -1,0 +1,3 @@
+from mnp.cli import main
+
+main()

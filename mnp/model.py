@@ -1,0 +1,213 @@
+"""The validated model: what ``mnp.spec`` builds from TOML and everything else reads.
+
+Definitions and inventories are frozen dataclasses (immutable once parsed).
+Sizes are bytes, durations seconds, node ranges inclusive ``(start, end)``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class JobState(str, enum.Enum):
+    """A job's (or a node's, or an array child's) place in its life, as in AWS Batch."""
+
+    SUBMITTED = "SUBMITTED"
+    """Accepted and stored; not yet looked at by the scheduler."""
+    PENDING = "PENDING"
+    """Waiting on dependencies (or, for an array parent, on its children)."""
+    RUNNABLE = "RUNNABLE"
+    """Ready to run; waiting for resources in its queue's compute environments."""
+    STARTING = "STARTING"
+    """Placed on hosts; its processes are being started."""
+    RUNNING = "RUNNING"
+    """Its (main) process runs."""
+    SUCCEEDED = "SUCCEEDED"
+    """Ended with exit code 0."""
+    FAILED = "FAILED"
+    """Ended otherwise: non-zero exit, signal, timeout, cancelled, terminated, dependency failed."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED})
+ACTIVE = frozenset({JobState.STARTING, JobState.RUNNING})
+
+
+class JobType(str, enum.Enum):
+    SINGLE = "single"
+    MULTINODE = "multinode"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per task (single/array) or per node (multinode)."""
+
+    vcpus: float = 1.0
+    memory: int = 0  # bytes; 0 = not accounted
+    gpus: int = 0
+
+
+@dataclass(frozen=True)
+class RetryRule:
+    """One ``evaluate_on_exit`` entry. Patterns are globs (``*``, ``?``)."""
+
+    action: str  # "RETRY" | "EXIT"
+    on_exit_code: str = "*"
+    on_reason: str = "*"
+
+
+@dataclass(frozen=True)
+class RetryStrategy:
+    attempts: int = 1  # 1..10
+    evaluate_on_exit: tuple[RetryRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class Timeout:
+    attempt_duration: float | None = None  # seconds; None = no limit
+    kill_grace: float = 10.0  # seconds between SIGTERM and SIGKILL
+
+
+@dataclass(frozen=True)
+class ArrayProperties:
+    size: int  # 2..100000
+    parallelism: int | None = None  # at most this many children running
+    sequential: bool = False  # children run in index order (SEQUENTIAL)
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """Where the controller reads a secret at launch: exactly one of file/env."""
+
+    file: str | None = None
+    env: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    """Nodes ``start..end`` (inclusive) of a multi-node job."""
+
+    start: int
+    end: int
+    command: tuple[str, ...] | None = None  # None: the nodes are held, nothing runs
+    tasks_per_node: int = 1
+    resources: Resources = field(default_factory=Resources)
+    environment: Mapping[str, str] = field(default_factory=dict)
+    gpu_bind: str = "per-node"  # "per-node" | "per-task"
+
+    def contains(self, index: int) -> bool:
+        return self.start <= index <= self.end
+
+
+@dataclass(frozen=True)
+class MultiNodeProperties:
+    num_nodes: int
+    groups: tuple[NodeGroup, ...]
+    main_node: int = 0
+    exclusive: bool = True
+    on_child_failure: str = "ignore"  # "ignore" | "terminate"
+
+    def group_of(self, index: int) -> tuple[int, NodeGroup]:
+        for i, g in enumerate(self.groups):
+            if g.contains(index):
+                return i, g
+        raise KeyError(index)
+
+
+@dataclass(frozen=True)
+class Dependency:
+    job_id: str
+    type: str | None = None  # None (plain: SUCCEEDED), "N_TO_N", "afterany"
+
+
+@dataclass(frozen=True)
+class JobDefinition:
+    """A job definition after parameters and command-line overrides.
+
+    ``command`` keeps ``Ref::name`` placeholders; ``wiring`` substitutes them.
+    For a multinode job, a group without a command holds its nodes, except the
+    main node's group, which falls back to the top-level ``command``.
+    """
+
+    name: str
+    command: tuple[str, ...] = ()
+    type: JobType = JobType.SINGLE
+    queue: str = "default"
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    environment: Mapping[str, str] = field(default_factory=dict)
+    secrets: Mapping[str, SecretRef] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+    retry: RetryStrategy = field(default_factory=RetryStrategy)
+    timeout: Timeout = field(default_factory=Timeout)
+    array: ArrayProperties | None = None
+    multinode: MultiNodeProperties | None = None
+    depends_on: tuple[Dependency, ...] = ()
+    tasks_per_node: int = 1  # single/array: tasks started per job (always 1); kept for --tasks-per-node
+    gpu_bind: str = "per-node"
+    aws_batch_env: bool = False
+    cwd: str | None = None
+    export_env: bool = False  # --export: forward the submitting shell's environment
+    source: str = "<command line>"  # file the definition came from, for messages
+
+
+# --- inventory ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SshOptions:
+    user: str | None = None
+    port: int | None = None
+    known_hosts: str | None = "~/.ssh/known_hosts"  # "none" disables checking
+    identity: tuple[str, ...] = ()
+    connect_timeout: float = 10.0
+    python: str = "python3"
+    config: tuple[str, ...] = ()  # extra ssh_config files; ~/.ssh/config is read by default
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    name: str
+    address: str  # what other nodes use to reach it (hostfiles, MASTER_ADDR)
+    vcpus: int | None = None  # None = auto (probed by the agent)
+    memory: int | None = None  # bytes; None = auto
+    gpus: int | None = None  # None = auto (NVML count)
+    labels: tuple[str, ...] = ()
+    transport: str = "ssh"  # "ssh" | "local"
+    ssh: SshOptions = field(default_factory=SshOptions)
+
+
+@dataclass(frozen=True)
+class ComputeEnvironment:
+    name: str
+    hosts: tuple[str, ...]  # host names, in inventory order
+    state: str = "ENABLED"  # "ENABLED" | "DISABLED"
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    priority: int = 1
+    compute_environments: tuple[str, ...] = ()
+    state: str = "ENABLED"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    source: str  # file path, "local", "slurm", "pbs", "hostfile:PATH"
+    hosts: tuple[HostSpec, ...]
+    compute_environments: Mapping[str, ComputeEnvironment]
+    queues: Mapping[str, Queue]
+    ssh: SshOptions = field(default_factory=SshOptions)
+
+    def host(self, name: str) -> HostSpec:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)
