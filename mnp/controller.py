@@ -1,0 +1,703 @@
+"""The controller: one asyncio loop that applies scheduling decisions through agents.
+
+It holds one ``AgentConnection`` per inventory host, the runtime job records
+(``mnp.jobs``) and each host's free capacity (``mnp.sched.alloc``). Pure
+decisions come from ``mnp.sched.decide`` and ``mnp.wiring``; this module only
+sends spawn/kill/sweep messages and reacts to the agents' events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets as pysecrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from mnp.errors import InfraError, JobRefused, MnpError
+from mnp.jobs import Attempt, Job, NodeRun, TaskRun, exit_status, should_retry
+from mnp.model import TERMINAL, Inventory, JobDefinition, JobState, Resources
+from mnp.sched.alloc import HostCapacity
+from mnp.sched.decide import Request, Start, could_ever_run, decide
+from mnp.transport.base import AgentConnection, Event, Transport
+from mnp.wiring import (
+    Launch,
+    NodePlacement,
+    hostfile_mpich,
+    hostfile_ompi,
+    node_command,
+    substitute,
+    task_environment,
+    task_id,
+)
+
+OutputHandler = Callable[[Job, TaskRun, int, str], None]
+TaskEndHandler = Callable[[Job, TaskRun], None]
+EventSink = Callable[[dict[str, Any]], None]
+
+TIMEOUT_REASON = "Job attempt duration exceeded timeout"
+
+
+class Controller:
+    def __init__(
+        self,
+        inventory: Inventory,
+        transports: Mapping[str, Transport],
+        *,
+        token: str | None = None,
+        on_output: OutputHandler | None = None,
+        on_task_end: TaskEndHandler | None = None,
+        on_event: EventSink | None = None,
+        agent_grace: float = 2.0,
+        connect_fanout: int = 64,
+    ) -> None:
+        self.inventory = inventory
+        self.transports = transports
+        self.token = token or pysecrets.token_hex(8)
+        self.on_output = on_output
+        self.on_task_end = on_task_end
+        self.on_event = on_event
+        self.agent_grace = agent_grace
+        self.connect_fanout = connect_fanout
+        self.agents: dict[str, AgentConnection] = {}
+        self.capacity: dict[str, HostCapacity] = {}
+        self.host_errors: dict[str, str] = {}
+        self.jobs: dict[str, Job] = {}
+        self.events: list[dict[str, Any]] = []
+        self._seq = 0
+        self._event_seq = 0
+        self._next_id = 1
+        self._runnable: dict[str, Job] = {}  # insertion order ~ seq
+        self._tasks: dict[str, tuple[Job, Attempt, TaskRun]] = {}
+        self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
+        self._pending_ports: dict[str, asyncio.Future[int]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._kick_scheduled = False
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # --- hosts ------------------------------------------------------------
+
+    async def start(self) -> None:
+        sem = asyncio.Semaphore(self.connect_fanout)
+
+        async def one(spec_name: str) -> None:
+            host = self.inventory.host(spec_name)
+            transport = self.transports[host.transport]
+            async with sem:
+                try:
+                    stream = await transport.open(host, ["--ctl", self.token])
+                    conn = AgentConnection(host.name, stream)
+                    facts = await conn.handshake(host.ssh.connect_timeout + 20)
+                except MnpError as e:
+                    self.host_errors[host.name] = str(e)
+                    return
+            conn.start(self._on_agent_event, self._on_host_lost)
+            self.agents[host.name] = conn
+            gpus = tuple(int(g["index"]) for g in facts.get("gpus", []))
+            if host.gpus is not None:
+                gpus = tuple(range(host.gpus))
+            self.capacity[host.name] = HostCapacity(
+                name=host.name,
+                vcpus=float(host.vcpus if host.vcpus is not None else facts.get("cores", 1)),
+                memory=int(host.memory if host.memory is not None else facts.get("memory", 0)),
+                gpus=gpus,
+            )
+
+        await asyncio.gather(*(one(h.name) for h in self.inventory.hosts))
+        if not self.agents:
+            details = "; ".join(self.host_errors.values()) or "the inventory has no hosts"
+            raise InfraError(f"no host reachable: {details}")
+
+    def _on_host_lost(self, host: str, why: str) -> None:
+        now = time.time()
+        self.host_errors[host] = why
+        cap = self.capacity.get(host)
+        if cap is not None:
+            cap.up = False
+        for tid, (job, attempt, task) in list(self._tasks.items()):
+            if task.host != host or task.gone:
+                continue
+            if not attempt.ending:
+                self._begin_end(job, attempt, JobState.FAILED, f"Host lost: {host}", now)
+            task.gone = True
+            if not task.exited:
+                task.exited_at = now
+            self._tasks.pop(tid, None)
+        for job in self.jobs.values():
+            att = job.attempt
+            if att is not None and host in att.pending_sweeps:
+                att.pending_sweeps.discard(host)
+                self._maybe_finish(job, att, now)
+        self._kick()
+
+    # --- submit -----------------------------------------------------------
+
+    def submit(self, defn: JobDefinition) -> Job:
+        if self._closed:
+            raise InfraError("controller is shutting down")
+        queue = self.inventory.queues.get(defn.queue)
+        if queue is None:
+            allowed = ", ".join(sorted(self.inventory.queues))
+            raise JobRefused(f"queue {defn.queue!r} does not exist; queues: {allowed}")
+        if queue.state != "ENABLED":
+            raise JobRefused(f"queue {defn.queue!r} is DISABLED and refuses new jobs")
+        probe = self._request_for("probe", defn, 0)
+        if not could_ever_run(probe, queue, self.inventory.compute_environments, self.capacity):
+            raise JobRefused(
+                "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT: no compute environment of queue "
+                f"{queue.name!r} has hosts that could ever run this job "
+                f"({_describe_request(probe)})"
+            )
+        now = time.time()
+        job_id = str(self._next_id)
+        self._next_id += 1
+        job = self._new_job(job_id, defn, now)
+        if defn.array is not None:
+            for i in range(defn.array.size):
+                child = self._new_job(f"{job_id}:{i}", defn, now, parent=job, index=i)
+                job.children.append(child)
+        job.set_state(JobState.PENDING, now)
+        if job.children:
+            for child in job.children:
+                child.set_state(JobState.PENDING, now)
+            self._admit_children(job, now)
+        else:
+            self._make_runnable(job, now)
+        return job
+
+    def _new_job(
+        self,
+        job_id: str,
+        defn: JobDefinition,
+        now: float,
+        parent: Job | None = None,
+        index: int | None = None,
+    ) -> Job:
+        self._seq += 1
+        job = Job(job_id, defn, self._seq, self._emit, now, parent=parent, array_index=index)
+        job.request = self._request_for(job_id, defn, self._seq)
+        self.jobs[job_id] = job
+        job.emit_change(job_id, JobState.SUBMITTED, JobState.SUBMITTED, now, None, None)
+        return job
+
+    def _request_for(self, key: str, defn: JobDefinition, seq: int) -> Request:
+        if defn.multinode is not None:
+            mn = defn.multinode
+            nodes = tuple(mn.group_of(i)[1].resources for i in range(mn.num_nodes))
+            return Request(key, defn.queue, seq, nodes, exclusive=mn.exclusive)
+        return Request(key, defn.queue, seq, (defn.resources,))
+
+    def _make_runnable(self, job: Job, now: float) -> None:
+        job.set_state(JobState.RUNNABLE, now)
+        self._runnable[job.id] = job
+        self._kick()
+
+    def _admit_children(self, parent: Job, now: float) -> None:
+        """Move array children from PENDING to RUNNABLE, in index order, as
+        ``parallelism`` (or SEQUENTIAL: one at a time) allows."""
+        arr = parent.defn.array
+        assert arr is not None
+        limit = 1 if arr.sequential else (arr.parallelism or len(parent.children))
+        while parent.admitted < len(parent.children) and parent.admitted - parent.finished < limit:
+            child = parent.children[parent.admitted]
+            parent.admitted += 1
+            if child.state is JobState.PENDING:
+                self._make_runnable(child, now)
+
+    # --- scheduling -------------------------------------------------------
+
+    def _kick(self) -> None:
+        if not self._kick_scheduled and not self._closed:
+            self._kick_scheduled = True
+            asyncio.get_running_loop().call_soon(self._schedule_pass)
+
+    def _schedule_pass(self) -> None:
+        self._kick_scheduled = False
+        if not self._runnable:
+            return
+        requests = [j.request for j in self._runnable.values() if j.request is not None]
+        starts = decide(
+            requests, self.inventory.queues, self.inventory.compute_environments, self.capacity
+        )
+        now = time.time()
+        for start in starts:
+            job = self._runnable.pop(start.key)
+            self._launch(job, start, now)
+
+    # --- launching --------------------------------------------------------
+
+    def _launch(self, job: Job, start: Start, now: float) -> None:
+        attempt = Attempt(len(job.attempts) + 1, ce=start.ce, grants=start.grants, placed_at=now)
+        job.attempts.append(attempt)
+        job.exit_code = job.signal = None
+        job.set_state(JobState.STARTING, now)
+        if job.is_multinode:
+            self._spawn_bg(self._launch_multinode(job, attempt))
+            return
+        grant = start.grants[0]
+        defn = job.defn
+        parent = job.parent
+        launch = Launch(
+            job_id=job.id,
+            job_name=defn.name,
+            attempt=attempt.number,
+            queue=defn.queue,
+            ce=start.ce,
+            array_index=job.array_index,
+            array_size=defn.array.size if defn.array is not None and parent is not None else None,
+            host=grant.host,
+            gpus=grant.gpus,
+            host_has_gpus=bool(self.capacity[grant.host].gpus),
+        )
+        attempt.launch = launch
+        env = task_environment(defn, launch)
+        argv = substitute(defn.command, defn.parameters)
+        task = TaskRun(launch.job_id, grant.host)
+        self._spawn(job, attempt, task, argv, env)
+
+    def _spawn(
+        self,
+        job: Job,
+        attempt: Attempt,
+        task: TaskRun,
+        argv: list[str],
+        env: dict[str, str],
+        files: list[dict[str, Any]] | None = None,
+    ) -> None:
+        attempt.tasks[task.tid] = task
+        self._tasks[task.tid] = (job, attempt, task)
+        env.update(self._secrets(job.defn))
+        msg: dict[str, Any] = {
+            "op": "spawn",
+            "tid": task.tid,
+            "argv": argv,
+            "env": env,
+            "cwd": job.defn.cwd,
+        }
+        if files:
+            msg["files"] = files
+        try:
+            self.agents[task.host].send(msg)
+        except (MnpError, KeyError) as e:
+            self._on_agent_event(
+                task.host,
+                {"ev": "exited", "tid": task.tid, "code": 126, "signal": None, "error": str(e)},
+            )
+            self._on_agent_event(task.host, {"ev": "gone", "tid": task.tid, "killed": 0})
+
+    def _secrets(self, defn: JobDefinition) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, ref in defn.secrets.items():
+            if ref.file is not None:
+                try:
+                    with open(os.path.expanduser(ref.file), encoding="utf-8") as f:
+                        out[name] = f.read().rstrip("\n")
+                except OSError as e:
+                    raise JobRefused(f"secret {name}: cannot read {ref.file}: {e.strerror}") from None
+            elif ref.env is not None:
+                if ref.env not in os.environ:
+                    raise JobRefused(f"secret {name}: ${ref.env} is not set for the controller")
+                out[name] = os.environ[ref.env]
+        return out
+
+    async def _free_port(self, host: str) -> int | None:
+        conn = self.agents.get(host)
+        if conn is None or not conn.alive:
+            return None
+        rid = pysecrets.token_hex(4)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending_ports[rid] = fut
+        try:
+            conn.send({"op": "port", "id": rid})
+            return await asyncio.wait_for(fut, 10)
+        except (TimeoutError, MnpError):
+            return None
+        finally:
+            self._pending_ports.pop(rid, None)
+
+    async def _launch_multinode(self, job: Job, attempt: Attempt) -> None:
+        defn = job.defn
+        mn = defn.multinode
+        assert mn is not None
+        main_host = attempt.grants[mn.main_node].host
+        port = await self._free_port(main_host)
+        if attempt.ending or job.attempt is not attempt:
+            return
+        placements = []
+        for i, grant in enumerate(attempt.grants):
+            gi, group = mn.group_of(i)
+            spec = self.inventory.host(grant.host)
+            placements.append(
+                NodePlacement(
+                    index=i,
+                    host=grant.host,
+                    address=spec.address,
+                    slots=group.tasks_per_node,
+                    group=gi,
+                    gpus=grant.gpus,
+                    host_has_gpus=bool(self.capacity[grant.host].gpus),
+                )
+            )
+        launch = Launch(
+            job_id=job.id,
+            job_name=defn.name,
+            attempt=attempt.number,
+            queue=defn.queue,
+            ce=attempt.ce,
+            nodes=tuple(placements),
+            main_node=mn.main_node,
+            master_port=port,
+        )
+        attempt.launch = launch
+        for p in placements:
+            group = mn.groups[p.group]
+            held = node_command(defn, group, p.index) is None
+            attempt.nodes.append(NodeRun(job, p.index, p.host, p.group, held))
+        hostfiles = (hostfile_mpich(placements), hostfile_ompi(placements))
+        self._start_node(job, attempt, mn.main_node, hostfiles)
+        if attempt.nodes[mn.main_node].held:
+            self._on_main_running(job, attempt, time.time())
+
+    def _start_node(
+        self, job: Job, attempt: Attempt, index: int, hostfiles: tuple[str, str]
+    ) -> None:
+        defn = job.defn
+        mn = defn.multinode
+        assert mn is not None and attempt.launch is not None
+        node = attempt.nodes[index]
+        now = time.time()
+        if node.held:
+            node.set_state(JobState.RUNNING, now)
+            return
+        group = mn.groups[node.group]
+        argv = node_command(defn, group, index)
+        assert argv is not None
+        rundir = str(self.agents[node.host].facts.get("rundir") or "/tmp")
+        base = f"{rundir}/{job.id}.{attempt.number}"
+        launch = replace(
+            attempt.launch, hostfile=f"{base}/hostfile", hostfile_ompi=f"{base}/hostfile.ompi"
+        )
+        files = [
+            {"path": launch.hostfile, "data": hostfiles[0]},
+            {"path": launch.hostfile_ompi, "data": hostfiles[1]},
+        ]
+        for t in range(group.tasks_per_node):
+            env = task_environment(defn, launch, index, t)
+            tid = task_id(launch, index, t, group.tasks_per_node)
+            task = TaskRun(tid, node.host, node_index=index, task_index=t)
+            node.tasks.append(task)
+            self._spawn(job, attempt, task, list(argv), env, files if t == 0 else None)
+
+    def _on_main_running(self, job: Job, attempt: Attempt, now: float) -> None:
+        mn = job.defn.multinode
+        assert mn is not None and attempt.launch is not None
+        job.set_state(JobState.RUNNING, now)
+        self._arm_timeout(job, attempt)
+        hostfiles = (hostfile_mpich(attempt.launch.nodes), hostfile_ompi(attempt.launch.nodes))
+        for node in attempt.nodes:
+            if node.index != mn.main_node:
+                self._start_node(job, attempt, node.index, hostfiles)
+        self._check_all_running(attempt, now)
+
+    def _check_all_running(self, attempt: Attempt, now: float) -> None:
+        if attempt.running_at is None and all(
+            n.state is not JobState.STARTING for n in attempt.nodes
+        ):
+            attempt.running_at = now
+
+    # --- agent events -----------------------------------------------------
+
+    def _on_agent_event(self, host: str, msg: Event) -> None:
+        ev = msg.get("ev")
+        if ev == "out":
+            entry = self._tasks.get(msg.get("tid", ""))
+            if entry is not None and self.on_output is not None:
+                self.on_output(entry[0], entry[2], int(msg.get("fd", 1)), str(msg.get("data", "")))
+            return
+        now = time.time()
+        if ev == "started":
+            entry = self._tasks.get(msg.get("tid", ""))
+            if entry is not None:
+                self._task_started(*entry, msg, now)
+        elif ev == "exited":
+            entry = self._tasks.get(msg.get("tid", ""))
+            if entry is not None:
+                self._task_exited(*entry, msg, now)
+        elif ev == "gone":
+            entry = self._tasks.pop(msg.get("tid", ""), None)
+            if entry is not None:
+                job, attempt, task = entry
+                task.gone = True
+                if not task.exited:
+                    task.exited_at = now
+                if self.on_task_end is not None:
+                    self.on_task_end(job, task)
+                self._maybe_finish(job, attempt, now)
+        elif ev == "swept":
+            job_obj = self.jobs.get(str(msg.get("job", "")))
+            if job_obj is not None and job_obj.attempt is not None:
+                job_obj.attempt.pending_sweeps.discard(host)
+                self._maybe_finish(job_obj, job_obj.attempt, now)
+        elif ev == "port":
+            fut = self._pending_ports.get(str(msg.get("id")))
+            if fut is not None and not fut.done():
+                fut.set_result(int(msg["port"]))
+
+    def _task_started(
+        self, job: Job, attempt: Attempt, task: TaskRun, msg: Event, now: float
+    ) -> None:
+        task.pid = msg.get("pid")
+        task.started_at = now
+        if attempt.ending:
+            return
+        if not job.is_multinode:
+            attempt.running_at = now
+            job.set_state(JobState.RUNNING, now)
+            self._arm_timeout(job, attempt)
+            return
+        node = attempt.nodes[task.node_index or 0]
+        if all(t.started_at is not None for t in node.tasks):
+            node.set_state(JobState.RUNNING, now)
+            mn = job.defn.multinode
+            assert mn is not None
+            if node.index == mn.main_node:
+                self._on_main_running(job, attempt, now)
+            else:
+                self._check_all_running(attempt, now)
+
+    def _task_exited(
+        self, job: Job, attempt: Attempt, task: TaskRun, msg: Event, now: float
+    ) -> None:
+        task.exited_at = now
+        task.exit_code = msg.get("code")
+        task.signal = msg.get("signal")
+        task.error = msg.get("error")
+        if task.error and self.on_output is not None:
+            self.on_output(job, task, 2, f"mnp: {task.tid}: {task.error}\n")
+        if not job.is_multinode:
+            attempt.main_exit_at = now
+            if not attempt.ending:
+                attempt.exit_code, attempt.signal = task.exit_code, task.signal
+                ok = task.exit_code == 0
+                self._begin_end(
+                    job, attempt, JobState.SUCCEEDED if ok else JobState.FAILED, task.error, now
+                )
+            return
+        mn = job.defn.multinode
+        assert mn is not None
+        node = attempt.nodes[task.node_index or 0]
+        if not all(t.exited for t in node.tasks):
+            return
+        failed = next((t for t in node.tasks if t.exit_code != 0), None)
+        node.exit_code = failed.exit_code if failed else 0
+        node.signal = failed.signal if failed else None
+        code = exit_status(node.exit_code, node.signal)
+        if attempt.ending:
+            # torn down by us: the node ends as the job does
+            node.set_state(attempt.final or JobState.FAILED, now, attempt.reason)
+            return
+        node.set_state(
+            JobState.SUCCEEDED if code == 0 else JobState.FAILED,
+            now,
+            failed.error if failed else None,
+        )
+        if node.index == mn.main_node:
+            attempt.main_exit_at = now
+            attempt.exit_code, attempt.signal = node.exit_code, node.signal
+            self._begin_end(
+                job, attempt, JobState.SUCCEEDED if code == 0 else JobState.FAILED, None, now
+            )
+        elif code != 0 and mn.on_child_failure == "terminate":
+            attempt.main_exit_at = now
+            attempt.exit_code, attempt.signal = node.exit_code, node.signal
+            self._begin_end(
+                job, attempt, JobState.FAILED, f"Child node {node.index} exited with code {code}", now
+            )
+
+    # --- ending -----------------------------------------------------------
+
+    def _arm_timeout(self, job: Job, attempt: Attempt) -> None:
+        limit = job.defn.timeout.attempt_duration
+        if limit is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._timers.pop(job.id, None)
+            if job.attempt is attempt and not attempt.ending:
+                job.timed_out = True
+                self._begin_end(job, attempt, JobState.FAILED, TIMEOUT_REASON, time.time(), retry=False)
+
+        self._timers[job.id] = loop.call_later(limit, fire)
+
+    def _begin_end(
+        self,
+        job: Job,
+        attempt: Attempt,
+        final: JobState,
+        reason: str | None,
+        now: float,
+        *,
+        retry: bool = True,
+    ) -> None:
+        """Decide how the attempt ends, then tear down whatever still runs."""
+        if attempt.ending:
+            return
+        attempt.final = final
+        attempt.reason = reason
+        attempt.retryable = retry
+        timer = self._timers.pop(job.id, None)
+        if timer is not None:
+            timer.cancel()
+        grace = job.defn.timeout.kill_grace
+        for task in attempt.tasks.values():
+            if not task.gone:
+                self._send(task.host, {"op": "kill", "tid": task.tid, "grace": grace})
+        if job.is_multinode:
+            for node in attempt.nodes:
+                if node.held and node.state not in TERMINAL:
+                    node.set_state(final, now, reason)
+            for host in {g.host for g in attempt.grants}:
+                if self._send(host, {"op": "sweep", "job": job.id, "grace": grace}):
+                    attempt.pending_sweeps.add(host)
+        self._maybe_finish(job, attempt, now)
+
+    def _send(self, host: str, msg: Event) -> bool:
+        conn = self.agents.get(host)
+        if conn is None or not conn.alive:
+            return False
+        try:
+            conn.send(msg)
+        except MnpError:
+            return False
+        return True
+
+    def _maybe_finish(self, job: Job, attempt: Attempt, now: float) -> None:
+        if not attempt.ending or attempt.stopped_at is not None:
+            return
+        if attempt.pending_sweeps or any(not t.gone for t in attempt.tasks.values()):
+            return
+        if job.is_multinode and attempt.launch is None and job.attempt is attempt:
+            # ended before its nodes were started (terminated while STARTING)
+            pass
+        attempt.reaped_at = now
+        attempt.stopped_at = now
+        for grant in attempt.grants:
+            cap = self.capacity.get(grant.host)
+            if cap is not None:
+                cap.give(grant)
+        for node in attempt.nodes:
+            if node.state not in TERMINAL:
+                node.set_state(attempt.final or JobState.FAILED, now, attempt.reason)
+        job.exit_code, job.signal = attempt.exit_code, attempt.signal
+        failed = attempt.final is not JobState.SUCCEEDED
+        if (
+            failed
+            and attempt.retryable
+            and not job.timed_out
+            and should_retry(job.defn, len(job.attempts), attempt.exit_code, attempt.reason or "")
+        ):
+            job.set_state(JobState.RUNNABLE, now, attempt.reason)
+            self._runnable[job.id] = job
+        else:
+            assert attempt.final is not None
+            self._finish(job, attempt.final, attempt.reason, now)
+        self._kick()
+
+    def _finish(self, job: Job, state: JobState, reason: str | None, now: float) -> None:
+        job.set_state(state, now, reason)
+        for fut in self._waiters.pop(job.id, []):
+            if not fut.done():
+                fut.set_result(job)
+        parent = job.parent
+        if parent is None or parent.done:
+            return
+        parent.finished += 1
+        arr = parent.defn.array
+        assert arr is not None
+        if arr.sequential and state is JobState.FAILED:
+            # the rest can never run: fail them here, without recursing per child
+            why = f"Dependent job {job.id} failed"
+            for sib in parent.children[parent.admitted :]:
+                if sib.state is JobState.PENDING:
+                    sib.set_state(JobState.FAILED, now, why)
+                    parent.finished += 1
+            parent.admitted = len(parent.children)
+        self._admit_children(parent, now)
+        if parent.finished == len(parent.children):
+            first = next((c for c in parent.children if c.state is JobState.FAILED), None)
+            parent.exit_code = first.exit_code if first else 0
+            self._finish(
+                parent,
+                JobState.SUCCEEDED if first is None else JobState.FAILED,
+                None if first is None else f"Array child {first.id} failed",
+                now,
+            )
+
+    def terminate(self, job_id: str, reason: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise JobRefused(f"job {job_id} does not exist")
+        now = time.time()
+        job.admitted = len(job.children)  # admit no more children while cascading
+        for child in job.children:
+            self._terminate_one(child, reason, now)
+        self._terminate_one(job, reason, now)
+        return job
+
+    def _terminate_one(self, job: Job, reason: str, now: float) -> None:
+        if job.done:
+            return
+        attempt = job.attempt
+        if job.state in (JobState.STARTING, JobState.RUNNING) and attempt is not None:
+            self._begin_end(job, attempt, JobState.FAILED, reason, now, retry=False)
+            return
+        if job.children:
+            return  # the parent ends when its children have
+        self._runnable.pop(job.id, None)
+        self._finish(job, JobState.FAILED, reason, now)
+
+    # --- waiting and closing ----------------------------------------------
+
+    async def wait(self, job: Job) -> Job:
+        if job.done:
+            return job
+        fut: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job.id, []).append(fut)
+        return await fut
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        self._event_seq += 1
+        event = {"seq": self._event_seq, **event}
+        self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _spawn_bg(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def close(self) -> None:
+        self._closed = True
+        for timer in self._timers.values():
+            timer.cancel()
+        await asyncio.gather(*(c.close() for c in self.agents.values()), return_exceptions=True)
+        for task in list(self._bg):
+            task.cancel()
+
+
+def _describe_request(req: Request) -> str:
+    r: Resources = max(req.nodes, key=lambda x: (x.gpus, x.vcpus, x.memory))
+    parts = [f"{len(req.nodes)} node(s)" if len(req.nodes) > 1 else "1 task"]
+    parts.append(f"vcpus={r.vcpus:g}")
+    if r.memory:
+        parts.append(f"memory={r.memory // (1024 * 1024)}MiB")
+    if r.gpus:
+        parts.append(f"gpus={r.gpus}")
+    if req.exclusive:
+        parts.append("exclusive")
+    return ", ".join(parts)

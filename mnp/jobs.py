@@ -1,0 +1,207 @@
+"""Runtime records of jobs, attempts, nodes and tasks, and their state changes.
+
+The controller owns these objects; every state change goes through
+``Job.set_state`` (or ``NodeRun.set_state``) so that each one is timed and
+reported as exactly one event (SPEC §6 "Events").
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mnp.model import TERMINAL, JobDefinition, JobState, JobType
+from mnp.sched.alloc import Grant
+from mnp.sched.decide import Request
+from mnp.wiring import Launch
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TaskRun:
+    """One process tree started by an agent."""
+
+    tid: str
+    host: str
+    node_index: int | None = None
+    task_index: int = 0
+    pid: int | None = None
+    started_at: float | None = None
+    exited_at: float | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    error: str | None = None
+    gone: bool = False
+
+    @property
+    def exited(self) -> bool:
+        return self.exited_at is not None
+
+
+@dataclass
+class NodeRun:
+    """One node of a multi-node attempt."""
+
+    job: Job
+    index: int
+    host: str
+    group: int
+    held: bool  # no command: held for the main node's use
+    state: JobState = JobState.STARTING
+    reason: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    tasks: list[TaskRun] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return f"{self.job.id}#{self.index}"
+
+    def set_state(self, state: JobState, now: float, reason: str | None = None) -> None:
+        if state is self.state:
+            return
+        previous, self.state = self.state, state
+        self.reason = reason or self.reason
+        self.job.emit_change(
+            self.id, state, previous, now, reason, self.exit_code, node_index=self.index
+        )
+
+
+@dataclass
+class Attempt:
+    number: int
+    ce: str = ""
+    grants: tuple[Grant, ...] = ()
+    launch: Launch | None = None
+    placed_at: float | None = None
+    running_at: float | None = None  # every node (or the task) RUNNING
+    main_exit_at: float | None = None
+    reaped_at: float | None = None  # every process gone
+    stopped_at: float | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    reason: str | None = None
+    final: JobState | None = None  # decided when its end began
+    retryable: bool = True
+    tasks: dict[str, TaskRun] = field(default_factory=dict)
+    nodes: list[NodeRun] = field(default_factory=list)
+    pending_sweeps: set[str] = field(default_factory=set)
+
+    @property
+    def ending(self) -> bool:
+        return self.final is not None
+
+    def timings(self) -> dict[str, float | None]:
+        def delta(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else round(b - a, 6)
+
+        return {
+            "placement_to_running": delta(self.placed_at, self.running_at),
+            "main_exit_to_reaped": delta(self.main_exit_at, self.reaped_at),
+        }
+
+
+@dataclass
+class Job:
+    id: str
+    defn: JobDefinition
+    seq: int
+    emit: Emit
+    created: float
+    state: JobState = JobState.SUBMITTED
+    reason: str | None = None
+    parent: Job | None = None
+    array_index: int | None = None
+    children: list[Job] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+    exit_code: int | None = None
+    signal: int | None = None
+    started_at: float | None = None
+    stopped_at: float | None = None
+    timed_out: bool = False
+    history: list[tuple[str, float, str | None]] = field(default_factory=list)
+    request: Request | None = None
+    admitted: int = 0  # array parent: children made RUNNABLE so far (in index order)
+    finished: int = 0  # array parent: children that reached a terminal state
+
+    @property
+    def is_array(self) -> bool:
+        return self.defn.array is not None and self.parent is None
+
+    @property
+    def is_multinode(self) -> bool:
+        return self.defn.type is JobType.MULTINODE
+
+    @property
+    def attempt(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+    def set_state(self, state: JobState, now: float, reason: str | None = None) -> None:
+        if state is self.state:
+            return
+        previous, self.state = self.state, state
+        if reason is not None:
+            self.reason = reason
+        if state is JobState.RUNNING and self.started_at is None:
+            self.started_at = now
+        if state in TERMINAL:
+            self.stopped_at = now
+        self.history.append((state.value, now, reason))
+        self.emit_change(self.id, state, previous, now, reason, self.exit_code)
+
+    def emit_change(
+        self,
+        job_id: str,
+        state: JobState,
+        previous: JobState,
+        now: float,
+        reason: str | None,
+        exit_code: int | None,
+        node_index: int | None = None,
+    ) -> None:
+        event: dict[str, Any] = {
+            "time": now,
+            "type": "job-state-change",
+            "job_id": job_id,
+            "name": self.defn.name,
+            "queue": self.defn.queue,
+            "status": state.value,
+            "previous": previous.value,
+            "reason": reason,
+            "attempt": len(self.attempts),
+            "exit_code": exit_code,
+        }
+        if node_index is not None:
+            event["node_index"] = node_index
+        if self.array_index is not None:
+            event["array_index"] = self.array_index
+        self.emit(event)
+
+
+def should_retry(defn: JobDefinition, attempts_made: int, exit_code: int | None, reason: str) -> bool:
+    """AWS Batch's retry strategy: attempts left, then the first matching rule decides."""
+    if attempts_made >= defn.retry.attempts:
+        return False
+    code = "" if exit_code is None else str(exit_code)
+    for rule in defn.retry.evaluate_on_exit:
+        if fnmatch.fnmatchcase(code, rule.on_exit_code) and fnmatch.fnmatchcase(
+            reason or "", rule.on_reason
+        ):
+            return rule.action == "RETRY"
+    return True
+
+
+def exit_status(code: int | None, signal: int | None) -> int:
+    """A shell's view of how a process ended: the code, or 128 + signal."""
+    if code is not None:
+        return code
+    if signal is not None:
+        return 128 + signal
+    return 1

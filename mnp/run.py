@@ -1,0 +1,147 @@
+"""``mnp run`` with an in-process controller: submit one job, stream it, exit with it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from typing import Any, TextIO
+
+from mnp.controller import TIMEOUT_REASON, Controller
+from mnp.jobs import Job, TaskRun, exit_status
+from mnp.model import Inventory, JobDefinition, JobState
+from mnp.transport import Transport
+
+INTERRUPTED = "Interrupted by the user (mnp run)"
+
+
+def transports_for(inventory: Inventory) -> dict[str, Transport]:
+    """The transports an inventory's hosts need (SSH is imported only when used)."""
+    out: dict[str, Transport] = {}
+    kinds = {h.transport for h in inventory.hosts}
+    if "local" in kinds:
+        from mnp.transport.local import LocalTransport
+
+        out["local"] = LocalTransport()
+    if "ssh" in kinds:
+        from mnp.transport.ssh import SshTransport
+
+        out["ssh"] = SshTransport(inventory)
+    return out
+
+
+class OutputPrinter:
+    """Writes task output line by line, prefixed with the node or index when there are several."""
+
+    def __init__(self, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> None:
+        self.streams = {1: stdout, 2: stderr}
+        self.partial: dict[tuple[str, int], str] = {}
+
+    @staticmethod
+    def label(job: Job, task: TaskRun) -> str | None:
+        if task.node_index is not None:
+            slots = job.defn.multinode is not None and any(
+                g.tasks_per_node > 1 for g in job.defn.multinode.groups
+            )
+            return f"{task.node_index}.{task.task_index}" if slots else str(task.node_index)
+        if job.array_index is not None:
+            return str(job.array_index)
+        return None
+
+    def __call__(self, job: Job, task: TaskRun, fd: int, data: str) -> None:
+        key = (task.tid, fd)
+        data = self.partial.pop(key, "") + data
+        lines = data.split("\n")
+        if lines[-1]:
+            self.partial[key] = lines[-1]
+        label = self.label(job, task)
+        out = self.streams.get(fd, self.streams[1])
+        prefix = f"{label}: " if label is not None else ""
+        text = "".join(f"{prefix}{line}\n" for line in lines[:-1])
+        if text:
+            out.write(text)
+            out.flush()
+
+    def flush_task(self, job: Job, task: TaskRun) -> None:
+        for fd in (1, 2):
+            rest = self.partial.pop((task.tid, fd), None)
+            if rest:
+                self(job, task, fd, rest + "\n")
+
+
+def job_exit_code(job: Job) -> int:
+    if job.state is JobState.SUCCEEDED:
+        return 0
+    if job.timed_out or job.reason == TIMEOUT_REASON:
+        return 124
+    if job.reason == INTERRUPTED:
+        return 130
+    if job.children:
+        failed = [c for c in job.children if c.state is JobState.FAILED]
+        if any(c.timed_out for c in failed):
+            return 124
+        codes = [exit_status(c.exit_code, c.signal) for c in failed if c.attempts]
+        return next((c for c in codes if c), 1)
+    if job.exit_code is None and job.signal is None:
+        return 1
+    return exit_status(job.exit_code, job.signal) or 1
+
+
+async def run_async(
+    defn: JobDefinition, inventory: Inventory, *, verbose: bool = False, printer: Any = None
+) -> tuple[int, Job]:
+    printer = printer or OutputPrinter()
+
+    def on_event(event: dict[str, Any]) -> None:
+        if verbose:
+            sys.stderr.write("mnp: " + json.dumps(event) + "\n")
+
+    controller = Controller(
+        inventory,
+        transports_for(inventory),
+        on_output=printer,
+        on_task_end=getattr(printer, "flush_task", None),
+        on_event=on_event,
+    )
+    t0 = time.monotonic()
+    try:
+        await controller.start()
+        if verbose:
+            for host, err in controller.host_errors.items():
+                sys.stderr.write(f"mnp: host {host} unusable: {err}\n")
+            sys.stderr.write(
+                f"mnp: {len(controller.agents)} agent(s) ready in {time.monotonic() - t0:.3f}s\n"
+            )
+        job = controller.submit(defn)
+        loop = asyncio.get_running_loop()
+
+        def interrupt() -> None:
+            controller.terminate(job.id, INTERRUPTED)
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, interrupt)
+        try:
+            await controller.wait(job)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+        if verbose:
+            for a in job.attempts:
+                sys.stderr.write(
+                    f"mnp: job {job.id} attempt {a.number}: {json.dumps(a.timings())}\n"
+                )
+        return job_exit_code(job), job
+    finally:
+        await controller.close()
+
+
+def run_job(defn: JobDefinition, inventory_spec: str | None, local_nodes: int, *, verbose: bool) -> int:
+    from mnp.spec import resolve_inventory
+
+    inventory = resolve_inventory(inventory_spec, local_nodes)
+    code, job = asyncio.run(run_async(defn, inventory, verbose=verbose))
+    if job.state is JobState.FAILED and job.reason:
+        sys.stderr.write(f"mnp: job {job.id} FAILED: {job.reason}\n")
+    return code

@@ -1,0 +1,176 @@
+"""Which runnable jobs start where: a pure function of (requests, queues, hosts).
+
+Rules (SPEC §6 "Scheduling"):
+
+- queues by priority, higher first; FIFO (``seq``) within a queue; a queue's
+  compute environments in its order; DISABLED compute environments take
+  nothing new (a DISABLED queue still runs what it holds);
+- a multi-node job is placed on distinct hosts, all nodes at once or none
+  (gang allocation); exclusive nodes take their whole host;
+- a job that does not fit reserves the hosts it will use as they free up;
+  later jobs may start on other hosts only, so a stream of small tasks cannot
+  starve a large multi-node job (a conservative backfill: without run-time
+  estimates, reserved hosts are never lent).
+
+``decide`` mutates the capacities it is given (the caller passes a copy or
+applies the same grants) and returns ``Start`` actions in decision order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from mnp.model import ComputeEnvironment, Queue, Resources
+from mnp.sched.alloc import Grant, HostCapacity
+
+MAX_RESERVATIONS = 16
+
+
+@dataclass(frozen=True)
+class Request:
+    """A runnable unit: a single job, an array child, or a whole multi-node job."""
+
+    key: str
+    queue: str
+    seq: int
+    nodes: tuple[Resources, ...]  # one entry per node; a single job has one
+    exclusive: bool = False
+
+    @property
+    def signature(self) -> tuple[str, tuple[Resources, ...], bool]:
+        return (self.queue, self.nodes, self.exclusive)
+
+
+@dataclass(frozen=True)
+class Start:
+    key: str
+    ce: str
+    grants: tuple[Grant, ...]  # one per node, in node order
+
+
+def _place(
+    req: Request, hosts: Sequence[HostCapacity], reserved: set[str]
+) -> tuple[Grant, ...] | None:
+    if len(req.nodes) == 1:
+        res = req.nodes[0]
+        for h in hosts:
+            if h.name not in reserved and h.fits(res, req.exclusive):
+                return (h.take(res, req.exclusive),)
+        return None
+    # gang: each node on a distinct host; try the most demanding nodes first
+    order = sorted(range(len(req.nodes)), key=lambda i: (-req.nodes[i].gpus, -req.nodes[i].vcpus))
+    chosen: dict[int, HostCapacity] = {}
+    used: set[str] = set()
+    for i in order:
+        res = req.nodes[i]
+        for h in hosts:
+            if h.name in used or h.name in reserved:
+                continue
+            if h.fits(res, req.exclusive):
+                chosen[i] = h
+                used.add(h.name)
+                break
+        else:
+            return None
+    return tuple(chosen[i].take(req.nodes[i], req.exclusive) for i in range(len(req.nodes)))
+
+
+def _reserve(req: Request, hosts: Sequence[HostCapacity], reserved: set[str]) -> set[str]:
+    """Hosts this blocked request will take as they free up: prefer the least busy."""
+    n = len(req.nodes)
+    candidates = [
+        h
+        for h in hosts
+        if h.up and h.name not in reserved and h.could_ever_fit(max(req.nodes, key=_weight), True)
+    ]
+    if len(candidates) < n:
+        return set()
+    candidates.sort(key=lambda h: (h.tasks + (1 if h.exclusive else 0), h.vcpus - h.free_vcpus))
+    return {h.name for h in candidates[:n]}
+
+
+def _weight(r: Resources) -> tuple[int, float, int]:
+    return (r.gpus, r.vcpus, r.memory)
+
+
+def could_ever_run(
+    req: Request,
+    queue: Queue,
+    ces: Mapping[str, ComputeEnvironment],
+    hosts: Mapping[str, HostCapacity],
+) -> bool:
+    """Whether some compute environment of the queue, empty, could take the request."""
+    for ce_name in queue.compute_environments:
+        ce = ces.get(ce_name)
+        if ce is None:
+            continue
+        members = [hosts[h] for h in ce.hosts if h in hosts]
+        if len(members) < len(req.nodes):
+            continue
+        # each node needs a distinct host that could take it; greedy on sorted demand
+        free = list(members)
+        ok = True
+        for res in sorted(req.nodes, key=_weight, reverse=True):
+            for i, h in enumerate(free):
+                if h.could_ever_fit(res, req.exclusive):
+                    del free[i]
+                    break
+            else:
+                ok = False
+                break
+        if ok:
+            return True
+    return False
+
+
+def decide(
+    requests: Iterable[Request],
+    queues: Mapping[str, Queue],
+    ces: Mapping[str, ComputeEnvironment],
+    hosts: Mapping[str, HostCapacity],
+) -> list[Start]:
+    """Place what can be placed now. ``requests`` may come in any order."""
+    by_queue: dict[str, list[Request]] = {}
+    for r in requests:
+        by_queue.setdefault(r.queue, []).append(r)
+    ce_hosts: dict[str, list[HostCapacity]] = {
+        name: [hosts[h] for h in ce.hosts if h in hosts]
+        for name, ce in ces.items()
+        if ce.state == "ENABLED"
+    }
+    starts: list[Start] = []
+    reserved: set[str] = set()
+    reservations = 0
+    for qname in sorted(by_queue, key=lambda q: (-queues[q].priority if q in queues else 0, q)):
+        queue = queues.get(qname)
+        if queue is None:
+            continue
+        pending = sorted(by_queue[qname], key=lambda r: r.seq)
+        blocked: set[tuple[str, tuple[Resources, ...], bool]] = set()
+        for req in pending:
+            if req.signature in blocked:
+                continue
+            placed = False
+            for ce_name in queue.compute_environments:
+                members = ce_hosts.get(ce_name)
+                if not members:
+                    continue
+                grants = _place(req, members, reserved)
+                if grants is not None:
+                    starts.append(Start(req.key, ce_name, grants))
+                    placed = True
+                    break
+            if placed:
+                continue
+            blocked.add(req.signature)
+            if reservations < MAX_RESERVATIONS:
+                for ce_name in queue.compute_environments:
+                    got = _reserve(req, ce_hosts.get(ce_name, []), reserved)
+                    if got:
+                        reserved |= got
+                        reservations += 1
+                        break
+            if all(h.name in reserved or not h.up for m in ce_hosts.values() for h in m):
+                return starts
+    return starts

@@ -1,0 +1,50 @@
+"""Helpers shared by the tests: running the CLI, finding leftover processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mnp(*args: str, env: dict[str, str] | None = None, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m mnp ARGS`` from the repository root and capture its output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mnp", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=kw.pop("cwd", ROOT),  # type: ignore[arg-type]
+        env=full_env,
+        check=False,
+    )
+
+
+def procs_with_env(key: str, value: str) -> list[psutil.Process]:
+    """Live processes whose environment has KEY=VALUE (zombies excluded)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if p.environ().get(key) == value:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def wait_no_procs(key: str, value: str, timeout: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    left = procs_with_env(key, value)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = procs_with_env(key, value)
+    return left

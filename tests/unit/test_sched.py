@@ -1,0 +1,161 @@
+"""The scheduler as a pure function: tables of cases, milliseconds each."""
+
+from __future__ import annotations
+
+import pytest
+
+from mnp.model import ComputeEnvironment, Queue, Resources
+from mnp.sched.alloc import HostCapacity
+from mnp.sched.decide import Request, could_ever_run, decide
+
+R1 = Resources(vcpus=1)
+
+
+def cluster(n: int, vcpus: float = 2, gpus: int = 0) -> dict[str, HostCapacity]:
+    return {
+        f"h{i}": HostCapacity(f"h{i}", vcpus=vcpus, memory=8 << 30, gpus=tuple(range(gpus)))
+        for i in range(n)
+    }
+
+
+def env(hosts: dict[str, HostCapacity], **queues: int) -> tuple[dict[str, Queue], dict[str, ComputeEnvironment]]:
+    ces = {"ce": ComputeEnvironment("ce", tuple(hosts))}
+    qs = {q: Queue(q, prio, ("ce",)) for q, prio in (queues or {"default": 1}).items()}
+    return qs, ces
+
+
+def single(key: str, seq: int, queue: str = "default", res: Resources = R1) -> Request:
+    return Request(key, queue, seq, (res,))
+
+
+def mnp_job(key: str, seq: int, nodes: int, queue: str = "default", exclusive: bool = True) -> Request:
+    return Request(key, queue, seq, (R1,) * nodes, exclusive=exclusive)
+
+
+def test_fifo_fills_hosts_in_order() -> None:
+    hosts = cluster(2)
+    qs, ces = env(hosts)
+    starts = decide([single(f"j{i}", i) for i in range(6)], qs, ces, hosts)
+    assert [s.key for s in starts] == ["j0", "j1", "j2", "j3"]
+    assert [s.grants[0].host for s in starts] == ["h0", "h0", "h1", "h1"]
+
+
+def test_requests_are_ordered_by_seq_not_by_arrival() -> None:
+    hosts = cluster(1, vcpus=1)
+    qs, ces = env(hosts)
+    starts = decide([single("late", 9), single("early", 1)], qs, ces, hosts)
+    assert [s.key for s in starts] == ["early"]
+
+
+def test_higher_priority_queue_first() -> None:
+    hosts = cluster(1, vcpus=1)
+    qs, ces = env(hosts, low=1, high=10)
+    starts = decide([single("a", 1, "low"), single("b", 2, "high")], qs, ces, hosts)
+    assert [s.key for s in starts] == ["b"]
+
+
+def test_multinode_gang_on_distinct_hosts_exclusive() -> None:
+    hosts = cluster(4)
+    qs, ces = env(hosts)
+    starts = decide([mnp_job("m", 1, 4)], qs, ces, hosts)
+    assert len(starts) == 1
+    assert sorted(g.host for g in starts[0].grants) == ["h0", "h1", "h2", "h3"]
+    assert all(h.exclusive for h in hosts.values())
+
+
+def test_multinode_never_holds_part_of_the_cluster() -> None:
+    hosts = cluster(4)
+    hosts["h3"].take(R1, False)  # busy
+    qs, ces = env(hosts)
+    starts = decide([mnp_job("m", 1, 4)], qs, ces, hosts)
+    assert starts == []
+    assert not any(h.exclusive for h in hosts.values())
+
+
+def test_blocked_multinode_job_is_not_starved_by_later_small_jobs() -> None:
+    hosts = cluster(4)
+    hosts["h3"].take(R1, False)  # the last host is busy with one task
+    qs, ces = env(hosts)
+    smalls = [single(f"s{i}", 10 + i) for i in range(20)]
+    starts = decide([mnp_job("big", 1, 4), *smalls], qs, ces, hosts)
+    # every host is reserved for the 4-node job: nothing small may start
+    assert starts == []
+
+
+def test_small_jobs_backfill_hosts_a_blocked_job_cannot_use() -> None:
+    hosts = cluster(6)
+    hosts["h0"].take(R1, False)
+    qs, ces = env(hosts)
+    starts = decide([mnp_job("big", 1, 4), single("s", 2)], qs, ces, hosts)
+    # big fits on h1..h4 right away; s takes the rest
+    assert [s.key for s in starts] == ["big", "s"]
+
+
+def test_backfill_only_on_unreserved_hosts() -> None:
+    hosts = cluster(5)
+    for h in ("h0", "h1"):
+        hosts[h].take(R1, False)
+    qs, ces = env(hosts)
+    starts = decide([mnp_job("big", 1, 4), single("s", 2)], qs, ces, hosts)
+    # big needs 4 idle hosts and has 3: it reserves h2..h4 and the least busy of h0/h1 (h0);
+    # the small job may only use what is left
+    assert [(s.key, s.grants[0].host) for s in starts] == [("s", "h1")]
+
+
+def test_gpu_indices_are_handed_out_and_returned() -> None:
+    hosts = cluster(1, vcpus=8, gpus=4)
+    qs, ces = env(hosts)
+    g2 = Resources(vcpus=1, gpus=2)
+    starts = decide([single("a", 1, res=g2), single("b", 2, res=g2), single("c", 3, res=g2)], qs, ces, hosts)
+    assert [s.grants[0].gpus for s in starts] == [(0, 1), (2, 3)]
+    hosts["h0"].give(starts[0].grants[0])
+    again = decide([single("c", 3, res=g2)], qs, ces, hosts)
+    assert again[0].grants[0].gpus == (0, 1)
+
+
+def test_disabled_compute_environment_takes_nothing() -> None:
+    hosts = cluster(2)
+    ces = {"ce": ComputeEnvironment("ce", tuple(hosts), state="DISABLED")}
+    qs = {"default": Queue("default", 1, ("ce",))}
+    assert decide([single("a", 1)], qs, ces, hosts) == []
+
+
+def test_compute_environments_in_queue_order() -> None:
+    hosts = cluster(2)
+    ces = {"a": ComputeEnvironment("a", ("h1",)), "b": ComputeEnvironment("b", ("h0",))}
+    qs = {"default": Queue("default", 1, ("a", "b"))}
+    starts = decide([single("x", 1)], qs, ces, hosts)
+    assert (starts[0].ce, starts[0].grants[0].host) == ("a", "h1")
+
+
+def test_down_hosts_are_skipped() -> None:
+    hosts = cluster(2)
+    hosts["h0"].up = False
+    qs, ces = env(hosts)
+    starts = decide([single("x", 1)], qs, ces, hosts)
+    assert starts[0].grants[0].host == "h1"
+
+
+@pytest.mark.parametrize(
+    ("req", "ok"),
+    [
+        (single("a", 1, res=Resources(vcpus=2)), True),
+        (single("a", 1, res=Resources(vcpus=3)), False),
+        (single("a", 1, res=Resources(vcpus=1, gpus=1)), False),
+        (single("a", 1, res=Resources(vcpus=1, memory=9 << 30)), False),
+        (mnp_job("m", 1, 3), True),
+        (mnp_job("m", 1, 4), False),
+    ],
+)
+def test_could_ever_run(req: Request, ok: bool) -> None:
+    hosts = cluster(3)
+    qs, ces = env(hosts)
+    assert could_ever_run(req, qs["default"], ces, hosts) is ok
+
+
+def test_ten_thousand_identical_children_cost_one_placement_attempt_when_full() -> None:
+    hosts = cluster(4, vcpus=1)
+    qs, ces = env(hosts)
+    reqs = [single(f"a:{i}", i) for i in range(10_000)]
+    starts = decide(reqs, qs, ces, hosts)
+    assert len(starts) == 4
