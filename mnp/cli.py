@@ -127,7 +127,9 @@ def submit_options(f: F) -> F:
         click.option("--queue", help="Queue to submit to."),
         click.option("--param", "params", multiple=True, metavar="K=V", help="Set a parameter."),
         click.option("--env", "envs", multiple=True, metavar="K=V", help="Set a variable."),
-        click.option("--export", "export_env", is_flag=True, help="Forward this shell's environment."),
+        click.option(
+            "--export", "export_env", is_flag=True, help="Forward this shell's environment."
+        ),
         click.option("--array-size", type=int, help="Make an array of N children."),
         click.option("--array-parallelism", type=int, help="At most N children running."),
         click.option("--sequential", is_flag=True, help="Array children run one after another."),
@@ -194,8 +196,13 @@ def run(ctx: click.Context, definition: tuple[str, ...], verbose: bool, **o: Any
     """
     from mnp.run import run_job
 
-    s = _settings(ctx, home=o.pop("home"), inventory=o.pop("inventory"),
-                  local_nodes=o.pop("local_nodes"), debug=o.pop("debug"))
+    s = _settings(
+        ctx,
+        home=o.pop("home"),
+        inventory=o.pop("inventory"),
+        local_nodes=o.pop("local_nodes"),
+        debug=o.pop("debug"),
+    )
     defn = build_definition(ctx, definition, o)
     code = run_job(defn, s["inventory"], s["local_nodes"], verbose=verbose)
     sys.exit(code)

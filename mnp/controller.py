@@ -296,7 +296,9 @@ class Controller:
                     with open(os.path.expanduser(ref.file), encoding="utf-8") as f:
                         out[name] = f.read().rstrip("\n")
                 except OSError as e:
-                    raise JobRefused(f"secret {name}: cannot read {ref.file}: {e.strerror}") from None
+                    raise JobRefused(
+                        f"secret {name}: cannot read {ref.file}: {e.strerror}"
+                    ) from None
             elif ref.env is not None:
                 if ref.env not in os.environ:
                     raise JobRefused(f"secret {name}: ${ref.env} is not set for the controller")
@@ -514,7 +516,11 @@ class Controller:
             attempt.main_exit_at = now
             attempt.exit_code, attempt.signal = node.exit_code, node.signal
             self._begin_end(
-                job, attempt, JobState.FAILED, f"Child node {node.index} exited with code {code}", now
+                job,
+                attempt,
+                JobState.FAILED,
+                f"Child node {node.index} exited with code {code}",
+                now,
             )
 
     # --- ending -----------------------------------------------------------
@@ -529,7 +535,9 @@ class Controller:
             self._timers.pop(job.id, None)
             if job.attempt is attempt and not attempt.ending:
                 job.timed_out = True
-                self._begin_end(job, attempt, JobState.FAILED, TIMEOUT_REASON, time.time(), retry=False)
+                self._begin_end(
+                    job, attempt, JobState.FAILED, TIMEOUT_REASON, time.time(), retry=False
+                )
 
         self._timers[job.id] = loop.call_later(limit, fire)
 

@@ -185,7 +185,9 @@ class Job:
         self.emit(event)
 
 
-def should_retry(defn: JobDefinition, attempts_made: int, exit_code: int | None, reason: str) -> bool:
+def should_retry(
+    defn: JobDefinition, attempts_made: int, exit_code: int | None, reason: str
+) -> bool:
     """AWS Batch's retry strategy: attempts left, then the first matching rule decides."""
     if attempts_made >= defn.retry.attempts:
         return False

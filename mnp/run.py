@@ -137,7 +137,9 @@ async def run_async(
         await controller.close()
 
 
-def run_job(defn: JobDefinition, inventory_spec: str | None, local_nodes: int, *, verbose: bool) -> int:
+def run_job(
+    defn: JobDefinition, inventory_spec: str | None, local_nodes: int, *, verbose: bool
+) -> int:
     from mnp.spec import resolve_inventory
 
     inventory = resolve_inventory(inventory_spec, local_nodes)

@@ -13,7 +13,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def mnp(*args: str, env: dict[str, str] | None = None, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
+def mnp(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, **kw: object
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m mnp ARGS`` from the repository root and capture its output."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(

@@ -56,7 +56,7 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def open(self, host: HostSpec, agent_args: list[str]) -> AgentStream: ...
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release shared resources (SSH connections)."""
 
 
@@ -74,13 +74,13 @@ class AgentConnection:
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
 
-    async def handshake(self, timeout: float) -> Event:
+    async def handshake(self, within: float) -> Event:
         """Wait for the agent's ``ready`` line and return its facts."""
         try:
-            line = await asyncio.wait_for(self.stream.readline(), timeout)
+            line = await asyncio.wait_for(self.stream.readline(), within)
         except TimeoutError:
             raise TransportError(
-                f"{self.host}: agent did not start within {timeout:g}s"
+                f"{self.host}: agent did not start within {within:g}s"
                 + _tail(self.stream.stderr_tail())
             ) from None
         if not line:
@@ -113,7 +113,9 @@ class AgentConnection:
     def send_many(self, msgs: list[Event]) -> None:
         if not self.alive:
             raise TransportError(f"{self.host}: agent connection is down")
-        self.stream.write(b"".join(json.dumps(m, separators=(",", ":")).encode() + b"\n" for m in msgs))
+        self.stream.write(
+            b"".join(json.dumps(m, separators=(",", ":")).encode() + b"\n" for m in msgs)
+        )
 
     async def drain(self) -> None:
         await self.stream.drain()

@@ -142,8 +142,19 @@ def test_main_exit_tears_down_every_node_including_daemons(tmp_path: Path) -> No
 def test_ctrl_c_terminates_and_exits_130(tmp_path: Path) -> None:
     mark = uuid.uuid4().hex
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mnp", "run", "--env", f"TEST_MARK={mark}", "--nodes", "2",
-         "--", "sleep", "1000"],
+        [
+            sys.executable,
+            "-m",
+            "mnp",
+            "run",
+            "--env",
+            f"TEST_MARK={mark}",
+            "--nodes",
+            "2",
+            "--",
+            "sleep",
+            "1000",
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -162,8 +173,19 @@ def test_ctrl_c_terminates_and_exits_130(tmp_path: Path) -> None:
 def test_sigkill_of_mnp_run_leaves_nothing(tmp_path: Path) -> None:
     mark = uuid.uuid4().hex
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mnp", "run", "--env", f"TEST_MARK={mark}", "--nodes", "4",
-         "--", "sleep", "1000"],
+        [
+            sys.executable,
+            "-m",
+            "mnp",
+            "run",
+            "--env",
+            f"TEST_MARK={mark}",
+            "--nodes",
+            "4",
+            "--",
+            "sleep",
+            "1000",
+        ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

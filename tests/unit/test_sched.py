@@ -18,7 +18,9 @@ def cluster(n: int, vcpus: float = 2, gpus: int = 0) -> dict[str, HostCapacity]:
     }
 
 
-def env(hosts: dict[str, HostCapacity], **queues: int) -> tuple[dict[str, Queue], dict[str, ComputeEnvironment]]:
+def env(
+    hosts: dict[str, HostCapacity], **queues: int
+) -> tuple[dict[str, Queue], dict[str, ComputeEnvironment]]:
     ces = {"ce": ComputeEnvironment("ce", tuple(hosts))}
     qs = {q: Queue(q, prio, ("ce",)) for q, prio in (queues or {"default": 1}).items()}
     return qs, ces
@@ -28,7 +30,9 @@ def single(key: str, seq: int, queue: str = "default", res: Resources = R1) -> R
     return Request(key, queue, seq, (res,))
 
 
-def mnp_job(key: str, seq: int, nodes: int, queue: str = "default", exclusive: bool = True) -> Request:
+def mnp_job(
+    key: str, seq: int, nodes: int, queue: str = "default", exclusive: bool = True
+) -> Request:
     return Request(key, queue, seq, (R1,) * nodes, exclusive=exclusive)
 
 
@@ -106,7 +110,9 @@ def test_gpu_indices_are_handed_out_and_returned() -> None:
     hosts = cluster(1, vcpus=8, gpus=4)
     qs, ces = env(hosts)
     g2 = Resources(vcpus=1, gpus=2)
-    starts = decide([single("a", 1, res=g2), single("b", 2, res=g2), single("c", 3, res=g2)], qs, ces, hosts)
+    starts = decide(
+        [single("a", 1, res=g2), single("b", 2, res=g2), single("c", 3, res=g2)], qs, ces, hosts
+    )
     assert [s.grants[0].gpus for s in starts] == [(0, 1), (2, 3)]
     hosts["h0"].give(starts[0].grants[0])
     again = decide([single("c", 3, res=g2)], qs, ces, hosts)

@@ -162,9 +162,7 @@ def test_held_child_group_runs_nothing() -> None:
     ("gpus", "has", "expected"),
     [((), True, ""), ((1,), True, "1"), ((), False, None)],
 )
-def test_array_child_gpu_visibility(
-    gpus: tuple[int, ...], has: bool, expected: str | None
-) -> None:
+def test_array_child_gpu_visibility(gpus: tuple[int, ...], has: bool, expected: str | None) -> None:
     defn = JobDefinition(name="a", command=("true",), array=ArrayProperties(size=3))
     launch = Launch(
         job_id="7:1",
