@@ -4,8 +4,8 @@
 
     MnpError                 exit 1 unless a subclass says otherwise
     ├── UsageError           exit 2: bad command-line usage
-    ├── SpecError            exit 2: invalid job definition or inventory ("file:field: what, allowed")
-    ├── JobRefused           exit 2: a valid job the cluster refuses (resources, unknown queue, cycles)
+    ├── SpecError            exit 2: invalid definition or inventory ("file:field: what; allowed")
+    ├── JobRefused           exit 2: a valid job the cluster refuses (resources, queue, cycles)
     └── InfraError           exit 3: controller unreachable, no host reachable, agent died
         ├── TransportError   a host's byte stream (local subprocess or SSH) failed
         └── HostKeyError     a host's SSH key is unknown or changed

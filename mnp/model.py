@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     """A job's (or a node's, or an array child's) place in its life, as in AWS Batch."""
 
     SUBMITTED = "SUBMITTED"
@@ -37,7 +37,7 @@ TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED})
 ACTIVE = frozenset({JobState.STARTING, JobState.RUNNING})
 
 
-class JobType(str, enum.Enum):
+class JobType(enum.StrEnum):
     SINGLE = "single"
     MULTINODE = "multinode"
 
@@ -149,7 +149,7 @@ class JobDefinition:
     array: ArrayProperties | None = None
     multinode: MultiNodeProperties | None = None
     depends_on: tuple[Dependency, ...] = ()
-    tasks_per_node: int = 1  # single/array: tasks started per job (always 1); kept for --tasks-per-node
+    tasks_per_node: int = 1  # default for groups; single/array jobs always start one task
     gpu_bind: str = "per-node"
     aws_batch_env: bool = False
     cwd: str | None = None

@@ -1,0 +1,85 @@
+"""Job definitions, inventories and nodesets: TOML → the validated model (pure).
+
+Everything here raises :class:`~mnp.errors.SpecError` (``file:field: what is
+wrong; what is allowed``, one line) for bad input, and nothing else; the unit
+parsers in :mod:`mnp.spec.units` and :mod:`mnp.spec.nodeset` raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from mnp.model import JobType
+from mnp.spec.definition import REF_PATTERN, load_definition, parse_definition, sanitize_name
+from mnp.spec.fields import read_toml
+from mnp.spec.inventory import load_inventory, local_inventory, parse_inventory
+from mnp.spec.nodeset import expand_nodeset, expand_slurm_cpus, fold_nodeset, parse_node_range
+from mnp.spec.overrides import (
+    COMMAND_LINE,
+    apply_overrides,
+    definition_from_command,
+    definition_to_dict,
+)
+from mnp.spec.sources import (
+    hostfile_inventory,
+    pbs_inventory,
+    resolve_inventory,
+    slurm_inventory,
+)
+from mnp.spec.units import format_duration, format_memory, parse_duration, parse_memory
+
+__all__ = [
+    "COMMAND_LINE",
+    "REF_PATTERN",
+    "apply_overrides",
+    "definition_from_command",
+    "definition_to_dict",
+    "expand_nodeset",
+    "expand_slurm_cpus",
+    "fold_nodeset",
+    "format_duration",
+    "format_memory",
+    "hostfile_inventory",
+    "load_definition",
+    "load_inventory",
+    "local_inventory",
+    "parse_definition",
+    "parse_duration",
+    "parse_inventory",
+    "parse_memory",
+    "parse_node_range",
+    "pbs_inventory",
+    "resolve_inventory",
+    "sanitize_name",
+    "slurm_inventory",
+    "validate_file",
+]
+
+
+def validate_file(path: str | os.PathLike[str]) -> str:
+    """Validate a job definition or an inventory (a file with ``hosts``); return one line:
+    ``nodegroups/mpi-hello.toml: ok (multinode job "mpi-hello", 4 nodes, 2 groups)``."""
+    data, source = read_toml(path)
+    if "hosts" in data:
+        inv = parse_inventory(data, source)
+        return (
+            f"{source}: ok (inventory, {_count(len(inv.hosts), 'host')}, "
+            f"{_count(len(inv.compute_environments), 'compute environment')}, "
+            f"{_count(len(inv.queues), 'queue')})"
+        )
+    defn = parse_definition(data, source)
+    if defn.multinode is not None:
+        mn = defn.multinode
+        what = (
+            f'multinode job "{defn.name}", {_count(mn.num_nodes, "node")}, '
+            f"{_count(len(mn.groups), 'group')}"
+        )
+    elif defn.array is not None:
+        what = f'array job "{defn.name}", {_count(defn.array.size, "child", "children")}'
+    else:
+        what = f'{JobType.SINGLE.value} job "{defn.name}"'
+    return f"{source}: ok ({what})"
+
+
+def _count(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"

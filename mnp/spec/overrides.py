@@ -1,0 +1,334 @@
+"""Command-line overrides (``--nodes``, ``--attempts``...) and ``mnp run -- CMD``.
+
+An override edits the definition's TOML-shaped dictionary
+(:func:`definition_to_dict`), and the result goes through the very same
+validation as a file. A problem the override caused is reported against
+``<command line>`` and the option: ``<command line>:--attempts: 11 is out of
+range; allowed 1..10``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mnp.errors import SpecError
+from mnp.model import JobDefinition, JobType, Resources
+from mnp.spec.definition import MAX_NODES, parse_definition, sanitize_name
+from mnp.spec.fields import fail, show
+from mnp.spec.units import format_memory
+
+COMMAND_LINE = "<command line>"
+
+# (field path pattern, options that may have caused an error there, first given wins)
+_GROUP = r"(?:multinode\.groups\[\d+\]\.)?"
+_BLAME: list[tuple[re.Pattern[str], tuple[str, ...]]] = [
+    (re.compile(p), flags)
+    for p, flags in [
+        (r"name$", ("--name",)),
+        (r"queue$", ("--queue",)),
+        (r"parameters\b", ("--param",)),
+        (_GROUP + r"environment\b", ("--env",)),
+        (r"array\.size$", ("--array-size",)),
+        (r"array\.parallelism$", ("--array-parallelism",)),
+        (r"array\.sequential$", ("--sequential",)),
+        (r"array$", ("--array-size", "--nodes")),
+        (r"depends_on\b", ("--depends-on",)),
+        (_GROUP + r"resources\.vcpus$", ("--vcpus",)),
+        (_GROUP + r"resources\.memory$", ("--memory",)),
+        (_GROUP + r"resources\.gpus$", ("--gpus",)),
+        (_GROUP + r"tasks_per_node$", ("--tasks-per-node", "--nodes")),
+        (r"retry\.attempts$", ("--attempts",)),
+        (r"timeout\.attempt_duration$", ("--timeout",)),
+        (r"cwd$", ("--cwd",)),
+        (r"(type|multinode)\b", ("--nodes",)),
+        (r"command\b", ("--param", "--nodes")),
+    ]
+]
+
+
+def definition_to_dict(defn: JobDefinition) -> dict[str, Any]:
+    """``defn`` as the TOML-shaped dictionary :func:`parse_definition` reads back.
+
+    Everything is explicit (group resources in full, ranges as ``"S:E"``);
+    ``export_env`` and ``source`` are not definition fields and are left out.
+    """
+    d: dict[str, Any] = {"name": defn.name, "type": defn.type.value, "queue": defn.queue}
+    if defn.command:
+        d["command"] = list(defn.command)
+    if defn.parameters:
+        d["parameters"] = dict(defn.parameters)
+    if defn.environment:
+        d["environment"] = dict(defn.environment)
+    if defn.secrets:
+        d["secrets"] = {
+            k: {"file": s.file} if s.file is not None else {"env": s.env}
+            for k, s in defn.secrets.items()
+        }
+    d["resources"] = _resources_dict(defn.resources)
+    d["retry"] = {
+        "attempts": defn.retry.attempts,
+        "evaluate_on_exit": [
+            {"on_exit_code": r.on_exit_code, "on_reason": r.on_reason, "action": r.action}
+            for r in defn.retry.evaluate_on_exit
+        ],
+    }
+    d["timeout"] = {"kill_grace": defn.timeout.kill_grace}
+    if defn.timeout.attempt_duration is not None:
+        d["timeout"]["attempt_duration"] = defn.timeout.attempt_duration
+    if defn.array is not None:
+        d["array"] = {"size": defn.array.size, "sequential": defn.array.sequential}
+        if defn.array.parallelism is not None:
+            d["array"]["parallelism"] = defn.array.parallelism
+    if defn.multinode is not None:
+        mn = defn.multinode
+        groups = []
+        for g in mn.groups:
+            gd: dict[str, Any] = {
+                "target_nodes": f"{g.start}:{g.end}",
+                "tasks_per_node": g.tasks_per_node,
+                "resources": _resources_dict(g.resources),
+                "environment": dict(g.environment),
+                "gpu_bind": g.gpu_bind,
+            }
+            if g.command is not None:
+                gd["command"] = list(g.command)
+            groups.append(gd)
+        d["multinode"] = {
+            "num_nodes": mn.num_nodes,
+            "main_node": mn.main_node,
+            "exclusive": mn.exclusive,
+            "on_child_failure": mn.on_child_failure,
+            "groups": groups,
+        }
+    if defn.depends_on:
+        d["depends_on"] = [
+            {"job_id": dep.job_id, "type": dep.type} if dep.type else {"job_id": dep.job_id}
+            for dep in defn.depends_on
+        ]
+    d["tasks_per_node"] = defn.tasks_per_node
+    d["gpu_bind"] = defn.gpu_bind
+    d["aws_batch_env"] = defn.aws_batch_env
+    if defn.cwd is not None:
+        d["cwd"] = defn.cwd
+    return d
+
+
+def _resources_dict(r: Resources) -> dict[str, Any]:
+    return {"vcpus": r.vcpus, "memory": format_memory(r.memory), "gpus": r.gpus}
+
+
+def apply_overrides(
+    defn: JobDefinition,
+    *,
+    name: str | None = None,
+    queue: str | None = None,
+    params: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+    array_size: int | str | None = None,
+    array_parallelism: int | str | None = None,
+    sequential: bool = False,
+    depends_on: Sequence[str] = (),
+    nodes: int | str | None = None,
+    vcpus: float | str | None = None,
+    memory: int | str | None = None,
+    gpus: int | str | None = None,
+    attempts: int | str | None = None,
+    timeout: float | str | None = None,
+    tasks_per_node: int | str | None = None,
+    cwd: str | None = None,
+    export_env: bool = False,
+) -> JobDefinition:
+    """A new definition: ``defn`` with the submit/run options applied and validated again.
+
+    ``--nodes N`` on a multinode job sets ``num_nodes`` and stretches every
+    group that ended at the old last node to the new last node; on a single
+    job it makes a multinode job of N nodes with one group ``":"`` running the
+    command on every node. ``--vcpus/--memory/--gpus`` and ``--tasks-per-node``
+    apply to the job and to every group; ``--env K=V`` also wins over a
+    group's own ``K``. Numbers may be given as strings (as click passes them).
+    """
+    raw = definition_to_dict(defn)
+    given = _apply(
+        raw, name=name, queue=queue, params=params, env=env, array_size=array_size,
+        array_parallelism=array_parallelism, sequential=sequential, depends_on=depends_on,
+        nodes=nodes, vcpus=vcpus, memory=memory, gpus=gpus, attempts=attempts, timeout=timeout,
+        tasks_per_node=tasks_per_node, cwd=cwd,
+    )  # fmt: skip
+    return _reparse(raw, defn.source, given, export_env or defn.export_env)
+
+
+def definition_from_command(argv: Sequence[str], **overrides: Any) -> JobDefinition:
+    """The definition for ``mnp run [opts] -- CMD ARGS``; ``overrides`` as in
+    :func:`apply_overrides`. The name is ``CMD``'s basename, made valid."""
+    if not argv:
+        fail(COMMAND_LINE, "command", "no command given; put it after --, e.g. mnp run -- hostname")
+    program = argv[0] if isinstance(argv[0], str) else ""
+    raw: dict[str, Any] = {
+        "name": sanitize_name(os.path.basename(program.rstrip("/"))),
+        "command": list(argv),
+    }
+    export_env = bool(overrides.pop("export_env", False))
+    given = _apply(raw, **overrides)
+    return _reparse(raw, COMMAND_LINE, given, export_env)
+
+
+def _reparse(raw: dict[str, Any], source: str, given: set[str], export_env: bool) -> JobDefinition:
+    try:
+        defn = parse_definition(raw, source)
+    except SpecError as e:
+        for pattern, flags in _BLAME:
+            if pattern.match(e.field):
+                flag = next((f for f in flags if f in given), None)
+                if flag is not None:
+                    raise SpecError(COMMAND_LINE, flag, e.detail) from None
+        raise
+    return dataclasses.replace(defn, export_env=export_env) if export_env else defn
+
+
+def _apply(
+    raw: dict[str, Any],
+    *,
+    name: str | None = None,
+    queue: str | None = None,
+    params: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+    array_size: int | str | None = None,
+    array_parallelism: int | str | None = None,
+    sequential: bool = False,
+    depends_on: Sequence[str] = (),
+    nodes: int | str | None = None,
+    vcpus: float | str | None = None,
+    memory: int | str | None = None,
+    gpus: int | str | None = None,
+    attempts: int | str | None = None,
+    timeout: float | str | None = None,
+    tasks_per_node: int | str | None = None,
+    cwd: str | None = None,
+) -> set[str]:
+    """Edit ``raw`` in place; return the options that were given."""
+    given: set[str] = set()
+    groups: list[dict[str, Any]] = raw.get("multinode", {}).get("groups", [])
+
+    def every(section: str, key: str, value: object) -> None:
+        raw.setdefault(section, {})[key] = value
+        for g in groups:
+            g.setdefault(section, {})[key] = value
+
+    if name is not None:
+        given.add("--name")
+        raw["name"] = name
+    if queue is not None:
+        given.add("--queue")
+        raw["queue"] = queue
+    if params:
+        given.add("--param")
+        raw["parameters"] = {**raw.get("parameters", {}), **params}
+    if env:
+        given.add("--env")
+        raw["environment"] = {**raw.get("environment", {}), **env}
+        for g in groups:
+            g["environment"] = {k: env.get(k, v) for k, v in g.get("environment", {}).items()}
+    if nodes is not None:
+        given.add("--nodes")
+        groups = _set_nodes(raw, _whole("--nodes", nodes))
+    if array_size is not None:
+        given.add("--array-size")
+        raw.setdefault("array", {})["size"] = _whole("--array-size", array_size)
+    if array_parallelism is not None:
+        given.add("--array-parallelism")
+        _array_of(raw, "--array-parallelism")["parallelism"] = _whole(
+            "--array-parallelism", array_parallelism
+        )
+    if sequential:
+        given.add("--sequential")
+        _array_of(raw, "--sequential")["sequential"] = True
+    if depends_on:
+        given.add("--depends-on")
+        if isinstance(depends_on, str):
+            depends_on = [depends_on]
+        raw["depends_on"] = [*raw.get("depends_on", []), *depends_on]
+    if vcpus is not None:
+        given.add("--vcpus")
+        every("resources", "vcpus", _number("--vcpus", vcpus))
+    if memory is not None:
+        given.add("--memory")
+        every("resources", "memory", memory)
+    if gpus is not None:
+        given.add("--gpus")
+        every("resources", "gpus", _whole("--gpus", gpus))
+    if attempts is not None:
+        given.add("--attempts")
+        raw.setdefault("retry", {})["attempts"] = _whole("--attempts", attempts)
+    if timeout is not None:
+        given.add("--timeout")
+        raw.setdefault("timeout", {})["attempt_duration"] = timeout
+    if tasks_per_node is not None:
+        given.add("--tasks-per-node")
+        n = _whole("--tasks-per-node", tasks_per_node)
+        raw["tasks_per_node"] = n
+        for g in groups:
+            g["tasks_per_node"] = n
+    if cwd is not None:
+        given.add("--cwd")
+        raw["cwd"] = cwd
+    return given
+
+
+def _set_nodes(raw: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """Apply ``--nodes n``; return the groups (new ones for a single job)."""
+    if not 1 <= n <= MAX_NODES:
+        fail(COMMAND_LINE, "--nodes", f"{n} is out of range; allowed 1..{MAX_NODES}")
+    if raw.get("type") != JobType.MULTINODE.value:
+        group: dict[str, Any] = {"target_nodes": ":"}
+        if "command" in raw:
+            group["command"] = list(raw["command"])
+        raw["type"] = JobType.MULTINODE.value
+        raw["multinode"] = {"num_nodes": n, "groups": [group]}
+        return [group]
+    mn = raw["multinode"]
+    old_last = mn["num_nodes"] - 1
+    groups: list[dict[str, Any]] = mn["groups"]
+    needed = mn.get("main_node", 0) + 1
+    for g in groups:
+        start, _, end = g["target_nodes"].partition(":")
+        if int(end) == old_last:
+            g["target_nodes"] = f"{start}:{n - 1}"
+            needed = max(needed, int(start) + 1)
+        else:
+            needed = max(needed, int(end) + 1)
+    if n < needed:
+        fail(
+            COMMAND_LINE,
+            "--nodes",
+            f"{n} is too few for this job's node groups and main node; "
+            f"allowed {needed}..{MAX_NODES}",
+        )
+    mn["num_nodes"] = n
+    return groups
+
+
+def _array_of(raw: dict[str, Any], flag: str) -> dict[str, Any]:
+    if "array" not in raw:
+        fail(COMMAND_LINE, flag, "needs an array job; add --array-size N or an [array] table")
+    array: dict[str, Any] = raw["array"]
+    return array
+
+
+def _whole(flag: str, value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,18}\s*", value, re.A):
+        return int(value)
+    fail(COMMAND_LINE, flag, f"expected a whole number, got {show(value)}")
+
+
+def _number(flag: str, value: object) -> float | int:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?(\d{1,18}(\.\d*)?|\.\d+)\s*", value, re.A):
+        return float(value)
+    fail(COMMAND_LINE, flag, f"expected a number, got {show(value)}")
