@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from mnp.errors import MnpError, UsageError
+from mnp.errors import InfraError, MnpError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -188,7 +188,7 @@ def build_definition(ctx: click.Context, args: tuple[str, ...], o: dict[str, Any
 @click.option("-v", "--verbose", is_flag=True, help="Print state changes and launch timings.")
 @common_options
 @click.pass_context
-def run(ctx: click.Context, definition: tuple[str, ...], verbose: bool, **o: Any) -> None:
+def run(ctx: click.Context, /, definition: tuple[str, ...], verbose: bool, **o: Any) -> None:
     """Run a job, stream its output, and exit with its exit code.
 
     Runs the controller in this process (the form for submission scripts):
@@ -206,6 +206,103 @@ def run(ctx: click.Context, definition: tuple[str, ...], verbose: bool, **o: Any
     defn = build_definition(ctx, definition, o)
     code = run_job(defn, s["inventory"], s["local_nodes"], verbose=verbose)
     sys.exit(code)
+
+
+@cli.command(
+    epilog="""\b
+Examples:
+  mnp hosts --inventory cluster.toml --check
+  mnp hosts --inventory slurm --json     # inside an allocation; connects to nothing
+"""
+)
+@click.option("--check", is_flag=True, help="Connect to every host and report what was found.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
+@common_options
+@click.pass_context
+def hosts(ctx: click.Context, /, check: bool, as_json: bool, **o: Any) -> None:
+    """Inventory hosts: what they declare, or with --check what each one really is.
+
+    With --check, exits 0 only if every host is usable (3 otherwise).
+    """
+    import asyncio
+    import json as jsonlib
+
+    from mnp import hostcheck
+    from mnp.run import transports_for
+    from mnp.spec import resolve_inventory
+
+    s = _settings(ctx, **o)
+    inventory = resolve_inventory(s["inventory"], s["local_nodes"])
+    if not check:
+        rows = [_declared_host(inventory, h) for h in inventory.hosts]
+        if as_json:
+            click.echo(jsonlib.dumps(rows, indent=2))
+        else:
+            click.echo(
+                _table(
+                    rows,
+                    [
+                        "name",
+                        "address",
+                        "transport",
+                        "vcpus",
+                        "memory",
+                        "gpus",
+                        "labels",
+                        "compute_environments",
+                    ],
+                )
+            )
+        return
+
+    async def probe() -> list[hostcheck.HostReport]:
+        transports = transports_for(inventory)
+        try:
+            return await hostcheck.check_hosts(inventory, transports, "check")
+        finally:
+            for t in transports.values():
+                await t.close()
+
+    reports = asyncio.run(probe())
+    if as_json:
+        click.echo(jsonlib.dumps(hostcheck.to_json(reports), indent=2))
+    else:
+        click.echo(hostcheck.format_table(reports))
+    bad = [r for r in reports if not r.ok]
+    if bad:
+        raise InfraError(f"{len(bad)} of {len(reports)} hosts unusable")
+
+
+def _declared_host(inventory: Any, h: Any) -> dict[str, Any]:
+    from mnp.spec import format_memory
+
+    def auto(v: Any) -> Any:
+        return "auto" if v is None else v
+
+    return {
+        "name": h.name,
+        "address": h.address,
+        "transport": h.transport,
+        "vcpus": auto(h.vcpus),
+        "memory": "auto" if h.memory is None else format_memory(h.memory),
+        "gpus": auto(h.gpus),
+        "labels": list(h.labels),
+        "compute_environments": [
+            ce.name for ce in inventory.compute_environments.values() if h.name in ce.hosts
+        ],
+    }
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(v: Any) -> str:
+        return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    cells = [[cell(r[c]) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    for row in cells:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
 
 
 @cli.command()

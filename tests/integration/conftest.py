@@ -1,0 +1,50 @@
+"""Fixtures for the integration tests: real OpenSSH servers on loopback (see sshd.py).
+
+Without ``/usr/sbin/sshd`` the ``ssh`` tests are skipped, except in CI (``CI``
+set), where that is a failure: a test CI never runs rots.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.sshd import SshdCluster, SshdUnavailable
+
+SshdFactory = Callable[[int], SshdCluster]
+
+
+@pytest.fixture(scope="session")
+def sshd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdFactory]:
+    """``factory(n)``: a cluster of ``n`` servers (one per ``n``, kept for the session).
+
+    Each cluster has its own /24 on loopback: the 4-server default is
+    127.0.0.2-5, the one of n servers (any other n) 127.0.n.2 and up.
+    """
+    clusters: dict[int, SshdCluster] = {}
+
+    def factory(n: int) -> SshdCluster:
+        if n not in clusters:
+            root: Path = tmp_path_factory.mktemp(f"sshd{n}")
+            try:
+                clusters[n] = SshdCluster.start(root, n, net=0 if n == 4 else n)
+            except SshdUnavailable as e:
+                if os.environ.get("CI"):
+                    pytest.fail(f"CI must run the ssh tests: {e}")
+                pytest.skip(str(e))
+        return clusters[n]
+
+    try:
+        yield factory
+    finally:
+        for c in clusters.values():
+            c.close()
+
+
+@pytest.fixture(scope="session")
+def sshd_hosts(sshd_factory: SshdFactory) -> SshdCluster:
+    """Four OpenSSH servers, sshd-1..sshd-4 on 127.0.0.2-5 (see sshd.py)."""
+    return sshd_factory(4)

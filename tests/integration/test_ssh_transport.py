@@ -1,0 +1,429 @@
+"""The SSH transport against real OpenSSH servers on loopback (tests/integration/sshd.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from mnp.errors import HostKeyError, TransportError
+from mnp.model import HostSpec, Inventory
+from mnp.transport.base import AgentConnection, Event
+from mnp.transport.ssh import SshError, SshTransport, _SshStream
+from tests.helpers import procs_with_env
+from tests.integration.sshd import SshdCluster
+
+pytestmark = pytest.mark.ssh
+
+AGENT = Path(__file__).resolve().parents[2] / "mnp" / "agent" / "__main__.py"
+PWNED = Path("/tmp/mnp-pwned")
+HOME = Path("~").expanduser()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _agent_written() -> None:
+    """The agent is written alongside this transport: wait a little for it to appear."""
+    deadline = time.monotonic() + 60
+    while not AGENT.exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{AGENT} does not exist")
+        time.sleep(1)
+
+
+class Agents:
+    """Agents opened through one transport, with every event and loss they report."""
+
+    def __init__(self, transport: SshTransport, token: str) -> None:
+        self.transport = transport
+        self.token = token
+        self.conns: dict[str, AgentConnection] = {}
+        self.events: list[tuple[str, Event]] = []
+        self.lost: dict[str, str] = {}
+        self._changed = asyncio.Event()
+
+    async def open(self, host: HostSpec) -> AgentConnection:
+        stream = await self.transport.open(host, ["--ctl", self.token])
+        conn = AgentConnection(host.name, stream)
+        await conn.handshake(30)
+        conn.start(self._on_event, self._on_lost)
+        self.conns[host.name] = conn
+        return conn
+
+    def _on_event(self, host: str, ev: Event) -> None:
+        self.events.append((host, ev))
+        self._changed.set()
+
+    def _on_lost(self, host: str, reason: str) -> None:
+        self.lost[host] = reason
+        self._changed.set()
+
+    async def until(self, check: object, within: float = 10.0) -> None:
+        assert callable(check)
+        deadline = time.monotonic() + within
+        while not check():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out; events: {self.events[-10:]}, lost: {self.lost}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                pass
+
+    def of(self, host: str, tid: str, ev: str) -> list[Event]:
+        return [e for h, e in self.events if h == host and e.get("tid") == tid and e["ev"] == ev]
+
+    async def run(self, host: str, tid: str, argv: list[str], **spawn: object) -> tuple[Event, str]:
+        """Spawn a task and wait until it is gone: its ``exited`` event and its stdout."""
+        self.conns[host].send({"op": "spawn", "tid": tid, "argv": argv, "env": {}, **spawn})
+        await self.conns[host].drain()
+        await self.until(lambda: self.of(host, tid, "gone"))
+        (exited,) = self.of(host, tid, "exited")
+        out = "".join(e["data"] for e in self.of(host, tid, "out") if e["fd"] == 1)
+        return exited, out
+
+    async def close(self) -> None:
+        for conn in self.conns.values():
+            await conn.close()
+        await self.transport.close()
+
+
+@pytest.fixture
+def token() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def agents(sshd_hosts: SshdCluster, token: str) -> AsyncIterator[Agents]:
+    a = Agents(SshTransport(sshd_hosts.inventory()), token)
+    try:
+        yield a
+    finally:
+        await a.close()
+
+
+def procs_with_arg(text: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and any(text in a for a in p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def accepted(cluster: SshdCluster, name: str) -> int:
+    """How many logins that server has accepted so far."""
+    return cluster.host(name).log.read_text().count("Accepted publickey")
+
+
+async def test_tasks_on_four_hosts(sshd_hosts: SshdCluster, agents: Agents) -> None:
+    inv = sshd_hosts.inventory()
+    conns = await asyncio.gather(*(agents.open(h) for h in inv.hosts))
+    for conn in conns:
+        assert conn.facts["cores"] >= 1 and conn.facts["memory"] > 0
+        assert isinstance(conn.stream, _SshStream) and not conn.stream.shipped
+    for i, h in enumerate(inv.hosts):
+        exited, out = await agents.run(h.name, f"{i}", ["echo", "hello", h.name])
+        assert (exited["code"], out) == (0, f"hello {h.name}\n")
+        exited, out = await agents.run(h.name, f"{i}#1", ["sh", "-c", "echo $MNP_JOB_ID"])
+        assert (exited["code"], out) == (0, f"{i}#1\n")
+        exited, out = await agents.run(h.name, f"{i}#2", ["hostname"])
+        assert (exited["code"], out) == (0, socket.gethostname() + "\n")
+    assert agents.lost == {}
+
+
+async def test_arguments_reach_the_task_literally(sshd_hosts: SshdCluster, agents: Agents) -> None:
+    assert not _exists(PWNED, remove=True)
+    h = sshd_hosts.inventory().hosts[0]
+    await agents.open(h)
+    nasty = "$(touch /tmp/mnp-pwned); rm -rf ~ `touch /tmp/mnp-pwned` 'q' \"d\" *"
+    for expand in (False, True):  # `$(` is not a variable: expansion leaves it alone too
+        exited, out = await agents.run(h.name, f"{expand}", ["echo", nasty], expand=expand)
+        assert (exited["code"], out) == (0, nasty + "\n")
+    assert not _exists(PWNED)
+    assert _exists(HOME)
+
+
+async def test_unknown_host_key_is_refused_before_login(
+    sshd_hosts: SshdCluster, token: str, tmp_path: Path
+) -> None:
+    kh = sshd_hosts.known_hosts_file(tmp_path / "known_hosts", without=("sshd-2",))
+    inv = sshd_hosts.inventory(known_hosts=str(kh))
+    before = accepted(sshd_hosts, "sshd-2")
+    t = SshTransport(inv)
+    try:
+        with pytest.raises(HostKeyError) as err:
+            await t.open(inv.host("sshd-2"), ["--ctl", token])
+        # the other hosts in that file are fine
+        stream = await t.open(inv.host("sshd-1"), ["--ctl", token])
+        await AgentConnection("sshd-1", stream).handshake(30)
+        await stream.close()
+    finally:
+        await t.close()
+    message = str(err.value)
+    assert "sshd-2" in message and sshd_hosts.host("sshd-2").fingerprint in message
+    assert "not in" in message and str(kh) in message
+    assert accepted(sshd_hosts, "sshd-2") == before  # nothing got as far as a login
+    assert procs_with_arg(token) == []
+
+
+async def test_changed_host_key_is_refused(
+    sshd_hosts: SshdCluster, token: str, tmp_path: Path
+) -> None:
+    other = sshd_hosts.new_public_key(tmp_path / "other_key")
+    kh = sshd_hosts.known_hosts_file(tmp_path / "known_hosts", replace={"sshd-3": other})
+    inv = sshd_hosts.inventory(known_hosts=str(kh))
+    before = accepted(sshd_hosts, "sshd-3")
+    t = SshTransport(inv)
+    try:
+        with pytest.raises(HostKeyError, match="CHANGED") as err:
+            await t.open(inv.host("sshd-3"), ["--ctl", token])
+    finally:
+        await t.close()
+    assert "sshd-3" in str(err.value)
+    assert sshd_hosts.host("sshd-3").fingerprint in str(err.value)
+    assert accepted(sshd_hosts, "sshd-3") == before
+    assert procs_with_arg(token) == []
+
+
+async def test_known_hosts_none_skips_checks_with_one_warning(
+    sshd_hosts: SshdCluster, token: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    inv = sshd_hosts.inventory(known_hosts="none")
+    a = Agents(SshTransport(inv), token)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mnp"):
+            for h in inv.hosts[:2]:
+                await a.open(h)
+    finally:
+        await a.close()
+    warnings = [r for r in caplog.records if r.name == "mnp" and "NOT verified" in r.message]
+    assert len(warnings) == 1
+
+
+# The Debian interpreter, when there is one: mnp and psutil are not installed for it.
+SYSTEM_PYTHONS = [p for p in ["/usr/bin/python3"] if os.access(p, os.X_OK)]
+
+
+@pytest.mark.parametrize("python", ["python-nomnp", *SYSTEM_PYTHONS])
+async def test_agent_source_is_shipped_where_mnp_is_not_installed(
+    sshd_hosts: SshdCluster, token: str, python: str
+) -> None:
+    if python == "python-nomnp":
+        python = str(sshd_hosts.python_nomnp)
+    assert not _imports_mnp(python)
+    inv = sshd_hosts.inventory(python=python)
+    a = Agents(SshTransport(inv), token)
+    try:
+        conn = await a.open(inv.hosts[0])
+        assert isinstance(conn.stream, _SshStream) and conn.stream.shipped
+        assert conn.facts["ev"] == "ready" and conn.facts["cores"] >= 1
+        exited, out = await a.run(inv.hosts[0].name, "7", ["sh", "-c", "echo $MNP_JOB_ID"])
+        assert (exited["code"], out) == (0, "7\n")
+    finally:
+        await a.close()
+
+
+async def test_a_chatty_login_shell_does_not_confuse_the_start(
+    sshd_hosts: SshdCluster, token: str, tmp_path: Path
+) -> None:
+    for name, target in (
+        ("chatty-mnp", sshd_hosts.python_mnp),
+        ("chatty", sshd_hosts.python_nomnp),
+    ):
+        _write_script(tmp_path / name, f'echo "Welcome to the cluster"; echo; exec {target} "$@"')
+        inv = sshd_hosts.inventory(python=str(tmp_path / name))
+        a = Agents(SshTransport(inv), token)
+        try:
+            conn = await a.open(inv.hosts[0])
+            assert isinstance(conn.stream, _SshStream)
+            assert conn.stream.shipped == (name == "chatty")
+            exited, out = await a.run(inv.hosts[0].name, "1", ["echo", "fine"])
+            assert out == "fine\n"
+        finally:
+            await a.close()
+
+
+async def test_closing_the_connection_kills_agent_and_tasks(
+    sshd_hosts: SshdCluster, agents: Agents, token: str
+) -> None:
+    h = sshd_hosts.inventory().hosts[1]
+    conn = await agents.open(h)
+    conn.send({"op": "spawn", "tid": "9", "argv": ["sleep", "1000"], "env": {}})
+    await agents.until(lambda: agents.of(h.name, "9", "started"))
+    assert len(procs_with_env("MNP_CONTROLLER_ID", token)) == 1
+    t0 = time.monotonic()
+    await conn.close()
+    assert await eventually(lambda: not procs_with_env("MNP_CONTROLLER_ID", token), 3)
+    assert await eventually(lambda: not procs_with_arg(token), 3)
+    assert time.monotonic() - t0 < 3
+    assert agents.lost == {}  # a close we asked for is not a loss
+
+
+async def test_killed_ssh_session_kills_agent_and_tasks_and_reconnects(
+    sshd_hosts: SshdCluster, agents: Agents, token: str
+) -> None:
+    h = sshd_hosts.inventory().hosts[2]
+    conn = await agents.open(h)
+    conn.send({"op": "spawn", "tid": "5", "argv": ["sleep", "1000"], "env": {}})
+    await agents.until(lambda: agents.of(h.name, "5", "started"))
+    (agent,) = procs_with_arg(token)
+    listener = sshd_hosts.host(h.name).proc
+    assert listener is not None
+    sessions = [p for p in agent.parents() if p.name() == "sshd" and p.pid != listener.pid]
+    assert sessions, agent.parents()
+    t0 = time.monotonic()
+    for p in sessions:
+        p.send_signal(signal.SIGKILL)
+    await agents.until(lambda: h.name in agents.lost, 5)
+    assert "lost" in agents.lost[h.name] or "closed" in agents.lost[h.name], agents.lost
+    assert await eventually(lambda: not procs_with_env("MNP_CONTROLLER_ID", token), 3)
+    assert await eventually(lambda: not procs_with_arg(token), 3)
+    assert time.monotonic() - t0 < 3.5
+    # the transport notices and connects again
+    conn2 = await agents.open(h)
+    exited, out = await agents.run(h.name, "6", ["echo", "back"])
+    assert (exited["code"], out) == (0, "back\n")
+    assert conn2.alive
+
+
+async def test_concurrent_opens_share_one_connection(
+    sshd_hosts: SshdCluster, agents: Agents
+) -> None:
+    h = sshd_hosts.inventory().hosts[0]
+    conns = await asyncio.gather(*(agents.transport.connect(h) for _ in range(5)))
+    assert all(c is conns[0] for c in conns)
+    streams = await asyncio.gather(
+        *(agents.transport.open(h, ["--ctl", agents.token]) for _ in range(3))
+    )
+    for s in streams:
+        facts = await AgentConnection(h.name, s).handshake(30)
+        assert facts["ev"] == "ready"
+        await s.close()
+    assert await agents.transport.connect(h) is conns[0]
+
+
+def _silent_listener() -> tuple[socket.socket, int]:
+    """A TCP port that accepts connections and never says anything (no SSH banner)."""
+    s = socket.socket()
+    s.bind(("127.0.0.98", 0))
+    s.listen(8)
+    return s, s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["dns", "refused", "auth", "no-python", "timeout", "config"])
+async def test_failures_say_what_failed(
+    sshd_hosts: SshdCluster, token: str, tmp_path: Path, case: str
+) -> None:
+    base = sshd_hosts.inventory().hosts[0]
+    opts = sshd_hosts.ssh_options()
+    silent = None
+    if case == "dns":
+        host = HostSpec("no-such-host.invalid", "x", ssh=opts)
+    elif case == "refused":
+        host = HostSpec("127.0.0.99", "127.0.0.99", ssh=opts)
+    elif case == "auth":
+        sshd_hosts.new_public_key(tmp_path / "stranger")
+        host = HostSpec(
+            base.name,
+            base.address,
+            ssh=sshd_hosts.ssh_options(identity=(str(tmp_path / "stranger"),)),
+        )
+    elif case == "no-python":
+        host = HostSpec(
+            base.name, base.address, ssh=sshd_hosts.ssh_options(python="/nonexistent/python3")
+        )
+    elif case == "timeout":
+        silent, port = _silent_listener()
+        host = HostSpec(
+            "127.0.0.98", "127.0.0.98", ssh=sshd_hosts.ssh_options(port=port, connect_timeout=1.0)
+        )
+    else:
+        host = HostSpec(
+            base.name,
+            base.address,
+            ssh=sshd_hosts.ssh_options(identity=(str(tmp_path / "missing"),)),
+        )
+    t = SshTransport(Inventory("test", (host,), {}, {}))
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(TransportError) as err:
+            stream = await t.open(host, ["--ctl", token])
+            await AgentConnection(host.name, stream).handshake(10)
+    finally:
+        await t.close()
+        if silent is not None:
+            silent.close()
+    assert isinstance(err.value, SshError), err.value
+    assert err.value.category == case, err.value
+    assert str(err.value).startswith(f"{host.name}: {case}: ")
+    assert time.monotonic() - t0 < 5
+
+
+async def test_generated_inventory_loads(sshd_hosts: SshdCluster, token: str) -> None:
+    from mnp.spec.inventory import load_inventory
+
+    inv = load_inventory(sshd_hosts.inventory_toml)
+    assert [h.name for h in inv.hosts] == sshd_hosts.names
+    assert [h.address for h in inv.hosts] == [h.address for h in sshd_hosts.hosts]
+    assert inv.hosts[0].ssh == sshd_hosts.ssh_options()
+    a = Agents(SshTransport(inv), token)
+    try:
+        await a.open(inv.hosts[-1])
+        exited, out = await a.run(inv.hosts[-1].name, "1", ["echo", "toml"])
+        assert out == "toml\n"
+    finally:
+        await a.close()
+
+
+async def test_host_stop_and_restart(sshd_hosts: SshdCluster, agents: Agents) -> None:
+    h = sshd_hosts.inventory().hosts[3]
+    await agents.open(h)
+    sshd_hosts.stop(h.name)
+    await agents.until(lambda: h.name in agents.lost, 5)
+    with pytest.raises(SshError) as err:
+        await agents.transport.open(h, ["--ctl", agents.token])
+    assert err.value.category == "refused"
+    sshd_hosts.start_host(h.name)
+    await agents.open(h)
+    exited, out = await agents.run(h.name, "2", ["echo", "up"])
+    assert out == "up\n"
+
+
+async def eventually(check: object, within: float) -> bool:
+    """Whether ``check()`` becomes true within ``within`` seconds (polled)."""
+    assert callable(check)
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def _exists(path: Path, remove: bool = False) -> bool:
+    if remove:
+        path.unlink(missing_ok=True)
+    return path.exists()
+
+
+def _write_script(path: Path, body: str) -> None:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+
+
+def _imports_mnp(python: str | Path) -> bool:
+    probe = subprocess.run([str(python), "-c", "import mnp"], cwd="/", capture_output=True)
+    return probe.returncode == 0
