@@ -1,0 +1,591 @@
+"""The node agent: reads ops on stdin, runs tasks, reports events on stdout.
+
+Lifecycle of a task: `spawn` → `started` → `out`... → main process reaped →
+`exited` → (anything of it left? tear it down) → `gone`. The common case, a task
+that leaves nothing behind, costs one killpg(pgid, 0) and one read of the agent's
+children list after the reap; only leftovers, `kill`, `sweep` and shutdown scan
+/proc (one scan per tick, shared by every teardown in progress).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+from .expand import expand
+from .facts import collect, make_rundir
+from .loop import Feeder, LineReader, Loop, Output, Stream
+from .proc import (
+    Tagger,
+    agent_children,
+    children_list,
+    group_exists,
+    read_stat,
+    send,
+    send_group,
+    snapshot,
+)
+from .spawn import Spawner, SpawnError, task_env, write_files
+from .tasks import FIRST_CHECK, MAX_CHECK, Task, Teardown, targets
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
+    from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+    from .loop import Timer
+    from .proc import Proc, Snapshot
+
+
+MAX_LINE = 16 << 20
+GIVE_UP = 5.0  # seconds after SIGKILL before a teardown reports survivors and ends
+BUSY_CHILDREN = 64  # with more children than this, exits are checked for orphans in batches
+CHECK_BATCH = 0.002
+PORTS_REMEMBERED = 256
+
+
+class BadRequest(Exception):
+    pass
+
+
+def _now() -> float:
+    return time.time()
+
+
+class Agent:
+    def __init__(self, ctl: str, grace: float, out: Optional[Output] = None) -> None:
+        self.ctl = ctl
+        self.grace = grace
+        self.pid = os.getpid()
+        self.started = _now()
+        self.loop = Loop()
+        self.out = out if out is not None else Output()
+        self.env = dict(os.environ)
+        self.tagger = Tagger(ctl)
+        self.spawner = Spawner()
+        self.tasks: Dict[str, Task] = {}  # until `gone`
+        self.by_pid: Dict[int, Task] = {}  # main process → task, until reaped
+        self.all_tids: Set[str] = set()  # every tid this agent started: what shutdown sweeps
+        self.orphans: Dict[int, Tuple[int, int, Optional[str]]] = {}  # adopted: (sid, pgrp, tag)
+        self.teardowns: Dict[str, Teardown] = {}
+        self.tick_timer: Optional[Timer] = None
+        self.last_tick = 0.0
+        self.tick_gap = FIRST_CHECK
+        self.unchecked: List[Task] = []  # exited, waiting for the orphan check
+        self.check_timer: Optional[Timer] = None
+        self.input: Optional[LineReader] = None
+        self.stopping = False
+        self.signals: List[int] = []
+        self.ports_given: List[int] = []
+        self.rundir = ""
+        self.ops: Dict[str, Callable[[Dict[str, Any]], None]] = {
+            "spawn": self.op_spawn,
+            "signal": self.op_signal,
+            "kill": self.op_kill,
+            "sweep": self.op_sweep,
+            "ping": self.op_ping,
+            "facts": self.op_facts,
+            "port": self.op_port,
+            "shutdown": self.op_shutdown,
+        }
+
+    # ---------------------------------------------------------------- running
+
+    def start(self) -> None:
+        """Catch signals (first: no SIGCHLD is lost) and say `ready`."""
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        self.wake_r = wake_r
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self.loop.add_reader(wake_r, self._on_wakeup)
+        self.rundir = make_rundir(self.ctl)
+        self.out.emit(dict(ev="ready", **collect(self.started, self.rundir)))
+        self.out.flush()
+
+    def listen(self) -> None:
+        """Start taking ops from stdin."""
+        self.input = LineReader(self.loop, 0, self._line, self._error, self._on_eof, MAX_LINE)
+
+    def run(self) -> int:
+        try:
+            while not (self.stopping and not self.tasks and not self.teardowns):
+                self.out.flush()
+                self.loop.run_once()
+                if self.signals:
+                    self._handle_signals()
+        except BaseException:
+            self._emergency()
+            raise
+        finally:
+            self.out.close()
+        return 0
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum != signal.SIGCHLD:
+            self.signals.append(signum)
+
+    def _on_wakeup(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except OSError:
+            pass
+        self._reap()
+
+    def _handle_signals(self) -> None:
+        sigs, self.signals = self.signals, []
+        for sig in sigs:
+            if sig in (signal.SIGTERM, signal.SIGHUP):
+                # a second one means: no more grace
+                self.shutdown(0.0 if self.stopping else self.grace, detached=True)
+            # SIGINT (a Ctrl-C meant for the controller) is the controller's to act on
+
+    def _emergency(self) -> None:
+        """The loop itself failed: kill everything we know of before dying."""
+        for task in list(self.tasks.values()):
+            send_group(task.pid, signal.SIGKILL)
+        for pid in agent_children() or ():
+            send(pid, signal.SIGKILL)
+
+    # ---------------------------------------------------------------- input
+
+    def _on_eof(self) -> None:
+        self.shutdown(self.grace, detached=True)
+
+    def _line(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            msg = json.loads(line)
+        except ValueError as e:
+            self._error("not a JSON object: %s: %.80r" % (e, line))
+            return
+        if not isinstance(msg, dict):
+            self._error("not a JSON object: %.80r" % (line,))
+            return
+        op = msg.get("op")
+        handler = self.ops.get(op) if isinstance(op, str) else None
+        if handler is None:
+            self._error("unknown op %.80r" % (op,), msg)
+            return
+        try:
+            handler(msg)
+        except BadRequest as e:
+            self._error("%s: %s" % (op, e), msg)
+        except Exception as e:  # a bug must not take the tasks down with the agent
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+            self._error("%s failed: %s: %s" % (op, type(e).__name__, e), msg)
+
+    def _error(self, text: str, msg: Optional[Dict[str, Any]] = None) -> None:
+        event: Dict[str, Any] = {"ev": "error", "msg": text}
+        if msg is not None and isinstance(msg.get("tid"), str):
+            event["tid"] = msg["tid"]
+        self.out.emit(event)
+
+    # ---------------------------------------------------------------- ops
+
+    def op_spawn(self, msg: Dict[str, Any]) -> None:
+        tid = _tid(msg)
+        argv = msg.get("argv")
+        if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+            raise BadRequest("argv must be a non-empty list of strings")
+        if not argv[0] or any("\0" in a for a in argv):
+            raise BadRequest("argv[0] must not be empty and no argument may hold a NUL")
+        changes = msg.get("env")
+        if changes is None:
+            changes = {}
+        if not isinstance(changes, dict) or not all(_env_entry(k, v) for k, v in changes.items()):
+            raise BadRequest("env must map names (no '=', no NUL) to strings or null")
+        cwd = _opt(msg, "cwd", str)
+        if cwd is not None and (not cwd or "\0" in cwd):
+            raise BadRequest("cwd must be a non-empty path")
+        do_expand = _opt(msg, "expand", bool)
+        stdin = _opt(msg, "stdin", str)
+        files = _files(msg)
+        if tid in self.tasks:
+            raise BadRequest("task %s is already on this agent" % tid)
+        stale = self.teardowns.get("t:" + tid)
+        if stale is not None:  # a `kill` of its previous run still sweeping the tag
+            self._drop_tag_sweep(stale)
+        if self.stopping:
+            raise BadRequest("the agent is shutting down")
+
+        env = task_env(self.env, changes, tid, self.ctl)
+        if do_expand is not False:
+            argv = [expand(a, env) for a in argv]
+        feed_r = feed_w = -1
+        try:
+            try:
+                data = None if stdin is None else stdin.encode("utf-8", "surrogateescape")
+                if data is not None:
+                    feed_r, feed_w = os.pipe()
+                if files:
+                    write_files(files)
+                pid, out_fd, err_fd = self.spawner.spawn(
+                    argv, env, cwd, feed_r if feed_r >= 0 else None
+                )
+            except ValueError as e:  # text the OS cannot take (a lone surrogate, ...)
+                raise SpawnError(126, "%s: %s" % (argv[0], e)) from None
+            finally:
+                if feed_r >= 0:
+                    os.close(feed_r)
+        except SpawnError as e:
+            if feed_w >= 0:
+                os.close(feed_w)
+            self.out.emit(
+                {
+                    "ev": "exited",
+                    "tid": tid,
+                    "code": e.code,
+                    "signal": None,
+                    "t": _now(),
+                    "error": e.msg,
+                }
+            )
+            self.out.emit({"ev": "gone", "tid": tid, "t": _now(), "killed": 0})
+            return
+        streams = [
+            Stream(self.loop, self.out, tid, out_fd, 1),
+            Stream(self.loop, self.out, tid, err_fd, 2),
+        ]
+        feeder = None if data is None else Feeder(self.loop, feed_w, data)
+        task = Task(tid, pid, streams, feeder)
+        self.tasks[tid] = task
+        self.by_pid[pid] = task
+        self.all_tids.add(tid)
+        self.out.emit({"ev": "started", "tid": tid, "pid": pid, "t": _now()})
+
+    def op_signal(self, msg: Dict[str, Any]) -> None:
+        tid = _tid(msg)
+        sig = msg.get("sig")
+        if not isinstance(sig, int) or isinstance(sig, bool) or not 0 < sig < 65:
+            raise BadRequest("sig must be a signal number")
+        task = self.tasks.get(tid)
+        if task is None:
+            raise BadRequest("no task %s on this agent" % tid)
+        if not send_group(task.pid, sig) and not task.reaped:
+            send(task.pid, sig)
+
+    def op_kill(self, msg: Dict[str, Any]) -> None:
+        tid = _tid(msg)
+        grace = self._grace(msg)
+        task = self.tasks.get(tid)
+        if task is not None:
+            self._teardown("t:" + tid, "task", tid, task, grace)
+            return
+        # No task (any more): its `gone` was sent. Tids are reused by retries, so a second
+        # `gone` would be read as the next attempt's: answer only if the tag is still on
+        # this host, and tear that down.
+        if ("t:" + tid) not in self.teardowns:
+            probe = Teardown("", "tag", tid, None, 0.0)
+            if not self._targets_of(probe, snapshot(self.tagger)):
+                return
+        self._teardown("t:" + tid, "tag", tid, None, grace)
+
+    def op_sweep(self, msg: Dict[str, Any]) -> None:
+        job = msg.get("job")
+        if not isinstance(job, str) or not job:
+            raise BadRequest("job must be a non-empty string")
+        self._teardown("s:" + job, "sweep", job, None, self._grace(msg))
+
+    def op_ping(self, msg: Dict[str, Any]) -> None:
+        self.out.emit({"ev": "pong", "id": msg.get("id"), "t": _now()})
+
+    def op_facts(self, msg: Dict[str, Any]) -> None:
+        self.out.emit(dict(ev="facts", **collect(self.started, self.rundir)))
+
+    def op_port(self, msg: Dict[str, Any]) -> None:
+        """A TCP port free on this host now (for MASTER_PORT), not one handed out lately."""
+        import socket
+
+        for _ in range(20):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("", 0))
+                port = int(sock.getsockname()[1])
+            if port not in self.ports_given:
+                break
+        self.ports_given.append(port)
+        del self.ports_given[:-PORTS_REMEMBERED]
+        self.out.emit({"ev": "port", "id": msg.get("id"), "port": port, "t": _now()})
+
+    def op_shutdown(self, msg: Dict[str, Any]) -> None:
+        self.shutdown(self._grace(msg), detached=False)
+
+    def _grace(self, msg: Dict[str, Any]) -> float:
+        grace = msg.get("grace")
+        if grace is None:
+            return self.grace
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
+            raise BadRequest("grace must be a number of seconds >= 0")
+        return float(grace)
+
+    def shutdown(self, grace: float, detached: bool) -> None:
+        """Kill every task and everything tagged with a tid we started, then exit."""
+        if detached:
+            self.out.detach()
+        if self.input is not None:
+            self.input.stop()
+        self.stopping = True
+        for task in list(self.tasks.values()):
+            if not task.gone:
+                self._teardown("t:" + task.tid, "task", task.tid, task, grace)
+        self._teardown("*", "all", "*", None, grace)
+
+    # ---------------------------------------------------------------- exits
+
+    def _reap(self) -> None:
+        reaped = False
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            task = self.by_pid.pop(pid, None)
+            if task is None:
+                self.orphans.pop(pid, None)
+                reaped = True  # perhaps something a teardown waits for
+            else:
+                reaped = reaped or task.teardown is not None
+                if not task.gone:
+                    self._exited(task, status)
+        if reaped and self.teardowns:
+            self._tick_soon()
+
+    def _exited(self, task: Task, status: int) -> None:
+        task.reaped = True
+        if task.feeder is not None:
+            task.feeder.close()
+        for stream in task.streams:
+            stream.drain()  # everything the main process wrote comes before `exited`
+        code: Optional[int] = None
+        sig: Optional[int] = None
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+        else:
+            code = os.WEXITSTATUS(status)
+        self.out.emit({"ev": "exited", "tid": task.tid, "code": code, "signal": sig, "t": _now()})
+        if task.teardown is not None:
+            return
+        if group_exists(task.pid):
+            self._teardown("t:" + task.tid, "task", task.tid, task, self.grace)
+            return
+        # orphans it left to us: looked for once for all the exits of this moment
+        self.unchecked.append(task)
+        if self.check_timer is None:
+            busy = len(self.by_pid) + len(self.orphans) > BUSY_CHILDREN
+            self.check_timer = self.loop.call_later(CHECK_BATCH if busy else 0.0, self._check)
+
+    def _check(self) -> None:
+        """`gone` for the exited tasks that left no orphan, teardown for the others."""
+        self.check_timer = None
+        tasks, self.unchecked = self.unchecked, []
+        owners = self._orphan_owners()
+        snap: Optional[Snapshot] = None
+        for task in tasks:
+            if task.gone or task.teardown is not None:
+                continue
+            if owners is None:
+                snap = snap or snapshot(self.tagger)
+                left = bool(self._targets_of(Teardown("", "task", task.tid, task, 0.0), snap))
+            else:
+                left = task.pid in owners or task.tid in owners
+            if left:
+                self._teardown("t:" + task.tid, "task", task.tid, task, self.grace)
+            else:
+                self._gone(task, 0)
+
+    def _orphan_owners(self) -> Optional[Set[object]]:
+        """Sessions, groups and tags of the live orphans we adopted (None: the kernel
+        cannot list our children). Reading the list costs about 0.5 us a child; parsing
+        it is skipped when its length shows no child we do not know."""
+        data = children_list()
+        if data is None:
+            return None
+        if data.count(b" ") != len(self.by_pid) + len(self.orphans):
+            for pid in map(int, data.split()):
+                if pid in self.by_pid or pid in self.orphans:
+                    continue
+                p = read_stat(pid)
+                if p is not None and not p.dead:
+                    self.orphans[pid] = (p.sid, p.pgrp, self.tagger.tag(pid))
+        owners: Set[object] = set()
+        for sid, pgrp, tag in self.orphans.values():
+            owners.add(sid)
+            owners.add(pgrp)
+            if tag is not None:
+                owners.add(tag)
+        return owners
+
+    def _gone(self, task: Task, killed: int) -> None:
+        task.gone = True
+        for stream in task.streams:
+            stream.drain()
+            stream.close()
+        if task.feeder is not None:
+            task.feeder.close()
+        if self.tasks.get(task.tid) is task:
+            del self.tasks[task.tid]
+        self.out.emit({"ev": "gone", "tid": task.tid, "t": _now(), "killed": killed})
+
+    # ---------------------------------------------------------------- teardown
+
+    def _teardown(self, key: str, kind: str, name: str, task: Optional[Task], grace: float) -> None:
+        kill_at = time.monotonic() + grace
+        td = self.teardowns.get(key)
+        if td is not None:
+            td.kill_at = min(td.kill_at, kill_at)
+        else:
+            td = self.teardowns[key] = Teardown(key, kind, name, task, kill_at)
+            if task is not None:
+                task.teardown = td
+        td.next_check = 0.0
+        self._tick_soon()
+
+    def _tick_soon(self) -> None:
+        """Scan as soon as allowed: scans are spaced by twice the time the last one took
+        (and 5 ms), so teardowns never take more than a third of the agent's time."""
+        when = max(time.monotonic(), self.last_tick + self.tick_gap)
+        if self.tick_timer is not None:
+            if self.tick_timer[0] <= when:
+                return
+            self.loop.cancel(self.tick_timer)
+        self.tick_timer = self.loop.call_at(when, self._tick)
+
+    def _tick(self) -> None:
+        """One /proc scan, then every teardown due takes its next step."""
+        self.tick_timer = None
+        if not self.teardowns:
+            return
+        t0 = time.monotonic()
+        snap = snapshot(self.tagger)
+        now = time.monotonic()
+        self.last_tick = now
+        self.tick_gap = max(FIRST_CHECK, 2 * (now - t0))
+        for td in list(self.teardowns.values()):
+            if td.next_check <= now or (td.killing_since is None and td.kill_at <= now):
+                self._step(td, snap, now)
+        if self.teardowns:
+            when = min(
+                td.next_check if td.killing_since is not None else min(td.next_check, td.kill_at)
+                for td in self.teardowns.values()
+            )
+            self.tick_timer = self.loop.call_at(max(when, now + self.tick_gap), self._tick)
+
+    def _step(self, td: Teardown, snap: Snapshot, now: float) -> None:
+        targets = self._targets_of(td, snap)
+        task = td.task
+        killing = td.kill_at <= now
+        if killing:
+            if td.killing_since is None:
+                td.killing_since = now
+                td.delay = FIRST_CHECK
+            if task is not None and not td.group_gone:
+                send_group(task.pid, signal.SIGKILL)
+            for p in targets.values():
+                send(p.pid, signal.SIGKILL)
+                td.signalled.add((p.pid, p.start))
+        else:
+            if task is not None and not td.group_gone and not td.termed:
+                send_group(task.pid, signal.SIGTERM)
+            for p in targets.values():
+                ident = (p.pid, p.start)
+                if ident not in td.termed:
+                    send(p.pid, signal.SIGTERM)
+                    if p.state == "T":
+                        send(p.pid, signal.SIGCONT)
+                    td.termed.add(ident)
+                    td.signalled.add(ident)
+        if not targets and (task is None or task.reaped):
+            self._finish(td)
+            return
+        if td.killing_since is not None and now - td.killing_since > GIVE_UP:
+            self._error_td(
+                td,
+                "%d processes survived SIGKILL: %s"
+                % (len(targets), " ".join(str(p) for p in sorted(targets))),
+            )
+            self._finish(td)
+            return
+        td.next_check = now + td.delay
+        td.delay = min(td.delay * 2, MAX_CHECK)
+
+    def _targets_of(self, td: Teardown, snap: Snapshot) -> Dict[int, Proc]:
+        return targets(td, snap, self.pid, self.tasks.values(), self.all_tids)
+
+    def _drop_tag_sweep(self, td: Teardown) -> None:
+        """SIGKILL at once what a tag sweep found, and forget it: a new task of that tid
+        is about to carry the same tag."""
+        for p in self._targets_of(td, snapshot(self.tagger)).values():
+            send(p.pid, signal.SIGKILL)
+        del self.teardowns[td.key]
+
+    def _finish(self, td: Teardown) -> None:
+        del self.teardowns[td.key]
+        killed = len(td.signalled)
+        if td.kind == "task" and td.task is not None:
+            td.task.teardown = None
+            if not td.task.gone:
+                self._gone(td.task, killed)
+        elif td.kind == "tag":
+            self.out.emit({"ev": "gone", "tid": td.name, "t": _now(), "killed": killed})
+        elif td.kind == "sweep":
+            self.out.emit({"ev": "swept", "job": td.name, "t": _now(), "killed": killed})
+
+    def _error_td(self, td: Teardown, text: str) -> None:
+        event: Dict[str, Any] = {"ev": "error", "msg": text}
+        if td.kind in ("task", "tag"):
+            event["tid"] = td.name
+        self.out.emit(event)
+
+
+def _tid(msg: Dict[str, Any]) -> str:
+    tid = msg.get("tid")
+    if not isinstance(tid, str) or not tid or "\0" in tid:
+        raise BadRequest("tid must be a non-empty string")
+    return tid
+
+
+def _opt(msg: Dict[str, Any], key: str, kind: type) -> Any:
+    value = msg.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise BadRequest("%s must be %s or null" % (key, kind.__name__))
+    return value
+
+
+def _files(msg: Dict[str, Any]) -> List[Tuple[str, str]]:
+    files = msg.get("files")
+    if files is None:
+        return []
+    out: List[Tuple[str, str]] = []
+    if isinstance(files, list):
+        for f in files:
+            if not isinstance(f, dict):
+                break
+            path, data = f.get("path"), f.get("data")
+            if not (isinstance(path, str) and path.startswith("/") and "\0" not in path):
+                break
+            if not isinstance(data, str):
+                break
+            out.append((path, data))
+        else:
+            return out
+    raise BadRequest("files must be a list of {path (absolute), data (str)}")
+
+
+def _env_entry(key: Any, value: Any) -> bool:
+    return (
+        isinstance(key, str)
+        and bool(key)
+        and "=" not in key
+        and "\0" not in key
+        and (value is None or (isinstance(value, str) and "\0" not in value))
+    )

@@ -1,0 +1,242 @@
+"""The processes of this host as the agent sees them: /proc, prctl and signals.
+
+Linux only. Everything here reads /proc directly with os.open/os.read (cheaper than
+psutil, and available on every node); a process that vanishes or cannot be read
+mid-scan is simply skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
+    from typing import Dict, Iterable, List, Optional, Set
+
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+_PF_KTHREAD = 0x00200000
+_DEAD = ("Z", "X", "x")
+
+
+class Proc:
+    """One line of /proc/PID/stat; `(pid, start)` names a process across pid reuse."""
+
+    __slots__ = ("pid", "ppid", "pgrp", "sid", "start", "state")
+
+    def __init__(self, pid: int, ppid: int, pgrp: int, sid: int, start: int, state: str):
+        self.pid = pid
+        self.ppid = ppid
+        self.pgrp = pgrp
+        self.sid = sid
+        self.start = start
+        self.state = state
+
+    @property
+    def dead(self) -> bool:
+        return self.state in _DEAD
+
+
+def read_file(path: str, limit: int = 1 << 24) -> Optional[bytes]:
+    """The whole file, or None when it cannot be read (gone, no permission)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        parts: List[bytes] = []
+        size = 0
+        while size < limit:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_stat(pid: int) -> Optional[Proc]:
+    """The process's stat line, or None if it is gone or a kernel thread."""
+    data = read_file("/proc/%d/stat" % pid)
+    if not data:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: split after the last ')'
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        if int(fields[6]) & _PF_KTHREAD:
+            return None
+        return Proc(
+            pid,
+            int(fields[1]),
+            int(fields[2]),
+            int(fields[3]),
+            int(fields[19]),
+            fields[0].decode("ascii", "replace"),
+        )
+    except (IndexError, ValueError):
+        return None
+
+
+def job_part(tid: str) -> str:
+    """`42` for `42`, `42:7`, `42#3` and `42#3.1`: the text before the first `:`, `#`, `.`."""
+    end = len(tid)
+    for sep in ":#.":
+        i = tid.find(sep)
+        if 0 <= i < end:
+            end = i
+    return tid[:end]
+
+
+class Tagger:
+    """Reads the `MNP_JOB_ID` of processes that carry this controller's token."""
+
+    def __init__(self, ctl: str) -> None:
+        self.needle = b"\0MNP_CONTROLLER_ID=" + ctl.encode("utf-8", "surrogateescape") + b"\0"
+
+    def tag(self, pid: int) -> Optional[str]:
+        data = read_file("/proc/%d/environ" % pid)
+        if not data:
+            return None
+        data = b"\0" + data if data.endswith(b"\0") else b"\0" + data + b"\0"
+        if self.needle not in data:
+            return None
+        i = data.find(b"\0MNP_JOB_ID=")
+        if i < 0:
+            return None
+        i += 12
+        return data[i : data.index(b"\0", i)].decode("utf-8", "surrogateescape")
+
+
+class Snapshot:
+    """Every process on the host at one moment, indexed the ways teardown looks them up."""
+
+    def __init__(self, procs: Dict[int, Proc], tags: Dict[int, str], protected: Set[int]):
+        self.procs = procs
+        self.tags = tags
+        self.protected = protected
+        self.children: Dict[int, List[int]] = {}
+        self.by_group: Dict[int, List[int]] = {}
+        for p in procs.values():
+            self.children.setdefault(p.ppid, []).append(p.pid)
+            self.by_group.setdefault(p.pgrp, []).append(p.pid)
+            if p.sid != p.pgrp:
+                self.by_group.setdefault(p.sid, []).append(p.pid)
+        self.by_tag: Dict[str, List[int]] = {}
+        for pid, tag in tags.items():
+            self.by_tag.setdefault(tag, []).append(pid)
+
+    def tree(self, seeds: Iterable[int]) -> Dict[int, Proc]:
+        """The live, unprotected processes among `seeds` and all their descendants."""
+        out: Dict[int, Proc] = {}
+        seen: Set[int] = set()
+        stack = [pid for pid in seeds if pid in self.procs]
+        while stack:
+            pid = stack.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            p = self.procs[pid]
+            if not p.dead and pid not in self.protected:
+                out[pid] = p
+            stack.extend(self.children.get(pid, ()))
+        return out
+
+
+def snapshot(tagger: Tagger) -> Snapshot:
+    procs: Dict[int, Proc] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            p = read_stat(int(name))
+            if p is not None:
+                procs[p.pid] = p
+    # never signal the agent itself or what started it (a controller may run inside a task)
+    protected: Set[int] = {0, 1}
+    pid = os.getpid()
+    while pid in procs and pid not in protected:
+        protected.add(pid)
+        pid = procs[pid].ppid
+    tags: Dict[int, str] = {}
+    for p in procs.values():
+        if not p.dead and p.pid not in protected:
+            tag = tagger.tag(p.pid)
+            if tag is not None:
+                tags[p.pid] = tag
+    return Snapshot(procs, tags, protected)
+
+
+def children_list() -> Optional[bytes]:
+    """/proc/PID/task/PID/children of the agent: its children, orphans it adopted as
+    subreaper included, as "PID PID ... "; None when the kernel lacks it
+    (CONFIG_PROC_CHILDREN)."""
+    pid = os.getpid()
+    return read_file("/proc/%d/task/%d/children" % (pid, pid))
+
+
+def agent_children() -> Optional[List[int]]:
+    data = children_list()
+    return None if data is None else [int(x) for x in data.split()]
+
+
+def send(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except OSError:  # gone, or not ours to signal
+        return False
+
+
+def send_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except OSError:
+        return False
+
+
+def group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+
+
+def prctl(option: int, value: int) -> bool:
+    """prctl(2) through ctypes; False where it is not available or refused."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(option, value, 0, 0, 0) == 0)
+    except Exception:
+        return False
+
+
+def default_signals() -> List[int]:
+    """Signals a task must start with at their default action, whatever the agent inherited
+    (Python ignores SIGPIPE; nohup and `&` ignore SIGHUP, SIGINT and SIGQUIT)."""
+    skip = (signal.SIGKILL, signal.SIGSTOP)
+    return [s for s in range(1, 32) if s not in skip]
+
+
+def cloexec_inherited() -> None:
+    """Mark every inherited descriptor above 2 close-on-exec so no task inherits it."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass

@@ -1,0 +1,205 @@
+"""Starting a task: environment, program lookup, and the fork/exec itself.
+
+`os.posix_spawn` (glibc: clone(CLONE_VFORK) + exec, reporting exec errors to the
+parent and reaping a child that failed) is the fast path: it starts a process in
+a new session with its pipes, without copying the agent's page tables and without
+running Python in the child. The working directory is set by changing the agent's
+own directory around the call (the agent is single-threaded) and returning
+through a descriptor kept open. Where posix_spawn lacks `setsid` (glibc < 2.26)
+subprocess.Popen does the same job, more slowly.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from .proc import default_signals
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
+    from typing import Dict, List, Mapping, Optional, Tuple
+
+
+EXIT_NOT_FOUND = 127
+EXIT_CANNOT_RUN = 126
+
+
+class SpawnError(Exception):
+    """The task could not be started: `code` is what `exited` reports."""
+
+    def __init__(self, code: int, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+
+
+def task_env(
+    base: Mapping[str, str], changes: Mapping[str, Optional[str]], tid: str, ctl: str
+) -> Dict[str, str]:
+    env = dict(base)
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    env["MNP_JOB_ID"] = tid
+    env["MNP_CONTROLLER_ID"] = ctl
+    return env
+
+
+def write_files(files: List[Tuple[str, str]]) -> None:
+    """Write each (absolute path, text), parents made as needed (0700), atomically: a
+    task never reads half a file. SpawnError 126 on failure."""
+    for path, data in files:
+        tmp = "%s.%d.tmp" % (path, os.getpid())
+        try:
+            os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data.encode("utf-8", "surrogateescape"))
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise SpawnError(EXIT_CANNOT_RUN, "file %s: %s" % (path, e.strerror or e)) from None
+
+
+def find_program(name: str, path: Optional[str]) -> str:
+    """Where execvp would find `name` on `path` (the task's PATH), relative to the current
+    directory; SpawnError 127 when nowhere, 126 when found but not executable."""
+    if "/" in name:
+        return name
+    denied = False
+    for entry in (path if path is not None else os.defpath).split(os.pathsep):
+        candidate = os.path.join(entry, name) if entry else name
+        try:
+            st = os.stat(candidate)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and os.access(candidate, os.X_OK):
+            return candidate
+        denied = True
+    if denied:
+        raise SpawnError(EXIT_CANNOT_RUN, "%s: Permission denied" % name)
+    raise SpawnError(EXIT_NOT_FOUND, "%s: command not found" % name)
+
+
+def _exec_error(prog: str, err: OSError) -> SpawnError:
+    code = EXIT_NOT_FOUND if err.errno == errno.ENOENT else EXIT_CANNOT_RUN
+    return SpawnError(code, "%s: %s" % (prog, err.strerror or err))
+
+
+class Spawner:
+    """Starts tasks; owns the descriptors every spawn shares."""
+
+    def __init__(self) -> None:
+        self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.home: Optional[int] = os.open(".", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # started in a directory that is gone: stay wherever chdir leaves us
+            self.home = None
+        self.sigdef = default_signals()
+        self.posix_spawn = hasattr(os, "posix_spawn")
+        self.path = os.environ.get("PATH")
+
+    def spawn(
+        self, argv: List[str], env: Dict[str, str], cwd: Optional[str], stdin: Optional[int]
+    ) -> Tuple[int, int, int]:
+        """Start argv in a new session; returns (pid, stdout read end, stderr read end).
+
+        `stdin` is the descriptor the task reads (None: /dev/null); the caller keeps
+        ownership of it. Raises SpawnError, having closed everything it opened.
+        """
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            if cwd is not None:
+                try:
+                    os.chdir(cwd)
+                except OSError as e:
+                    raise SpawnError(EXIT_CANNOT_RUN, "cwd %s: %s" % (cwd, e.strerror)) from None
+            try:
+                path = env.get("PATH")
+                if path is not None and path == self.path and "/" not in argv[0]:
+                    prog = ""  # the agent's own PATH: glibc's posix_spawnp searches it faster
+                else:
+                    prog = find_program(argv[0], path)
+                fd0 = self.devnull if stdin is None else stdin
+                pid = self._start(prog, argv, env, fd0, out_w, err_w)
+            finally:
+                if cwd is not None:
+                    self._go_home()
+        except BaseException:
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise
+        os.close(out_w)
+        os.close(err_w)
+        os.set_blocking(out_r, False)
+        os.set_blocking(err_r, False)
+        return pid, out_r, err_r
+
+    def _go_home(self) -> None:
+        if self.home is not None:
+            os.fchdir(self.home)
+        else:
+            os.chdir("/")
+
+    def _start(
+        self, prog: str, argv: List[str], env: Dict[str, str], fd0: int, fd1: int, fd2: int
+    ) -> int:
+        if self.posix_spawn:
+            actions = [
+                (os.POSIX_SPAWN_DUP2, fd0, 0),
+                (os.POSIX_SPAWN_DUP2, fd1, 1),
+                (os.POSIX_SPAWN_DUP2, fd2, 2),
+            ]
+            try:
+                spawn = os.posix_spawn if prog else os.posix_spawnp
+                return spawn(
+                    prog or argv[0],
+                    argv,
+                    env,
+                    file_actions=actions,
+                    setsid=True,
+                    setsigdef=self.sigdef,
+                    setsigmask=(),
+                )
+            except NotImplementedError:
+                self.posix_spawn = False
+            except OSError as e:
+                raise _exec_error(argv[0], e) from None
+        if not prog:
+            prog = find_program(argv[0], env.get("PATH"))
+        return self._popen(prog, argv, env, fd0, fd1, fd2)
+
+    def _popen(
+        self, prog: str, argv: List[str], env: Dict[str, str], fd0: int, fd1: int, fd2: int
+    ) -> int:
+        import subprocess
+
+        try:
+            p = subprocess.Popen(
+                argv,
+                executable=prog,
+                env=env,
+                stdin=fd0,
+                stdout=fd1,
+                stderr=fd2,
+                close_fds=True,
+                start_new_session=True,
+                restore_signals=True,
+            )
+        except OSError as e:
+            raise _exec_error(argv[0], e) from None
+        # the agent reaps with waitpid(-1); keep Popen from ever waiting for or warning about it
+        p.returncode = 0
+        return p.pid

@@ -1,0 +1,84 @@
+"""What the agent keeps about a task, and about killing a set of processes."""
+
+from __future__ import annotations
+
+from .proc import job_part
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
+    from typing import Collection, Dict, Iterable, List, Optional, Set, Tuple
+
+    from .loop import Feeder, Stream
+    from .proc import Proc, Snapshot
+
+
+FIRST_CHECK = 0.005  # a teardown looks again after this, doubling up to MAX_CHECK
+MAX_CHECK = 0.2
+
+
+class Task:
+    __slots__ = ("tid", "pid", "streams", "feeder", "reaped", "teardown", "gone")
+
+    def __init__(self, tid: str, pid: int, streams: List[Stream], feeder: Optional[Feeder]):
+        self.tid = tid
+        self.pid = pid  # also its session and process group id
+        self.streams = streams
+        self.feeder = feeder
+        self.reaped = False
+        self.teardown: Optional[Teardown] = None
+        self.gone = False
+
+
+class Teardown:
+    """Killing a set of processes: SIGTERM what matches, SIGKILL it after `grace`,
+    finished when a scan finds nothing (and the task's main process is reaped)."""
+
+    def __init__(self, key: str, kind: str, name: str, task: Optional[Task], kill_at: float):
+        self.key = key
+        self.kind = kind  # "task", "tag" (a tid with no task here), "sweep", "all"
+        self.name = name  # tid, or job part for "sweep"
+        self.task = task
+        self.kill_at = kill_at
+        self.killing_since: Optional[float] = None
+        self.group_gone = False
+        self.termed: Set[Tuple[int, int]] = set()
+        self.signalled: Set[Tuple[int, int]] = set()
+        self.delay = FIRST_CHECK
+        self.next_check = 0.0
+
+
+def targets(
+    td: Teardown,
+    snap: Snapshot,
+    agent_pid: int,
+    tasks: Iterable[Task],
+    all_tids: Collection[str],
+) -> Dict[int, Proc]:
+    """The live processes `td` must kill now, according to `snap`."""
+    seeds: List[int] = []
+    if td.kind in ("task", "tag"):
+        task = td.task
+        if task is not None:
+            if not task.reaped:
+                seeds.append(task.pid)
+            members = snap.by_group.get(task.pid)
+            if members and not td.group_gone:
+                seeds.extend(members)
+            elif task.reaped:
+                # the group emptied: its number may now name someone else's group
+                td.group_gone = True
+        seeds.extend(snap.by_tag.get(td.name, ()))
+    elif td.kind == "sweep":
+        for tag, pids in snap.by_tag.items():
+            if job_part(tag) == td.name:
+                seeds.extend(pids)
+        for task in tasks:
+            if job_part(task.tid) == td.name and not task.reaped:
+                seeds.append(task.pid)
+                seeds.extend(snap.by_group.get(task.pid, ()))
+    else:  # all: every child of the agent, and every tag it ever gave
+        seeds.extend(snap.children.get(agent_pid, ()))
+        for tag, pids in snap.by_tag.items():
+            if tag in all_tids:
+                seeds.extend(pids)
+    return snap.tree(seeds)

@@ -1,0 +1,370 @@
+"""The node agent against real processes: tearing tasks down (escaped daemons, kill,
+sweep, zombies) and the agent's own lifetime (stdin EOF, signals, parent death)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from tests.integration.test_agent_driver import (
+    CTL,
+    DAEMONIZE,
+    PY,
+    REPO,
+    Agent,
+    agent_env,
+    tagged,
+    wait_until,
+    zombie_children,
+)
+
+
+@pytest.fixture
+def agent() -> Iterator[Agent]:
+    a = Agent("--grace", "1")
+    yield a
+    a.close()
+
+
+# ---------------------------------------------------------------- teardown
+
+
+def test_daemon_that_escapes_is_killed_after_exit(agent: Agent) -> None:
+    agent.send(op="spawn", tid="d1", argv=[PY, "-c", DAEMONIZE])
+    exited = agent.expect("exited", "d1")
+    assert exited["code"] == 0
+    gone = agent.expect("gone", "d1", timeout=5)
+    assert gone["killed"] == 1  # the setsid'd sleep
+    assert tagged(lambda t: t == "d1") == []
+    assert wait_until(lambda: zombie_children(agent.proc.pid) == [], 2)
+
+
+def test_leftover_in_session_is_killed_after_exit(agent: Agent) -> None:
+    t0 = time.monotonic()
+    agent.send(op="spawn", tid="bg", argv=["sh", "-c", "sleep 1000 & echo started"])
+    assert agent.expect("exited", "bg")["code"] == 0
+    assert agent.expect("gone", "bg")["killed"] == 1
+    assert time.monotonic() - t0 < 1.0  # sleep dies at SIGTERM, long before the grace
+    assert tagged(lambda t: t == "bg") == []
+
+
+def test_kill_with_grace_escalates_to_sigkill(agent: Agent) -> None:
+    script = "trap '' TERM; echo ready; while :; do sleep 0.05; done"
+    agent.send(op="spawn", tid="k", argv=["sh", "-c", script])
+    agent.expect("out", "k")  # the trap is set
+    t0 = time.monotonic()
+    agent.send(op="kill", tid="k", grace=0.5)
+    exited = agent.expect("exited", "k", timeout=5)
+    waited = time.monotonic() - t0
+    assert exited["signal"] == signal.SIGKILL
+    assert 0.45 <= waited < 2.0
+    gone = agent.expect("gone", "k")
+    assert gone["killed"] >= 1
+    assert tagged(lambda t: t == "k") == []
+    # kill is idempotent, and a task has one `gone`: a late kill gets no second one
+    agent.send(op="kill", tid="k", grace=0)
+    agent.send(op="ping", id="after")
+    agent.expect("pong")
+    assert [e for e in agent.history if e["ev"] == "gone" and e["tid"] == "k"] == [gone]
+
+
+def test_kill_wakes_stopped_tasks(agent: Agent) -> None:
+    agent.send(op="spawn", tid="st", argv=["sleep", "100"])
+    agent.expect("started", "st")
+    agent.send(op="signal", tid="st", sig=signal.SIGSTOP)
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    agent.send(op="kill", tid="st", grace=5)
+    assert agent.expect("exited", "st")["signal"] == signal.SIGTERM  # SIGCONT followed it
+    assert time.monotonic() - t0 < 2
+    agent.expect("gone", "st")
+
+
+def test_kill_reaches_escaped_daemons(agent: Agent) -> None:
+    script = DAEMONIZE.replace(
+        'print("parent done", flush=True)', 'print("parent done", flush=True); time.sleep(1000)'
+    )
+    agent.send(op="spawn", tid="kd", argv=[PY, "-c", script])
+    agent.expect("out", "kd")
+    assert wait_until(lambda: len(tagged(lambda t: t == "kd")) == 2, 5)
+    agent.send(op="kill", tid="kd", grace=2)
+    assert agent.expect("exited", "kd")["signal"] == signal.SIGTERM
+    gone = agent.expect("gone", "kd", timeout=5)
+    assert gone["killed"] == 2
+    assert tagged(lambda t: t == "kd") == []
+
+
+def test_kill_does_not_touch_other_tags(agent: Agent) -> None:
+    env = dict(agent_env(), MNP_JOB_ID="kx", MNP_CONTROLLER_ID="someone-else")
+    other = subprocess.Popen(["sleep", "100"], env=env)
+    try:
+        agent.send(op="kill", tid="kx", grace=0)
+        agent.send(op="ping", id="after")
+        agent.expect("pong")
+        assert not any(e["ev"] == "gone" for e in agent.history)  # nothing of ours to kill
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def _tagged_sleeper(tid: str, ctl: str = CTL, trap: bool = False) -> subprocess.Popen[bytes]:
+    """A process started outside the agent (as mpiexec's ranks would be), carrying tags."""
+    script = ("trap '' TERM; " if trap else "") + "sleep 100 & wait"
+    return subprocess.Popen(
+        ["sh", "-c", script] if trap else ["sleep", "100"],
+        start_new_session=True,
+        env=dict(agent_env(), MNP_JOB_ID=tid, MNP_CONTROLLER_ID=ctl),
+    )
+
+
+def test_kill_of_a_tid_without_task_sweeps_its_tag(agent: Agent) -> None:
+    stray = _tagged_sleeper("55")
+    try:
+        assert wait_until(lambda: len(tagged(lambda t: t == "55")) == 1, 5)
+        agent.send(op="kill", tid="55", grace=1)
+        assert agent.expect("gone", "55")["killed"] == 1
+        assert stray.wait(5) == -signal.SIGTERM
+    finally:
+        stray.kill()
+        stray.wait()
+
+
+def test_retry_with_the_same_tid_after_a_late_kill(agent: Agent) -> None:
+    """What a controller does when an attempt fails: `kill` as soon as it sees `exited`
+    (the `gone` may already be on its way), then spawn the next attempt, same tid."""
+    agent.send(op="spawn", tid="r", argv=["sh", "-c", "exit 3"])
+    assert agent.expect("exited", "r")["code"] == 3
+    agent.send(op="kill", tid="r", grace=1)
+    agent.expect("gone", "r")
+    agent.send(op="spawn", tid="r", argv=["sh", "-c", "echo second"])
+    assert agent.expect("exited", "r")["code"] == 0
+    agent.expect("gone", "r")
+    agent.send(op="ping", id="end")
+    agent.expect("pong")
+    assert [e["ev"] for e in agent.history if e.get("tid") == "r"] == [
+        "started",
+        "exited",
+        "gone",
+        "started",
+        "out",
+        "exited",
+        "gone",
+    ]
+
+
+def test_respawn_ends_a_tag_sweep_of_the_same_tid(agent: Agent) -> None:
+    stray = _tagged_sleeper("rs", trap=True)  # ignores SIGTERM: the sweep waits its grace
+    try:
+        assert wait_until(lambda: len(tagged(lambda t: t == "rs")) == 2, 5)
+        agent.send(op="kill", tid="rs", grace=30)
+        time.sleep(0.3)
+        assert stray.poll() is None
+        agent.send(op="spawn", tid="rs", argv=["sh", "-c", "sleep 0.3; echo new"])
+        # the old run's leftovers die at once, not after the 30 s grace; sh itself may
+        # exit 0 when its sleep is killed first (a bare `wait` returns 0)
+        assert stray.wait(5) in (0, -signal.SIGKILL)
+        assert agent.expect("exited", "rs")["code"] == 0
+        assert agent.output("rs") == "new\n"
+        assert [e["ev"] for e in agent.history if e.get("tid") == "rs"] == [
+            "started",
+            "out",
+            "exited",
+            "gone",
+        ]
+        assert tagged(lambda t: t == "rs") == []
+    finally:
+        stray.kill()
+        stray.wait()
+
+
+def test_sweep_by_job_part(agent: Agent) -> None:
+    procs = {tid: _tagged_sleeper(tid) for tid in ("42#1", "42.3", "42:5", "43", "420")}
+    foreign = _tagged_sleeper("42#2", ctl="other")
+    agent.send(op="spawn", tid="42#0", argv=["sleep", "100"])
+    agent.send(op="spawn", tid="44", argv=["sleep", "100"])
+    agent.expect("started", "42#0")
+    agent.expect("started", "44")
+    try:
+        assert wait_until(lambda: len(tagged(lambda t: t.startswith("42"))) == 5, 5)
+        agent.send(op="sweep", job="42", grace=1)
+        swept = agent.expect("swept", timeout=5)
+        assert swept["job"] == "42" and swept["killed"] == 4
+        assert agent.expect("exited", "42#0")["signal"] == signal.SIGTERM
+        agent.expect("gone", "42#0")
+        for tid in ("42#1", "42.3", "42:5"):
+            assert procs[tid].wait(5) == -signal.SIGTERM
+        assert procs["43"].poll() is None and procs["420"].poll() is None
+        assert foreign.poll() is None
+        assert len(tagged(lambda t: t == "44")) == 1
+    finally:
+        for p in [*procs.values(), foreign]:
+            p.kill()
+            p.wait()
+
+
+def test_no_zombies_accumulate(agent: Agent) -> None:
+    # each task leaves an orphan that exits on its own shortly after
+    script = "(sleep 0.1; exit 0) & exit 0"
+    for i in range(20):
+        agent.send(op="spawn", tid=f"z{i}", argv=["sh", "-c", script])
+    for i in range(20):
+        agent.expect("gone", f"z{i}")
+    orphan_script = "import os\nif os.fork() == 0:\n    os.setsid(); import time; time.sleep(0.2)"
+    agent.run("z-orphan", [PY, "-c", orphan_script])
+    time.sleep(0.5)
+    assert zombie_children(agent.proc.pid) == []
+
+
+# ---------------------------------------------------------------- lifetime
+
+
+def _spawn_sleepers(a: Agent, n: int) -> list[int]:
+    script = "trap '' TERM; echo up; while :; do sleep 0.05; done"
+    for i in range(n):
+        a.send(op="spawn", tid=f"life{i}", argv=["sh", "-c", script])
+    pids = []
+    for i in range(n):
+        pids.append(a.expect("started", f"life{i}")["pid"])
+        a.expect("out", f"life{i}")
+    return pids
+
+
+def test_stdin_eof_kills_everything_within_grace() -> None:
+    a = Agent("--grace", "0.5")
+    _spawn_sleepers(a, 3)
+    a.send(op="spawn", tid="daemon", argv=[PY, "-c", DAEMONIZE + "\ntime.sleep(1000)"])
+    a.expect("out", "daemon")
+    assert wait_until(lambda: len(tagged(lambda t: t == "daemon")) == 2, 5)
+    t0 = time.monotonic()
+    assert a.proc.stdin is not None
+    a.proc.stdin.close()
+    assert a.proc.wait(0.5 + 1) == 0
+    assert time.monotonic() - t0 < 1.5
+    assert tagged(lambda t: t.startswith("life") or t == "daemon") == []
+    a.close()
+
+
+def test_shutdown_kills_untraceable_orphans() -> None:
+    """A daemon that left the session and dropped its environment cannot be tied to its
+    task once orphaned; it is still the agent's (adopted) child, and dies at shutdown."""
+    script = DAEMONIZE.replace(
+        '"sleep", ["sleep", "1000"]', '"env", ["env", "-i", "sleep", "1001"]'
+    )
+    a = Agent("--grace", "0.5")
+    a.send(op="spawn", tid="u", argv=[PY, "-c", script])
+    a.expect("gone", "u")
+
+    def sleepers() -> list[psutil.Process]:
+        out = []
+        for p in psutil.Process(a.proc.pid).children():
+            try:
+                if p.cmdline() == ["sleep", "1001"]:
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    assert wait_until(lambda: len(sleepers()) == 1, 5)
+    orphan = sleepers()[0]
+    assert a.close() == 0
+    assert not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE
+
+
+def test_sigterm_kills_everything() -> None:
+    a = Agent("--grace", "0.3")
+    _spawn_sleepers(a, 2)
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(3) == 0
+    assert tagged(lambda t: t.startswith("life")) == []
+    a.close()
+
+
+def test_shutdown_op_reports_and_exits() -> None:
+    a = Agent()
+    pids = _spawn_sleepers(a, 2)
+    a.send(op="shutdown", grace=0.2)
+    for i in range(2):
+        assert a.expect("exited", f"life{i}")["signal"] == signal.SIGKILL
+        assert a.expect("gone", f"life{i}")["killed"] >= 1
+    assert a.close() == 0
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+
+
+def _dead(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("parent_death", [True, False])
+def test_parent_death_terminates_the_agent(parent_death: bool) -> None:
+    """A local agent started with --parent-death dies with its parent even though its
+    stdin stays open (the test holds the write end); without it, it lives on."""
+    stdin_r, stdin_w = os.pipe()
+    out_r, out_w = os.pipe()
+    argv = [PY, "-m", "mnp.agent", "--ctl", CTL, "--grace", "0.2"]
+    if parent_death:
+        argv.append("--parent-death")
+    middle_code = (
+        "import subprocess, time\n"
+        f"p = subprocess.Popen({argv!r}, stdin={stdin_r}, stdout={out_w}, cwd={str(REPO)!r})\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(1000)\n"
+    )
+    middle = subprocess.Popen(
+        [PY, "-c", middle_code], stdout=subprocess.PIPE, pass_fds=(stdin_r, out_w), env=agent_env()
+    )
+    os.close(stdin_r)
+    os.close(out_w)
+    with os.fdopen(out_r, "rb") as events, os.fdopen(stdin_w, "wb") as commands:
+        try:
+            assert middle.stdout is not None
+            agent_pid = int(middle.stdout.readline())
+            assert json.loads(events.readline())["ev"] == "ready"
+            commands.write(b'{"op":"spawn","tid":"pd","argv":["sleep","100"]}\n')
+            commands.flush()
+            assert json.loads(events.readline())["ev"] == "started"
+            middle.kill()
+            middle.wait()
+            if parent_death:
+                # the agent tears down and exits: its stdout reaches EOF
+                while events.readline():
+                    pass
+                assert wait_until(lambda: _dead(agent_pid), 5)
+                assert tagged(lambda t: t == "pd") == []
+            else:
+                time.sleep(0.5)
+                assert not _dead(agent_pid)
+                os.kill(agent_pid, signal.SIGTERM)
+                assert wait_until(lambda: _dead(agent_pid), 5)
+                assert tagged(lambda t: t == "pd") == []
+        finally:
+            if middle.stdout is not None:
+                middle.stdout.close()
+
+
+def test_agent_killed_with_sigkill_leaves_tasks_for_a_sweep() -> None:
+    """SIGKILL gives the agent no chance to clean up: its tasks survive (in their own
+    sessions). The controller's next agent on the host sweeps them by job."""
+    a = Agent()
+    a.send(op="spawn", tid="77#0", argv=["sleep", "100"])
+    pid = a.expect("started", "77#0")["pid"]
+    a.proc.kill()
+    a.close()
+    assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    b = Agent()
+    try:
+        b.send(op="sweep", job="77", grace=1)
+        assert b.expect("swept")["killed"] == 1
+        assert tagged(lambda t: t == "77#0") == []
+    finally:
+        b.close()
