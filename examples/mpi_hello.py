@@ -41,10 +41,10 @@ def main() -> int:
     rank, size = comm.Get_rank(), comm.Get_size()
     node, addr = node_of_rank(rank, os.environ.get("MNP_HOSTFILE"))
     host = socket.gethostname()
-    print(
-        f"hello from rank {rank} of {size} on node {node} ({addr}) host {host}",
-        flush=True,
-    )
+    # one write per line: with PYTHONUNBUFFERED, print() writes text and newline
+    # separately and mpiexec's merged output could interleave ranks mid-line
+    sys.stdout.write(f"hello from rank {rank} of {size} on node {node} ({addr}) host {host}\n")
+    sys.stdout.flush()
     total = comm.allreduce(rank, op=MPI.SUM)
     nodes = comm.gather(node, root=0)
     if rank == 0:
@@ -52,7 +52,9 @@ def main() -> int:
         if total != expected:
             print(f"allreduce FAILED: got {total}, expected {expected}", file=sys.stderr)
             return 1
-        print(f"allreduce ok: sum of ranks = {total}; {len(set(nodes or []))} distinct nodes")
+        sys.stdout.write(
+            f"allreduce ok: sum of ranks = {total}; {len(set(nodes or []))} distinct nodes\n"
+        )
     return 0
 
 

@@ -443,6 +443,15 @@ class Controller:
             if job_obj is not None and job_obj.attempt is not None:
                 job_obj.attempt.pending_sweeps.discard(host)
                 self._maybe_finish(job_obj, job_obj.attempt, now)
+        elif ev == "error" and msg.get("tid"):
+            # a refused spawn (malformed, duplicate tid): it never started and never will
+            entry = self._tasks.get(str(msg["tid"]))
+            if entry is not None and entry[2].started_at is None and not entry[2].exited:
+                why = f"agent refused the task: {msg.get('msg')}"
+                self._on_agent_event(
+                    host, {"ev": "exited", "tid": msg["tid"], "code": 126, "error": why}
+                )
+                self._on_agent_event(host, {"ev": "gone", "tid": msg["tid"], "killed": 0})
         elif ev == "port":
             fut = self._pending_ports.get(str(msg.get("id")))
             if fut is not None and not fut.done():
