@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from mnp.model import JobDefinition, JobType, NodeGroup
 
-_REF = re.compile(r"Ref::([A-Za-z0-9_\-]+)")
+_REF = re.compile(r"Ref::([A-Za-z0-9_]+)")
 
 
 @dataclass(frozen=True)
