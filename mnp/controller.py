@@ -81,35 +81,61 @@ class Controller:
     # --- hosts ------------------------------------------------------------
 
     async def start(self) -> None:
+        """Connect to every host at once (bounded); unreachable ones are retried later."""
         sem = asyncio.Semaphore(self.connect_fanout)
 
-        async def one(spec_name: str) -> None:
-            host = self.inventory.host(spec_name)
-            transport = self.transports[host.transport]
+        async def one(name: str) -> None:
             async with sem:
-                try:
-                    stream = await transport.open(host, ["--ctl", self.token])
-                    conn = AgentConnection(host.name, stream)
-                    facts = await conn.handshake(host.ssh.connect_timeout + 20)
-                except MnpError as e:
-                    self.host_errors[host.name] = str(e)
-                    return
-            conn.start(self._on_agent_event, self._on_host_lost)
-            self.agents[host.name] = conn
-            gpus = tuple(int(g["index"]) for g in facts.get("gpus", []))
-            if host.gpus is not None:
-                gpus = tuple(range(host.gpus))
+                await self._connect(name)
+
+        await asyncio.gather(*(one(h.name) for h in self.inventory.hosts))
+        if not self.agents:
+            details = "; ".join(self.host_errors.values()) or "the inventory has no hosts"
+            raise InfraError(f"no host reachable: {details}")
+        for h in self.inventory.hosts:
+            if h.name not in self.agents:
+                self._spawn_bg(self._reconnect(h.name))
+
+    async def _connect(self, name: str) -> bool:
+        host = self.inventory.host(name)
+        transport = self.transports[host.transport]
+        try:
+            stream = await transport.open(host, ["--ctl", self.token])
+            conn = AgentConnection(host.name, stream)
+            facts = await conn.handshake(host.ssh.connect_timeout + 20)
+        except MnpError as e:
+            self.host_errors[host.name] = str(e)
+            return False
+        if self._closed:
+            await conn.close()
+            return False
+        conn.start(self._on_agent_event, self._on_host_lost)
+        self.agents[host.name] = conn
+        self.host_errors.pop(host.name, None)
+        gpus = tuple(int(g["index"]) for g in facts.get("gpus", []))
+        if host.gpus is not None:
+            gpus = tuple(range(host.gpus))
+        old = self.capacity.get(host.name)
+        if old is not None and old.tasks:
+            old.up = True  # grants from before the loss are returned as their attempts end
+        else:
             self.capacity[host.name] = HostCapacity(
                 name=host.name,
                 vcpus=float(host.vcpus if host.vcpus is not None else facts.get("cores", 1)),
                 memory=int(host.memory if host.memory is not None else facts.get("memory", 0)),
                 gpus=gpus,
             )
+        self._kick()
+        return True
 
-        await asyncio.gather(*(one(h.name) for h in self.inventory.hosts))
-        if not self.agents:
-            details = "; ".join(self.host_errors.values()) or "the inventory has no hosts"
-            raise InfraError(f"no host reachable: {details}")
+    async def _reconnect(self, name: str) -> None:
+        """Try again with exponential backoff (0.5 s doubling to 30 s) until the host is back."""
+        delay = 0.5
+        while not self._closed:
+            await asyncio.sleep(delay)
+            if self._closed or await self._connect(name):
+                return
+            delay = min(delay * 2, 30.0)
 
     def _on_host_lost(self, host: str, why: str) -> None:
         now = time.time()
@@ -117,6 +143,11 @@ class Controller:
         cap = self.capacity.get(host)
         if cap is not None:
             cap.up = False
+        lost = self.agents.pop(host, None)
+        if lost is not None:
+            self._spawn_bg(lost.close())
+        if not self._closed:
+            self._spawn_bg(self._reconnect(host))
         for tid, (job, attempt, task) in list(self._tasks.items()):
             if task.host != host or task.gone:
                 continue
