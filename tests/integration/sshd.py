@@ -134,7 +134,7 @@ class SshdCluster:
             ssh_config=ssh_config,
             inventory_toml=root / "inventory.toml",
             python_mnp=_wrapper(root / "python-mnp", f"PYTHONPATH={REPO}", sys.executable),
-            python_nomnp=_wrapper(root / "python-nomnp", "", sys.executable, "-I"),
+            python_nomnp=_wrapper(root / "python-nomnp", "", sys.executable, "-I", "-S"),
         )
         cluster.inventory_toml.write_text(cluster.toml())
         try:
