@@ -73,6 +73,7 @@ class Controller:
         self._tasks: dict[str, tuple[Job, Attempt, TaskRun]] = {}
         self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
         self._pending_ports: dict[str, asyncio.Future[int]] = {}
+        self._waiting_on: dict[str, list[Job]] = {}  # job id → jobs waiting for it to end
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._kick_scheduled = False
         self._bg: set[asyncio.Task[Any]] = set()
@@ -182,22 +183,98 @@ class Controller:
                 f"{queue.name!r} has hosts that could ever run this job "
                 f"({_describe_request(probe)})"
             )
+        self._check_dependencies(defn)
         now = time.time()
-        job_id = str(self._next_id)
-        self._next_id += 1
+        job_id = self._allocate_id()
         job = self._new_job(job_id, defn, now)
         if defn.array is not None:
             for i in range(defn.array.size):
                 child = self._new_job(f"{job_id}:{i}", defn, now, parent=job, index=i)
                 job.children.append(child)
         job.set_state(JobState.PENDING, now)
+        for child in job.children:
+            child.set_state(JobState.PENDING, now)
+        self._release_if_ready(job, now)
+        return job
+
+    def _allocate_id(self) -> str:
+        job_id = str(self._next_id)
+        self._next_id += 1
+        return job_id
+
+    # --- dependencies -----------------------------------------------------
+
+    def state_of(self, job_id: str) -> JobState | None:
+        """A job's state, or None when no such job exists."""
+        job = self.jobs.get(job_id)
+        return job.state if job is not None else None
+
+    def _check_dependencies(self, defn: JobDefinition) -> None:
+        """Unknown ids and impossible N_TO_N pairings are refused at submit. A new job can
+        only name jobs that already exist, so no cycle can ever form."""
+        for dep in defn.depends_on:
+            target = self.jobs.get(dep.job_id)
+            if target is None and self.state_of(dep.job_id) is None:
+                raise JobRefused(f"depends_on: job {dep.job_id} does not exist")
+            if dep.type == "N_TO_N":
+                size = (
+                    target.defn.array.size
+                    if target is not None and target.is_array and target.defn.array is not None
+                    else None
+                )
+                if size is None or defn.array is None or defn.array.size != size:
+                    raise JobRefused(
+                        f"depends_on: {dep.job_id}:N_TO_N needs two array jobs of the same size"
+                    )
+
+    def _dependency_targets(self, job: Job) -> list[tuple[str, bool]]:
+        """(job id, any end will do) pairs: the parent (or a plain job) waits on its own
+        dependencies; array children on the matching child of N_TO_N ones."""
+        if job.parent is not None:
+            return [
+                (f"{d.job_id}:{job.array_index}", False)
+                for d in job.defn.depends_on
+                if d.type == "N_TO_N"
+            ]
+        return [(d.job_id, d.type == "afterany") for d in job.defn.depends_on if d.type != "N_TO_N"]
+
+    def _release_if_ready(self, job: Job, now: float) -> None:
+        """PENDING → RUNNABLE (or, for an array parent, admit its children) once every
+        dependency is met; FAILED as soon as one can never be."""
+        if job.state is not JobState.PENDING:
+            return
+        for target, any_end in self._dependency_targets(job):
+            state = self.state_of(target)
+            if state is None:
+                continue  # purged: it ended long ago
+            if state is JobState.FAILED and not any_end:
+                self._fail_pending(job, f"Dependent job {target} failed", now)
+                return
+            if state not in TERMINAL:
+                self._waiting_on.setdefault(target, []).append(job)
+                return
         if job.children:
-            for child in job.children:
-                child.set_state(JobState.PENDING, now)
+            job.ready = True
             self._admit_children(job, now)
         else:
             self._make_runnable(job, now)
-        return job
+
+    def _fail_pending(self, job: Job, reason: str, now: float) -> None:
+        if job.children:
+            job.admitted = len(job.children)
+            for child in job.children:
+                if not child.done:
+                    self._runnable.pop(child.id, None)
+                    self._finish(child, JobState.FAILED, reason, now)
+            if not job.done:  # no child at all left to end it
+                self._finish(job, JobState.FAILED, reason, now)
+        else:
+            self._runnable.pop(job.id, None)
+            self._finish(job, JobState.FAILED, reason, now)
+
+    def _wake(self, job_id: str, now: float) -> None:
+        for waiter in self._waiting_on.pop(job_id, []):
+            self._release_if_ready(waiter, now)
 
     def _new_job(
         self,
@@ -231,12 +308,13 @@ class Controller:
         ``parallelism`` (or SEQUENTIAL: one at a time) allows."""
         arr = parent.defn.array
         assert arr is not None
+        if not parent.ready:
+            return
         limit = 1 if arr.sequential else (arr.parallelism or len(parent.children))
         while parent.admitted < len(parent.children) and parent.admitted - parent.finished < limit:
             child = parent.children[parent.admitted]
             parent.admitted += 1
-            if child.state is JobState.PENDING:
-                self._make_runnable(child, now)
+            self._release_if_ready(child, now)
 
     # --- scheduling -------------------------------------------------------
 
@@ -660,6 +738,8 @@ class Controller:
         for fut in self._waiters.pop(job.id, []):
             if not fut.done():
                 fut.set_result(job)
+        if job.id in self._waiting_on:
+            self._wake(job.id, now)
         parent = job.parent
         if parent is None or parent.done:
             return
@@ -673,17 +753,38 @@ class Controller:
                 if sib.state is JobState.PENDING:
                     sib.set_state(JobState.FAILED, now, why)
                     parent.finished += 1
+                    if sib.id in self._waiting_on:
+                        self._wake(sib.id, now)
             parent.admitted = len(parent.children)
         self._admit_children(parent, now)
         if parent.finished == len(parent.children):
             first = next((c for c in parent.children if c.state is JobState.FAILED), None)
             parent.exit_code = first.exit_code if first else 0
+            reason = None
+            if first is not None:
+                # a child that never ran failed for its parent's reason (cancel, dependency)
+                reason = first.reason if not first.attempts else f"Array child {first.id} failed"
             self._finish(
-                parent,
-                JobState.SUCCEEDED if first is None else JobState.FAILED,
-                None if first is None else f"Array child {first.id} failed",
-                now,
+                parent, JobState.SUCCEEDED if first is None else JobState.FAILED, reason, now
             )
+
+    def cancel(self, job_id: str, reason: str) -> Job:
+        """SUBMITTED/PENDING/RUNNABLE → FAILED; what already runs goes on (AWS Batch)."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise JobRefused(f"job {job_id} does not exist")
+        now = time.time()
+        waiting = (JobState.SUBMITTED, JobState.PENDING, JobState.RUNNABLE)
+        if job.children:
+            job.admitted = len(job.children)
+            for child in job.children:
+                if child.state in waiting:
+                    self._runnable.pop(child.id, None)
+                    self._finish(child, JobState.FAILED, reason, now)
+        elif job.state in waiting:
+            self._runnable.pop(job.id, None)
+            self._finish(job, JobState.FAILED, reason, now)
+        return job
 
     def terminate(self, job_id: str, reason: str) -> Job:
         job = self.jobs.get(job_id)

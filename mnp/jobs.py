@@ -126,6 +126,7 @@ class Job:
     request: Request | None = None
     admitted: int = 0  # array parent: children made RUNNABLE so far (in index order)
     finished: int = 0  # array parent: children that reached a terminal state
+    ready: bool = False  # array parent: its own dependencies are met
 
     @property
     def is_array(self) -> bool:

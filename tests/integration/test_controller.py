@@ -1,0 +1,179 @@
+"""The controller's job model (SPEC §6) driven directly, on local agents."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from mnp.controller import TIMEOUT_REASON, Controller
+from mnp.errors import JobRefused
+from mnp.jobs import Job
+from mnp.model import JobState
+from mnp.spec import definition_from_command, local_inventory
+from mnp.transport.local import LocalTransport
+
+
+@pytest.fixture
+async def ctl() -> AsyncIterator[Controller]:
+    c = Controller(local_inventory(2), {"local": LocalTransport()})
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+def cmd(*argv: str, **overrides: object) -> object:
+    return definition_from_command(list(argv), **overrides)
+
+
+async def done(c: Controller, job: Job) -> Job:
+    return await asyncio.wait_for(c.wait(job), 30)
+
+
+async def test_failed_dependency_fails_the_dependent(ctl: Controller) -> None:
+    a = ctl.submit(cmd("sh", "-c", "exit 1"))
+    b = ctl.submit(cmd("true", depends_on=[a.id]))
+    await done(ctl, b)
+    assert a.state is JobState.FAILED
+    assert (b.state, b.reason) == (JobState.FAILED, f"Dependent job {a.id} failed")
+    assert b.attempts == []
+
+
+async def test_afterany_runs_after_a_failure(ctl: Controller) -> None:
+    a = ctl.submit(cmd("sh", "-c", "sleep 0.2; exit 1"))
+    b = ctl.submit(cmd("true", depends_on=[f"{a.id}:afterany"]))
+    await done(ctl, b)
+    assert b.state is JobState.SUCCEEDED
+    assert a.stopped_at is not None and b.started_at is not None
+    assert b.started_at >= a.stopped_at
+
+
+async def test_plain_dependency_waits_for_success(ctl: Controller) -> None:
+    a = ctl.submit(cmd("sleep", "0.3"))
+    b = ctl.submit(cmd("true", depends_on=[a.id]))
+    assert b.state is JobState.PENDING
+    await done(ctl, b)
+    assert b.state is JobState.SUCCEEDED
+    assert a.stopped_at is not None and b.started_at is not None
+    assert b.started_at >= a.stopped_at
+
+
+async def test_unknown_dependency_is_refused(ctl: Controller) -> None:
+    with pytest.raises(JobRefused, match="does not exist"):
+        ctl.submit(cmd("true", depends_on=["999"]))
+
+
+async def test_n_to_n_child_waits_for_its_own_counterpart(ctl: Controller, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    # A:i sleeps longer for smaller i, so A ends in reverse order
+    a = ctl.submit(
+        cmd(
+            "sh",
+            "-c",
+            f"sleep $((3 - $MNP_ARRAY_INDEX))e-1; echo A $MNP_ARRAY_INDEX >> {log}",
+            array_size=3,
+        )
+    )
+    b = ctl.submit(
+        cmd(
+            "sh",
+            "-c",
+            f"echo B $MNP_ARRAY_INDEX >> {log}",
+            array_size=3,
+            depends_on=[f"{a.id}:N_TO_N"],
+        )
+    )
+    await done(ctl, b)
+    assert b.state is JobState.SUCCEEDED
+    order = log.read_text().split("\n")
+    for i in range(3):
+        assert order.index(f"A {i}") < order.index(f"B {i}")
+    for i in range(3):
+        assert a.children[i].stopped_at <= b.children[i].started_at  # type: ignore[operator]
+    # B:2 needed only A:2 (the first to end), not the whole of A
+    assert b.children[2].started_at < a.children[0].stopped_at  # type: ignore[operator]
+
+
+async def test_n_to_n_needs_arrays_of_the_same_size(ctl: Controller) -> None:
+    a = ctl.submit(cmd("true", array_size=2))
+    with pytest.raises(JobRefused, match="same size"):
+        ctl.submit(cmd("true", array_size=3, depends_on=[f"{a.id}:N_TO_N"]))
+
+
+async def test_sequential_children_run_in_index_order(ctl: Controller, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    job = ctl.submit(
+        cmd(
+            "sh",
+            "-c",
+            f"sleep 0.$((4 - $MNP_ARRAY_INDEX)); echo $MNP_ARRAY_INDEX >> {log}",
+            array_size=4,
+            sequential=True,
+        )
+    )
+    await done(ctl, job)
+    assert job.state is JobState.SUCCEEDED
+    assert log.read_text().split() == ["0", "1", "2", "3"]
+
+
+async def test_sequential_failure_fails_the_rest(ctl: Controller) -> None:
+    job = ctl.submit(cmd("sh", "-c", 'test "$MNP_ARRAY_INDEX" != 1', array_size=4, sequential=True))
+    await done(ctl, job)
+    states = [c.state for c in job.children]
+    assert states == [JobState.SUCCEEDED, JobState.FAILED, JobState.FAILED, JobState.FAILED]
+    assert job.children[2].reason == f"Dependent job {job.id}:1 failed"
+    assert job.children[2].attempts == []
+
+
+async def test_three_attempts(ctl: Controller) -> None:
+    job = ctl.submit(cmd("sh", "-c", "exit 1", attempts=3))
+    await done(ctl, job)
+    assert job.state is JobState.FAILED
+    assert [a.exit_code for a in job.attempts] == [1, 1, 1]
+
+
+async def test_timeout_is_not_retried(ctl: Controller) -> None:
+    job = ctl.submit(cmd("sleep", "30", timeout="1s", attempts=3))
+    await done(ctl, job)
+    assert (job.state, job.reason) == (JobState.FAILED, TIMEOUT_REASON)
+    assert len(job.attempts) == 1
+
+
+async def test_cancel_fails_waiting_jobs_but_not_running_ones(ctl: Controller) -> None:
+    running = ctl.submit(cmd("sleep", "0.5"))
+    waiting = ctl.submit(cmd("true", depends_on=[running.id]))
+    await asyncio.sleep(0.2)
+    ctl.cancel(waiting.id, "not needed")
+    ctl.cancel(running.id, "too late")
+    await done(ctl, running)
+    assert running.state is JobState.SUCCEEDED
+    assert (waiting.state, waiting.reason) == (JobState.FAILED, "not needed")
+
+
+async def test_terminate_cascades_to_array_children(ctl: Controller) -> None:
+    job = ctl.submit(cmd("sleep", "30", array_size=6))
+    await asyncio.sleep(0.5)
+    ctl.terminate(job.id, "stop it")
+    await done(ctl, job)
+    assert job.state is JobState.FAILED
+    assert all(c.state is JobState.FAILED and c.reason == "stop it" for c in job.children)
+
+
+async def test_resource_misconfiguration_is_refused(ctl: Controller) -> None:
+    with pytest.raises(JobRefused, match="MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT"):
+        ctl.submit(cmd("true", vcpus=1000))
+    with pytest.raises(JobRefused, match="MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT"):
+        ctl.submit(cmd("true", nodes=3))
+
+
+async def test_events_have_increasing_seq_and_one_terminal_per_job(ctl: Controller) -> None:
+    job = ctl.submit(cmd("true", array_size=3))
+    await done(ctl, job)
+    seqs = [e["seq"] for e in ctl.events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    terminal = [e["job_id"] for e in ctl.events if e["status"] in ("SUCCEEDED", "FAILED")]
+    assert sorted(terminal) == sorted([job.id] + [c.id for c in job.children])
