@@ -10,6 +10,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -17,6 +18,8 @@ import click
 from mnp.errors import InfraError, MnpError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_STATES = ["SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED", "FAILED"]
 
 EXAMPLE_RUN = """\b
 Examples:
@@ -204,8 +207,302 @@ def run(ctx: click.Context, /, definition: tuple[str, ...], verbose: bool, **o: 
         debug=o.pop("debug"),
     )
     defn = build_definition(ctx, definition, o)
+    from mnp.api import ApiClient
+
+    client = ApiClient.connect(Path(s["home"]))
+    if client is not None:
+        with client:
+            sys.exit(_run_through(client, Path(s["home"]), defn, verbose))
     code = run_job(defn, s["inventory"], s["local_nodes"], verbose=verbose)
     sys.exit(code)
+
+
+def _run_through(client: Any, home: Path, defn: Any, verbose: bool) -> int:
+    """``mnp run`` against the running controller: stream, and terminate on Ctrl-C."""
+    import signal
+
+    from mnp.api import ApiClient
+    from mnp.spec import definition_to_dict
+
+    job_id: str | None = None
+    interrupted = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+        if job_id is not None:
+            with ApiClient.connect(home) as other:  # type: ignore[union-attr]
+                other.request(
+                    "terminate", job_id=job_id, reason="Interrupted by the user (mnp run)"
+                )
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    partial: dict[tuple[str, int], str] = {}
+    outcome: dict[str, Any] = {}
+    for msg in client.stream("run", definition=definition_to_dict(defn), source=defn.source):
+        if "out" in msg:
+            key = (msg["tid"], msg["fd"])
+            lines = (partial.pop(key, "") + msg["out"]).split("\n")
+            if lines[-1]:
+                partial[key] = lines[-1]
+            prefix = f"{msg['label']}: " if msg.get("label") is not None else ""
+            stream = sys.stdout if msg["fd"] == 1 else sys.stderr
+            stream.write("".join(f"{prefix}{line}\n" for line in lines[:-1]))
+            stream.flush()
+        elif msg.get("end"):
+            outcome = msg
+        elif "job_id" in msg:
+            job_id = msg["job_id"]
+    for (_tid, fd), rest in partial.items():
+        (sys.stdout if fd == 1 else sys.stderr).write(rest + "\n")
+    if verbose:
+        for i, t in enumerate(outcome.get("timings", []), 1):
+            click.echo(f"mnp: job {job_id} attempt {i}: {t}", err=True)
+    if outcome.get("state") == "FAILED" and outcome.get("reason"):
+        click.echo(f"mnp: job {job_id} FAILED: {outcome['reason']}", err=True)
+    return 130 if interrupted else int(outcome.get("exit_code", 1))
+
+
+@cli.command(cls=_DashDashCommand)
+@click.argument("definition", nargs=-1, metavar="[DEF.toml]")
+@submit_options
+@click.option("--wait", is_flag=True, help="Wait for the job to end; exit with its exit code.")
+@common_options
+@click.pass_context
+def submit(ctx: click.Context, /, definition: tuple[str, ...], wait: bool, **o: Any) -> None:
+    """Queue a job and print its id; starts the controller in the background if none runs.
+
+    \b
+    Examples:
+      mnp submit -- sh -c 'exit 1'
+      mnp submit --depends-on 1 -- true
+      mnp submit --array-size 100 --array-parallelism 10 -- ./work.sh
+      mnp submit nodegroups/mpi-hello.toml --wait
+    """
+    from mnp.spec import definition_to_dict
+
+    s = _settings(
+        ctx,
+        home=o.pop("home"),
+        inventory=o.pop("inventory"),
+        local_nodes=o.pop("local_nodes"),
+        debug=o.pop("debug"),
+    )
+    defn = build_definition(ctx, definition, o)
+    with _client(s, start=True) as client:
+        answer = client.request("submit", definition=definition_to_dict(defn), source=defn.source)
+        job_id = answer["job_id"]
+        click.echo(job_id)
+        if wait:
+            outcome = client.request("wait", job_id=job_id)
+            if outcome.get("state") == "FAILED":
+                click.echo(f"mnp: job {job_id} FAILED: {outcome.get('reason')}", err=True)
+            sys.exit(int(outcome.get("exit_code", 1)))
+
+
+def _client(s: dict[str, Any], *, start: bool) -> Any:
+    """A client of the controller for ``s["home"]``; started in the background when asked."""
+    from mnp import daemon
+    from mnp.api import ApiClient
+
+    home = Path(s["home"])
+    if start:
+        extra = ["--local-nodes", str(s["local_nodes"])]
+        if s.get("inventory"):
+            extra += ["--inventory", s["inventory"]]
+        return daemon.ensure_client(home, extra)
+    client = ApiClient.connect(home)
+    if client is None:
+        raise InfraError(f"no controller runs for {home} (start one: mnp controller start)")
+    return client
+
+
+def _store(s: dict[str, Any]) -> Any:
+    """The store, read-only, for queries that need no controller."""
+    from mnp.store import Store
+
+    path = Path(s["home"]) / "mnp.db"
+    if not path.exists():
+        return None
+    return Store(path, readonly=True)
+
+
+@cli.command(name="list")
+@click.option("--queue", help="Only this queue.")
+@click.option("--state", type=click.Choice([st for st in _STATES], case_sensitive=False))
+@click.option("--children", is_flag=True, help="Show array children too.")
+@click.option("--limit", type=int, default=None, help="At most N jobs (the newest).")
+@click.option("--json", "as_json", is_flag=True)
+@common_options
+@click.pass_context
+def list_(
+    ctx: click.Context,
+    /,
+    queue: str | None,
+    state: str | None,
+    children: bool,
+    limit: int | None,
+    as_json: bool,
+    **o: Any,
+) -> None:
+    """Jobs as a table: id, name, type, state, queue, nodes/size, age, reason.
+
+    \b
+    Example:
+      mnp list --state RUNNING
+    """
+    import json as jsonlib
+    import time
+
+    s = _settings(ctx, **o)
+    store = _store(s)
+    rows = []
+    if store is not None:
+        with store:
+            rows = store.list_jobs(
+                queue=queue, state=state.upper() if state else None, parents_only=not children
+            )
+    if limit is not None:
+        rows = rows[-limit:]
+    if as_json:
+        click.echo(jsonlib.dumps(rows, indent=1))
+        return
+    now = time.time()
+    table = []
+    for r in rows:
+        size = r.get("num_nodes") or r.get("array_size") or ""
+        kind = r["type"] if not r.get("array_size") else "array"
+        table.append(
+            {
+                "id": r["id"],
+                "name": r["name"],
+                "type": kind,
+                "state": r["state"],
+                "queue": r["queue"],
+                "nodes/size": size,
+                "age": _age(now - (r.get("created") or now)),
+                "reason": (r.get("reason") or "")[:60],
+            }
+        )
+    cols = ["id", "name", "type", "state", "queue", "nodes/size", "age", "reason"]
+    click.echo(_table(table, cols) if table else "no jobs")
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+@common_options
+@click.pass_context
+def describe(ctx: click.Context, /, job_id: str, as_json: bool, **o: Any) -> None:
+    """Everything about a job: definition, attempts, nodes or children, reasons, timings.
+
+    \b
+    Example:
+      mnp describe 42
+    """
+    import json as jsonlib
+
+    s = _settings(ctx, **o)
+    store = _store(s)
+    job = None
+    if store is not None:
+        with store:
+            job = store.get_job(job_id)
+            if job is not None and job.get("array_size"):
+                job["failed_children"] = store.children(job_id, state="FAILED", limit=5)
+    if job is None:
+        raise UsageError(f"job {job_id} does not exist")
+    job["root_cause"] = _root_cause(job)
+    if as_json:
+        click.echo(jsonlib.dumps(job, indent=1))
+        return
+    click.echo(_describe_text(job))
+
+
+def _root_cause(job: dict[str, Any]) -> str | None:
+    """The first thing that went wrong, named before the rest (node, child, code, reason)."""
+    if job.get("state") != "FAILED":
+        return None
+    for child in job.get("failed_children") or []:
+        code = child.get("exit_code")
+        return (
+            f"array child {child['id']} FAILED"
+            + (f" with exit code {code}" if code is not None else "")
+            + (f": {child['reason']}" if child.get("reason") else "")
+        )
+    failed_nodes = [
+        n for n in job.get("nodes") or [] if n.get("state") == "FAILED" and n.get("exit_code")
+    ]
+    if failed_nodes:
+        n = failed_nodes[0]
+        return f"node {n['node_index']} on {n['host']} exited with code {n['exit_code']}" + (
+            f" ({n['reason']})" if n.get("reason") else ""
+        )
+    code = job.get("exit_code")
+    sig = job.get("signal")
+    if code is None and not sig:
+        return job.get("reason") or "unknown"
+    what = f"exit code {code}" if code is not None else f"signal {sig}"
+    return what + (f": {job['reason']}" if job.get("reason") else "")
+
+
+def _describe_text(job: dict[str, Any]) -> str:
+    import time
+
+    def t(v: Any) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v)) if v else "-"
+
+    lines = []
+    if job.get("root_cause"):
+        lines.append(f"root cause:  {job['root_cause']}")
+    for key in ("id", "name", "type", "state", "reason", "queue", "exit_code", "signal"):
+        if job.get(key) is not None:
+            lines.append(f"{key + ':':12} {job[key]}")
+    lines.append(f"{'created:':12} {t(job.get('created'))}")
+    lines.append(f"{'started:':12} {t(job.get('started'))}")
+    lines.append(f"{'stopped:':12} {t(job.get('stopped'))}")
+    if job.get("depends_on"):
+        lines.append(f"{'depends_on:':12} {', '.join(job['depends_on'])}")
+    if job.get("children_counts"):
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(job["children_counts"].items()))
+        lines.append(f"{'children:':12} {counts}")
+    for a in job.get("attempts") or []:
+        hosts = ",".join(a.get("hosts") or [])
+        lines.append(
+            f"attempt {a['number']}:  {a.get('final_state') or 'running'} on {hosts or '-'}"
+            f"  exit {a.get('exit_code')}  signal {a.get('signal')}"
+            + (f"  reason: {a['reason']}" if a.get("reason") else "")
+        )
+        if a.get("placed_at") and a.get("running_at"):
+            lines.append(
+                f"             placement→running {a['running_at'] - a['placed_at']:.3f}s"
+                + (
+                    f"  main exit→reaped {a['reaped_at'] - a['main_exit_at']:.3f}s"
+                    if a.get("reaped_at") and a.get("main_exit_at")
+                    else ""
+                )
+            )
+    for n in job.get("nodes") or []:
+        lines.append(
+            f"node {n['node_index']}:     {n.get('state')} on {n.get('host')} group {n.get('grp')}"
+            f"  exit {n.get('exit_code')}" + (f"  {n['reason']}" if n.get("reason") else "")
+        )
+    if job.get("definition"):
+        import json as jsonlib
+
+        lines.append("definition:  " + jsonlib.dumps(job["definition"]))
+    return "\n".join(lines)
 
 
 @cli.command(
@@ -303,6 +600,257 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     for row in cells:
         lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("target", metavar="JOB[#NODE|:INDEX]")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+@click.option("--stderr", is_flag=True, help="Standard error instead of standard output.")
+@common_options
+@click.pass_context
+def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: Any) -> None:
+    """A job's output; each line prefixed with its node or index when there are several.
+
+    \b
+    Examples:
+      mnp logs 42          # every task of job 42
+      mnp logs 42#0        # node 0 of a multi-node job
+      mnp logs 42:7 -f     # array child 7, following
+    """
+    import time
+
+    s = _settings(ctx, **o)
+    root = target.split(":", 1)[0].split("#", 1)[0]
+    folder = Path(s["home"]) / "logs" / root
+    suffix = ".err" if stderr else ".out"
+    offsets: dict[Path, int] = {}
+    partial: dict[Path, str] = {}
+
+    def matches(name: str) -> bool:
+        tid = name[: -len(suffix)]
+        return tid == target or (
+            target == root or tid.startswith((target + ".", target + "#"))
+        )
+
+    def label(path: Path) -> str:
+        tid = path.name[: -len(suffix)]
+        rest = tid[len(root) :].lstrip(":#")
+        return f"{rest}: " if rest else ""
+
+    def pump(final: bool) -> None:
+        files = sorted(folder.glob("*" + suffix)) if folder.is_dir() else []
+        many = len(files) > 1 or target == root
+        for path in files:
+            if not matches(path.name):
+                continue
+            with open(path, encoding="utf-8", errors="replace") as f:
+                f.seek(offsets.get(path, 0))
+                data = partial.pop(path, "") + f.read()
+                offsets[path] = f.tell()
+            lines = data.split("\n")
+            if lines[-1] and not final:
+                partial[path] = lines[-1]
+            elif lines[-1]:
+                lines.append("")
+            prefix = label(path) if many else ""
+            sys.stdout.write("".join(f"{prefix}{line}\n" for line in lines[:-1]))
+        sys.stdout.flush()
+
+    store = _store(s)
+    if store is None or store.get_job(root) is None:
+        raise UsageError(f"job {root} does not exist")
+    while True:
+        done = store.get_job(root)["state"] in ("SUCCEEDED", "FAILED")
+        pump(final=done or not follow)
+        if done or not follow:
+            break
+        time.sleep(0.2)
+    store.close()
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--reason", required=True, help="Why (kept with the job).")
+@common_options
+@click.pass_context
+def cancel(ctx: click.Context, /, job_id: str, reason: str, **o: Any) -> None:
+    """SUBMITTED/PENDING/RUNNABLE jobs → FAILED; cascades to array children.
+
+    \b
+    Example:
+      mnp cancel 42 --reason "wrong input"
+    """
+    with _client(_settings(ctx, **o), start=False) as client:
+        answer = client.request("cancel", job_id=job_id, reason=reason)
+    click.echo(f"{answer['job_id']} {answer['state']}")
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--reason", required=True, help="Why (kept with the job).")
+@common_options
+@click.pass_context
+def terminate(ctx: click.Context, /, job_id: str, reason: str, **o: Any) -> None:
+    """Like cancel, and also kills STARTING/RUNNING jobs (whole process trees).
+
+    \b
+    Example:
+      mnp terminate 42 --reason "taking too long"
+    """
+    with _client(_settings(ctx, **o), start=False) as client:
+        answer = client.request("terminate", job_id=job_id, reason=reason)
+    click.echo(f"{answer['job_id']} {answer['state']}")
+
+
+@cli.command()
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
+@click.option("--since", type=int, default=0, help="Only events after this seq.")
+@click.option("--job", "job_id", help="Only this job (its children and nodes too).")
+@common_options
+@click.pass_context
+def events(ctx: click.Context, /, follow: bool, since: int, job_id: str | None, **o: Any) -> None:
+    """The event stream, one JSON object a line (at least once; ``seq`` orders them).
+
+    \b
+    Example:
+      mnp events --follow --since 120 --job 42
+    """
+    import json as jsonlib
+    import time
+
+    s = _settings(ctx, **o)
+    store = None
+    while True:
+        store = store or _store(s)
+        if store is not None:
+            for ev in store.events_since(since, job_id=job_id):
+                since = max(since, int(ev["seq"]))
+                sys.stdout.write(jsonlib.dumps(ev) + "\n")
+            sys.stdout.flush()
+        if not follow:
+            break
+        time.sleep(0.2)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@common_options
+@click.pass_context
+def queues(ctx: click.Context, /, as_json: bool, **o: Any) -> None:
+    """Queues: priority, compute environments, jobs by state.
+
+    \b
+    Example:
+      mnp queues
+    """
+    import json as jsonlib
+
+    s = _settings(ctx, **o)
+    from mnp.api import ApiClient
+
+    client = ApiClient.connect(Path(s["home"]))
+    if client is not None:
+        with client:
+            rows = client.request("queues")["queues"]
+    else:
+        from mnp.spec import resolve_inventory
+
+        inventory = resolve_inventory(s["inventory"], s["local_nodes"])
+        store = _store(s)
+        counts = store.counts_by_queue_state() if store is not None else {}
+        rows = [
+            {
+                "name": q.name,
+                "priority": q.priority,
+                "state": q.state,
+                "compute_environments": list(q.compute_environments),
+                "counts": counts.get(q.name, {}),
+            }
+            for q in sorted(inventory.queues.values(), key=lambda q: -q.priority)
+        ]
+    if as_json:
+        click.echo(jsonlib.dumps(rows, indent=1))
+        return
+    table = [
+        {
+            "name": r["name"],
+            "priority": r["priority"],
+            "state": r["state"],
+            "compute_environments": r["compute_environments"],
+            "jobs": " ".join(f"{k}={v}" for k, v in sorted(r["counts"].items())) or "-",
+        }
+        for r in rows
+    ]
+    click.echo(_table(table, ["name", "priority", "state", "compute_environments", "jobs"]))
+
+
+@cli.group()
+def controller() -> None:
+    """The controller daemon: start, stop, status."""
+
+
+@controller.command(name="start")
+@click.option("--foreground", is_flag=True, help="Run in this process (logs to stderr).")
+@common_options
+@click.pass_context
+def controller_start(ctx: click.Context, /, foreground: bool, **o: Any) -> None:
+    """Start the controller for --home with --inventory (default: the local inventory).
+
+    \b
+    Example:
+      mnp controller start --inventory cluster.toml
+    """
+    from mnp import daemon
+
+    s = _settings(ctx, **o)
+    home = Path(s["home"]).expanduser()
+    if foreground:
+        from mnp.service import make_handler_factory
+        from mnp.spec import resolve_inventory
+
+        inventory = resolve_inventory(s["inventory"], s["local_nodes"])
+        sys.exit(daemon.serve_forever(home, make_handler_factory(home, inventory)))
+    extra = ["--local-nodes", str(s["local_nodes"])]
+    if s.get("inventory"):
+        extra += ["--inventory", s["inventory"]]
+    pid = daemon.start_background(home, extra)
+    click.echo(f"controller running (pid {pid}), home {home}")
+
+
+@controller.command(name="stop")
+@common_options
+@click.pass_context
+def controller_stop(ctx: click.Context, /, **o: Any) -> None:
+    """Stop the controller; jobs stay stored and resume at the next start."""
+    from mnp import daemon
+
+    s = _settings(ctx, **o)
+    if daemon.stop(Path(s["home"]).expanduser()):
+        click.echo("controller stopped")
+    else:
+        click.echo("no controller was running")
+
+
+@controller.command(name="status")
+@click.option("--json", "as_json", is_flag=True)
+@common_options
+@click.pass_context
+def controller_status(ctx: click.Context, /, as_json: bool, **o: Any) -> None:
+    """Whether a controller runs for --home (exit 0) or not (exit 3)."""
+    import json as jsonlib
+
+    from mnp import daemon
+
+    s = _settings(ctx, **o)
+    st = daemon.status(Path(s["home"]).expanduser())
+    if as_json:
+        click.echo(jsonlib.dumps(st))
+    elif st.get("running"):
+        click.echo(f"controller running (pid {st.get('pid')}), home {st.get('home')}")
+    else:
+        click.echo(f"no controller running, home {st.get('home')}")
+    if not st.get("running"):
+        sys.exit(3)
 
 
 @cli.command()

@@ -12,9 +12,9 @@ import asyncio
 import os
 import secrets as pysecrets
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import replace
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 from mnp.errors import InfraError, JobRefused, MnpError
 from mnp.jobs import Attempt, Job, NodeRun, TaskRun, exit_status, should_retry
@@ -33,11 +33,42 @@ from mnp.wiring import (
     task_id,
 )
 
+
+class Recorder(Protocol):
+    """Where the controller's records go besides memory (the daemon's store)."""
+
+    def next_id(self) -> str: ...
+
+    def jobs_added(self, jobs: Sequence[Job]) -> None: ...
+
+    def event(self, event: dict[str, Any]) -> int:
+        """Record a state change; return its ``seq``."""
+        ...
+
+    def attempt(self, job: Job, attempt: Attempt) -> None: ...
+
+
 OutputHandler = Callable[[Job, TaskRun, int, str], None]
 TaskEndHandler = Callable[[Job, TaskRun], None]
 EventSink = Callable[[dict[str, Any]], None]
 
 TIMEOUT_REASON = "Job attempt duration exceeded timeout"
+LOST_REASON = "Controller restarted: attempt lost"
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A job as a previous controller left it in the store."""
+
+    id: str
+    defn: JobDefinition
+    seq: int
+    state: JobState
+    created: float
+    parent: str | None = None
+    array_index: int | None = None
+    attempts: int = 0
+    reason: str | None = None
 
 
 class Controller:
@@ -52,6 +83,7 @@ class Controller:
         on_event: EventSink | None = None,
         agent_grace: float = 2.0,
         connect_fanout: int = 64,
+        recorder: Recorder | None = None,
     ) -> None:
         self.inventory = inventory
         self.transports = transports
@@ -61,6 +93,7 @@ class Controller:
         self.on_event = on_event
         self.agent_grace = agent_grace
         self.connect_fanout = connect_fanout
+        self.recorder = recorder
         self.agents: dict[str, AgentConnection] = {}
         self.capacity: dict[str, HostCapacity] = {}
         self.host_errors: dict[str, str] = {}
@@ -191,6 +224,10 @@ class Controller:
             for i in range(defn.array.size):
                 child = self._new_job(f"{job_id}:{i}", defn, now, parent=job, index=i)
                 job.children.append(child)
+        if self.recorder is not None:
+            self.recorder.jobs_added([job, *job.children])
+        for j in (job, *job.children):
+            j.emit_change(j.id, JobState.SUBMITTED, JobState.SUBMITTED, now, None, None)
         job.set_state(JobState.PENDING, now)
         for child in job.children:
             child.set_state(JobState.PENDING, now)
@@ -198,9 +235,64 @@ class Controller:
         return job
 
     def _allocate_id(self) -> str:
+        if self.recorder is not None:
+            return self.recorder.next_id()
         job_id = str(self._next_id)
         self._next_id += 1
         return job_id
+
+    # --- crash recovery ---------------------------------------------------
+
+    def restore(self, items: Sequence[Restored], now: float) -> None:
+        """Take back the unfinished jobs a previous controller accepted (SPEC §6 "Crash
+        safety"). Their agents killed whatever ran when that controller died, so an
+        attempt that was STARTING/RUNNING is lost: it is retried without counting against
+        the job's attempts (the infrastructure failed, not the job)."""
+        parents: dict[str, Job] = {}
+        restored: list[Job] = []
+        for it in sorted(items, key=lambda i: i.seq):
+            parent = parents.get(it.parent) if it.parent else None
+            job = Job(
+                it.id,
+                it.defn,
+                it.seq,
+                self._emit,
+                it.created,
+                state=it.state,
+                reason=it.reason,
+                parent=parent,
+                array_index=it.array_index,
+            )
+            job.attempts = [Attempt(n + 1, final=JobState.FAILED) for n in range(it.attempts)]
+            job.request = self._request_for(it.id, it.defn, it.seq)
+            self.jobs[it.id] = job
+            self._seq = max(self._seq, it.seq)
+            if parent is not None:
+                parent.children.append(job)
+            elif it.defn.array is not None:
+                parents[it.id] = job
+            restored.append(job)
+        for parent in parents.values():
+            parent.children.sort(key=lambda c: c.array_index or 0)
+            parent.admitted = sum(1 for c in parent.children if c.state is not JobState.PENDING)
+            parent.finished = sum(1 for c in parent.children if c.done)
+            parent.ready = parent.admitted > 0
+        for job in restored:
+            if job.state in (JobState.STARTING, JobState.RUNNING):
+                job.bonus_attempts += 1
+                job.set_state(JobState.RUNNABLE, now, LOST_REASON)
+                self._runnable[job.id] = job
+            elif job.state is JobState.RUNNABLE:
+                self._runnable[job.id] = job
+            elif job.state is JobState.SUBMITTED and not job.children:
+                job.set_state(JobState.PENDING, now)
+        for job in restored:
+            if job.state is JobState.PENDING and (job.parent is None or job.parent.ready):
+                if job.children and job.ready:
+                    self._admit_children(job, now)
+                elif not job.children:
+                    self._release_if_ready(job, now)
+        self._kick()
 
     # --- dependencies -----------------------------------------------------
 
@@ -288,7 +380,6 @@ class Controller:
         job = Job(job_id, defn, self._seq, self._emit, now, parent=parent, array_index=index)
         job.request = self._request_for(job_id, defn, self._seq)
         self.jobs[job_id] = job
-        job.emit_change(job_id, JobState.SUBMITTED, JobState.SUBMITTED, now, None, None)
         return job
 
     def _request_for(self, key: str, defn: JobDefinition, seq: int) -> Request:
@@ -343,6 +434,7 @@ class Controller:
         job.attempts.append(attempt)
         job.exit_code = job.signal = None
         job.set_state(JobState.STARTING, now)
+        self._record_attempt(job, attempt)
         if job.is_multinode:
             self._spawn_bg(self._launch_multinode(job, attempt))
             return
@@ -518,6 +610,13 @@ class Controller:
             n.state is not JobState.STARTING for n in attempt.nodes
         ):
             attempt.running_at = now
+            job = attempt.nodes[0].job if attempt.nodes else None
+            if job is not None:
+                self._record_attempt(job, attempt)
+
+    def _record_attempt(self, job: Job, attempt: Attempt) -> None:
+        if self.recorder is not None:
+            self.recorder.attempt(job, attempt)
 
     # --- agent events -----------------------------------------------------
 
@@ -576,6 +675,7 @@ class Controller:
         if not job.is_multinode:
             attempt.running_at = now
             job.set_state(JobState.RUNNING, now)
+            self._record_attempt(job, attempt)
             self._arm_timeout(job, attempt)
             return
         node = attempt.nodes[task.node_index or 0]
@@ -719,12 +819,18 @@ class Controller:
             if node.state not in TERMINAL:
                 node.set_state(attempt.final or JobState.FAILED, now, attempt.reason)
         job.exit_code, job.signal = attempt.exit_code, attempt.signal
+        self._record_attempt(job, attempt)
         failed = attempt.final is not JobState.SUCCEEDED
         if (
             failed
             and attempt.retryable
             and not job.timed_out
-            and should_retry(job.defn, len(job.attempts), attempt.exit_code, attempt.reason or "")
+            and should_retry(
+                job.defn,
+                len(job.attempts) - job.bonus_attempts,
+                attempt.exit_code,
+                attempt.reason or "",
+            )
         ):
             job.set_state(JobState.RUNNABLE, now, attempt.reason)
             self._runnable[job.id] = job
@@ -819,9 +925,12 @@ class Controller:
         return await fut
 
     def _emit(self, event: dict[str, Any]) -> None:
-        self._event_seq += 1
-        event = {"seq": self._event_seq, **event}
-        self.events.append(event)
+        if self.recorder is not None:
+            event = {"seq": self.recorder.event(event), **event}
+        else:
+            self._event_seq += 1
+            event = {"seq": self._event_seq, **event}
+            self.events.append(event)
         if self.on_event is not None:
             self.on_event(event)
 

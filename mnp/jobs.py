@@ -127,6 +127,7 @@ class Job:
     admitted: int = 0  # array parent: children made RUNNABLE so far (in index order)
     finished: int = 0  # array parent: children that reached a terminal state
     ready: bool = False  # array parent: its own dependencies are met
+    bonus_attempts: int = 0  # attempts lost to a controller restart: not counted
 
     @property
     def is_array(self) -> bool:

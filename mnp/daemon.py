@@ -1,0 +1,486 @@
+"""The controller process's lifecycle: state directory, one-per-home lock, start, stop.
+
+No controller logic lives here: ``serve_forever`` runs whatever ``make_handler``
+builds. The contract, for ``mnp controller start --foreground``::
+
+    async def make_handler(stop: Callable[[], None]) -> tuple[Handler, ShutdownFn]:
+        controller = await Controller.open(home)        # your setup; the socket is not up yet
+
+        async def handle(request: dict[str, Any], r: Responder) -> None:
+            if request["op"] == "submit":
+                await r.end({"job_id": await controller.submit(request)})
+            else:
+                raise UsageError(f"unknown op {request['op']!r}")   # -> error response, exit 2
+
+        return handle, controller.shutdown            # awaited once, after a stop
+
+    sys.exit(serve_forever(home, make_handler))
+
+- ``serve_forever`` prepares ``home`` (0700), takes ``controller.lock`` (if another
+  process holds it: prints ``mnp: a controller already runs for HOME (pid N)``
+  and returns 0), runs an asyncio loop, awaits ``make_handler(stop)``, then
+  serves the handler on ``controller.sock`` until ``stop()`` is called, or
+  SIGTERM/SIGINT arrives, or a client sends ``{"op": "shutdown"}``.
+- It answers two ops itself, never passing them to the handler:
+  ``ping`` → ``{"ok": true, "pid", "started" (unix time), "uptime" (s), "home"}``
+  (a ping answered means ``make_handler`` is done), and ``shutdown`` → calls
+  ``stop()`` and answers ``{"ok": true, "pid", "stopping": true}``.
+- ``stop()`` is thread-safe and idempotent; handlers may call it too.
+- Stopping: the socket file goes first (new clients see no controller, and a
+  new ``start_background`` waits for this one's lock), then the shutdown
+  function is awaited while connections stay open (a streaming ``run`` can still
+  report how its job ended), then connections close and handlers still running
+  are cancelled. A second signal during shutdown cancels the shutdown function.
+- Returns 0, or 1 when ``make_handler`` or the shutdown function raised (logged).
+  Logs go to stderr with timestamps (``controller.log`` when started in the
+  background).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mnp.api import ApiClient, ApiServer, Handler, Responder, socket_path
+from mnp.errors import InfraError, MnpError
+
+log = logging.getLogger("mnp")
+
+LOCK_NAME = "controller.lock"
+LOG_NAME = "controller.log"
+CONTROLLER_COMMAND: tuple[str, ...] = (
+    sys.executable,
+    "-m",
+    "mnp",
+    "controller",
+    "start",
+    "--foreground",
+)
+"""What ``start_background`` runs, followed by ``--home HOME`` and the extra arguments."""
+
+StopFn = Callable[[], None]
+ShutdownFn = Callable[[], Awaitable[None]]
+MakeHandler = Callable[[StopFn], Awaitable[tuple[Handler, ShutdownFn]]]
+
+
+# --------------------------------------------------------------------------- state directory
+
+
+def prepare_home(home: Path | str) -> Path:
+    """Create ``home`` (and missing parents) 0700, tighten it if it is wider; return it resolved.
+
+    Refuses a home owned by another user: its socket and database would be theirs.
+    """
+    home = Path(home).expanduser().absolute()
+    missing: list[Path] = []
+    p = home
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+            os.chmod(d, 0o700)  # the umask may have taken bits away that we need
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise InfraError(f"cannot create the state directory {d}: {e.strerror}") from e
+    home = home.resolve()
+    try:
+        st = home.stat()
+    except OSError as e:
+        raise InfraError(f"cannot use the state directory {home}: {e.strerror}") from e
+    if not home.is_dir():
+        raise InfraError(f"the state directory {home} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise InfraError(f"the state directory {home} belongs to uid {st.st_uid}, not to you")
+    if st.st_mode & 0o077:
+        os.chmod(home, 0o700)
+        log.warning("tightened the permissions of %s from %03o to 0700", home, st.st_mode & 0o777)
+    (home / "logs").mkdir(mode=0o700, exist_ok=True)
+    return home
+
+
+# --------------------------------------------------------------------------- lock
+
+
+class Lock:
+    """An exclusive ``flock`` on ``$home/controller.lock``, holding the owner's pid.
+
+    The kernel drops the lock when its holder dies, even by SIGKILL, so a
+    stale pid in the file never blocks a new controller.
+    """
+
+    def __init__(self, home: Path | str) -> None:
+        self.path = Path(home) / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+    def acquire(self, wait: float = 0.0) -> bool:
+        """Take the lock without blocking (retrying for ``wait`` seconds); False if taken."""
+        if self._fd is not None:
+            return True
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.path, flags, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.01)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # closing the only descriptor releases the flock
+
+    def holder(self) -> int | None:
+        """The pid of the process holding the lock, ``None`` if it is free.
+
+        0 when it is held but the holder has not written its pid yet. Probing
+        takes a shared lock for an instant; ``acquire(wait=...)`` absorbs that.
+        """
+        if self._fd is not None:
+            return os.getpid()
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                for _ in range(5):
+                    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                    if text.isdigit():
+                        return int(text)
+                    time.sleep(0.01)
+                return 0
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# --------------------------------------------------------------------------- client side
+
+
+def _ping(home: Path, timeout: float) -> dict[str, Any] | None:
+    client = ApiClient.connect(home, timeout=timeout)
+    if client is None:
+        return None
+    with client:
+        client.timeout = timeout
+        try:
+            return client.request("ping")
+        except InfraError:
+            return None  # accepted, then closed or silent: not ready (or stopping)
+
+
+def _log_tail(path: Path, offset: int, lines: int = 20) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read()[-16384:].decode(errors="replace")
+    except OSError:
+        return "(no log)"
+    tail = text.rstrip("\n").splitlines()[-lines:]
+    return "\n".join("  " + line for line in tail) if tail else "  (nothing logged)"
+
+
+def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    # the child runs the same mnp as this process, installed or not
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            env=env,
+        )
+    except OSError as e:
+        raise InfraError(f"cannot start the controller ({cmd[0]}): {e.strerror}") from e
+    finally:
+        os.close(fd)
+
+
+def start_background(
+    home: Path | str,
+    argv_extra: Sequence[str] = (),
+    timeout: float = 30.0,
+    *,
+    command: Sequence[str] = CONTROLLER_COMMAND,
+) -> int:
+    """Start a detached controller for ``home``; return its pid once it answers a ping.
+
+    Runs ``command --home HOME *argv_extra`` in a new session (stdin /dev/null,
+    output appended to ``$home/controller.log``) in this process's working
+    directory and environment. If another controller holds the lock (a
+    concurrent start), that one's pid is returned once it answers; if one is
+    stopping, a new one starts when its lock is free. Raises ``InfraError`` if
+    the child exits with an error (quoting its log) or none answers in time.
+    """
+    home = prepare_home(home)
+    log_path = home / LOG_NAME
+    cmd = [*command, "--home", str(home), *argv_extra]
+    deadline = time.monotonic() + timeout
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    proc = _spawn(cmd, log_path)
+    delay = 0.005
+    while True:
+        ping = _ping(home, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+        if ping is not None:
+            if proc.poll() is None:
+                # reap it if it dies while we live; holds the Popen, so no "still running" warning
+                threading.Thread(target=proc.wait, name="mnp-reaper", daemon=True).start()
+            return int(ping.get("pid") or proc.pid)
+        rc = proc.poll()
+        if rc is not None and rc != 0:
+            raise InfraError(
+                f"the controller exited with code {rc} before answering; "
+                f"the end of {log_path}:\n{_log_tail(log_path, offset)}"
+            )
+        if rc == 0 and Lock(home).holder() is None:
+            # it lost the lock to a controller that has since stopped: try again
+            proc = _spawn(cmd, log_path)
+        if time.monotonic() >= deadline:
+            raise InfraError(
+                f"no controller answered on {socket_path(home)} within {timeout:g}s; "
+                f"the end of {log_path}:\n{_log_tail(log_path, offset)}"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def ensure_client(
+    home: Path | str,
+    argv_extra: Sequence[str] = (),
+    *,
+    timeout: float = 30.0,
+    command: Sequence[str] = CONTROLLER_COMMAND,
+) -> ApiClient:
+    """A connection to ``home``'s controller, starting one in the background if none runs."""
+    client = ApiClient.connect(home)
+    if client is not None:
+        return client
+    start_background(home, argv_extra, timeout, command=command)
+    client = ApiClient.connect(home)
+    if client is None:
+        raise InfraError(f"the controller started, but {socket_path(home)} is gone")
+    return client
+
+
+def stop(home: Path | str, timeout: float = 30.0) -> bool:
+    """Stop ``home``'s controller and wait until its lock is free; False if none ran.
+
+    Asks over the socket (``shutdown``); a controller holding the lock without
+    answering (starting or stuck) gets SIGTERM. Raises ``InfraError`` if it is
+    still alive after ``timeout``.
+    """
+    home = Path(home).expanduser()
+    lock = Lock(home)
+    deadline = time.monotonic() + timeout
+    pid = lock.holder()
+    client = ApiClient.connect(home, timeout=min(5.0, timeout))
+    if client is None and pid is None:
+        return False
+    if client is not None:
+        with client:
+            client.timeout = min(5.0, timeout)
+            with contextlib.suppress(InfraError):  # it may close the connection first
+                pid = int(client.request("shutdown").get("pid") or 0) or pid
+    elif pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    while lock.holder() is not None:
+        if time.monotonic() >= deadline:
+            raise InfraError(
+                f"the controller (pid {pid or '?'}) did not stop within {timeout:g}s; "
+                f"'kill -9 {pid or 'PID'}' ends it (its tasks die with their agents)"
+            )
+        time.sleep(0.02)
+    return True
+
+
+def status(home: Path | str) -> dict[str, Any]:
+    """``{"running", "answering", "pid", "socket", "home"}``, plus ``started`` and
+    ``uptime`` (seconds) when the controller answers a ping."""
+    home = Path(home).expanduser()
+    out: dict[str, Any] = {
+        "running": False,
+        "answering": False,
+        "pid": None,
+        "socket": socket_path(home),
+        "home": str(home),
+    }
+    ping = _ping(home, timeout=2.0)
+    if ping is not None:
+        out.update(running=True, answering=True, pid=ping.get("pid"))
+        for key in ("started", "uptime"):
+            if key in ping:
+                out[key] = ping[key]
+        return out
+    pid = Lock(home).holder()
+    if pid is not None:
+        out.update(running=True, pid=pid or None)
+    return out
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+def _setup_logging() -> None:
+    if any(getattr(h, "_mnp_daemon", False) for h in log.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s mnp[%(process)d] %(levelname)s %(message)s")
+    )
+    handler._mnp_daemon = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+
+
+def serve_forever(home: Path | str, make_handler: MakeHandler) -> int:
+    """Run the controller for ``home`` until stopped; the contract is in the module docstring."""
+    _setup_logging()
+    try:
+        home = prepare_home(home)
+    except MnpError as e:
+        print(f"mnp: {e}", file=sys.stderr)
+        return e.exit_code
+    lock = Lock(home)
+    # a short wait absorbs another process's momentary probe (Lock.holder)
+    if not lock.acquire(wait=0.2):
+        pid = lock.holder()
+        print(f"mnp: a controller already runs for {home} (pid {pid or '?'})", file=sys.stderr)
+        return 0
+    try:
+        import asyncio
+
+        return asyncio.run(_serve(home, make_handler))
+    finally:
+        lock.release()
+
+
+async def _serve(home: Path, make_handler: MakeHandler) -> int:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    shutdown_task: asyncio.Task[None] | None = None
+    started = time.time()
+    pid = os.getpid()
+
+    def stop() -> None:
+        loop.call_soon_threadsafe(stopping.set)
+
+    def on_signal(signame: str) -> None:
+        if stopping.is_set() and shutdown_task is not None and not shutdown_task.done():
+            log.warning("%s again: abandoning the shutdown", signame)
+            shutdown_task.cancel()
+            return
+        log.info("%s: stopping", signame)
+        stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+
+    log.info("controller pid %d starting for %s", pid, home)
+    try:
+        handler, shutdown = await make_handler(stop)
+    except Exception:
+        log.exception("the controller failed to start")
+        return 1
+
+    async def lifecycle(request: dict[str, Any], r: Responder) -> None:
+        op = request["op"]
+        if op == "ping":
+            await r.end(
+                {"pid": pid, "started": started, "uptime": time.time() - started, "home": str(home)}
+            )
+        elif op == "shutdown":
+            log.info("shutdown requested over the socket")
+            await r.end({"pid": pid, "stopping": True})
+            stop()
+        else:
+            await handler(request, r)
+
+    server = ApiServer(home, lifecycle)
+    code = 0
+    try:
+        try:
+            if not stopping.is_set():
+                await server.start()
+                log.info("controller pid %d ready", pid)
+                await stopping.wait()
+        except MnpError as e:
+            log.error("%s", e)
+            code = e.exit_code
+        await server.stop_accepting()
+        shutdown_task = asyncio.ensure_future(shutdown())
+        try:
+            await shutdown_task
+        except asyncio.CancelledError:
+            code = code or 1
+        except Exception:
+            log.exception("the controller's shutdown failed")
+            code = code or 1
+    finally:
+        await server.close()
+    log.info("controller pid %d stopped", pid)
+    return code
+
+
+__all__ = [
+    "CONTROLLER_COMMAND",
+    "Lock",
+    "MakeHandler",
+    "ShutdownFn",
+    "StopFn",
+    "ensure_client",
+    "prepare_home",
+    "serve_forever",
+    "start_background",
+    "status",
+    "stop",
+]
