@@ -639,10 +639,9 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
 
     def pump(final: bool) -> None:
         files = sorted(folder.glob("*" + suffix)) if folder.is_dir() else []
-        many = len(files) > 1 or target == root
+        files = [p for p in files if matches(p.name)]
+        many = len(files) > 1 or (target == root and any(label(p) for p in files))
         for path in files:
-            if not matches(path.name):
-                continue
             with open(path, encoding="utf-8", errors="replace") as f:
                 f.seek(offsets.get(path, 0))
                 data = partial.pop(path, "") + f.read()

@@ -1,0 +1,161 @@
+"""The controller daemon through the CLI (issue: the whole AWS Batch job model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.helpers import mnp, wait_no_procs
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[dict[str, str]]:
+    env = {"MNP_HOME": str(tmp_path / "home")}
+    yield env
+    mnp("controller", "stop", env=env)
+
+
+def submit(env: dict[str, str], *args: str) -> str:
+    r = mnp("submit", *args, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def describe(env: dict[str, str], job: str) -> dict[str, object]:
+    r = mnp("describe", job, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def wait_state(env: dict[str, str], job: str, timeout: float = 30) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        d = describe(env, job)
+        if d["state"] in ("SUCCEEDED", "FAILED"):
+            return d
+        time.sleep(0.2)
+    raise AssertionError(f"job {job} did not end: {d}")
+
+
+def test_submit_starts_a_private_controller(home: dict[str, str]) -> None:
+    job = submit(home, "--", "true")
+    assert wait_state(home, job)["state"] == "SUCCEEDED"
+    path = Path(home["MNP_HOME"])
+    assert path.stat().st_mode & 0o777 == 0o700
+    assert (path / "controller.sock").stat().st_mode & 0o777 == 0o600
+    assert mnp("controller", "status", env=home).returncode == 0
+
+
+def test_failed_dependency(home: dict[str, str]) -> None:
+    first = submit(home, "--", "sh", "-c", "exit 1")
+    second = submit(home, "--depends-on", first, "--", "true")
+    d = wait_state(home, second)
+    assert (d["state"], d["reason"]) == ("FAILED", f"Dependent job {first} failed")
+
+
+def test_three_attempts_show_in_describe(home: dict[str, str]) -> None:
+    job = submit(home, "--attempts", "3", "--", "sh", "-c", "exit 1")
+    d = wait_state(home, job)
+    assert d["state"] == "FAILED"
+    assert [a["number"] for a in d["attempts"]] == [1, 2, 3]  # type: ignore[union-attr]
+    text = mnp("describe", job, env=home).stdout
+    assert text.count("attempt ") == 3 and text.startswith("root cause:")
+
+
+def test_timeout_after_one_attempt(home: dict[str, str]) -> None:
+    job = submit(home, "--timeout", "1s", "--attempts", "2", "--", "sleep", "30")
+    d = wait_state(home, job)
+    assert (d["state"], d["reason"]) == ("FAILED", "Job attempt duration exceeded timeout")
+    assert len(d["attempts"]) == 1  # type: ignore[arg-type]
+
+
+def test_submit_wait_exits_with_the_job(home: dict[str, str]) -> None:
+    r = mnp("submit", "--wait", "--", "sh", "-c", "exit 4", env=home)
+    assert r.returncode == 4
+
+
+def test_logs_and_events(home: dict[str, str]) -> None:
+    job = submit(home, "--array-size", "3", "--", "sh", "-c", "echo out $MNP_ARRAY_INDEX")
+    wait_state(home, job)
+    r = mnp("logs", job, env=home)
+    assert sorted(r.stdout.splitlines()) == [f"{i}: out {i}" for i in range(3)]
+    assert mnp("logs", f"{job}:1", env=home).stdout == "out 1\n"
+    events = [
+        json.loads(line) for line in mnp("events", "--job", job, env=home).stdout.splitlines()
+    ]
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs)
+    terminal = [e["job_id"] for e in events if e["status"] in ("SUCCEEDED", "FAILED")]
+    assert sorted(terminal) == sorted([job, f"{job}:0", f"{job}:1", f"{job}:2"])
+    last = seqs[-1]
+    assert mnp("events", "--since", str(last), "--job", job, env=home).stdout == ""
+    lines = Path(home["MNP_HOME"], "events.jsonl").read_text().splitlines()
+    assert {json.loads(x)["seq"] for x in lines} >= set(seqs)
+
+
+def test_cancel_and_terminate(home: dict[str, str]) -> None:
+    running = submit(home, "--", "sleep", "30")
+    waiting = submit(home, "--depends-on", running, "--", "true")
+    time.sleep(0.5)
+    r = mnp("cancel", waiting, "--reason", "not needed", env=home)
+    assert r.returncode == 0, r.stderr
+    assert wait_state(home, waiting)["reason"] == "not needed"
+    r = mnp("terminate", running, "--reason", "enough", env=home)
+    d = wait_state(home, running)
+    assert (d["state"], d["reason"]) == ("FAILED", "enough")
+
+
+def test_run_uses_the_running_controller(home: dict[str, str]) -> None:
+    submit(home, "--", "true")
+    r = mnp("run", "--array-size", "3", "--", "sh", "-c", "echo $MNP_ARRAY_INDEX", env=home)
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == ["0: 0", "1: 1", "2: 2"]
+    assert "no jobs" not in mnp("list", env=home).stdout
+
+
+def test_resource_misconfiguration_is_refused_at_submit(home: dict[str, str]) -> None:
+    r = mnp("submit", "--vcpus", "4096", "--", "true", env=home)
+    assert r.returncode == 2
+    assert "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT" in r.stderr
+
+
+def test_sigkill_and_restart_lose_nothing(home: dict[str, str]) -> None:
+    """5 rounds of SIGKILL under load: every job ends exactly once, nothing runs unmanaged."""
+    mark = uuid.uuid4().hex
+    arr = submit(home, "--env", f"TEST_MARK={mark}", "--array-size", "200", "--", "sleep", "0.05")
+    mn = submit(home, "--env", f"TEST_MARK={mark}", "--nodes", "2", "--", "sleep", "1.5")
+    dep = submit(home, "--depends-on", arr, "--", "true")
+    for _ in range(5):
+        time.sleep(0.6)
+        st = json.loads(mnp("controller", "status", "--json", env=home).stdout)
+        os.kill(int(st["pid"]), signal.SIGKILL)
+        # its local agents die with it, and take their tasks along
+        assert wait_no_procs("TEST_MARK", mark, 5) == []
+        r = mnp("controller", "start", env=home)
+        assert r.returncode == 0, r.stderr
+    for job in (arr, mn, dep):
+        assert wait_state(home, job, 60)["state"] == "SUCCEEDED", job
+    events = [json.loads(x) for x in mnp("events", env=home).stdout.splitlines()]
+    ends: dict[str, int] = {}
+    for e in events:
+        if e["status"] in ("SUCCEEDED", "FAILED"):
+            key = e["job_id"] + (f"#{e['node_index']}" if "node_index" in e else "")
+            ends[key] = ends.get(key, 0) + 1
+    jobs = [arr, mn, dep] + [f"{arr}:{i}" for i in range(200)]
+    assert all(ends.get(j) == 1 for j in jobs), {j: ends.get(j) for j in jobs if ends.get(j) != 1}
+    assert [p for p in psutil.process_iter() if _marked(p, mark)] == []
+
+
+def _marked(p: psutil.Process, mark: str) -> bool:
+    try:
+        return p.environ().get("TEST_MARK") == mark
+    except (psutil.Error, OSError):
+        return False
