@@ -21,6 +21,7 @@ from mnp.jobs import Attempt, Job, NodeRun, TaskRun, exit_status, should_retry
 from mnp.model import TERMINAL, Inventory, JobDefinition, JobState, Resources
 from mnp.sched.alloc import HostCapacity
 from mnp.sched.decide import Request, Start, could_ever_run, decide
+from mnp.sched.runqueue import RunQueue
 from mnp.transport.base import AgentConnection, Event, Transport
 from mnp.wiring import (
     Launch,
@@ -102,7 +103,8 @@ class Controller:
         self._seq = 0
         self._event_seq = 0
         self._next_id = 1
-        self._runnable: dict[str, Job] = {}  # insertion order ~ seq
+        self._runnable: dict[str, Job] = {}
+        self._runq = RunQueue()  # their requests, per queue in seq order
         self._tasks: dict[str, tuple[Job, Attempt, TaskRun]] = {}
         self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
         self._pending_ports: dict[str, asyncio.Future[int]] = {}
@@ -281,9 +283,9 @@ class Controller:
             if job.state in (JobState.STARTING, JobState.RUNNING):
                 job.bonus_attempts += 1
                 job.set_state(JobState.RUNNABLE, now, LOST_REASON)
-                self._runnable[job.id] = job
+                self._enqueue(job)
             elif job.state is JobState.RUNNABLE:
-                self._runnable[job.id] = job
+                self._enqueue(job)
             elif job.state is JobState.SUBMITTED and not job.children:
                 job.set_state(JobState.PENDING, now)
         for job in restored:
@@ -356,12 +358,12 @@ class Controller:
             job.admitted = len(job.children)
             for child in job.children:
                 if not child.done:
-                    self._runnable.pop(child.id, None)
+                    self._dequeue(child)
                     self._finish(child, JobState.FAILED, reason, now)
             if not job.done:  # no child at all left to end it
                 self._finish(job, JobState.FAILED, reason, now)
         else:
-            self._runnable.pop(job.id, None)
+            self._dequeue(job)
             self._finish(job, JobState.FAILED, reason, now)
 
     def _wake(self, job_id: str, now: float) -> None:
@@ -389,9 +391,18 @@ class Controller:
             return Request(key, defn.queue, seq, nodes, exclusive=mn.exclusive)
         return Request(key, defn.queue, seq, (defn.resources,))
 
+    def _enqueue(self, job: Job) -> None:
+        self._runnable[job.id] = job
+        if job.request is not None:
+            self._runq.add(job.request)
+
+    def _dequeue(self, job: Job) -> None:
+        if self._runnable.pop(job.id, None) is not None and job.request is not None:
+            self._runq.discard(job.request)
+
     def _make_runnable(self, job: Job, now: float) -> None:
         job.set_state(JobState.RUNNABLE, now)
-        self._runnable[job.id] = job
+        self._enqueue(job)
         self._kick()
 
     def _admit_children(self, parent: Job, now: float) -> None:
@@ -418,13 +429,16 @@ class Controller:
         self._kick_scheduled = False
         if not self._runnable:
             return
-        requests = [j.request for j in self._runnable.values() if j.request is not None]
         starts = decide(
-            requests, self.inventory.queues, self.inventory.compute_environments, self.capacity
+            self._runq.by_queue(),
+            self.inventory.queues,
+            self.inventory.compute_environments,
+            self.capacity,
         )
         now = time.time()
         for start in starts:
-            job = self._runnable.pop(start.key)
+            job = self._runnable[start.key]
+            self._dequeue(job)
             self._launch(job, start, now)
 
     # --- launching --------------------------------------------------------
@@ -780,7 +794,7 @@ class Controller:
             timer.cancel()
         grace = job.defn.timeout.kill_grace
         for task in attempt.tasks.values():
-            if not task.gone:
+            if not task.gone and not task.exited:  # an exited task's agent cleans up itself
                 self._send(task.host, {"op": "kill", "tid": task.tid, "grace": grace})
         if job.is_multinode:
             for node in attempt.nodes:
@@ -833,7 +847,7 @@ class Controller:
             )
         ):
             job.set_state(JobState.RUNNABLE, now, attempt.reason)
-            self._runnable[job.id] = job
+            self._enqueue(job)
         else:
             assert attempt.final is not None
             self._finish(job, attempt.final, attempt.reason, now)
@@ -885,10 +899,10 @@ class Controller:
             job.admitted = len(job.children)
             for child in job.children:
                 if child.state in waiting:
-                    self._runnable.pop(child.id, None)
+                    self._dequeue(child)
                     self._finish(child, JobState.FAILED, reason, now)
         elif job.state in waiting:
-            self._runnable.pop(job.id, None)
+            self._dequeue(job)
             self._finish(job, JobState.FAILED, reason, now)
         return job
 
@@ -912,7 +926,7 @@ class Controller:
             return
         if job.children:
             return  # the parent ends when its children have
-        self._runnable.pop(job.id, None)
+        self._dequeue(job)
         self._finish(job, JobState.FAILED, reason, now)
 
     # --- waiting and closing ----------------------------------------------

@@ -19,12 +19,26 @@ applies the same grants) and returns ``Start`` actions in decision order.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mnp.model import ComputeEnvironment, Queue, Resources
 from mnp.sched.alloc import Grant, HostCapacity
 
 MAX_RESERVATIONS = 16
+QUEUE_DEPTH = 256
+"""Requests a pass may find blocked in one queue before it moves on (Slurm's
+``default_queue_depth``): a 100,000-child array costs a pass what its head costs."""
+
+_SIGNATURES: dict[tuple[str, tuple[Resources, ...], bool], int] = {}
+
+
+def _signature(queue: str, nodes: tuple[Resources, ...], exclusive: bool) -> int:
+    """A small int per distinct (queue, nodes, exclusive), so a pass compares ints."""
+    key = (queue, nodes, exclusive)
+    sig = _SIGNATURES.get(key)
+    if sig is None:
+        sig = _SIGNATURES[key] = len(_SIGNATURES)
+    return sig
 
 
 @dataclass(frozen=True)
@@ -36,10 +50,10 @@ class Request:
     seq: int
     nodes: tuple[Resources, ...]  # one entry per node; a single job has one
     exclusive: bool = False
+    signature: int = field(init=False, compare=False, repr=False)
 
-    @property
-    def signature(self) -> tuple[str, tuple[Resources, ...], bool]:
-        return (self.queue, self.nodes, self.exclusive)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "signature", _signature(self.queue, self.nodes, self.exclusive))
 
 
 @dataclass(frozen=True)
@@ -125,15 +139,25 @@ def could_ever_run(
 
 
 def decide(
-    requests: Iterable[Request],
+    requests: Iterable[Request] | Mapping[str, Iterable[Request]],
     queues: Mapping[str, Queue],
     ces: Mapping[str, ComputeEnvironment],
     hosts: Mapping[str, HostCapacity],
+    *,
+    depth: int = QUEUE_DEPTH,
 ) -> list[Start]:
-    """Place what can be placed now. ``requests`` may come in any order."""
-    by_queue: dict[str, list[Request]] = {}
-    for r in requests:
-        by_queue.setdefault(r.queue, []).append(r)
+    """Place what can be placed now.
+
+    ``requests`` is either any iterable (grouped and sorted here) or, from the
+    controller, each queue's requests already in ``seq`` order.
+    """
+    if isinstance(requests, Mapping):
+        by_queue = requests
+    else:
+        grouped: dict[str, list[Request]] = {}
+        for r in requests:
+            grouped.setdefault(r.queue, []).append(r)
+        by_queue = {q: sorted(rs, key=lambda r: r.seq) for q, rs in grouped.items()}
     ce_hosts: dict[str, list[HostCapacity]] = {
         name: [hosts[h] for h in ce.hosts if h in hosts]
         for name, ce in ces.items()
@@ -146,10 +170,13 @@ def decide(
         queue = queues.get(qname)
         if queue is None:
             continue
-        pending = sorted(by_queue[qname], key=lambda r: r.seq)
-        blocked: set[tuple[str, tuple[Resources, ...], bool]] = set()
-        for req in pending:
+        blocked: set[int] = set()
+        misses = 0
+        for req in by_queue[qname]:
             if req.signature in blocked:
+                misses += 1
+                if misses >= depth:
+                    break
                 continue
             placed = False
             for ce_name in queue.compute_environments:
@@ -163,6 +190,7 @@ def decide(
                     break
             if placed:
                 continue
+            misses += 1
             blocked.add(req.signature)
             if reservations < MAX_RESERVATIONS:
                 for ce_name in queue.compute_environments:
@@ -171,6 +199,17 @@ def decide(
                         reserved |= got
                         reservations += 1
                         break
-            if all(h.name in reserved or not h.up for m in ce_hosts.values() for h in m):
-                return starts
+            if misses >= depth or not _any_room(ce_hosts, reserved):
+                break
+        if not _any_room(ce_hosts, reserved):
+            return starts
     return starts
+
+
+def _any_room(ce_hosts: Mapping[str, list[HostCapacity]], reserved: set[str]) -> bool:
+    """Whether any usable host still has a free vCPU (else the pass can stop)."""
+    return any(
+        h.up and not h.exclusive and h.free_vcpus > 1e-9 and h.name not in reserved
+        for members in ce_hosts.values()
+        for h in members
+    )

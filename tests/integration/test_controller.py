@@ -177,3 +177,38 @@ async def test_events_have_increasing_seq_and_one_terminal_per_job(ctl: Controll
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     terminal = [e["job_id"] for e in ctl.events if e["status"] in ("SUCCEEDED", "FAILED")]
     assert sorted(terminal) == sorted([job.id] + [c.id for c in job.children])
+
+
+async def test_big_multinode_job_is_not_starved_and_priority_wins() -> None:
+    """16 hosts busy with 1-3 s tasks; a 16-node job, then a 2,000-child array: the big
+    job starts within 1 s of the last first task ending; a higher-priority job first."""
+    from mnp.spec import parse_inventory
+
+    inventory = parse_inventory(
+        {
+            "hosts": [{"names": "n[01-16]", "transport": "local", "vcpus": 1}],
+            "queues": {"low": {"priority": 1}, "high": {"priority": 10}},
+        },
+        "<test>",
+    )
+    c = Controller(inventory, {"local": LocalTransport()})
+    await c.start()
+    try:
+        first = [c.submit(cmd("sleep", f"{1 + (i % 3)}", queue="low")) for i in range(16)]
+        await asyncio.sleep(0.5)
+        assert all(j.state is JobState.RUNNING for j in first)
+        big = c.submit(cmd("true", nodes=16, queue="low"))
+        small = c.submit(cmd("true", array_size=2000, queue="low"))
+        urgent = c.submit(cmd("true", queue="high"))
+        await done(c, big)
+        last_first_end = max(j.stopped_at or 0 for j in first)
+        assert big.started_at is not None
+        assert big.started_at - last_first_end < 1.0
+        # nothing of the array ran before the big job: it was not starved
+        started = [ch.started_at for ch in small.children if ch.started_at is not None]
+        assert all(t >= big.started_at for t in started)
+        assert urgent.started_at is not None and urgent.started_at <= big.started_at
+        await done(c, small)
+        assert small.state is JobState.SUCCEEDED
+    finally:
+        await c.close()
