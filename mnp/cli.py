@@ -628,9 +628,7 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
 
     def matches(name: str) -> bool:
         tid = name[: -len(suffix)]
-        return tid == target or (
-            target == root or tid.startswith((target + ".", target + "#"))
-        )
+        return tid == target or (target == root or tid.startswith((target + ".", target + "#")))
 
     def label(path: Path) -> str:
         tid = path.name[: -len(suffix)]

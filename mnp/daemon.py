@@ -23,8 +23,9 @@ builds. The contract, for ``mnp controller start --foreground``::
   SIGTERM/SIGINT arrives, or a client sends ``{"op": "shutdown"}``.
 - It answers two ops itself, never passing them to the handler:
   ``ping`` → ``{"ok": true, "pid", "started" (unix time), "uptime" (s), "home"}``
-  (a ping answered means ``make_handler`` is done), and ``shutdown`` → calls
-  ``stop()`` and answers ``{"ok": true, "pid", "stopping": true}``.
+  (a ping answered means ``make_handler`` is done; once stopping, ping is an
+  error), and ``shutdown`` → removes the socket file, stops, and answers
+  ``{"ok": true, "pid", "stopping": true}``.
 - ``stop()`` is thread-safe and idempotent; handlers may call it too.
 - Stopping: the socket file goes first (new clients see no controller, and a
   new ``start_background`` waits for this one's lock), then the shutdown
@@ -435,13 +436,17 @@ async def _serve(home: Path, make_handler: MakeHandler) -> int:
     async def lifecycle(request: dict[str, Any], r: Responder) -> None:
         op = request["op"]
         if op == "ping":
+            if stopping.is_set():
+                raise InfraError("the controller is stopping")
             await r.end(
                 {"pid": pid, "started": started, "uptime": time.time() - started, "home": str(home)}
             )
         elif op == "shutdown":
             log.info("shutdown requested over the socket")
+            stopping.set()
+            # gone from the socket before the answer, so no later ping finds a stopping controller
+            await server.stop_accepting()
             await r.end({"pid": pid, "stopping": True})
-            stop()
         else:
             await handler(request, r)
 

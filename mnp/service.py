@@ -373,9 +373,7 @@ class Service:
         await r.end({"ok": True, "queues": rows})
 
 
-def make_handler_factory(
-    home: Path, inventory: Inventory
-) -> Callable[[Callable[[], None]], Any]:
+def make_handler_factory(home: Path, inventory: Inventory) -> Callable[[Callable[[], None]], Any]:
     """What ``daemon.serve_forever`` runs: build the service, then hand back its handler."""
 
     async def make_handler(stop: Callable[[], None]) -> tuple[Handler, Any]:

@@ -56,7 +56,7 @@ def test_timeout_exits_124_quickly() -> None:
     elapsed = time.monotonic() - t0
     assert r.returncode == 124, r.stderr
     assert "Job attempt duration exceeded timeout" in r.stderr
-    assert elapsed < 5
+    assert elapsed < 10  # ~1.4 s idle: 1 s limit + start-up and teardown
 
 
 def test_retries_then_fails_with_the_last_exit_code(tmp_path: Path) -> None:
@@ -135,7 +135,9 @@ def test_main_exit_tears_down_every_node_including_daemons(tmp_path: Path) -> No
     r = mnp("run", "--env", f"TEST_MARK={mark}", str(_teardown_definition(tmp_path)))
     elapsed = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
-    assert elapsed < 2.5, elapsed
+    # the children's sleep 1000 (and daemons) were not waited for: torn down at once.
+    # (~0.8 s on an idle 2-core machine; the bound leaves room for a loaded CI host)
+    assert elapsed < 10, elapsed
     assert procs_with_env("TEST_MARK", mark) == []
 
 
