@@ -354,6 +354,7 @@ class ApiServer:
         self._conn_tasks: set[asyncio.Task[None]] = set()
         self._unstarted: dict[asyncio.Task[None], socket.socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     @property
     def connections(self) -> int:
@@ -376,9 +377,9 @@ class ApiServer:
                 os.umask(old)
                 if fd is not None:
                     os.close(fd)
-            os.chmod(self.path, 0o600)
             st = os.stat(self.path)
             self._inode = (st.st_dev, st.st_ino)
+            os.chmod(self.path, 0o600)
             sock.listen(128)
             sock.setblocking(False)
         except OSError as e:
@@ -439,21 +440,23 @@ class ApiServer:
     async def close(self) -> None:
         import asyncio
 
+        self._closing = True
         await self.stop_accepting()
-        handlers = list(self._tasks)
-        for task in handlers:
-            task.cancel()
-        if handlers:
-            await asyncio.wait(handlers, timeout=1.0)
         writers = [c.writer for c in self._conns]
         for conn in list(self._conns):
             conn.mark_closed()  # flushes what is buffered; the EOF that follows ends its task
-        if self._conn_tasks:
+        if self._conn_tasks:  # they end without reading another request (self._closing)
             _, late = await asyncio.wait(list(self._conn_tasks), timeout=1.0)
             for task in late:
                 task.cancel()
             if late:
                 await asyncio.wait(late, timeout=1.0)
+        handlers = list(self._tasks)
+        for task in handlers:
+            task.cancel()
+        if handlers:
+            await asyncio.wait(handlers, timeout=1.0)
+        writers += [c.writer for c in self._conns if c.writer not in writers]
         if writers:
             closed = [asyncio.ensure_future(w.wait_closed()) for w in writers]
             await asyncio.wait(closed, timeout=1.0)
@@ -518,6 +521,9 @@ class ApiServer:
         task = asyncio.current_task()
         if task is not None:
             self._unstarted.pop(task, None)
+        if self._closing:
+            sock.close()
+            return
         try:
             uid = _peer_uid(sock)
             reader, writer = await asyncio.open_unix_connection(sock=sock, limit=self._max_line)
@@ -527,6 +533,8 @@ class ApiServer:
         conn = _Connection(writer, asyncio.Event())
         self._conns.add(conn)
         try:
+            if self._closing:
+                return
             if uid != os.geteuid():
                 log.warning("refused a connection from uid %d", uid)
                 error = f"permission denied: uid {uid} is not the controller's owner"
@@ -534,7 +542,7 @@ class ApiServer:
                 return
             while True:
                 line = await self._read_line(reader)
-                if line is None:
+                if line is None or self._closing:
                     return
                 if isinstance(line, _TooLong):
                     error = f"request line longer than {self._max_line} bytes"

@@ -184,15 +184,19 @@ class Controller:
             self._spawn_bg(lost.close())
         if not self._closed:
             self._spawn_bg(self._reconnect(host))
+        hit: dict[int, tuple[Job, Attempt]] = {}
         for tid, (job, attempt, task) in list(self._tasks.items()):
             if task.host != host or task.gone:
                 continue
-            if not attempt.ending:
-                self._begin_end(job, attempt, JobState.FAILED, f"Host lost: {host}", now)
             task.gone = True
             if not task.exited:
                 task.exited_at = now
             self._tasks.pop(tid, None)
+            hit[id(attempt)] = (job, attempt)
+        for job, attempt in hit.values():
+            if not attempt.ending:
+                self._begin_end(job, attempt, JobState.FAILED, f"Host lost: {host}", now)
+            self._maybe_finish(job, attempt, now)
         for job in self.jobs.values():
             att = job.attempt
             if att is not None and host in att.pending_sweeps:
@@ -213,6 +217,12 @@ class Controller:
             raise JobRefused(f"queue {defn.queue!r} is DISABLED and refuses new jobs")
         probe = self._request_for("probe", defn, 0)
         if not could_ever_run(probe, queue, self.inventory.compute_environments, self.capacity):
+            if self.host_errors:
+                down = "; ".join(f"{h}: {e}" for h, e in sorted(self.host_errors.items()))
+                raise InfraError(
+                    f"the job needs hosts that are not usable now ({_describe_request(probe)}, "
+                    f"{len(self.agents)} of {len(self.inventory.hosts)} hosts usable); {down}"
+                )
             raise JobRefused(
                 "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT: no compute environment of queue "
                 f"{queue.name!r} has hosts that could ever run this job "

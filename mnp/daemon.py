@@ -223,8 +223,9 @@ def _log_tail(path: Path, offset: int, lines: int = 20) -> str:
 def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     # the child runs the same mnp as this process, installed or not
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    root = Path(__file__).resolve().parent.parent
+    if root.name not in ("site-packages", "dist-packages"):  # never ahead of the stdlib
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
@@ -265,30 +266,41 @@ def start_background(
     deadline = time.monotonic() + timeout
     offset = log_path.stat().st_size if log_path.exists() else 0
     proc = _spawn(cmd, log_path)
+    respawns = 0
     delay = 0.005
-    while True:
-        ping = _ping(home, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
-        if ping is not None:
-            if proc.poll() is None:
-                # reap it if it dies while we live; holds the Popen, so no "still running" warning
-                threading.Thread(target=proc.wait, name="mnp-reaper", daemon=True).start()
-            return int(ping.get("pid") or proc.pid)
-        rc = proc.poll()
-        if rc is not None and rc != 0:
-            raise InfraError(
-                f"the controller exited with code {rc} before answering; "
-                f"the end of {log_path}:\n{_log_tail(log_path, offset)}"
-            )
-        if rc == 0 and Lock(home).holder() is None:
-            # it lost the lock to a controller that has since stopped: try again
-            proc = _spawn(cmd, log_path)
-        if time.monotonic() >= deadline:
-            raise InfraError(
-                f"no controller answered on {socket_path(home)} within {timeout:g}s; "
-                f"the end of {log_path}:\n{_log_tail(log_path, offset)}"
-            )
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+    try:
+        while True:
+            ping = _ping(home, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+            if ping is not None:
+                return int(ping.get("pid") or proc.pid)
+            rc = proc.poll()
+            if rc is not None and rc != 0:
+                raise InfraError(
+                    f"the controller exited with code {rc} before answering; "
+                    f"the end of {log_path}:\n{_log_tail(log_path, offset)}"
+                )
+            if rc == 0 and Lock(home).holder() is None:
+                # it lost the lock to a controller that has since stopped: try again
+                respawns += 1
+                if respawns > 5:
+                    raise InfraError(
+                        "the controller keeps exiting without serving; "
+                        f"the end of {log_path}:\n{_log_tail(log_path, offset)}"
+                    )
+                proc = _spawn(cmd, log_path)
+            if time.monotonic() >= deadline:
+                raise InfraError(
+                    f"no controller answered on {socket_path(home)} within {timeout:g}s "
+                    f"(pid {proc.pid} may still be starting); "
+                    f"the end of {log_path}:\n{_log_tail(log_path, offset)}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+    finally:
+        if proc.poll() is None:
+            # reap it if it dies while this process lives (holding the Popen also
+            # spares us its "still running" ResourceWarning)
+            threading.Thread(target=proc.wait, name="mnp-reaper", daemon=True).start()
 
 
 def ensure_client(
@@ -320,30 +332,39 @@ def stop(home: Path | str, timeout: float = 30.0) -> bool:
     lock = Lock(home)
     deadline = time.monotonic() + timeout
     pid = lock.holder()
-    client = ApiClient.connect(home, timeout=min(5.0, timeout))
-    if client is None and pid is None:
-        return False
-    if client is not None:
-        with client:
-            client.timeout = min(5.0, timeout)
-            with contextlib.suppress(InfraError):  # it may close the connection first
-                pid = int(client.request("shutdown").get("pid") or 0) or pid
-    elif pid:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    while lock.holder() is not None:
+    asked = signalled = False
+    while True:
+        if not asked:
+            client = ApiClient.connect(home, timeout=min(5.0, timeout))
+            if client is None and pid is None:
+                return False  # checked on the first round only: pid is set after it
+            if client is not None:
+                asked = True
+                with client:
+                    client.timeout = min(5.0, timeout)
+                    with contextlib.suppress(MnpError):  # it may close the connection first
+                        pid = int(client.request("shutdown").get("pid") or 0) or pid
+            elif pid and not signalled:
+                # holds the lock but does not answer (still starting, or stuck)
+                signalled = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        holder = lock.holder()
+        if holder is None:
+            return True
+        pid = pid or holder
         if time.monotonic() >= deadline:
             raise InfraError(
                 f"the controller (pid {pid or '?'}) did not stop within {timeout:g}s; "
                 f"'kill -9 {pid or 'PID'}' ends it (its tasks die with their agents)"
             )
         time.sleep(0.02)
-    return True
 
 
 def status(home: Path | str) -> dict[str, Any]:
     """``{"running", "answering", "pid", "socket", "home"}``, plus ``started`` and
-    ``uptime`` (seconds) when the controller answers a ping."""
+    ``uptime`` (seconds) when the controller answers a ping, ``error`` when
+    connecting failed (another user's socket, a hung controller)."""
     home = Path(home).expanduser()
     out: dict[str, Any] = {
         "running": False,
@@ -352,7 +373,11 @@ def status(home: Path | str) -> dict[str, Any]:
         "socket": socket_path(home),
         "home": str(home),
     }
-    ping = _ping(home, timeout=2.0)
+    try:
+        ping = _ping(home, timeout=2.0)
+    except InfraError as e:
+        ping = None
+        out["error"] = str(e)
     if ping is not None:
         out.update(running=True, answering=True, pid=ping.get("pid"))
         for key in ("started", "uptime"):

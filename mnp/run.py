@@ -108,9 +108,9 @@ async def run_async(
     t0 = time.monotonic()
     try:
         await controller.start()
+        for host, err in controller.host_errors.items():
+            sys.stderr.write(f"mnp: host {host} unusable: {err}\n")
         if verbose:
-            for host, err in controller.host_errors.items():
-                sys.stderr.write(f"mnp: host {host} unusable: {err}\n")
             sys.stderr.write(
                 f"mnp: {len(controller.agents)} agent(s) ready in {time.monotonic() - t0:.3f}s\n"
             )

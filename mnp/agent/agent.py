@@ -218,6 +218,8 @@ class Agent:
             raise BadRequest("the agent is shutting down")
 
         env = task_env(self.env, changes, tid, self.ctl)
+        if cwd is not None and "PWD" not in changes:
+            env["PWD"] = cwd  # as a shell's cd would: the login shell's PWD is wrong here
         if do_expand is not False:
             argv = [expand(a, env) for a in argv]
         feed_r = feed_w = -1

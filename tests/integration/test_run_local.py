@@ -89,7 +89,9 @@ def test_task_environment_on_local_nodes() -> None:
         "--",
         "sh",
         "-c",
-        "echo $MNP_NODE_INDEX $MNP_NUM_NODES $RANK $WORLD_SIZE $MASTER_ADDR $MNP_JOB_ID",
+        # the main node's exit ends the job (AWS Batch): it waits for the others' lines
+        "echo $MNP_NODE_INDEX $MNP_NUM_NODES $RANK $WORLD_SIZE $MASTER_ADDR $MNP_JOB_ID;"
+        ' [ "$MNP_NODE_INDEX" != 0 ] || sleep 1',
     )
     assert r.returncode == 0, r.stderr
     rows = sorted(r.stdout.splitlines())
