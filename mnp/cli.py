@@ -529,6 +529,19 @@ def hosts(ctx: click.Context, /, check: bool, as_json: bool, **o: Any) -> None:
     from mnp.spec import resolve_inventory
 
     s = _settings(ctx, **o)
+    if not check and not o.get("inventory"):
+        from mnp.api import ApiClient
+
+        client = ApiClient.connect(Path(s["home"]))
+        if client is not None:  # the running controller knows what is free now
+            with client:
+                live = client.request("hosts")["hosts"]
+            if as_json:
+                click.echo(jsonlib.dumps(live, indent=2))
+            else:
+                cols = ["name", "address", "state", "vcpus", "vcpus_free", "gpus", "gpus_free"]
+                click.echo(_table(live, [*cols, "tasks"]))
+            return
     inventory = resolve_inventory(s["inventory"], s["local_nodes"])
     if not check:
         rows = [_declared_host(inventory, h) for h in inventory.hosts]
