@@ -333,3 +333,26 @@ def test_submission_scripts_run_mpi_hello_through_auto(script: str) -> None:
     assert "mnp run --inventory auto nodegroups/mpi-hello.toml" in text
     prefix = "#SBATCH" if script.endswith(".sbatch") else "#PBS"
     assert sum(line.startswith(prefix + " ") for line in text.splitlines()) >= 4
+
+
+# --- the daemon on SSH hosts ----------------------------------------------------
+
+
+@pytest.mark.ssh
+def test_the_daemon_serves_an_ssh_inventory(sshd_hosts: SshdCluster, tmp_path: Path) -> None:
+    env = {"MNP_HOME": str(tmp_path / "home")}
+    try:
+        first = mnp("submit", "--inventory", inv(sshd_hosts), "--", "sh", "-c", "exit 1", env=env)
+        assert first.returncode == 0, first.stderr
+        job = first.stdout.strip()
+        r = mnp("submit", "--wait", "--depends-on", job, "--", "true", env=env)
+        assert r.returncode == 1
+        assert f"Dependent job {job} failed" in r.stderr
+        r = mnp("submit", "--wait", "--nodes", "4", "--", "sh", "-c", "echo $MNP_HOST", env=env)
+        assert r.returncode == 0, r.stderr
+        nodes = json.loads(mnp("describe", r.stdout.strip(), "--json", env=env).stdout)["nodes"]
+        assert sorted(n["host"] for n in nodes) == sorted(sshd_hosts.names)
+        hosts = json.loads(mnp("hosts", "--json", env=env).stdout)
+        assert [h["state"] for h in hosts] == ["up"] * 4
+    finally:
+        mnp("controller", "stop", env=env)
