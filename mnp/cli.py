@@ -15,6 +15,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from mnp import views
 from mnp.errors import InfraError, MnpError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -381,22 +382,12 @@ def list_(
                 "state": r["state"],
                 "queue": r["queue"],
                 "nodes/size": size,
-                "age": _age(now - (r.get("created") or now)),
+                "age": views.age(now - (r.get("created") or now)),
                 "reason": (r.get("reason") or "")[:60],
             }
         )
     cols = ["id", "name", "type", "state", "queue", "nodes/size", "age", "reason"]
-    click.echo(_table(table, cols) if table else "no jobs")
-
-
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.0f}h"
-    return f"{seconds / 86400:.0f}d"
+    click.echo(views.table(table, cols) if table else "no jobs")
 
 
 @cli.command()
@@ -423,86 +414,11 @@ def describe(ctx: click.Context, /, job_id: str, as_json: bool, **o: Any) -> Non
                 job["failed_children"] = store.children(job_id, state="FAILED", limit=5)
     if job is None:
         raise UsageError(f"job {job_id} does not exist")
-    job["root_cause"] = _root_cause(job)
+    job["root_cause"] = views.root_cause(job)
     if as_json:
         click.echo(jsonlib.dumps(job, indent=1))
         return
-    click.echo(_describe_text(job))
-
-
-def _root_cause(job: dict[str, Any]) -> str | None:
-    """The first thing that went wrong, named before the rest (node, child, code, reason)."""
-    if job.get("state") != "FAILED":
-        return None
-    for child in job.get("failed_children") or []:
-        code = child.get("exit_code")
-        return (
-            f"array child {child['id']} FAILED"
-            + (f" with exit code {code}" if code is not None else "")
-            + (f": {child['reason']}" if child.get("reason") else "")
-        )
-    failed_nodes = [
-        n for n in job.get("nodes") or [] if n.get("state") == "FAILED" and n.get("exit_code")
-    ]
-    if failed_nodes:
-        n = failed_nodes[0]
-        return f"node {n['node_index']} on {n['host']} exited with code {n['exit_code']}" + (
-            f" ({n['reason']})" if n.get("reason") else ""
-        )
-    code = job.get("exit_code")
-    sig = job.get("signal")
-    if code is None and not sig:
-        return job.get("reason") or "unknown"
-    what = f"exit code {code}" if code is not None else f"signal {sig}"
-    return what + (f": {job['reason']}" if job.get("reason") else "")
-
-
-def _describe_text(job: dict[str, Any]) -> str:
-    import time
-
-    def t(v: Any) -> str:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v)) if v else "-"
-
-    lines = []
-    if job.get("root_cause"):
-        lines.append(f"root cause:  {job['root_cause']}")
-    for key in ("id", "name", "type", "state", "reason", "queue", "exit_code", "signal"):
-        if job.get(key) is not None:
-            lines.append(f"{key + ':':12} {job[key]}")
-    lines.append(f"{'created:':12} {t(job.get('created'))}")
-    lines.append(f"{'started:':12} {t(job.get('started'))}")
-    lines.append(f"{'stopped:':12} {t(job.get('stopped'))}")
-    if job.get("depends_on"):
-        lines.append(f"{'depends_on:':12} {', '.join(job['depends_on'])}")
-    if job.get("children_counts"):
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(job["children_counts"].items()))
-        lines.append(f"{'children:':12} {counts}")
-    for a in job.get("attempts") or []:
-        hosts = ",".join(a.get("hosts") or [])
-        lines.append(
-            f"attempt {a['number']}:  {a.get('final_state') or 'running'} on {hosts or '-'}"
-            f"  exit {a.get('exit_code')}  signal {a.get('signal')}"
-            + (f"  reason: {a['reason']}" if a.get("reason") else "")
-        )
-        if a.get("placed_at") and a.get("running_at"):
-            lines.append(
-                f"             placement→running {a['running_at'] - a['placed_at']:.3f}s"
-                + (
-                    f"  main exit→reaped {a['reaped_at'] - a['main_exit_at']:.3f}s"
-                    if a.get("reaped_at") and a.get("main_exit_at")
-                    else ""
-                )
-            )
-    for n in job.get("nodes") or []:
-        lines.append(
-            f"node {n['node_index']}:     {n.get('state')} on {n.get('host')} group {n.get('grp')}"
-            f"  exit {n.get('exit_code')}" + (f"  {n['reason']}" if n.get("reason") else "")
-        )
-    if job.get("definition"):
-        import json as jsonlib
-
-        lines.append("definition:  " + jsonlib.dumps(job["definition"]))
-    return "\n".join(lines)
+    click.echo(views.describe_text(job))
 
 
 @cli.command(
@@ -540,16 +456,16 @@ def hosts(ctx: click.Context, /, check: bool, as_json: bool, **o: Any) -> None:
                 click.echo(jsonlib.dumps(live, indent=2))
             else:
                 cols = ["name", "address", "state", "vcpus", "vcpus_free", "gpus", "gpus_free"]
-                click.echo(_table(live, [*cols, "tasks"]))
+                click.echo(views.table(live, [*cols, "tasks"]))
             return
     inventory = resolve_inventory(s["inventory"], s["local_nodes"])
     if not check:
-        rows = [_declared_host(inventory, h) for h in inventory.hosts]
+        rows = [views.declared_host(inventory, h) for h in inventory.hosts]
         if as_json:
             click.echo(jsonlib.dumps(rows, indent=2))
         else:
             click.echo(
-                _table(
+                views.table(
                     rows,
                     [
                         "name",
@@ -581,38 +497,6 @@ def hosts(ctx: click.Context, /, check: bool, as_json: bool, **o: Any) -> None:
     bad = [r for r in reports if not r.ok]
     if bad:
         raise InfraError(f"{len(bad)} of {len(reports)} hosts unusable")
-
-
-def _declared_host(inventory: Any, h: Any) -> dict[str, Any]:
-    from mnp.spec import format_memory
-
-    def auto(v: Any) -> Any:
-        return "auto" if v is None else v
-
-    return {
-        "name": h.name,
-        "address": h.address,
-        "transport": h.transport,
-        "vcpus": auto(h.vcpus),
-        "memory": "auto" if h.memory is None else format_memory(h.memory),
-        "gpus": auto(h.gpus),
-        "labels": list(h.labels),
-        "compute_environments": [
-            ce.name for ce in inventory.compute_environments.values() if h.name in ce.hosts
-        ],
-    }
-
-
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    def cell(v: Any) -> str:
-        return ",".join(map(str, v)) if isinstance(v, list) else str(v)
-
-    cells = [[cell(r[c]) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-    for row in cells:
-        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-    return "\n".join(lines)
 
 
 @cli.command()
@@ -690,9 +574,7 @@ def cancel(ctx: click.Context, /, job_id: str, reason: str, **o: Any) -> None:
     Example:
       mnp cancel 42 --reason "wrong input"
     """
-    with _client(_settings(ctx, **o), start=False) as client:
-        answer = client.request("cancel", job_id=job_id, reason=reason)
-    click.echo(f"{answer['job_id']} {answer['state']}")
+    _end_job(ctx, "cancel", job_id, reason, o)
 
 
 @cli.command()
@@ -707,8 +589,12 @@ def terminate(ctx: click.Context, /, job_id: str, reason: str, **o: Any) -> None
     Example:
       mnp terminate 42 --reason "taking too long"
     """
+    _end_job(ctx, "terminate", job_id, reason, o)
+
+
+def _end_job(ctx: click.Context, op: str, job_id: str, reason: str, o: dict[str, Any]) -> None:
     with _client(_settings(ctx, **o), start=False) as client:
-        answer = client.request("terminate", job_id=job_id, reason=reason)
+        answer = client.request(op, job_id=job_id, reason=reason)
     click.echo(f"{answer['job_id']} {answer['state']}")
 
 
@@ -791,7 +677,7 @@ def queues(ctx: click.Context, /, as_json: bool, **o: Any) -> None:
         }
         for r in rows
     ]
-    click.echo(_table(table, ["name", "priority", "state", "compute_environments", "jobs"]))
+    click.echo(views.table(table, ["name", "priority", "state", "compute_environments", "jobs"]))
 
 
 @cli.group()

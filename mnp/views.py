@@ -1,0 +1,120 @@
+"""What the commands print: tables and job descriptions (pure: dicts in, text out)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+
+def age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+def root_cause(job: dict[str, Any]) -> str | None:
+    """The first thing that went wrong, named before the rest (node, child, code, reason)."""
+    if job.get("state") != "FAILED":
+        return None
+    for child in job.get("failed_children") or []:
+        code = child.get("exit_code")
+        return (
+            f"array child {child['id']} FAILED"
+            + (f" with exit code {code}" if code is not None else "")
+            + (f": {child['reason']}" if child.get("reason") else "")
+        )
+    failed_nodes = [
+        n for n in job.get("nodes") or [] if n.get("state") == "FAILED" and n.get("exit_code")
+    ]
+    if failed_nodes:
+        n = failed_nodes[0]
+        return f"node {n['node_index']} on {n['host']} exited with code {n['exit_code']}" + (
+            f" ({n['reason']})" if n.get("reason") else ""
+        )
+    code = job.get("exit_code")
+    sig = job.get("signal")
+    if code is None and not sig:
+        return job.get("reason") or "unknown"
+    what = f"exit code {code}" if code is not None else f"signal {sig}"
+    return what + (f": {job['reason']}" if job.get("reason") else "")
+
+
+def describe_text(job: dict[str, Any]) -> str:
+    def t(v: Any) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v)) if v else "-"
+
+    lines = []
+    if job.get("root_cause"):
+        lines.append(f"root cause:  {job['root_cause']}")
+    for key in ("id", "name", "type", "state", "reason", "queue", "exit_code", "signal"):
+        if job.get(key) is not None:
+            lines.append(f"{key + ':':12} {job[key]}")
+    lines.append(f"{'created:':12} {t(job.get('created'))}")
+    lines.append(f"{'started:':12} {t(job.get('started'))}")
+    lines.append(f"{'stopped:':12} {t(job.get('stopped'))}")
+    if job.get("depends_on"):
+        lines.append(f"{'depends_on:':12} {', '.join(job['depends_on'])}")
+    if job.get("children_counts"):
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(job["children_counts"].items()))
+        lines.append(f"{'children:':12} {counts}")
+    for a in job.get("attempts") or []:
+        hosts = ",".join(a.get("hosts") or [])
+        lines.append(
+            f"attempt {a['number']}:  {a.get('final_state') or 'running'} on {hosts or '-'}"
+            f"  exit {a.get('exit_code')}  signal {a.get('signal')}"
+            + (f"  reason: {a['reason']}" if a.get("reason") else "")
+        )
+        if a.get("placed_at") and a.get("running_at"):
+            lines.append(
+                f"             placement→running {a['running_at'] - a['placed_at']:.3f}s"
+                + (
+                    f"  main exit→reaped {a['reaped_at'] - a['main_exit_at']:.3f}s"
+                    if a.get("reaped_at") and a.get("main_exit_at")
+                    else ""
+                )
+            )
+    for n in job.get("nodes") or []:
+        lines.append(
+            f"node {n['node_index']}:     {n.get('state')} on {n.get('host')} group {n.get('grp')}"
+            f"  exit {n.get('exit_code')}" + (f"  {n['reason']}" if n.get("reason") else "")
+        )
+    if job.get("definition"):
+        lines.append("definition:  " + json.dumps(job["definition"]))
+    return "\n".join(lines)
+
+
+def declared_host(inventory: Any, h: Any) -> dict[str, Any]:
+    from mnp.spec import format_memory
+
+    def auto(v: Any) -> Any:
+        return "auto" if v is None else v
+
+    return {
+        "name": h.name,
+        "address": h.address,
+        "transport": h.transport,
+        "vcpus": auto(h.vcpus),
+        "memory": "auto" if h.memory is None else format_memory(h.memory),
+        "gpus": auto(h.gpus),
+        "labels": list(h.labels),
+        "compute_environments": [
+            ce.name for ce in inventory.compute_environments.values() if h.name in ce.hosts
+        ],
+    }
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(v: Any) -> str:
+        return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    cells = [[cell(r[c]) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    for row in cells:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
