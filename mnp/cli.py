@@ -213,7 +213,8 @@ def run(ctx: click.Context, /, definition: tuple[str, ...], verbose: bool, **o: 
     client = ApiClient.connect(Path(s["home"]))
     if client is not None:
         with client:
-            sys.exit(_run_through(client, Path(s["home"]), defn, verbose))
+            if _serves(client, s):
+                sys.exit(_run_through(client, Path(s["home"]), defn, verbose))
     code = run_job(defn, s["inventory"], s["local_nodes"], verbose=verbose)
     sys.exit(code)
 
@@ -292,6 +293,12 @@ def submit(ctx: click.Context, /, definition: tuple[str, ...], wait: bool, **o: 
     )
     defn = build_definition(ctx, definition, o)
     with _client(s, start=True) as client:
+        if not _serves(client, s):
+            info = client.request("info")
+            raise UsageError(
+                f"the controller for {s['home']} serves inventory {info['inventory']}, not "
+                f"{inventory_key(s)}: stop it (mnp controller stop) or use another --home"
+            )
         answer = client.request("submit", definition=definition_to_dict(defn), source=defn.source)
         job_id = answer["job_id"]
         click.echo(job_id)
@@ -300,6 +307,25 @@ def submit(ctx: click.Context, /, definition: tuple[str, ...], wait: bool, **o: 
             if outcome.get("state") == "FAILED":
                 click.echo(f"mnp: job {job_id} FAILED: {outcome.get('reason')}", err=True)
             sys.exit(int(outcome.get("exit_code", 1)))
+
+
+def inventory_key(s: dict[str, Any]) -> str:
+    """Which inventory the settings name, comparable across working directories."""
+    spec = str(s.get("inventory") or "")
+    if spec in ("", "local"):
+        return f"local:{s['local_nodes']}"
+    if spec.startswith("hostfile:"):
+        return "hostfile:" + os.path.realpath(spec[len("hostfile:") :])
+    if spec in ("slurm", "pbs", "auto"):
+        return spec
+    return os.path.realpath(os.path.expanduser(spec))
+
+
+def _serves(client: Any, s: dict[str, Any]) -> bool:
+    """Whether the running controller serves the inventory asked for (any, if none was)."""
+    if not s.get("inventory"):
+        return True
+    return bool(client.request("info")["inventory"] == inventory_key(s))
 
 
 def _client(s: dict[str, Any], *, start: bool) -> Any:
@@ -705,7 +731,8 @@ def controller_start(ctx: click.Context, /, foreground: bool, **o: Any) -> None:
         from mnp.spec import resolve_inventory
 
         inventory = resolve_inventory(s["inventory"], s["local_nodes"])
-        sys.exit(daemon.serve_forever(home, make_handler_factory(home, inventory)))
+        factory = make_handler_factory(home, inventory, inventory_key(s))
+        sys.exit(daemon.serve_forever(home, factory))
     extra = ["--local-nodes", str(s["local_nodes"])]
     if s.get("inventory"):
         extra += ["--inventory", s["inventory"]]

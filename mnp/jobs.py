@@ -175,7 +175,7 @@ class Job:
             "name": self.defn.name,
             "queue": self.defn.queue,
             "status": state.value,
-            "previous": previous.value,
+            "previous": previous.value if previous is not state else None,
             "reason": reason,
             "attempt": len(self.attempts),
             "exit_code": exit_code,

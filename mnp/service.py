@@ -40,9 +40,10 @@ def root_of(job_id: str) -> str:
 
 
 class Service:
-    def __init__(self, home: Path, inventory: Inventory) -> None:
+    def __init__(self, home: Path, inventory: Inventory, inventory_key: str = "") -> None:
         self.home = home
         self.inventory = inventory
+        self.inventory_key = inventory_key
         self.store = Store(home / "mnp.db")
         self.events_file = open(home / "events.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         token = self.store.get_meta("controller_token")
@@ -272,6 +273,11 @@ class Service:
             raise JobRefused(f"job {job_id} is not known to the running controller")
         return job
 
+    async def op_info(self, request: dict[str, Any], r: Responder) -> None:
+        await r.end(
+            {"ok": True, "inventory": self.inventory_key, "hosts": len(self.inventory.hosts)}
+        )
+
     async def op_submit(self, request: dict[str, Any], r: Responder) -> None:
         job = self.controller.submit(self._definition(request))
         self.flush()
@@ -373,11 +379,13 @@ class Service:
         await r.end({"ok": True, "queues": rows})
 
 
-def make_handler_factory(home: Path, inventory: Inventory) -> Callable[[Callable[[], None]], Any]:
+def make_handler_factory(
+    home: Path, inventory: Inventory, inventory_key: str = ""
+) -> Callable[[Callable[[], None]], Any]:
     """What ``daemon.serve_forever`` runs: build the service, then hand back its handler."""
 
     async def make_handler(stop: Callable[[], None]) -> tuple[Handler, Any]:
-        service = Service(home, inventory)
+        service = Service(home, inventory, inventory_key)
         try:
             await service.start()
         except BaseException:
