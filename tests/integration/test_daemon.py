@@ -159,3 +159,13 @@ def _marked(p: psutil.Process, mark: str) -> bool:
         return p.environ().get("TEST_MARK") == mark
     except (psutil.Error, OSError):
         return False
+
+
+def test_a_controller_serves_only_its_own_inventory(home: dict[str, str]) -> None:
+    submit(home, "--", "true")  # starts a controller on the local default (4 nodes)
+    r = mnp("submit", "--inventory", "local", "--local-nodes", "2", "--", "true", env=home)
+    assert r.returncode == 2
+    assert "serves inventory local:4, not local:2" in r.stderr
+    # mnp run with another inventory runs in-process instead
+    r = mnp("run", "--inventory", "local", "--local-nodes", "2", "--", "echo", "here", env=home)
+    assert (r.returncode, r.stdout) == (0, "here\n")
