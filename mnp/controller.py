@@ -830,9 +830,6 @@ class Controller:
             return
         if attempt.pending_sweeps or any(not t.gone for t in attempt.tasks.values()):
             return
-        if job.is_multinode and attempt.launch is None and job.attempt is attempt:
-            # ended before its nodes were started (terminated while STARTING)
-            pass
         attempt.reaped_at = now
         attempt.stopped_at = now
         for grant in attempt.grants:
