@@ -356,3 +356,26 @@ def test_the_daemon_serves_an_ssh_inventory(sshd_hosts: SshdCluster, tmp_path: P
         assert [h["state"] for h in hosts] == ["up"] * 4
     finally:
         mnp("controller", "stop", env=env)
+
+
+@pytest.mark.ssh
+def test_hosts_check_lists_four_usable_hosts_with_their_facts(sshd_hosts: SshdCluster) -> None:
+    r = mnp("hosts", "--inventory", inv(sshd_hosts), "--check", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["name"] for row in rows] == sshd_hosts.names
+    for row in rows:
+        assert row["ok"] and row["cores"] >= 1 and row["memory"] > 0
+        assert row["python"] and row["agent_s"] is not None
+    table = mnp("hosts", "--inventory", inv(sshd_hosts), "--check")
+    assert table.returncode == 0 and "4 of 4 hosts usable" in table.stdout
+
+
+@pytest.mark.ssh
+def test_hosts_check_exits_3_and_says_why_a_host_is_unusable(
+    sshd_hosts: SshdCluster, inventory_without_sshd3: Path
+) -> None:
+    r = mnp("hosts", "--inventory", str(inventory_without_sshd3), "--check")
+    assert r.returncode == 3
+    line = next(x for x in r.stdout.splitlines() if x.startswith("sshd-3"))
+    assert "host" in line.lower() and "key" in line.lower()
