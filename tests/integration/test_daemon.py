@@ -169,3 +169,35 @@ def test_a_controller_serves_only_its_own_inventory(home: dict[str, str]) -> Non
     # mnp run with another inventory runs in-process instead
     r = mnp("run", "--inventory", "local", "--local-nodes", "2", "--", "echo", "here", env=home)
     assert (r.returncode, r.stdout) == (0, "here\n")
+
+
+def test_secrets_reach_the_task_and_nowhere_else(home: dict[str, str], tmp_path: Path) -> None:
+    import hashlib
+
+    file_secret = "file-" + uuid.uuid4().hex
+    env_secret = "env-" + uuid.uuid4().hex
+    (tmp_path / "token").write_text(file_secret + "\n")
+    job = tmp_path / "secret.toml"
+    job.write_text(
+        f"""\
+name = "secret"
+command = ["sh", "-c", "printenv FROM_FILE | sha256sum; printenv FROM_ENV | sha256sum"]
+[secrets]
+FROM_FILE = {{ file = "{tmp_path / "token"}" }}
+FROM_ENV = {{ env = "MNP_TEST_SECRET" }}
+"""
+    )
+    # the controller reads env secrets from its own environment: start it with one
+    env = {**home, "MNP_TEST_SECRET": env_secret}
+    r = mnp("submit", "--wait", str(job), env=env)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    digests = mnp("logs", job_id, env=home).stdout.split()
+    assert hashlib.sha256((file_secret + "\n").encode()).hexdigest() in digests
+    assert hashlib.sha256((env_secret + "\n").encode()).hexdigest() in digests
+    seen = mnp("describe", job_id, "--json", env=home).stdout + mnp("events", env=home).stdout
+    state = Path(home["MNP_HOME"])
+    for path in state.rglob("*"):
+        if path.is_file() and not path.is_socket():
+            seen += path.read_bytes().decode("utf-8", "replace")
+    assert file_secret not in seen and env_secret not in seen
