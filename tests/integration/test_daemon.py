@@ -130,7 +130,7 @@ def test_resource_misconfiguration_is_refused_at_submit(home: dict[str, str]) ->
 def test_sigkill_and_restart_lose_nothing(home: dict[str, str]) -> None:
     """5 rounds of SIGKILL under load: every job ends exactly once, nothing runs unmanaged."""
     mark = uuid.uuid4().hex
-    arr = submit(home, "--env", f"TEST_MARK={mark}", "--array-size", "200", "--", "sleep", "0.05")
+    arr = submit(home, "--env", f"TEST_MARK={mark}", "--array-size", "1000", "--", "sleep", "0.05")
     mn = submit(home, "--env", f"TEST_MARK={mark}", "--nodes", "2", "--", "sleep", "1.5")
     dep = submit(home, "--depends-on", arr, "--", "true")
     for _ in range(5):
@@ -149,7 +149,7 @@ def test_sigkill_and_restart_lose_nothing(home: dict[str, str]) -> None:
         if e["status"] in ("SUCCEEDED", "FAILED"):
             key = e["job_id"] + (f"#{e['node_index']}" if "node_index" in e else "")
             ends[key] = ends.get(key, 0) + 1
-    jobs = [arr, mn, dep] + [f"{arr}:{i}" for i in range(200)]
+    jobs = [arr, mn, dep] + [f"{arr}:{i}" for i in range(1000)]
     assert all(ends.get(j) == 1 for j in jobs), {j: ends.get(j) for j in jobs if ends.get(j) != 1}
     assert [p for p in psutil.process_iter() if _marked(p, mark)] == []
 
