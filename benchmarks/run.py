@@ -262,6 +262,7 @@ class Bench:
         self.mnp: list[str] = []
         self.tools: dict[str, str | None] = {}
         self.out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results.md"
+        self.argv: list[str] = list(getattr(args, "argv", []) or [])
 
     # --- plumbing -----------------------------------------------------------
 
@@ -1081,11 +1082,11 @@ class Bench:
         return out
 
     def write_markdown(self, info: dict[str, str], elapsed: float, notes: list[str]) -> None:
-        mode = "--quick" if self.quick else ""
+        command = " ".join(["python benchmarks/run.py", *self.argv])
         lines = [
             "# mnp benchmark results",
             "",
-            f"Written by `python benchmarks/run.py {mode}`".rstrip() + f" in {elapsed:.0f}s "
+            f"Written by `{command}` in {elapsed:.0f}s "
             f"({self.describe_run()}). What each figure means: [README.md](README.md).",
             "",
             "| machine | |",
@@ -1122,6 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help=f"comma-separated phases: {','.join(PHASES)}")
     ap.add_argument("--out", help="Markdown results file (default benchmarks/results.md)")
     args = ap.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # so that every controller and sshd is stopped
