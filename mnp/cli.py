@@ -198,8 +198,6 @@ def run(ctx: click.Context, /, definition: tuple[str, ...], verbose: bool, **o: 
     Runs the controller in this process (the form for submission scripts):
     Ctrl-C terminates the job, tears it down and exits 130.
     """
-    from mnp.run import run_job
-
     s = _settings(
         ctx,
         home=o.pop("home"),
@@ -215,6 +213,8 @@ def run(ctx: click.Context, /, definition: tuple[str, ...], verbose: bool, **o: 
         with client:
             if _serves(client, s):
                 sys.exit(_run_through(client, Path(s["home"]), defn, verbose))
+    from mnp.run import run_job  # the in-process controller: asyncio, transports
+
     code = run_job(defn, s["inventory"], s["local_nodes"], verbose=verbose)
     sys.exit(code)
 

@@ -255,6 +255,11 @@ class Controller:
 
     # --- crash recovery ---------------------------------------------------
 
+    def continue_numbering(self, last_seq: int) -> None:
+        """Go on after the highest ``seq`` a previous controller gave out (FIFO order
+        and the store's unique key both rely on it)."""
+        self._seq = max(self._seq, last_seq)
+
     def restore(self, items: Sequence[Restored], now: float) -> None:
         """Take back the unfinished jobs a previous controller accepted (SPEC §6 "Crash
         safety"). Their agents killed whatever ran when that controller died, so an

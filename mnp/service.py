@@ -214,6 +214,7 @@ class Service:
 
     async def start(self) -> None:
         await self.controller.start()
+        self.controller.continue_numbering(self.store.max_job_seq())
         rows = self.store.unfinished_jobs()
         items = []
         for row in rows:

@@ -201,3 +201,13 @@ FROM_ENV = {{ env = "MNP_TEST_SECRET" }}
         if path.is_file() and not path.is_socket():
             seen += path.read_bytes().decode("utf-8", "replace")
     assert file_secret not in seen and env_secret not in seen
+
+
+def test_a_restarted_controller_numbers_on_after_finished_jobs(home: dict[str, str]) -> None:
+    first = submit(home, "--", "true")
+    wait_state(home, first)
+    assert mnp("controller", "stop", env=home).returncode == 0
+    assert mnp("controller", "start", env=home).returncode == 0
+    second = submit(home, "--", "true")
+    assert int(second) > int(first)
+    assert wait_state(home, second)["state"] == "SUCCEEDED"
