@@ -240,24 +240,22 @@ def _run_through(client: Any, home: Path, defn: Any, verbose: bool) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    partial: dict[tuple[str, int], str] = {}
+    lines = views.PrefixedLines()
+    prefixes: dict[tuple[str, int], str] = {}
     outcome: dict[str, Any] = {}
     for msg in client.stream("run", definition=definition_to_dict(defn), source=defn.source):
         if "out" in msg:
             key = (msg["tid"], msg["fd"])
-            lines = (partial.pop(key, "") + msg["out"]).split("\n")
-            if lines[-1]:
-                partial[key] = lines[-1]
-            prefix = f"{msg['label']}: " if msg.get("label") is not None else ""
+            prefix = prefixes[key] = f"{msg['label']}: " if msg.get("label") is not None else ""
             stream = sys.stdout if msg["fd"] == 1 else sys.stderr
-            stream.write("".join(f"{prefix}{line}\n" for line in lines[:-1]))
+            stream.write(lines.feed(key, msg["out"], prefix))
             stream.flush()
         elif msg.get("end"):
             outcome = msg
         elif "job_id" in msg:
             job_id = msg["job_id"]
-    for (_tid, fd), rest in partial.items():
-        (sys.stdout if fd == 1 else sys.stderr).write(rest + "\n")
+    for key, prefix in prefixes.items():
+        (sys.stdout if key[1] == 1 else sys.stderr).write(lines.rest(key, prefix))
     if verbose:
         for i, t in enumerate(outcome.get("timings", []), 1):
             click.echo(f"mnp: job {job_id} attempt {i}: {t}", err=True)
@@ -547,7 +545,7 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
     folder = Path(s["home"]) / "logs" / root
     suffix = ".err" if stderr else ".out"
     offsets: dict[Path, int] = {}
-    partial: dict[Path, str] = {}
+    lines = views.PrefixedLines()
 
     def matches(name: str) -> bool:
         tid = name[: -len(suffix)]
@@ -565,15 +563,12 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
         for path in files:
             with open(path, encoding="utf-8", errors="replace") as f:
                 f.seek(offsets.get(path, 0))
-                data = partial.pop(path, "") + f.read()
+                data = f.read()
                 offsets[path] = f.tell()
-            lines = data.split("\n")
-            if lines[-1] and not final:
-                partial[path] = lines[-1]
-            elif lines[-1]:
-                lines.append("")
             prefix = label(path) if many else ""
-            sys.stdout.write("".join(f"{prefix}{line}\n" for line in lines[:-1]))
+            sys.stdout.write(lines.feed(path, data, prefix))
+            if final:
+                sys.stdout.write(lines.rest(path, prefix))
         sys.stdout.flush()
 
     store = _store(s)

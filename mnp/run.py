@@ -13,6 +13,7 @@ from mnp.controller import TIMEOUT_REASON, Controller
 from mnp.jobs import Job, TaskRun, exit_status
 from mnp.model import Inventory, JobDefinition, JobState
 from mnp.transport import Transport
+from mnp.views import PrefixedLines
 
 INTERRUPTED = "Interrupted by the user (mnp run)"
 
@@ -37,7 +38,7 @@ class OutputPrinter:
 
     def __init__(self, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> None:
         self.streams = {1: stdout, 2: stderr}
-        self.partial: dict[tuple[str, int], str] = {}
+        self.lines = PrefixedLines()
 
     @staticmethod
     def label(job: Job, task: TaskRun) -> str | None:
@@ -50,25 +51,22 @@ class OutputPrinter:
             return str(job.array_index)
         return None
 
-    def __call__(self, job: Job, task: TaskRun, fd: int, data: str) -> None:
-        key = (task.tid, fd)
-        data = self.partial.pop(key, "") + data
-        lines = data.split("\n")
-        if lines[-1]:
-            self.partial[key] = lines[-1]
+    def _prefix(self, job: Job, task: TaskRun) -> str:
         label = self.label(job, task)
-        out = self.streams.get(fd, self.streams[1])
-        prefix = f"{label}: " if label is not None else ""
-        text = "".join(f"{prefix}{line}\n" for line in lines[:-1])
+        return f"{label}: " if label is not None else ""
+
+    def _write(self, fd: int, text: str) -> None:
         if text:
+            out = self.streams.get(fd, self.streams[1])
             out.write(text)
             out.flush()
 
+    def __call__(self, job: Job, task: TaskRun, fd: int, data: str) -> None:
+        self._write(fd, self.lines.feed((task.tid, fd), data, self._prefix(job, task)))
+
     def flush_task(self, job: Job, task: TaskRun) -> None:
         for fd in (1, 2):
-            rest = self.partial.pop((task.tid, fd), None)
-            if rest:
-                self(job, task, fd, rest + "\n")
+            self._write(fd, self.lines.rest((task.tid, fd), self._prefix(job, task)))
 
 
 def job_exit_code(job: Job) -> int:

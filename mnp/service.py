@@ -24,7 +24,7 @@ from typing import IO, Any
 from mnp.api import Handler, Responder
 from mnp.controller import Controller, Restored
 from mnp.errors import JobRefused, MnpError, UsageError
-from mnp.jobs import Attempt, Job, TaskRun
+from mnp.jobs import Attempt, Job, NodeRun, TaskRun
 from mnp.model import TERMINAL, Inventory, JobState
 from mnp.run import OutputPrinter, job_exit_code, transports_for
 from mnp.spec import definition_to_dict, parse_definition
@@ -104,18 +104,7 @@ class Service:
         if "node_index" in event:
             job = self.controller.jobs.get(root_of(job_id))
             if job is not None and job.attempt is not None:
-                node = job.attempt.nodes[int(event["node_index"])]
-                self.store.upsert_node(
-                    job.id,
-                    job.attempt.number,
-                    node.index,
-                    host=node.host,
-                    grp=node.group,
-                    state=node.state.value,
-                    reason=node.reason,
-                    exit_code=node.exit_code,
-                    signal=node.signal,
-                )
+                self._record_node(job, job.attempt, job.attempt.nodes[int(event["node_index"])])
         else:
             job = self.controller.jobs.get(job_id)
             if job is not None:
@@ -152,18 +141,21 @@ class Service:
             final_state=attempt.final.value if attempt.final and attempt.stopped_at else None,
         )
         for node in attempt.nodes:
-            self.store.upsert_node(
-                job.id,
-                attempt.number,
-                node.index,
-                host=node.host,
-                grp=node.group,
-                state=node.state.value,
-                reason=node.reason,
-                exit_code=node.exit_code,
-                signal=node.signal,
-            )
+            self._record_node(job, attempt, node)
         self._dirty()
+
+    def _record_node(self, job: Job, attempt: Attempt, node: NodeRun) -> None:
+        self.store.upsert_node(
+            job.id,
+            attempt.number,
+            node.index,
+            host=node.host,
+            grp=node.group,
+            state=node.state.value,
+            reason=node.reason,
+            exit_code=node.exit_code,
+            signal=node.signal,
+        )
 
     # --- output -----------------------------------------------------------
 

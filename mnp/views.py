@@ -4,7 +4,27 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Hashable
 from typing import Any
+
+
+class PrefixedLines:
+    """Chunks of output in, whole lines out, each with its prefix (``"2: "``); a
+    chunk's unfinished last line waits for the next chunk of the same stream."""
+
+    def __init__(self) -> None:
+        self._partial: dict[Hashable, str] = {}
+
+    def feed(self, key: Hashable, data: str, prefix: str) -> str:
+        lines = (self._partial.pop(key, "") + data).split("\n")
+        if lines[-1]:
+            self._partial[key] = lines[-1]
+        return "".join(f"{prefix}{line}\n" for line in lines[:-1])
+
+    def rest(self, key: Hashable, prefix: str) -> str:
+        """The unfinished line of a stream that has ended, terminated."""
+        last = self._partial.pop(key, "")
+        return f"{prefix}{last}\n" if last else ""
 
 
 def age(seconds: float) -> str:
