@@ -1,4 +1,5 @@
-"""Fixtures for the integration tests: real OpenSSH servers on loopback (see sshd.py).
+"""Fixtures for the integration tests: real OpenSSH servers on loopback (see sshd.py), and a
+node agent driven over its stdio.
 
 Without ``/usr/sbin/sshd`` the ``ssh`` tests are skipped, except in CI (``CI``
 set), where that is a failure: a test CI never runs rots.
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.sshd import SshdCluster, SshdUnavailable
+from tests.integration.test_agent_driver import Agent
 
 SshdFactory = Callable[[int], SshdCluster]
 
@@ -48,3 +50,11 @@ def sshd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdFacto
 def sshd_hosts(sshd_factory: SshdFactory) -> SshdCluster:
     """Four OpenSSH servers, sshd-1..sshd-4 on 127.0.0.2-5 (see sshd.py)."""
     return sshd_factory(4)
+
+
+@pytest.fixture
+def agent() -> Iterator[Agent]:
+    """A node agent on this machine, driven over its stdio (a 1 s kill grace)."""
+    a = Agent("--grace", "1")
+    yield a
+    a.close()

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +30,6 @@ from tests.integration.test_agent_driver import (
     tagged,
     zombie_children,
 )
-
-
-@pytest.fixture
-def agent() -> Iterator[Agent]:
-    a = Agent("--grace", "1")
-    yield a
-    a.close()
-
 
 # ---------------------------------------------------------------- basics
 

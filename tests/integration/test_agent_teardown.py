@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -24,14 +23,6 @@ from tests.integration.test_agent_driver import (
     wait_until,
     zombie_children,
 )
-
-
-@pytest.fixture
-def agent() -> Iterator[Agent]:
-    a = Agent("--grace", "1")
-    yield a
-    a.close()
-
 
 # ---------------------------------------------------------------- teardown
 
