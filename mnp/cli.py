@@ -254,6 +254,8 @@ def _run_through(client: Any, home: Path, defn: Any, verbose: bool) -> int:
             outcome = msg
         elif "job_id" in msg:
             job_id = msg["job_id"]
+            for w in msg.get("warnings", ()):
+                _warn(w)
     for key, prefix in prefixes.items():
         (sys.stdout if key[1] == 1 else sys.stderr).write(lines.rest(key, prefix))
     if verbose:
@@ -298,6 +300,8 @@ def submit(ctx: click.Context, /, definition: tuple[str, ...], wait: bool, **o: 
                 f"{inventory_key(s)}: stop it (mnp controller stop) or use another --home"
             )
         answer = client.request("submit", definition=definition_to_dict(defn), source=defn.source)
+        for w in answer.get("warnings", ()):
+            _warn(w)
         job_id = answer["job_id"]
         click.echo(job_id)
         if wait:
@@ -324,6 +328,11 @@ def _serves(client: Any, s: dict[str, Any]) -> bool:
     if not s.get("inventory"):
         return True
     return bool(client.request("info")["inventory"] == inventory_key(s))
+
+
+def _warn(warning: str | None) -> None:
+    if warning:
+        click.echo(f"mnp: warning: {warning}", err=True)
 
 
 def _client(s: dict[str, Any], *, start: bool) -> Any:
@@ -466,7 +475,7 @@ def hosts(ctx: click.Context, /, check: bool, as_json: bool, **o: Any) -> None:
 
     from mnp import hostcheck
     from mnp.run import transports_for
-    from mnp.spec import resolve_inventory
+    from mnp.spec import resolve_inventory, unverified_warning
 
     s = _settings(ctx, **o)
     if not check and not o.get("inventory"):
@@ -504,6 +513,8 @@ def hosts(ctx: click.Context, /, check: bool, as_json: bool, **o: Any) -> None:
                 )
             )
         return
+
+    _warn(unverified_warning(inventory))
 
     async def probe() -> list[hostcheck.HostReport]:
         transports = transports_for(inventory)
@@ -733,6 +744,9 @@ def controller_start(ctx: click.Context, /, foreground: bool, **o: Any) -> None:
         extra += ["--inventory", s["inventory"]]
     pid = daemon.start_background(home, extra)
     click.echo(f"controller running (pid {pid}), home {home}")
+    with _client(s, start=False) as client:
+        for w in client.request("info").get("warnings", ()):
+            _warn(w)
 
 
 @controller.command(name="stop")

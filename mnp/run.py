@@ -138,9 +138,12 @@ async def run_async(
 def run_job(
     defn: JobDefinition, inventory_spec: str | None, local_nodes: int, *, verbose: bool
 ) -> int:
-    from mnp.spec import resolve_inventory
+    from mnp.spec import resolve_inventory, unverified_warning
 
     inventory = resolve_inventory(inventory_spec, local_nodes)
+    warning = unverified_warning(inventory)
+    if warning:
+        sys.stderr.write(f"mnp: warning: {warning}\n")
     code, job = asyncio.run(run_async(defn, inventory, verbose=verbose))
     if job.state is JobState.FAILED and job.reason:
         sys.stderr.write(f"mnp: job {job.id} FAILED: {job.reason}\n")

@@ -27,7 +27,7 @@ from mnp.errors import JobRefused, MnpError, UsageError
 from mnp.jobs import Attempt, Job, NodeRun, TaskRun
 from mnp.model import TERMINAL, Inventory, JobState
 from mnp.run import OutputPrinter, job_exit_code, transports_for
-from mnp.spec import definition_to_dict, parse_definition
+from mnp.spec import definition_to_dict, parse_definition, unverified_warning
 from mnp.store import Store
 
 log = logging.getLogger("mnp")
@@ -64,6 +64,8 @@ class Service:
         self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
         self.started = time.time()
+        warning = unverified_warning(inventory)
+        self.warnings = [warning] if warning else []  # told to every client that uses it
 
     # --- Recorder ---------------------------------------------------------
 
@@ -205,6 +207,8 @@ class Service:
     # --- lifecycle --------------------------------------------------------
 
     async def start(self) -> None:
+        for w in self.warnings:
+            log.warning("%s", w)
         await self.controller.start()
         self.controller.continue_numbering(self.store.max_job_seq())
         rows = self.store.unfinished_jobs()
@@ -268,13 +272,18 @@ class Service:
 
     async def op_info(self, request: dict[str, Any], r: Responder) -> None:
         await r.end(
-            {"ok": True, "inventory": self.inventory_key, "hosts": len(self.inventory.hosts)}
+            {
+                "ok": True,
+                "inventory": self.inventory_key,
+                "hosts": len(self.inventory.hosts),
+                "warnings": self.warnings,
+            }
         )
 
     async def op_submit(self, request: dict[str, Any], r: Responder) -> None:
         job = self.controller.submit(self._definition(request))
         self.flush()
-        await r.end({"ok": True, "job_id": job.id})
+        await r.end({"ok": True, "job_id": job.id, "warnings": self.warnings})
 
     async def op_run(self, request: dict[str, Any], r: Responder) -> None:
         """Submit, stream the job's output, end with how it ended."""
@@ -282,7 +291,7 @@ class Service:
         job = self.controller.submit(self._definition(request))
         self._subscribers.setdefault(job.id, set()).add(queue)
         self.flush()
-        await r.send({"ok": True, "job_id": job.id})
+        await r.send({"ok": True, "job_id": job.id, "warnings": self.warnings})
         try:
             waiter = asyncio.ensure_future(self.controller.wait(job))
             waiter.add_done_callback(lambda _f: queue.put_nowait(None))

@@ -19,3 +19,13 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.pop("MNP_HOME", None)
     else:
         os.environ["MNP_HOME"] = old
+
+
+# The fault ledger (tests/ledger.py): its fixture and the summary it prints.
+from tests.ledger import (  # noqa: E402, F401
+    ledger,
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_runtest_makereport,
+    pytest_terminal_summary,
+)

@@ -12,7 +12,12 @@ import os
 from mnp.model import JobType
 from mnp.spec.definition import REF_PATTERN, load_definition, parse_definition, sanitize_name
 from mnp.spec.fields import read_toml
-from mnp.spec.inventory import load_inventory, local_inventory, parse_inventory
+from mnp.spec.inventory import (
+    load_inventory,
+    local_inventory,
+    parse_inventory,
+    unverified_warning,
+)
 from mnp.spec.nodeset import expand_nodeset, expand_slurm_cpus, fold_nodeset, parse_node_range
 from mnp.spec.overrides import (
     COMMAND_LINE,
@@ -52,6 +57,7 @@ __all__ = [
     "resolve_inventory",
     "sanitize_name",
     "slurm_inventory",
+    "unverified_warning",
     "validate_file",
 ]
 

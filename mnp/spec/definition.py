@@ -42,9 +42,11 @@ from mnp.model import (
 )
 from mnp.spec.fields import (
     ENV_NAME_RE,
+    MAX_ARGV_BYTES,
     NAME_RE,
     Table,
     array_of,
+    check_arg_size,
     check_env_name,
     fail,
     got,
@@ -211,7 +213,16 @@ def command_field(source: str, field: str, value: object) -> tuple[str, ...]:
             fail(source, f, f"expected a string, got {got(arg)}")
         if "\x00" in arg:
             fail(source, f, "contains a NUL character, which no argument can hold")
+        check_arg_size(source, f, arg)
         out.append(arg)
+    total = sum(len(a.encode("utf-8", "surrogateescape")) + 1 for a in out)
+    if total > MAX_ARGV_BYTES:
+        fail(
+            source,
+            field,
+            f"{total:,} bytes in all; a command can have at most {MAX_ARGV_BYTES:,}"
+            "; pass big data in a file",
+        )
     if not out[0].strip():
         fail(source, index_path(field, 0), "empty program name")
     return tuple(out)

@@ -273,6 +273,24 @@ def check_choice(source: str, field: str, value: object, choices: Sequence[str])
     fail(source, field, f"expected one of {one_of(choices)}, got {got(value)}")
 
 
+MAX_ARG_BYTES = 131_071
+"""The longest argument or environment entry Linux takes (MAX_ARG_STRLEN less the NUL)."""
+MAX_ARGV_BYTES = 1 << 20
+"""The most bytes a command may have in all: half of Linux's usual ARG_MAX (2 MiB), the
+rest left to the environment."""
+
+
+def check_arg_size(source: str, field: str, value: str) -> None:
+    n = len(value.encode("utf-8", "surrogateescape"))
+    if n > MAX_ARG_BYTES:
+        fail(
+            source,
+            field,
+            f"{n:,} bytes; an argument or environment value can have at most "
+            f"{MAX_ARG_BYTES:,} (Linux MAX_ARG_STRLEN); pass big data in a file",
+        )
+
+
 def env_value(source: str, field: str, value: object) -> str:
     """A string for the environment or a parameter; numbers and booleans are spelled as TOML."""
     if isinstance(value, bool):
@@ -285,6 +303,7 @@ def env_value(source: str, field: str, value: object) -> str:
         return repr(value)
     if not isinstance(value, str):
         fail(source, field, f"expected a string, got {got(value)}")
+    check_arg_size(source, field, value)
     return check_string(source, field, value)
 
 

@@ -81,6 +81,22 @@ def local_inventory(nodes: int = 4) -> Inventory:
     )
 
 
+def unverified_warning(inventory: Inventory) -> str | None:
+    """The warning every use of an inventory with ``known_hosts = "none"`` gives (SPEC
+    "Security"), or None when every SSH host key is verified."""
+    names = [
+        h.name
+        for h in inventory.hosts
+        if h.transport == "ssh" and (h.ssh.known_hosts or "").strip().lower() == "none"
+    ]
+    if not names:
+        return None
+    return (
+        f'{inventory.source}: known_hosts = "none": the SSH host keys of {fold_nodeset(names)} '
+        "are NOT verified; anyone on the network path can impersonate them"
+    )
+
+
 def simple_inventory(source: str, hosts: Sequence[HostSpec]) -> Inventory:
     """``hosts`` in one compute environment ``default`` and one queue ``default``."""
     ces = _default_ces(hosts)

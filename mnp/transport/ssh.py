@@ -277,7 +277,6 @@ class SshTransport(Transport):
         self.inventory = inventory
         self._conns: dict[str, asyncssh.SSHClientConnection] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._warned_unchecked = False
 
     async def open(self, host: HostSpec, agent_args: list[str]) -> AgentStream:
         python = host.ssh.python or "python3"
@@ -337,13 +336,7 @@ class SshTransport(Transport):
         if kh is None:
             return ()  # asyncssh's default: ssh_config's UserKnownHostsFile or ~/.ssh/known_hosts
         if kh.strip().lower() == "none":
-            if not self._warned_unchecked:
-                self._warned_unchecked = True
-                log.warning(
-                    'known_hosts = "none": SSH host keys are NOT verified; '
-                    "anyone on the network path can impersonate these hosts"
-                )
-            return None
+            return None  # whoever uses the inventory warns: spec.unverified_warning
         files = [os.path.expanduser(kh)]
         if os.access(GLOBAL_KNOWN_HOSTS, os.R_OK):
             files.append(GLOBAL_KNOWN_HOSTS)

@@ -30,6 +30,7 @@ from tests.integration.test_agent_driver import (
     tagged,
     zombie_children,
 )
+from tests.ledger import Ledger
 
 # ---------------------------------------------------------------- basics
 
@@ -213,7 +214,8 @@ def test_duplicate_tid_and_bad_requests(agent: Agent) -> None:
 # ---------------------------------------------------------------- garbage in
 
 
-def test_garbage_is_reported_and_ignored(agent: Agent, tmp_path: Path) -> None:
+@pytest.mark.faults
+def test_garbage_is_reported_and_ignored(agent: Agent, tmp_path: Path, ledger: Ledger) -> None:
     marker = tmp_path / "ran"
     touch = ["touch", str(marker)]
     bad_lines = [
@@ -246,6 +248,8 @@ def test_garbage_is_reported_and_ignored(agent: Agent, tmp_path: Path) -> None:
     ]
     agent.send_raw(b"\n".join(bad_lines) + b"\n\n   \n")
     errors = [agent.expect("error") for _ in bad_lines]
+    for _ in bad_lines:
+        ledger.input("agent protocol line")
     assert all(isinstance(e["msg"], str) and e["msg"] for e in errors)
     agent.send(op="ping", id=1)
     agent.expect("pong")
@@ -271,8 +275,10 @@ def test_text_the_os_cannot_take_fails_the_spawn(agent: Agent) -> None:
     assert not any(e["ev"] == "started" for e in agent.history)
 
 
-def test_overlong_line_is_refused() -> None:
+@pytest.mark.faults
+def test_overlong_line_is_refused(ledger: Ledger) -> None:
     a = Agent()
+    ledger.input("agent protocol line")
     try:
         huge = b'{"op":"spawn","tid":"h","argv":["echo","' + b"y" * (16 << 20) + b'"]}\n'
         writer = threading.Thread(target=a.send_raw, args=(huge,))
@@ -286,8 +292,10 @@ def test_overlong_line_is_refused() -> None:
         assert a.close() == 0
 
 
-def test_incomplete_last_line_is_not_run(tmp_path: Path) -> None:
+@pytest.mark.faults
+def test_incomplete_last_line_is_not_run(tmp_path: Path, ledger: Ledger) -> None:
     a = Agent()
+    ledger.input("agent protocol line")
     marker = tmp_path / "ran"
     a.send_raw(json.dumps({"op": "spawn", "tid": "i", "argv": ["touch", str(marker)]}).encode())
     assert a.proc.stdin is not None
@@ -295,6 +303,34 @@ def test_incomplete_last_line_is_not_run(tmp_path: Path) -> None:
     assert "incomplete" in a.expect("error")["msg"]
     assert a.close() == 0
     assert not marker.exists()
+
+
+@pytest.mark.faults
+def test_truncated_and_random_lines_never_run_anything(
+    agent: Agent, tmp_path: Path, ledger: Ledger
+) -> None:
+    """Every proper prefix of a valid spawn (a line cut short), and 300 lines of random
+    bytes: each is answered with one error, nothing starts, and the agent still works."""
+    import random
+
+    marker = tmp_path / "ran"
+    valid = json.dumps({"op": "spawn", "tid": "f", "argv": ["touch", str(marker)]}).encode()
+    rng = random.Random(7)
+    lines = [valid[:n] for n in range(1, len(valid))]
+    for _ in range(300):
+        raw = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+        lines.append(raw.replace(b"\n", b" ").strip() or b"x")
+    for chunk in range(0, len(lines), 50):  # in bursts, as a flaky channel would deliver
+        agent.send_raw(b"\n".join(lines[chunk : chunk + 50]) + b"\n")
+    errors = [agent.expect("error") for _ in lines]
+    for e in errors:
+        ledger.input("agent protocol line (truncated, random)", escaped=not e.get("msg"))
+    agent.send(op="ping", id=3)
+    agent.expect("pong")
+    assert [e for e in agent.history if e["ev"] in ("started", "exited", "gone")] == []
+    assert not marker.exists()
+    agent.run("ok", ["echo", "still here"])
+    assert agent.output("ok") == "still here\n"
 
 
 # ---------------------------------------------------------------- shipping and speed

@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from tests.helpers import mnp, wait_no_procs
+from tests.ledger import Ledger
 
 
 @pytest.fixture
@@ -127,7 +128,8 @@ def test_resource_misconfiguration_is_refused_at_submit(home: dict[str, str]) ->
     assert "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT" in r.stderr
 
 
-def test_sigkill_and_restart_lose_nothing(home: dict[str, str]) -> None:
+@pytest.mark.faults
+def test_sigkill_and_restart_lose_nothing(home: dict[str, str], ledger: Ledger) -> None:
     """5 rounds of SIGKILL under load: every job ends exactly once, nothing runs unmanaged."""
     mark = uuid.uuid4().hex
     arr = submit(home, "--env", f"TEST_MARK={mark}", "--array-size", "1000", "--", "sleep", "0.05")
@@ -137,8 +139,11 @@ def test_sigkill_and_restart_lose_nothing(home: dict[str, str]) -> None:
         time.sleep(0.6)
         st = json.loads(mnp("controller", "status", "--json", env=home).stdout)
         os.kill(int(st["pid"]), signal.SIGKILL)
+        ledger.fault("controller SIGKILL + restart (local hosts)")
         # its local agents die with it, and take their tasks along
-        assert wait_no_procs("TEST_MARK", mark, 5) == []
+        left = wait_no_procs("TEST_MARK", mark, 5)
+        ledger.orphans_found(len(left))
+        assert left == []
         r = mnp("controller", "start", env=home)
         assert r.returncode == 0, r.stderr
     for job in (arr, mn, dep):
@@ -150,6 +155,7 @@ def test_sigkill_and_restart_lose_nothing(home: dict[str, str]) -> None:
             key = e["job_id"] + (f"#{e['node_index']}" if "node_index" in e else "")
             ends[key] = ends.get(key, 0) + 1
     jobs = [arr, mn, dep] + [f"{arr}:{i}" for i in range(1000)]
+    ledger.jobs(accepted=len(jobs), lost=sum(ends.get(j) != 1 for j in jobs))
     assert all(ends.get(j) == 1 for j in jobs), {j: ends.get(j) for j in jobs if ends.get(j) != 1}
     assert [p for p in psutil.process_iter() if _marked(p, mark)] == []
 
@@ -171,6 +177,7 @@ def test_a_controller_serves_only_its_own_inventory(home: dict[str, str]) -> Non
     assert (r.returncode, r.stdout) == (0, "here\n")
 
 
+@pytest.mark.security("secrets reach the task and appear nowhere else")
 def test_secrets_reach_the_task_and_nowhere_else(home: dict[str, str], tmp_path: Path) -> None:
     import hashlib
 

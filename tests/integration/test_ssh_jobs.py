@@ -113,6 +113,7 @@ def test_four_nodes_on_four_hosts_with_attempt_timings(
 
 
 @pytest.mark.ssh
+@pytest.mark.security("metacharacters reach the task literally")
 def test_shell_metacharacters_arrive_literally(sshd_hosts: SshdCluster, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     evil = f"$(touch {marker}); rm -rf ~ `touch {marker}` * | && 'q' \"dq\" \\ ;"
@@ -155,6 +156,7 @@ def inventory_without_sshd3(
 
 
 @pytest.mark.ssh
+@pytest.mark.security("an unknown SSH host key is refused before login")
 def test_unknown_host_key_is_refused_and_jobs_run_on_the_others(
     sshd_hosts: SshdCluster, inventory_without_sshd3: Path
 ) -> None:

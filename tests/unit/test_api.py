@@ -23,6 +23,7 @@ from mnp.api import MAX_LINE, ApiClient, ApiServer, Handler, Responder, socket_p
 from mnp.daemon import prepare_home
 from mnp.errors import InfraError, JobRefused, MnpError, UsageError
 from tests.helpers import ROOT
+from tests.ledger import Ledger
 
 T = TypeVar("T")
 
@@ -217,7 +218,10 @@ def test_client_timeout(client: ApiClient) -> None:
 # --------------------------------------------------------------------------- bad input
 
 
-def test_malformed_lines_are_answered_and_the_connection_kept(server: ServerThread) -> None:
+@pytest.mark.faults
+def test_malformed_lines_are_answered_and_the_connection_kept(
+    server: ServerThread, ledger: Ledger
+) -> None:
     payload = (
         b"not json\n"
         b"[1, 2]\n"
@@ -229,6 +233,7 @@ def test_malformed_lines_are_answered_and_the_connection_kept(server: ServerThre
     )
     out = raw_lines(server.home, payload, 6)
     for msg in out[:5]:
+        ledger.input("control socket line", escaped="Traceback" in str(msg))
         assert msg["ok"] is False and msg["exit_code"] == 2 and msg["end"] is True
         assert msg["error"].startswith("malformed request")
     assert "id" not in out[0] and "id" not in out[1] and "id" not in out[4]
@@ -236,7 +241,9 @@ def test_malformed_lines_are_answered_and_the_connection_kept(server: ServerThre
     assert out[5] == {"ok": True, "value": "ok", "id": 9, "end": True}
 
 
-def test_an_oversized_line_is_refused_and_skipped(server: ServerThread) -> None:
+@pytest.mark.faults
+def test_an_oversized_line_is_refused_and_skipped(server: ServerThread, ledger: Ledger) -> None:
+    ledger.input("control socket line")
     huge = b'{"op": "echo", "id": 1, "value": "' + b"x" * MAX_LINE + b'"}\n'
     out = raw_lines(server.home, huge + b'{"op": "echo", "id": 2, "value": "next"}\n', 2)
     assert out[0]["ok"] is False and out[0]["exit_code"] == 2
@@ -402,6 +409,7 @@ async def _output_of(child: tuple[int, int]) -> str:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to uid 65534 needs root")
+@pytest.mark.security("the control socket refuses another uid")
 async def test_a_peer_with_another_uid_is_refused() -> None:
     # a home nobody can traverse to, so only the socket's own mode matters
     base = Path(tempfile.mkdtemp(prefix="mnp-uid-", dir="/tmp"))

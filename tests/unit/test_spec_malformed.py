@@ -14,6 +14,9 @@ from hypothesis import strategies as st
 
 from mnp.errors import SpecError
 from mnp.spec import load_definition, load_inventory, parse_definition, parse_inventory
+from tests.ledger import Ledger
+
+pytestmark = pytest.mark.faults
 
 CMD = 'command = ["true"]\n'
 MN = 'type = "multinode"\n[multinode]\nnum_nodes = 4\n'
@@ -365,11 +368,15 @@ def _check(err: SpecError, expected: str) -> None:
 @pytest.mark.parametrize(("content", "expected"), [c[1:] for c in DEFINITIONS],
                          ids=[c[0] for c in DEFINITIONS])  # fmt: skip
 def test_malformed_definition(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str | bytes, expected: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    content: str | bytes,
+    expected: str,
+    ledger: Ledger,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     Path("job.toml").write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(SpecError) as e:
+    with ledger.tried("definition file"), pytest.raises(SpecError) as e:
         load_definition("job.toml")
     _check(e.value, expected)
 
@@ -377,11 +384,15 @@ def test_malformed_definition(
 @pytest.mark.parametrize(("content", "expected"), [c[1:] for c in INVENTORIES],
                          ids=[c[0] for c in INVENTORIES])  # fmt: skip
 def test_malformed_inventory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str | bytes, expected: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    content: str | bytes,
+    expected: str,
+    ledger: Ledger,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     Path("inv.toml").write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(SpecError) as e:
+    with ledger.tried("inventory file"), pytest.raises(SpecError) as e:
         load_inventory("inv.toml")
     _check(e.value, expected)
 
@@ -426,17 +437,53 @@ _DATA = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(_KEYS, _DATA, max_size=8))
-def test_parse_definition_raises_only_spec_error(data: dict[str, object]) -> None:
-    try:
-        parse_definition(data, "fuzz.toml")
-    except SpecError as e:
-        assert "\n" not in str(e) and str(e).startswith("fuzz.toml")
+def test_parse_definition_raises_only_spec_error(ledger: Ledger, data: dict[str, object]) -> None:
+    with ledger.tried("definition (hypothesis)"):
+        try:
+            parse_definition(data, "fuzz.toml")
+        except SpecError as e:
+            assert "\n" not in str(e) and str(e).startswith("fuzz.toml")
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(_KEYS, _DATA, max_size=8))
-def test_parse_inventory_raises_only_spec_error(data: dict[str, object]) -> None:
-    try:
-        parse_inventory(data, "fuzz.toml")
-    except SpecError as e:
-        assert "\n" not in str(e) and str(e).startswith("fuzz.toml")
+def test_parse_inventory_raises_only_spec_error(ledger: Ledger, data: dict[str, object]) -> None:
+    with ledger.tried("inventory (hypothesis)"):
+        try:
+            parse_inventory(data, "fuzz.toml")
+        except SpecError as e:
+            assert "\n" not in str(e) and str(e).startswith("fuzz.toml")
+
+
+_NODESET_TEXT = st.text(alphabet="ab01-9[],-_.", max_size=24) | st.text(max_size=16)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_NODESET_TEXT)
+def test_nodesets_in_an_inventory_raise_only_spec_error(ledger: Ledger, text: str) -> None:
+    with ledger.tried("nodeset in an inventory (hypothesis)"):
+        try:
+            inv = parse_inventory({"hosts": [{"names": text}]}, "fuzz.toml")
+        except SpecError as e:
+            assert "\n" not in str(e) and str(e).startswith("fuzz.toml:hosts[0].names")
+        else:
+            assert inv.hosts and all(h.name for h in inv.hosts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet="0123456789:-, x", max_size=8), min_size=1, max_size=6))
+def test_node_ranges_in_a_definition_raise_only_spec_error(
+    ledger: Ledger, ranges: list[str]
+) -> None:
+    data = {
+        "command": ["true"],
+        "type": "multinode",
+        "multinode": {"num_nodes": 8, "groups": [{"target_nodes": r} for r in ranges]},
+    }
+    with ledger.tried("node ranges in a definition (hypothesis)"):
+        try:
+            d = parse_definition(data, "fuzz.toml")
+        except SpecError as e:
+            assert "\n" not in str(e) and str(e).startswith("fuzz.toml:multinode")
+        else:
+            assert d.multinode is not None
