@@ -40,6 +40,10 @@ class Recorder(Protocol):
 
     def next_id(self) -> str: ...
 
+    def ids_below(self) -> int:
+        """Every job id ``next_id`` gave out so far is below this number."""
+        ...
+
     def jobs_added(self, jobs: Sequence[Job]) -> None: ...
 
     def event(self, event: dict[str, Any]) -> int:
@@ -146,6 +150,10 @@ class Controller:
             await conn.close()
             return False
         conn.start(self._on_agent_event, self._on_host_lost)
+        try:
+            conn.send(self._stale_sweep())
+        except MnpError:
+            pass  # the connection died already; the reader reports it
         self.agents[host.name] = conn
         self.host_errors.pop(host.name, None)
         gpus = tuple(int(g["index"]) for g in facts.get("gpus", []))
@@ -163,6 +171,15 @@ class Controller:
             )
         self._kick()
         return True
+
+    def _stale_sweep(self) -> Event:
+        """What a new agent kills before it runs anything: processes of this controller
+        left on its host by jobs that are over, or by an agent that died (SIGKILL, host
+        lost) -- their jobs, if still running, were given up on that host and retried."""
+        live = sorted({job.id for job in self.jobs.values() if job.parent is None
+                       and job.state not in TERMINAL})  # fmt: skip
+        below = self.recorder.ids_below() if self.recorder is not None else self._next_id
+        return {"op": "stale", "live": live, "below": below, "grace": self.agent_grace}
 
     async def _reconnect(self, name: str) -> None:
         """Try again with exponential backoff (0.5 s doubling to 30 s) until the host is back."""

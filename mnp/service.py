@@ -72,6 +72,9 @@ class Service:
     def next_id(self) -> str:
         return str(self.store.next_job_id())
 
+    def ids_below(self) -> int:
+        return self.store.job_ids_below
+
     def jobs_added(self, jobs: Sequence[Job]) -> None:
         rows = []
         for job in jobs:

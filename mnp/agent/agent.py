@@ -21,6 +21,7 @@ from .loop import Feeder, LineReader, Loop, Output, Stream
 from .proc import (
     Tagger,
     agent_children,
+    agent_identity,
     children_list,
     group_exists,
     read_stat,
@@ -29,7 +30,7 @@ from .proc import (
     snapshot,
 )
 from .spawn import Spawner, SpawnError, task_env, write_files
-from .tasks import FIRST_CHECK, MAX_CHECK, Task, Teardown, targets
+from .tasks import FIRST_CHECK, MAX_CHECK, StaleRule, Task, Teardown, targets
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
@@ -64,6 +65,7 @@ class Agent:
         self.out = out if out is not None else Output()
         self.env = dict(os.environ)
         self.tagger = Tagger(ctl)
+        self.identity = agent_identity()  # MNP_AGENT_ID of its tasks
         self.spawner = Spawner()
         self.tasks: Dict[str, Task] = {}  # until `gone`
         self.by_pid: Dict[int, Task] = {}  # main process → task, until reaped
@@ -85,6 +87,7 @@ class Agent:
             "signal": self.op_signal,
             "kill": self.op_kill,
             "sweep": self.op_sweep,
+            "stale": self.op_stale,
             "ping": self.op_ping,
             "facts": self.op_facts,
             "port": self.op_port,
@@ -217,7 +220,7 @@ class Agent:
         if self.stopping:
             raise BadRequest("the agent is shutting down")
 
-        env = task_env(self.env, changes, tid, self.ctl)
+        env = task_env(self.env, changes, tid, self.ctl, self.identity)
         if cwd is not None and "PWD" not in changes:
             env["PWD"] = cwd  # as a shell's cd would: the login shell's PWD is wrong here
         if do_expand is not False:
@@ -296,6 +299,22 @@ class Agent:
         if not isinstance(job, str) or not job:
             raise BadRequest("job must be a non-empty string")
         self._teardown("s:" + job, "sweep", job, None, self._grace(msg))
+
+    def op_stale(self, msg: Dict[str, Any]) -> None:
+        live = msg.get("live")
+        if not (isinstance(live, list) and all(isinstance(j, str) for j in live)):
+            raise BadRequest("live must be a list of job ids")
+        below = msg.get("below")
+        if not isinstance(below, int) or isinstance(below, bool) or below < 0:
+            raise BadRequest("below must be an integer >= 0")
+        grace = self._grace(msg)
+        old = self.teardowns.get("stale")
+        if old is not None:  # the newer list wins; what the old one found is killed at once
+            self._drop_tag_sweep(old)
+        boot = self.identity.split(":", 1)[0]
+        rule = StaleRule(set(live), below, boot, self.tagger)
+        self._teardown("stale", "stale", "", None, grace)
+        self.teardowns["stale"].rule = rule
 
     def op_ping(self, msg: Dict[str, Any]) -> None:
         self.out.emit({"ev": "pong", "id": msg.get("id"), "t": _now()})
@@ -541,6 +560,8 @@ class Agent:
             self.out.emit({"ev": "gone", "tid": td.name, "t": _now(), "killed": killed})
         elif td.kind == "sweep":
             self.out.emit({"ev": "swept", "job": td.name, "t": _now(), "killed": killed})
+        elif td.kind == "stale":
+            self.out.emit({"ev": "stale", "t": _now(), "killed": killed})
 
     def _error_td(self, td: Teardown, text: str) -> None:
         event: Dict[str, Any] = {"ev": "error", "msg": text}

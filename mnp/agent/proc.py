@@ -100,17 +100,46 @@ class Tagger:
         self.needle = b"\0MNP_CONTROLLER_ID=" + ctl.encode("utf-8", "surrogateescape") + b"\0"
 
     def tag(self, pid: int) -> Optional[str]:
+        return self.value(pid, "MNP_JOB_ID")
+
+    def value(self, pid: int, name: str) -> Optional[str]:
+        """The variable `name` of the process, if it carries this controller's token."""
         data = read_file("/proc/%d/environ" % pid)
         if not data:
             return None
         data = b"\0" + data if data.endswith(b"\0") else b"\0" + data + b"\0"
         if self.needle not in data:
             return None
-        i = data.find(b"\0MNP_JOB_ID=")
+        key = b"\0" + name.encode("ascii") + b"="
+        i = data.find(key)
         if i < 0:
             return None
-        i += 12
+        i += len(key)
         return data[i : data.index(b"\0", i)].decode("utf-8", "surrogateescape")
+
+
+def agent_identity() -> str:
+    """`BOOT_ID:PID:START` of this process: names it across pid reuse and reboots, so
+    that a later agent can tell whether the agent that started a task still runs."""
+    boot = (read_file("/proc/sys/kernel/random/boot_id") or b"").strip().decode("ascii", "replace")
+    me = read_stat(os.getpid())
+    if not boot or me is None:
+        return ""
+    return "%s:%d:%d" % (boot, me.pid, me.start)
+
+
+def agent_alive(identity: str, boot: str, procs: Dict[int, Proc]) -> Optional[bool]:
+    """Whether the agent named by `identity` runs, according to `procs`; None when it
+    cannot be told (another machine, or no identity)."""
+    parts = identity.split(":")
+    if len(parts) != 3 or not boot or parts[0] != boot:
+        return None
+    try:
+        pid, start = int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
+    p = procs.get(pid)
+    return p is not None and p.start == start and not p.dead
 
 
 class Snapshot:

@@ -36,7 +36,11 @@ class SpawnError(Exception):
 
 
 def task_env(
-    base: Mapping[str, str], changes: Mapping[str, Optional[str]], tid: str, ctl: str
+    base: Mapping[str, str],
+    changes: Mapping[str, Optional[str]],
+    tid: str,
+    ctl: str,
+    agent: str = "",
 ) -> Dict[str, str]:
     env = dict(base)
     for key, value in changes.items():
@@ -46,6 +50,10 @@ def task_env(
             env[key] = value
     env["MNP_JOB_ID"] = tid
     env["MNP_CONTROLLER_ID"] = ctl
+    if agent:
+        env["MNP_AGENT_ID"] = agent
+    else:
+        env.pop("MNP_AGENT_ID", None)
     return env
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from .proc import job_part
+from .proc import agent_alive, job_part
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
     from typing import Collection, Dict, Iterable, List, Optional, Set, Tuple
 
     from .loop import Feeder, Stream
-    from .proc import Proc, Snapshot
+    from .proc import Proc, Snapshot, Tagger
 
 
 FIRST_CHECK = 0.005  # a teardown looks again after this, doubling up to MAX_CHECK
@@ -45,6 +45,30 @@ class Teardown:
         self.signalled: Set[Tuple[int, int]] = set()
         self.delay = FIRST_CHECK
         self.next_check = 0.0
+        self.rule: Optional[StaleRule] = None  # kind "stale" only
+
+
+class StaleRule:
+    """Which processes carrying this controller's token a new agent sweeps at start:
+    those of a job the controller no longer runs (a number below `below` that is not in
+    `live`), and those whose agent (`MNP_AGENT_ID`) was on this machine and is gone."""
+
+    def __init__(self, live: Set[str], below: int, boot: str, tagger: Tagger) -> None:
+        self.live = live
+        self.below = below
+        self.boot = boot
+        self.tagger = tagger
+        self.agents: Dict[Tuple[int, int], Optional[str]] = {}  # (pid, start) → its agent
+
+    def stale(self, p: Proc, tag: str, snap: Snapshot) -> bool:
+        job = job_part(tag)
+        if job not in self.live and job.isdigit() and int(job) < self.below:
+            return True
+        key = (p.pid, p.start)
+        if key not in self.agents:
+            self.agents[key] = self.tagger.value(p.pid, "MNP_AGENT_ID")
+        agent = self.agents[key]
+        return agent is not None and agent_alive(agent, self.boot, snap.procs) is False
 
 
 def targets(
@@ -76,6 +100,12 @@ def targets(
             if job_part(task.tid) == td.name and not task.reaped:
                 seeds.append(task.pid)
                 seeds.extend(snap.by_group.get(task.pid, ()))
+    elif td.kind == "stale":
+        rule = td.rule
+        assert rule is not None
+        for pid, tag in snap.tags.items():
+            if rule.stale(snap.procs[pid], tag, snap):
+                seeds.append(pid)
     else:  # all: every child of the agent, and every tag it ever gave
         seeds.extend(snap.children.get(agent_pid, ()))
         for tag, pids in snap.by_tag.items():

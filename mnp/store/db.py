@@ -170,6 +170,11 @@ class Store:
 
     # --- writes (buffered) -------------------------------------------------
 
+    @property
+    def job_ids_below(self) -> int:
+        """Every job id handed out so far is below this number."""
+        return self._next_id
+
     def next_job_id(self) -> int:
         """A new top-level job id: monotonic, never reused, even after a crash.
 

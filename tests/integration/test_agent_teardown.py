@@ -345,7 +345,7 @@ def test_parent_death_terminates_the_agent(parent_death: bool) -> None:
 
 def test_agent_killed_with_sigkill_leaves_tasks_for_a_sweep() -> None:
     """SIGKILL gives the agent no chance to clean up: its tasks survive (in their own
-    sessions). The controller's next agent on the host sweeps them by job."""
+    sessions). The controller can still sweep them by job."""
     a = Agent()
     a.send(op="spawn", tid="77#0", argv=["sleep", "100"])
     pid = a.expect("started", "77#0")["pid"]
@@ -359,3 +359,50 @@ def test_agent_killed_with_sigkill_leaves_tasks_for_a_sweep() -> None:
         assert tagged(lambda t: t == "77#0") == []
     finally:
         b.close()
+
+
+def test_new_agent_sweeps_what_a_killed_agent_and_over_jobs_left() -> None:
+    """`stale` (sent by the controller before anything else): the tasks of a SIGKILLed
+    agent die even when their job is still live (it was given up on this host), and so
+    do tagged processes of jobs that are over; a live agent's tasks, jobs still running
+    elsewhere, jobs newer than the list, and other controllers' processes are left."""
+    dead, alive = Agent(), Agent()
+    strays: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        dead.send(op="spawn", tid="77#0", argv=["sh", "-c", "sleep 100 & sleep 100; :"])
+        alive.send(op="spawn", tid="78", argv=["sleep", "100"])
+        lost = dead.expect("started", "77#0")["pid"]
+        kept = alive.expect("started", "78")["pid"]
+        # started outside any agent here, as mpiexec's ranks are: judged by their job
+        strays = {tid: _tagged_sleeper(tid) for tid in ("60", "61:3", "150")}
+        strays["foreign"] = _tagged_sleeper("60", ctl="other")
+        assert wait_until(lambda: len(tagged(lambda t: t in ("77#0", "60", "61:3"))) == 5, 5)
+        dead.proc.kill()
+        dead.close()
+        assert psutil.Process(lost).status() != psutil.STATUS_ZOMBIE
+        b = Agent()
+        try:
+            b.send(op="stale", live=["61", "77", "78"], below=100, grace=1)
+            assert b.expect("stale", timeout=5)["killed"] == 4  # sh and its two sleeps, 60
+            assert tagged(lambda t: t == "77#0") == []
+            assert strays["60"].wait(5) == -signal.SIGTERM
+            assert strays["61:3"].poll() is None  # its job runs on
+            assert strays["150"].poll() is None  # newer than the list
+            assert strays["foreign"].poll() is None  # another controller's
+            assert psutil.Process(kept).status() != psutil.STATUS_ZOMBIE
+            # its own tasks carry its identity: a second `stale` leaves them alone
+            b.send(op="spawn", tid="77#0", argv=["sleep", "100"])
+            mine = b.expect("started", "77#0")["pid"]
+            b.send(op="stale", live=["77"], below=100, grace=1)
+            assert b.expect("stale", timeout=5)["killed"] == 2  # 61:3, and 78 (over now)
+            assert psutil.Process(mine).status() != psutil.STATUS_ZOMBIE
+            assert alive.expect("exited", "78")["signal"] == signal.SIGTERM
+            b.send(op="stale", live=[], below="x")
+            assert "below" in b.expect("error")["msg"]
+        finally:
+            b.close()
+    finally:
+        alive.close()
+        for p in strays.values():
+            p.kill()
+            p.wait()

@@ -190,6 +190,48 @@ def test_host_lost_fails_the_attempt_within_5s_and_the_host_is_used_again(
     assert left == []
 
 
+# --- agent killed -----------------------------------------------------------------
+
+
+def test_agent_sigkilled_its_tasks_are_swept_by_the_next_agent(
+    daemon: dict[str, str], sshd_hosts: SshdCluster, ledger: Ledger
+) -> None:
+    """SIGKILL the agent alone (sshd stays): its tasks, in their own sessions, outlive
+    it; the controller sees the host lost, connects a new agent, and that agent kills
+    them before it runs anything. A job on another host is not touched."""
+    mark, other = uuid.uuid4().hex, uuid.uuid4().hex
+    hosts = json.loads(mnp("hosts", "--json", env=daemon).stdout)
+    whole = ["--vcpus", str(max(h["vcpus"] for h in hosts))]  # one job fills a host
+    bystander = submit(daemon, *whole, "--env", f"TEST_MARK={other}", "--", "sleep", "1000")
+    (by,) = wait_until("the bystander", lambda: procs_with_env("TEST_MARK", other), 30)
+    script = "sleep 1000 & sleep 1000; :"
+    victim = submit(daemon, *whole, "--env", f"TEST_MARK={mark}", "--", "sh", "-c", script)
+    (sleeper, *_) = wait_until(
+        "the victim's sleeps",
+        lambda: [p for p in procs_with_env("TEST_MARK", mark) if p.name() == "sleep"],
+        30,
+    )
+    host = sleeper.environ()["MNP_HOST"]
+    assert by.environ()["MNP_HOST"] != host
+    (agent,) = [p for p in sshd_hosts.agents(host) if "--ctl" in " ".join(p.cmdline())]
+    agent.kill()
+    ledger.fault("agent SIGKILLed")
+    t0 = time.monotonic()
+    d = wait_until("the attempt to fail", lambda: (x := describe(daemon, victim))["state"]
+                   in TERMINAL and x, 10)  # fmt: skip
+    assert d["state"] == "FAILED" and d["reason"] == f"Host lost: {host}", d
+    left = wait_no_procs("TEST_MARK", mark, 10)
+    swept_in = time.monotonic() - t0
+    ledger.orphans_found(len(left))
+    assert left == [], left
+    assert swept_in < 10
+    assert by.is_running() and describe(daemon, bystander)["state"] == "RUNNING"
+    r = mnp("terminate", bystander, "--reason", "test over", env=daemon)
+    assert r.returncode == 0, r.stderr
+    assert wait_no_procs("TEST_MARK", other, 10) == []
+    ledger.jobs(accepted=2, lost=0)
+
+
 # --- load ------------------------------------------------------------------------
 
 
