@@ -63,9 +63,32 @@ class Start:
     grants: tuple[Grant, ...]  # one per node, in node order
 
 
-def _place(
-    req: Request, hosts: Sequence[HostCapacity], reserved: set[str]
-) -> tuple[Grant, ...] | None:
+class _Members:
+    """A compute environment's hosts during one pass, with a cursor past the leading
+    hosts that can take nothing more (down, held whole, no free vCPU, or reserved):
+    within a pass capacity only shrinks and reservations only grow, so first fit need
+    not look at them again."""
+
+    __slots__ = ("hosts", "start")
+
+    def __init__(self, hosts: list[HostCapacity]) -> None:
+        self.hosts = hosts
+        self.start = 0
+
+    def open(self, reserved: set[str]) -> list[HostCapacity]:
+        hosts, i = self.hosts, self.start
+        while i < len(hosts) and _spent(hosts[i], reserved):
+            i += 1
+        self.start = i
+        return hosts if i == 0 else hosts[i:]
+
+
+def _spent(h: HostCapacity, reserved: set[str]) -> bool:
+    return not h.up or h.exclusive or h.free_vcpus <= 1e-9 or h.name in reserved
+
+
+def _place(req: Request, members: _Members, reserved: set[str]) -> tuple[Grant, ...] | None:
+    hosts = members.open(reserved)
     if len(req.nodes) == 1:
         res = req.nodes[0]
         for h in hosts:
@@ -163,6 +186,7 @@ def decide(
         for name, ce in ces.items()
         if ce.state == "ENABLED"
     }
+    cursors = {name: _Members(members) for name, members in ce_hosts.items() if members}
     starts: list[Start] = []
     reserved: set[str] = set()
     reservations = 0
@@ -180,8 +204,8 @@ def decide(
                 continue
             placed = False
             for ce_name in queue.compute_environments:
-                members = ce_hosts.get(ce_name)
-                if not members:
+                members = cursors.get(ce_name)
+                if members is None:
                     continue
                 grants = _place(req, members, reserved)
                 if grants is not None:

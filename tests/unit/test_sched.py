@@ -165,3 +165,45 @@ def test_ten_thousand_identical_children_cost_one_placement_attempt_when_full() 
     reqs = [single(f"a:{i}", i) for i in range(10_000)]
     starts = decide(reqs, qs, ces, hosts)
     assert len(starts) == 4
+
+
+def test_skipping_spent_hosts_changes_no_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-pass cursor past full, held and reserved hosts is only a shortcut: random
+    mixes of singles, GPU tasks and gangs on partly busy, partly down hosts are placed
+    exactly as by first fit over every host."""
+    import random
+
+    import mnp.sched.decide as d
+
+    def scenario(rng: random.Random) -> tuple[list[Request], dict[str, HostCapacity]]:
+        hosts = cluster(rng.randint(1, 12), vcpus=rng.choice([1, 2, 4]), gpus=rng.choice([0, 2]))
+        for h in hosts.values():
+            h.up = rng.random() > 0.1
+            for _ in range(rng.randint(0, 2)):
+                if h.fits(R1, False):
+                    h.take(R1, False)
+        reqs = []
+        for seq in range(1, rng.randint(1, 60)):
+            kind = rng.random()
+            if kind < 0.6:
+                res = Resources(vcpus=rng.choice([0.5, 1, 2]), gpus=rng.choice([0, 0, 1]))
+                reqs.append(single(f"s{seq}", seq, res=res))
+            else:
+                reqs.append(
+                    mnp_job(f"m{seq}", seq, rng.randint(2, 4), exclusive=rng.random() < 0.7)
+                )
+        return reqs, hosts
+
+    placed = gangs = 0
+    for case in range(300):
+        reqs, hosts = scenario(random.Random(case))
+        qs, ces = env(hosts)
+        fast = decide(reqs, qs, ces, hosts)
+        reqs, hosts = scenario(random.Random(case))
+        with monkeypatch.context() as m:
+            m.setattr(d, "_spent", lambda h, reserved: False)
+            slow = decide(reqs, qs, ces, hosts)
+        assert fast == slow, case
+        placed += len(fast)
+        gangs += sum(len(s.grants) > 1 for s in fast)
+    assert placed > 500 and gangs > 50  # the cases place plenty, gangs included
