@@ -20,7 +20,7 @@ from mnp.wiring import Launch
 Emit = Callable[[dict[str, Any]], None]
 
 
-@dataclass
+@dataclass(slots=True)
 class TaskRun:
     """One process tree started by an agent."""
 
@@ -41,7 +41,7 @@ class TaskRun:
         return self.exited_at is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class NodeRun:
     """One node of a multi-node attempt."""
 
@@ -70,7 +70,7 @@ class NodeRun:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class Attempt:
     number: int
     ce: str = ""
@@ -104,7 +104,7 @@ class Attempt:
         }
 
 
-@dataclass
+@dataclass(slots=True)
 class Job:
     id: str
     defn: JobDefinition
@@ -122,7 +122,6 @@ class Job:
     started_at: float | None = None
     stopped_at: float | None = None
     timed_out: bool = False
-    history: list[tuple[str, float, str | None]] = field(default_factory=list)
     request: Request | None = None
     admitted: int = 0  # array parent: children made RUNNABLE so far (in index order)
     finished: int = 0  # array parent: children that reached a terminal state
@@ -155,7 +154,6 @@ class Job:
             self.started_at = now
         if state in TERMINAL:
             self.stopped_at = now
-        self.history.append((state.value, now, reason))
         self.emit_change(self.id, state, previous, now, reason, self.exit_code)
 
     def emit_change(

@@ -41,7 +41,7 @@ def _signature(queue: str, nodes: tuple[Resources, ...], exclusive: bool) -> int
     return sig
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Request:
     """A runnable unit: a single job, an array child, or a whole multi-node job."""
 
@@ -56,7 +56,7 @@ class Request:
         object.__setattr__(self, "signature", _signature(self.queue, self.nodes, self.exclusive))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Start:
     key: str
     ce: str
