@@ -362,11 +362,26 @@ def _store(s: dict[str, Any]) -> Any:
     return Store(path, readonly=True)
 
 
+LIST_FINISHED = 1000
+"""Finished jobs ``mnp list`` shows by default, the newest; ``--all`` shows every one."""
+
+
 @cli.command(name="list")
 @click.option("--queue", help="Only this queue.")
 @click.option("--state", type=click.Choice([st for st in _STATES], case_sensitive=False))
 @click.option("--children", is_flag=True, help="Show array children too.")
-@click.option("--limit", type=int, default=None, help="At most N jobs (the newest).")
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help=f"Every finished job (default: the newest {LIST_FINISHED:,}, and every unfinished one).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="At most N jobs, the newest, finished or not.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @common_options
 @click.pass_context
@@ -376,51 +391,52 @@ def list_(
     queue: str | None,
     state: str | None,
     children: bool,
+    show_all: bool,
     limit: int | None,
     as_json: bool,
     **o: Any,
 ) -> None:
     """Jobs as a table: id, name, type, state, queue, nodes/size, age, reason.
 
+    Oldest first: every unfinished job and the newest 1,000 finished ones (a
+    note on stderr says how many older ones are left out); --all shows them all.
+
     \b
     Example:
       mnp list --state RUNNING
     """
-    import json as jsonlib
-    import time
-
     s = _settings(ctx, **o)
     store = _store(s)
-    rows = []
+    rows: list[Any] = []
+    left_out = 0
     if store is not None:
         with store:
-            rows = store.list_jobs(
-                queue=queue, state=state.upper() if state else None, parents_only=not children
+            rows, left_out = (store.list_page if as_json else store.table_page)(
+                queue=queue,
+                state=state.upper() if state else None,
+                parents_only=not children,
+                newest=limit,
+                finished=None if show_all or limit is not None else LIST_FINISHED,
             )
-    if limit is not None:
-        rows = rows[-limit:]
     if as_json:
+        import json as jsonlib
+
         click.echo(jsonlib.dumps(rows, indent=1))
-        return
-    now = time.time()
-    table = []
-    for r in rows:
-        size = r.get("num_nodes") or r.get("array_size") or ""
-        kind = r["type"] if not r.get("array_size") else "array"
-        table.append(
-            {
-                "id": r["id"],
-                "name": r["name"],
-                "type": kind,
-                "state": r["state"],
-                "queue": r["queue"],
-                "nodes/size": size,
-                "age": views.age(now - (r.get("created") or now)),
-                "reason": (r.get("reason") or "")[:60],
-            }
-        )
-    cols = ["id", "name", "type", "state", "queue", "nodes/size", "age", "reason"]
-    click.echo(views.table(table, cols) if table else "no jobs")
+    elif rows:
+        import time
+
+        now, age = time.time(), views.age
+        cells = [
+            (i, name, kind, st, q, size, age(now - (created or now)), reason)
+            for i, name, kind, st, q, size, created, reason in rows
+        ]
+        cols = ("id", "name", "type", "state", "queue", "nodes/size", "age", "reason")
+        click.echo(views.text_table(cols, cells))
+    else:
+        click.echo("no jobs")
+    if left_out:
+        jobs = "job" if left_out == 1 else "jobs"
+        click.echo(f"mnp: {left_out:,} older finished {jobs} not shown; --all shows them", err=True)
 
 
 @cli.command()

@@ -398,6 +398,52 @@ class Store:
         with self._guard("listing jobs"):
             return reads.summaries(self.conn, where, params, "seq", limit)
 
+    def list_page(
+        self,
+        *,
+        queue: str | None = None,
+        state: str | None = None,
+        parents_only: bool = True,
+        newest: int | None = None,
+        finished: int | None = None,
+    ) -> tuple[list[Row], int]:
+        """``mnp list --json``: ``list_jobs`` rows of one page, and how many matching
+        jobs it leaves out. ``newest``: the newest N jobs; ``finished``: every
+        unfinished job and the newest N finished ones (see ``reads.page``)."""
+        with self._guard("listing jobs"):
+            found, left_out = reads.page(
+                self.conn,
+                reads.SUMMARY_SELECT,
+                queue=queue,
+                state=state,
+                parents_only=parents_only,
+                newest=newest,
+                finished=finished,
+            )
+        return reads.as_summaries(found), left_out
+
+    def table_page(
+        self,
+        *,
+        queue: str | None = None,
+        state: str | None = None,
+        parents_only: bool = True,
+        newest: int | None = None,
+        finished: int | None = None,
+    ) -> tuple[list[tuple[Any, ...]], int]:
+        """``mnp list``'s table: ``list_page``'s jobs as tuples of
+        ``reads.TABLE_COLUMNS`` (no dicts, nothing to decode), and the left-out count."""
+        with self._guard("listing jobs"):
+            return reads.page(
+                self.conn,
+                reads.TABLE_SELECT,
+                queue=queue,
+                state=state,
+                parents_only=parents_only,
+                newest=newest,
+                finished=finished,
+            )
+
     def children(
         self, parent_id: str, *, state: str | None = None, limit: int | None = None
     ) -> list[Row]:

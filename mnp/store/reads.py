@@ -13,15 +13,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from mnp.model import TERMINAL, JobState
 from mnp.store import codec
 from mnp.store.codec import Row
 from mnp.store.schema import JOB_COLUMNS, SUMMARY_COLUMNS
 
-TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL))
-_UNFINISHED_SQL = ", ".join(f"'{s.value}'" for s in JobState if s not in TERMINAL)
-_SUMMARY = ", ".join(SUMMARY_COLUMNS)
+# mnp.model's JobState values, spelt out so that a reader (`mnp list`) does not
+# import the model; tests/unit/test_store.py checks that they agree.
+FINISHED_STATES = ("FAILED", "SUCCEEDED")
+UNFINISHED_STATES = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
+TERMINAL_SQL = ", ".join(f"'{s}'" for s in FINISHED_STATES)
+_UNFINISHED_SQL = ", ".join(f"'{s}'" for s in UNFINISHED_STATES)
+_SUMMARY = SUMMARY_SELECT = ", ".join(SUMMARY_COLUMNS)
 _JOBS = ", ".join(JOB_COLUMNS)
+
+TABLE_COLUMNS = ("id", "name", "type", "state", "queue", "nodes/size", "created", "reason")
+"""The cells of ``mnp list``'s table, as ``table_page`` returns them: text, except
+``created`` (a time, or None), which the command turns into an age."""
+TABLE_SELECT = (
+    "id, ifnull(name, ''), CASE WHEN array_size THEN 'array' ELSE ifnull(type, '') END, "
+    "state, ifnull(queue, ''), "
+    "ifnull(CAST(coalesce(nullif(num_nodes, 0), nullif(array_size, 0)) AS TEXT), ''), "
+    "created, substr(ifnull(reason, ''), 1, 60)"
+)
 
 
 @contextmanager
@@ -88,7 +101,7 @@ def summaries(
     order: str,
     limit: int | None,
 ) -> list[Row]:
-    """Job rows without ``definition`` (what ``mnp list`` shows), decoded."""
+    """Job rows without ``definition`` (``list_jobs``, ``children``), decoded."""
     sql = f"SELECT {_SUMMARY} FROM jobs"
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -96,13 +109,108 @@ def summaries(
     if limit is not None:
         sql += " LIMIT ?"
         params = [*params, limit]
-    found = rows(conn.execute(sql, params))
+    return _decoded(rows(conn.execute(sql, params)))
+
+
+def as_summaries(found: list[tuple[Any, ...]]) -> list[Row]:
+    """``page`` rows of ``SUMMARY_SELECT`` as ``summaries`` returns them."""
+    return _decoded([dict(zip(SUMMARY_COLUMNS, r, strict=True)) for r in found])
+
+
+def _decoded(found: list[Row]) -> list[Row]:
     loads = json.loads
-    for r in found:  # codec.decode_job inlined: 100,000 turns for a big `mnp list`
+    for r in found:  # codec.decode_job inlined: 100,000 turns for `mnp list --all --json`
         deps = r["depends_on"]
         r["depends_on"] = loads(deps) if deps else []
         r["timed_out"] = r["timed_out"] == 1
     return found
+
+
+def page(
+    conn: sqlite3.Connection,
+    select: str,
+    *,
+    queue: str | None,
+    state: str | None,
+    parents_only: bool,
+    newest: int | None,
+    finished: int | None,
+) -> tuple[list[tuple[Any, ...]], int]:
+    """``select`` (expressions over a jobs row) of the jobs ``mnp list`` shows, in
+    submission order, and how many matching jobs it leaves out.
+
+    ``newest``: only the newest this many jobs. ``finished``: every unfinished job
+    but, of the finished ones, only the newest this many (squeue's and AWS Batch
+    ListJobs' default view: a long history does not bury what is queued and
+    running). Neither: every matching job. The left-out count is given for
+    ``finished`` only. One read transaction: the rows and the count agree.
+
+    Costs: the unfinished jobs come from the (state, queue) index, the finished
+    ones from walking the table (or ``jobs_top``) back from the newest, so of
+    100,000 finished jobs about 1,000 rows are read; without a filter, the count
+    of the older ones reads the ``jobs_top`` index only (no schema change: the
+    indexes of schema version 1 serve all of it).
+    """
+    where: list[str] = []
+    params: list[Any] = []
+    if parents_only:
+        where.append("parent IS NULL")
+    if queue is not None:
+        where.append("queue = ?")
+        params.append(queue)
+    if state is not None:
+        where.append("state = ?")
+        params.append(str(state))
+    base = " AND ".join(where) or "1"
+    if state is not None and state not in FINISHED_STATES:
+        finished = None  # nothing finished matches: no need to look for the oldest shown
+    with _snapshot(conn):
+        if newest is not None:
+            sql = (
+                f"SELECT {select} FROM jobs WHERE seq IN "
+                f"(SELECT seq FROM jobs WHERE {base} ORDER BY seq DESC LIMIT ?) ORDER BY seq"
+            )
+            return conn.execute(sql, [*params, newest]).fetchall(), 0
+        oldest_shown = None
+        if finished is not None:
+            # the finished job `finished` places from the newest; "+state": not by the
+            # state index, which would collect every finished job and sort them
+            oldest_shown = scalar(
+                conn,
+                f"SELECT seq FROM jobs WHERE {base} AND +state IN ({TERMINAL_SQL}) "
+                "ORDER BY seq DESC LIMIT 1 OFFSET ?",
+                (*params, finished - 1),
+            )
+        if oldest_shown is None:  # all of them fit
+            sql = f"SELECT {select} FROM jobs WHERE {base} ORDER BY seq"
+            return conn.execute(sql, params).fetchall(), 0
+        sql = (
+            f"SELECT {select} FROM jobs WHERE seq IN "
+            f"(SELECT seq FROM jobs WHERE {base} AND state IN ({_UNFINISHED_SQL}) "
+            f"UNION ALL SELECT seq FROM jobs WHERE {base} AND seq >= ?) ORDER BY seq"
+        )
+        found = conn.execute(sql, [*params, *params, oldest_shown]).fetchall()
+        older = (*params, oldest_shown)
+        if parents_only and queue is None and state is None:
+            # every top-level job older than the page, counted in jobs_top alone (the
+            # planner would walk the table), less the unfinished ones among them
+            left_out = scalar(
+                conn,
+                "SELECT count(*) FROM jobs INDEXED BY jobs_top WHERE parent IS NULL AND seq < ?",
+                (oldest_shown,),
+            ) - scalar(
+                conn,
+                f"SELECT count(*) FROM jobs WHERE {base} "
+                f"AND state IN ({_UNFINISHED_SQL}) AND seq < ?",
+                older,
+            )
+        else:
+            left_out = scalar(
+                conn,
+                f"SELECT count(*) FROM jobs WHERE {base} AND state IN ({TERMINAL_SQL}) AND seq < ?",
+                older,
+            )
+    return found, int(left_out)
 
 
 def counts_by_queue_state(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:

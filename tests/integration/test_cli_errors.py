@@ -32,6 +32,7 @@ CASES = [
     (["run", "/nonexistent/job.toml"], "/nonexistent/job.toml"),
     (["validate", "/nonexistent.toml"], "/nonexistent.toml"),
     (["list", "--state", "DANCING"], "--state"),
+    (["list", "--limit", "0"], "--limit"),
     (["describe", "424242"], "424242"),
     (["logs", "424242"], "424242"),
     (["cancel", "1"], "--reason"),

@@ -6,6 +6,7 @@ second) are printed, not asserted: they depend on the machine.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -583,10 +584,16 @@ def test_listing_100k_jobs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         assert len(every) == n and every[-1]["id"] == str(n)
         page = timed(capsys, "list_jobs(after_seq=99,000, limit=100)", page_of(r))
         assert len(page) == 100
+        table, left_out = timed(capsys, "table_page(finished=1000): mnp list", table_of(r))
+        assert len(table) == 1000 and table[0][0] == str(n - 999) and left_out == n - 1000
 
 
 def runnable_of(r: Store) -> Any:
     return lambda: r.list_jobs(state="RUNNABLE")
+
+
+def table_of(r: Store) -> Any:
+    return lambda: r.table_page(finished=1000)
 
 
 def page_of(r: Store) -> Any:
@@ -601,6 +608,217 @@ def timed(capsys: pytest.CaptureFixture[str], what: str, fn: Any) -> Any:
         best = min(best, time.perf_counter() - t0)
     figure(capsys, f"{what}: {best * 1e3:.1f} ms (best of 3)")
     return result
+
+
+def test_state_names_spelt_out_for_readers_match_the_model() -> None:
+    from mnp.model import TERMINAL
+    from mnp.store import reads
+
+    assert set(reads.FINISHED_STATES) == {s.value for s in TERMINAL}
+    assert set(reads.UNFINISHED_STATES) == {s.value for s in JobState} - {s.value for s in TERMINAL}
+
+
+LONG_REASON = "x" * 59 + "yz"
+
+
+@pytest.fixture
+def history(store: Store) -> Store:
+    """1 RUNNING; 2-21 finished (every 4th FAILED, odd ones in queue "other");
+    22 an array of 3 (23 SUCCEEDED, 24 RUNNING, 25 RUNNABLE); 26 a SUBMITTED
+    4-node job; 27 SUCCEEDED."""
+    store.add_job(job_row("1", 1, state="RUNNING"))
+    for i in range(2, 22):
+        store.add_job(
+            job_row(
+                str(i),
+                i,
+                state="FAILED" if i % 4 == 0 else "SUCCEEDED",
+                queue="other" if i % 2 else "default",
+                reason=LONG_REASON if i == 20 else None,
+            )
+        )
+    store.add_job(job_row("22", 22, state="PENDING", array_size=3))
+    store.add_jobs(array_rows("22", 23, 3))
+    for child, state in (("22:0", "SUCCEEDED"), ("22:1", "RUNNING"), ("22:2", "RUNNABLE")):
+        store.update_job(child, state=state)
+    store.add_job(job_row("26", 26, type="multinode", num_nodes=4))
+    store.add_job(job_row("27", 27, state="SUCCEEDED", created=None))
+    store.flush()
+    return store
+
+
+def expected_page(store: Store, finished: int, **filters: Any) -> tuple[list[str], int]:
+    """The default page worked out from list_jobs: every unfinished job, the newest
+    ``finished`` finished ones."""
+    every = store.list_jobs(**filters)
+    done = [j["id"] for j in every if j["state"] in ("SUCCEEDED", "FAILED")]
+    kept = set(done[-finished:])
+    shown = [j["id"] for j in every if j["id"] in kept or j["id"] not in done]
+    return shown, len(done) - len(kept)
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {},
+        {"parents_only": False},
+        {"queue": "other"},
+        {"queue": "default", "parents_only": False},
+        {"state": "FAILED"},
+        {"state": "SUCCEEDED", "parents_only": False},
+        {"state": "RUNNING", "parents_only": False},
+        {"queue": "nope"},
+    ],
+)
+@pytest.mark.parametrize("finished", [1, 2, 5, 30])
+def test_list_page_shows_unfinished_jobs_and_the_newest_finished(
+    history: Store, filters: dict[str, Any], finished: int
+) -> None:
+    rows, left_out = history.list_page(finished=finished, **filters)
+    assert ([r["id"] for r in rows], left_out) == expected_page(history, finished, **filters)
+    table, table_left_out = history.table_page(finished=finished, **filters)
+    assert [t[0] for t in table] == [r["id"] for r in rows] and table_left_out == left_out
+
+
+def test_list_page_figures(history: Store) -> None:
+    rows, left_out = history.list_page(finished=5)
+    assert [r["id"] for r in rows] == ["1", "18", "19", "20", "21", "22", "26", "27"]
+    assert left_out == 16
+    assert rows[0] == history.list_jobs()[0]  # the same dicts as list_jobs
+    rows, left_out = history.list_page(finished=5, parents_only=False)
+    assert [r["id"] for r in rows] == [
+        *("1", "19", "20", "21", "22", "22:0", "22:1", "22:2", "26", "27")
+    ]
+    assert left_out == 17
+    assert history.list_page(finished=2, state="FAILED") == (
+        history.list_jobs(state="FAILED")[-2:],
+        3,
+    )
+    # newest: the newest N whatever their state; nothing counted as left out
+    assert [r["id"] for r in history.list_page(newest=3)[0]] == ["22", "26", "27"]
+    assert [r["id"] for r in history.list_page(newest=3, parents_only=False)[0]] == [
+        *("22:2", "26", "27")
+    ]
+    assert history.list_page(newest=3, finished=1)[1] == 0
+    # neither: everything, as list_jobs
+    assert history.list_page() == (history.list_jobs(), 0)
+    assert history.list_page(state="RUNNING", parents_only=False, finished=1) == (
+        history.list_jobs(state="RUNNING", parents_only=False),
+        0,
+    )
+
+
+def test_table_page_cells(history: Store) -> None:
+    table, _ = history.table_page(finished=5)
+    cells = {t[0]: t for t in table}
+    from mnp.store.reads import TABLE_COLUMNS
+
+    assert len(TABLE_COLUMNS) == len(table[0])
+    assert cells["1"] == ("1", "j1", "single", "RUNNING", "default", "", 1001.0, "")
+    assert cells["22"] == ("22", "j22", "array", "PENDING", "default", "3", 1022.0, "")
+    assert cells["26"][2] == "multinode" and cells["26"][5] == "4"
+    assert cells["20"][7] == LONG_REASON[:60] and cells["20"][3] == "FAILED"
+    assert cells["27"][6] is None
+
+
+# --- `mnp list`: the command over a store, no controller -------------------------
+
+
+def mnp_list(home: Path, *args: str) -> Any:
+    from click.testing import CliRunner
+
+    from mnp.cli import cli
+
+    return CliRunner().invoke(cli, ["list", "--home", str(home), *args])
+
+
+@pytest.fixture
+def long_history(tmp_path: Path) -> Path:
+    """1,002 finished jobs (every 10th FAILED, in queue "other"), a RUNNING one
+    among the oldest (2) and a SUBMITTED one at the end: the newest 1,000 finished
+    are 4-1003."""
+    with Store(tmp_path / "mnp.db") as s:
+        s.add_jobs(
+            job_row(
+                str(i),
+                i,
+                state="FAILED" if i % 10 == 0 else "SUCCEEDED",
+                queue="other" if i % 10 == 0 else "default",
+            )
+            for i in range(1, 1004)
+        )
+        s.add_job(job_row("1004", 1004, state="SUBMITTED"))
+        s.update_job("2", state="RUNNING")
+    return tmp_path
+
+
+def table_ids(stdout: str) -> list[str]:
+    lines = stdout.splitlines()
+    assert lines[0].split() == [
+        *("ID", "NAME", "TYPE", "STATE", "QUEUE", "NODES/SIZE", "AGE", "REASON")
+    ]
+    return [line.split()[0] for line in lines[1:]]
+
+
+def test_mnp_list_shows_unfinished_jobs_and_the_newest_1000_finished(long_history: Path) -> None:
+    r = mnp_list(long_history)
+    assert r.exit_code == 0, r.output
+    assert table_ids(r.stdout) == ["2", *map(str, range(4, 1005))]
+    assert r.stderr == "mnp: 2 older finished jobs not shown; --all shows them\n"
+    assert r.stdout.splitlines()[1].split()[:5] == ["2", "j2", "single", "RUNNING", "default"]
+    assert all(line == line.rstrip() for line in r.stdout.splitlines())
+
+    r = mnp_list(long_history, "--all")
+    assert table_ids(r.stdout) == [str(i) for i in range(1, 1005)] and r.stderr == ""
+
+    r = mnp_list(long_history, "--json")
+    rows = json.loads(r.stdout)
+    assert [j["id"] for j in rows] == ["2", *map(str, range(4, 1005))]
+    assert rows[0]["depends_on"] == [] and rows[0]["timed_out"] is False
+    assert "definition" not in rows[0]
+    assert r.stderr == "mnp: 2 older finished jobs not shown; --all shows them\n"
+    assert len(json.loads(mnp_list(long_history, "--json", "--all").stdout)) == 1004
+
+
+def test_mnp_list_filters_and_limit(long_history: Path) -> None:
+    r = mnp_list(long_history, "--state", "failed")  # case-insensitive, as before
+    assert table_ids(r.stdout) == [str(i) for i in range(10, 1004, 10)] and r.stderr == ""
+    r = mnp_list(long_history, "--queue", "default", "--state", "RUNNING")
+    assert table_ids(r.stdout) == ["2"]
+    r = mnp_list(long_history, "--queue", "nope")
+    assert r.stdout == "no jobs\n" and r.stderr == ""
+    # --limit: the newest N, finished or not, as before; nothing to note
+    r = mnp_list(long_history, "--limit", "3")
+    assert table_ids(r.stdout) == ["1002", "1003", "1004"] and r.stderr == ""
+    r = mnp_list(long_history, "--limit", "1002", "--json")
+    assert [j["id"] for j in json.loads(r.stdout)] == [str(i) for i in range(3, 1005)]
+    assert mnp_list(long_history, "--limit", "0").exit_code == 2
+
+
+def test_mnp_list_note_counts_one_job(tmp_path: Path) -> None:
+    with Store(tmp_path / "mnp.db") as s:
+        s.add_jobs(job_row(str(i), i, state="SUCCEEDED") for i in range(1, 1002))
+    r = mnp_list(tmp_path, "--children")
+    assert len(table_ids(r.stdout)) == 1000
+    assert r.stderr == "mnp: 1 older finished job not shown; --all shows them\n"
+    assert mnp_list(tmp_path / "none").stdout == "no jobs\n"
+
+
+def test_mnp_list_imports_neither_the_model_nor_the_controller(long_history: Path) -> None:
+    code = (
+        "import sys\n"
+        "from mnp.cli import main\n"
+        "try:\n"
+        f"    main(['list', '--home', {str(long_history)!r}])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = {'mnp.model', 'mnp.controller', 'asyncssh', 'psutil', 'asyncio', 'dataclasses'}\n"
+        "print(sorted(heavy & set(sys.modules)), file=sys.stderr)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert r.stderr.splitlines()[-1] == "[]", r.stderr
 
 
 def test_unfinished_jobs_for_recovery(store: Store) -> None:
