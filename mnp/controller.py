@@ -54,6 +54,8 @@ class Recorder(Protocol):
 
 
 OutputHandler = Callable[[Job, TaskRun, int, str], None]
+TaskStartHandler = Callable[[Job, TaskRun], str | None]
+"""Called before a task is spawned; a string is why it cannot start (its attempt fails)."""
 TaskEndHandler = Callable[[Job, TaskRun], None]
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -84,6 +86,7 @@ class Controller:
         *,
         token: str | None = None,
         on_output: OutputHandler | None = None,
+        on_task_start: TaskStartHandler | None = None,
         on_task_end: TaskEndHandler | None = None,
         on_event: EventSink | None = None,
         agent_grace: float = 2.0,
@@ -94,6 +97,7 @@ class Controller:
         self.transports = transports
         self.token = token or pysecrets.token_hex(8)
         self.on_output = on_output
+        self.on_task_start = on_task_start
         self.on_task_end = on_task_end
         self.on_event = on_event
         self.agent_grace = agent_grace
@@ -209,6 +213,8 @@ class Controller:
             if not task.exited:
                 task.exited_at = now
             self._tasks.pop(tid, None)
+            if self.on_task_end is not None:
+                self.on_task_end(job, task)
             hit[id(attempt)] = (job, attempt)
         for job, attempt in hit.values():
             if not attempt.ending:
@@ -513,7 +519,13 @@ class Controller:
         argv: list[str],
         env: dict[str, str],
         files: list[dict[str, Any]] | None = None,
-    ) -> None:
+    ) -> bool:
+        """Start a task; False when it cannot start, and its attempt is ending."""
+        if self.on_task_start is not None:
+            why = self.on_task_start(job, task)
+            if why is not None:
+                self._begin_end(job, attempt, JobState.FAILED, why, time.time())
+                return False
         attempt.tasks[task.tid] = task
         self._tasks[task.tid] = (job, attempt, task)
         env.update(self._secrets(job.defn))
@@ -534,6 +546,8 @@ class Controller:
                 {"ev": "exited", "tid": task.tid, "code": 126, "signal": None, "error": str(e)},
             )
             self._on_agent_event(task.host, {"ev": "gone", "tid": task.tid, "killed": 0})
+            return False
+        return True
 
     def _secrets(self, defn: JobDefinition) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -638,7 +652,8 @@ class Controller:
             tid = task_id(launch, index, t, group.tasks_per_node)
             task = TaskRun(tid, node.host, node_index=index, task_index=t)
             node.tasks.append(task)
-            self._spawn(job, attempt, task, list(argv), env, files if t == 0 else None)
+            if not self._spawn(job, attempt, task, list(argv), env, files if t == 0 else None):
+                return
 
     def _on_main_running(self, job: Job, attempt: Attempt, now: float) -> None:
         mn = job.defn.multinode
@@ -647,6 +662,8 @@ class Controller:
         self._arm_timeout(job, attempt)
         hostfiles = (hostfile_mpich(attempt.launch.nodes), hostfile_ompi(attempt.launch.nodes))
         for node in attempt.nodes:
+            if attempt.ending:
+                return
             if node.index != mn.main_node:
                 self._start_node(job, attempt, node.index, hostfiles)
         self._check_all_running(attempt, now)
@@ -883,6 +900,8 @@ class Controller:
         self._kick()
 
     def _finish(self, job: Job, state: JobState, reason: str | None, now: float) -> None:
+        if job.note is not None:
+            reason = f"{reason}; {job.note}" if reason else job.note
         job.set_state(state, now, reason)
         for fut in self._waiters.pop(job.id, []):
             if not fut.done():
@@ -957,6 +976,29 @@ class Controller:
             return  # the parent ends when its children have
         self._dequeue(job)
         self._finish(job, JobState.FAILED, reason, now)
+
+    def note(self, job: Job, text: str) -> None:
+        """Add ``text`` to the job's final reason (after the reason itself, if any): for
+        what went wrong beside the job, such as its output lost. The first note is kept."""
+        if job.note is None:
+            job.note = text
+
+    def withdraw(self, job: Job) -> None:
+        """Forget a job that was just submitted, as if it never had been: its acceptance
+        could not be recorded. Only a job that has not been placed yet can go."""
+        for j in (job, *job.children):
+            if j.attempts:
+                raise ValueError(f"job {j.id} has started; it cannot be withdrawn")
+        for j in (*job.children, job):
+            self._dequeue(j)
+            self.jobs.pop(j.id, None)
+        gone = {job.id, *(c.id for c in job.children)}
+        for target, waiting in list(self._waiting_on.items()):
+            kept = [w for w in waiting if w.id not in gone]
+            if kept:
+                self._waiting_on[target] = kept
+            else:
+                del self._waiting_on[target]
 
     # --- waiting and closing ----------------------------------------------
 

@@ -127,6 +127,7 @@ class Job:
     finished: int = 0  # array parent: children that reached a terminal state
     ready: bool = False  # array parent: its own dependencies are met
     bonus_attempts: int = 0  # attempts lost to a controller restart: not counted
+    note: str | None = None  # added to the final reason (e.g. "Output lost: PATH: ...")
 
     @property
     def is_array(self) -> bool:

@@ -7,6 +7,17 @@ to SQLite (``mnp.store``), every state change appended to the store and to
 ``FLUSH_EVERY`` seconds, and at once before ``submit`` answers (an accepted
 job is durable). Reads (``list``, ``describe``, ``events``, ``logs``) do not go
 through here: the CLI opens the store read-only and the log files directly.
+
+Disk and permission faults never raise into the controller's loop:
+
+- a write that fails (a full disk, a locked database) stays buffered and is
+  tried again every ``RETRY_EVERY`` seconds; ``events.jsonl`` gets only what the
+  store has committed, and catches up from the store at start;
+- a submit is answered only once its job is committed; if that fails the job is
+  withdrawn (never started, never half-recorded) and the client is told why;
+- a task starts only once its log folder takes files (else its attempt fails with
+  ``Cannot write logs: PATH: ERROR``); output that cannot be written later is
+  dropped, and the job's final reason ends with ``Output lost: PATH: ERROR``.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +35,7 @@ from typing import IO, Any
 
 from mnp.api import Handler, Responder
 from mnp.controller import Controller, Restored
-from mnp.errors import JobRefused, MnpError, UsageError
+from mnp.errors import InfraError, JobRefused, MnpError, UsageError
 from mnp.jobs import Attempt, Job, NodeRun, TaskRun
 from mnp.model import TERMINAL, Inventory, JobState
 from mnp.run import OutputPrinter, job_exit_code, transports_for
@@ -33,6 +45,8 @@ from mnp.store import Store
 log = logging.getLogger("mnp")
 
 FLUSH_EVERY = 0.02  # seconds: the batching window for store and log writes
+RETRY_EVERY = 1.0  # seconds: how soon a write that failed (disk full, locked) is tried again
+EVENTS_NAME = "events.jsonl"
 
 
 def root_of(job_id: str) -> str:
@@ -45,7 +59,11 @@ class Service:
         self.inventory = inventory
         self.inventory_key = inventory_key
         self.store = Store(home / "mnp.db")
-        self.events_file = open(home / "events.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self.events_path = home / EVENTS_NAME
+        self._event_lines: list[tuple[str, str]] = []  # (root job id, line): not committed yet
+        self._events_out = bytearray()  # committed, not yet in the events file
+        self._events_fd: int | None = None
+        self._trouble: dict[str, str] = {}  # what cannot be written now -> why (logged once)
         token = self.store.get_meta("controller_token")
         if token is None:
             token = secrets.token_hex(8)
@@ -56,11 +74,12 @@ class Service:
             transports_for(inventory),
             token=token,
             on_output=self._output,
+            on_task_start=self._task_start,
             on_task_end=self._task_end,
             recorder=self,
         )
         self.logs = home / "logs"
-        self._files: dict[tuple[str, int], IO[str]] = {}
+        self._files: dict[tuple[str, int], _Log] = {}
         self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
         self.started = time.time()
@@ -70,7 +89,10 @@ class Service:
     # --- Recorder ---------------------------------------------------------
 
     def next_id(self) -> str:
-        return str(self.store.next_job_id())
+        try:
+            return str(self.store.next_job_id())
+        except InfraError as e:
+            raise InfraError(f"job not accepted: {e}") from e
 
     def ids_below(self) -> int:
         return self.store.job_ids_below
@@ -104,8 +126,8 @@ class Service:
 
     def event(self, event: dict[str, Any]) -> int:
         seq = self.store.append_event(event)
-        self.events_file.write(json.dumps({"seq": seq, **event}) + "\n")
         job_id = str(event["job_id"])
+        self._event_lines.append((root_of(job_id), json.dumps({"seq": seq, **event}) + "\n"))
         if "node_index" in event:
             job = self.controller.jobs.get(root_of(job_id))
             if job is not None and job.attempt is not None:
@@ -164,15 +186,35 @@ class Service:
 
     # --- output -----------------------------------------------------------
 
-    def _output(self, job: Job, task: TaskRun, fd: int, data: str) -> None:
-        key = (task.tid, fd)
-        f = self._files.get(key)
-        if f is None:
-            folder = self.logs / root_of(job.id)
+    def _log(self, job: Job, task: TaskRun, fd: int) -> _Log:
+        path = self.logs / root_of(job.id) / f"{task.tid}.{'out' if fd == 1 else 'err'}"
+        log_file = self._files[(task.tid, fd)] = _Log(job, path)
+        return log_file
+
+    def _task_start(self, job: Job, task: TaskRun) -> str | None:
+        """Check that the task's log folder takes files before it starts; if not, why not.
+        The files themselves are made at the first output (a task that says nothing
+        leaves none)."""
+        self._task_end(job, task)  # a file left open by a lost host's attempt
+        folder = self.logs / root_of(job.id)
+        try:
             folder.mkdir(parents=True, exist_ok=True)
-            f = open(folder / f"{task.tid}.{'out' if fd == 1 else 'err'}", "a", encoding="utf-8")  # noqa: SIM115
-            self._files[key] = f
-        f.write(data)
+        except OSError as e:
+            return f"Cannot write logs: {e.filename or folder}: {e.strerror or e}"
+        if os.access(folder, os.W_OK):
+            return None
+        log_file = self._log(job, task, 1)  # fails, and says why
+        if log_file.error is None:
+            return None
+        del self._files[(task.tid, 1)]
+        return f"Cannot write logs: {log_file.error}"
+
+    def _output(self, job: Job, task: TaskRun, fd: int, data: str) -> None:
+        log_file = self._files.get((task.tid, fd))
+        if log_file is None:
+            log_file = self._log(job, task, fd)
+            self._lost(log_file, log_file.error)
+        self._lost(log_file, log_file.write(data))
         self._dirty()
         root = root_of(job.id)
         if root in self._subscribers:
@@ -181,9 +223,15 @@ class Service:
 
     def _task_end(self, job: Job, task: TaskRun) -> None:
         for fd in (1, 2):
-            f = self._files.pop((task.tid, fd), None)
-            if f is not None:
-                f.close()
+            log_file = self._files.pop((task.tid, fd), None)
+            if log_file is not None:
+                self._lost(log_file, log_file.close())
+
+    def _lost(self, log_file: _Log, error: str | None) -> None:
+        """Output that could not be written: said once in the log and in the job's reason."""
+        if error is not None:
+            log.warning("job %s: output lost: %s", log_file.job.id, error)
+            self.controller.note(log_file.job, f"Output lost: {error}")
 
     def _publish(self, job: Job, msg: dict[str, Any]) -> None:
         for q in self._subscribers.get(root_of(job.id), ()):
@@ -191,27 +239,87 @@ class Service:
 
     # --- batching ---------------------------------------------------------
 
-    def _dirty(self) -> None:
+    def _dirty(self, delay: float = FLUSH_EVERY) -> None:
         if self._flush_handle is None:
             loop = asyncio.get_running_loop()
-            self._flush_handle = loop.call_later(FLUSH_EVERY, self.flush)
+            self._flush_handle = loop.call_later(delay, self.flush)
 
-    def flush(self) -> None:
-        self._flush_handle = None
+    def flush(self) -> str | None:
+        """Write what is buffered: the store (one transaction), then the events file and
+        the logs. Never raises: what cannot be written stays buffered and is tried again
+        within ``RETRY_EVERY``. Returns why the store could not commit, or None."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         try:
             self.store.flush()
-        except MnpError as e:  # disk full, locked: kept buffered, tried again
-            log.error("store: %s", e)
-            self._dirty()
-        self.events_file.flush()
-        for f in self._files.values():
-            f.flush()
+        except (MnpError, ValueError) as e:  # ValueError: a bug; the store dropped the batch
+            failed: str | None = str(e)
+        else:
+            failed = None
+            self._events_out += "".join(line for _, line in self._event_lines).encode()
+            self._event_lines.clear()
+        self._report("store", failed)
+        self._report("events", self._write_events())
+        for log_file in self._files.values():
+            self._lost(log_file, log_file.flush())
+        if self._trouble:
+            self._dirty(RETRY_EVERY)
+        return failed
+
+    def _write_events(self) -> str | None:
+        """Append what the store has committed to ``events.jsonl``; why not, if not all."""
+        while self._events_out:
+            try:
+                if self._events_fd is None:
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                    self._events_fd = os.open(self.events_path, flags, 0o600)
+                n = os.write(self._events_fd, self._events_out)
+            except OSError as e:
+                return f"{self.events_path}: {e.strerror or e}"
+            del self._events_out[:n]
+        return None
+
+    def _report(self, what: str, error: str | None) -> None:
+        """Log a write failure once (not at every retry), and when it is over."""
+        if error is None:
+            if self._trouble.pop(what, None) is not None:
+                log.info("%s: written again", what)
+        elif self._trouble.get(what) != error:
+            self._trouble[what] = error
+            log.error("%s: %s (kept, tried again every %gs)", what, error, RETRY_EVERY)
+
+    def _catch_up_events(self) -> None:
+        """Queue the events the store has and ``events.jsonl`` lacks (it fell behind on a
+        full disk, or a crash tore its last line, which is cut off first)."""
+        last = _last_event_seq(self.events_path)
+        if last is None:
+            return
+        while True:
+            rows = self.store.events_since(last, limit=10_000)
+            if not rows:
+                return
+            for row in rows:
+                self._events_out += (json.dumps(row) + "\n").encode()
+            last = int(rows[-1]["seq"])
+
+    def _accept(self, request: dict[str, Any]) -> Job:
+        """Submit a job and commit it; if it cannot be committed it is withdrawn."""
+        job = self.controller.submit(self._definition(request))
+        failed = self.flush()
+        if failed is not None:
+            self.controller.withdraw(job)
+            self.store.discard([job.id, *(c.id for c in job.children)])
+            self._event_lines = [e for e in self._event_lines if e[0] != job.id]
+            raise InfraError(f"job not accepted: {failed}")
+        return job
 
     # --- lifecycle --------------------------------------------------------
 
     async def start(self) -> None:
         for w in self.warnings:
             log.warning("%s", w)
+        self._catch_up_events()  # before anything new is committed
         await self.controller.start()
         self.controller.continue_numbering(self.store.max_job_seq())
         rows = self.store.unfinished_jobs()
@@ -246,10 +354,20 @@ class Service:
     async def shutdown(self) -> None:
         await self.controller.close()
         self.flush()
-        for f in self._files.values():
-            f.close()
-        self.events_file.close()
-        self.store.close()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        for log_file in self._files.values():
+            log_file.close()
+        if self._events_fd is not None:
+            os.close(self._events_fd)
+            self._events_fd = None
+        if self._event_lines or self._events_out:
+            log.error("events: %s lags the store; caught up at the next start", self.events_path)
+        try:
+            self.store.close()
+        except MnpError as e:
+            log.error("store: %s (the last changes are lost)", e)
 
     # --- requests ---------------------------------------------------------
 
@@ -284,16 +402,14 @@ class Service:
         )
 
     async def op_submit(self, request: dict[str, Any], r: Responder) -> None:
-        job = self.controller.submit(self._definition(request))
-        self.flush()
+        job = self._accept(request)
         await r.end({"ok": True, "job_id": job.id, "warnings": self.warnings})
 
     async def op_run(self, request: dict[str, Any], r: Responder) -> None:
         """Submit, stream the job's output, end with how it ended."""
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        job = self.controller.submit(self._definition(request))
+        job = self._accept(request)
         self._subscribers.setdefault(job.id, set()).add(queue)
-        self.flush()
         await r.send({"ok": True, "job_id": job.id, "warnings": self.warnings})
         try:
             waiter = asyncio.ensure_future(self.controller.wait(job))
@@ -382,6 +498,73 @@ class Service:
             for q in sorted(self.inventory.queues.values(), key=lambda q: -q.priority)
         ]
         await r.end({"ok": True, "queues": rows})
+
+
+class _Log:
+    """One task's stdout or stderr file. Nothing here raises: a failure (the file cannot
+    be made, the disk is full) drops the output from then on and is returned, once, as
+    ``PATH: ERROR``; ``error`` keeps it."""
+
+    def __init__(self, job: Job, path: Path) -> None:
+        self.job = job
+        self.path = path
+        self.error: str | None = None
+        self.file: IO[str] | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as e:
+            self.error = f"{e.filename or path}: {e.strerror or e}"
+
+    def write(self, data: str) -> str | None:
+        return self._do(lambda f: f.write(data))
+
+    def flush(self) -> str | None:
+        return self._do(lambda f: f.flush())
+
+    def close(self) -> str | None:
+        error = self._do(lambda f: f.close())
+        self.file = None
+        return error
+
+    def _do(self, action: Callable[[IO[str]], object]) -> str | None:
+        if self.file is None:
+            return None
+        try:
+            action(self.file)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self.file.close()  # the fd goes even when the flush in it fails again
+            self.file = None
+            self.error = f"{self.path}: {e.strerror or e}"
+            return self.error
+        return None
+
+
+def _last_event_seq(path: Path) -> int | None:
+    """The ``seq`` of the last whole line of ``events.jsonl`` (0 if none, None if it
+    cannot be read); a torn last line (the controller died mid-write) is cut off."""
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            start = max(0, end - 65536)
+            f.seek(start)
+            tail = f.read()
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        log.error("events: cannot read %s: %s", path, e.strerror or e)
+        return None
+    cut = tail.rfind(b"\n") + 1
+    if cut < len(tail) and (cut or start == 0):
+        try:
+            os.truncate(path, start + cut)
+        except OSError as e:
+            log.error("events: cannot cut the torn last line of %s: %s", path, e.strerror or e)
+    for line in reversed(tail[:cut].splitlines()):
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            return int(json.loads(line)["seq"])
+    return 0
 
 
 def make_handler_factory(

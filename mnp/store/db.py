@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from operator import itemgetter
 from pathlib import Path
@@ -36,6 +36,7 @@ class _Shape:
 
     def __init__(self, keys: tuple[str, ...]) -> None:
         codec.check_job_fields(keys)
+        self.keys = keys
         self.sql = f"INSERT INTO jobs ({', '.join(keys)}) VALUES ({', '.join('?' * len(keys))})"
         self.values: Callable[[Mapping[str, Any]], tuple[Any, ...]]
         if len(keys) == 1:
@@ -160,9 +161,11 @@ class Store:
         Whether walking the table or the parents-only index lists parents faster
         depends on how many array children there are; the statistics tell.
         """
-        with self._guard("analyzing"):
+        try:
             self.conn.execute(f"PRAGMA analysis_limit = {ANALYSIS_LIMIT}")
             self.conn.execute("ANALYZE")
+        except sqlite3.Error:
+            pass  # an optimisation: a full disk must not keep the store from opening or closing
 
     def _writable(self) -> None:
         if self.readonly:
@@ -305,6 +308,35 @@ class Store:
         self._forget()
         if inserted >= ANALYZE_AFTER:
             self._analyze()
+
+    def discard(self, job_ids: Collection[str]) -> None:
+        """Forget what is buffered about these jobs: their inserts, updates, attempts,
+        nodes and events (for a top-level id, its children's and nodes' events too).
+
+        For a submit whose commit failed: the job is withdrawn as if it had never
+        been, while the rest of the batch stays buffered for the next ``flush()``.
+        Nothing already flushed changes.
+        """
+        if not job_ids:
+            return
+        ids = set(job_ids)
+        for shape in self._shapes.values():
+            at = shape.keys.index("id")
+            shape.rows[:] = [r for r in shape.rows if r[at] not in ids]
+        self._new_ids.difference_update(ids)
+        for job_id in ids:
+            self._job_updates.pop(job_id, None)
+        self._attempts = {k: v for k, v in self._attempts.items() if k[0] not in ids}
+        self._nodes = {k: v for k, v in self._nodes.items() if k[0] not in ids}
+        self._events = [e for e in self._events if e[2] not in ids and e[3] not in ids]
+        self._dirty = bool(
+            self._meta
+            or self._new_ids
+            or self._job_updates
+            or self._attempts
+            or self._nodes
+            or self._events
+        )
 
     def _forget(self) -> None:
         for shape in self._shapes.values():

@@ -151,7 +151,7 @@ NODE_COLUMNS = (
 )
 
 _HINTS = {
-    "SQLITE_FULL": "the disk is full",
+    "SQLITE_FULL": "free space on its disk",
     "SQLITE_READONLY": "it is read-only here (check the permissions of the file and its directory)",
     "SQLITE_READONLY_DIRECTORY": "its directory is not writable",
     "SQLITE_CANTOPEN": "it cannot be opened (does its directory exist and is it writable?)",

@@ -212,3 +212,55 @@ async def test_big_multinode_job_is_not_starved_and_priority_wins() -> None:
         assert small.state is JobState.SUCCEEDED
     finally:
         await c.close()
+
+
+async def test_a_task_that_cannot_start_fails_its_attempt_and_is_retried() -> None:
+    """``on_task_start`` refusing (the daemon: its log file cannot be opened) fails the
+    attempt with that reason, like any failure; here node 1 of a 2-node job, after node 0
+    started, so node 0 is torn down too."""
+    refused: list[str] = []
+
+    def start(job: Job, task: object) -> str | None:
+        tid = str(getattr(task, "tid", ""))
+        if tid.endswith("#1"):
+            refused.append(tid)
+            return f"Cannot write logs: /logs/{tid}: Read-only file system"
+        return None
+
+    c = Controller(local_inventory(2), {"local": LocalTransport()}, on_task_start=start)
+    await c.start()
+    try:
+        job = c.submit(cmd("sleep", "30", nodes=2, attempts=2))
+        await done(c, job)
+        assert (job.state, job.reason) == (
+            JobState.FAILED,
+            f"Cannot write logs: /logs/{job.id}#1: Read-only file system",
+        )
+        assert len(job.attempts) == 2 and len(refused) == 2
+        assert all(n.state is JobState.FAILED for n in job.attempts[-1].nodes)
+        after = c.submit(cmd("true"))  # the controller goes on
+        assert (await done(c, after)).state is JobState.SUCCEEDED
+    finally:
+        await c.close()
+
+
+async def test_a_note_follows_the_final_reason(ctl: Controller) -> None:
+    ok = ctl.submit(cmd("true"))
+    ctl.note(ok, "Output lost: /x: No space left on device")
+    ctl.note(ok, "a second note is not kept")
+    bad = ctl.submit(cmd("true", depends_on=[ok.id]))
+    ctl.note(bad, "Output lost: /y: No space left on device")
+    ctl.cancel(bad.id, "not needed")
+    await done(ctl, ok)
+    assert (ok.state, ok.reason) == (JobState.SUCCEEDED, "Output lost: /x: No space left on device")
+    assert bad.reason == "not needed; Output lost: /y: No space left on device"
+
+
+async def test_withdraw_forgets_a_job_that_was_just_submitted(ctl: Controller) -> None:
+    first = ctl.submit(cmd("sleep", "0.3"))
+    arr = ctl.submit(cmd("true", array_size=3, depends_on=[first.id]))
+    ctl.withdraw(arr)
+    assert arr.id not in ctl.jobs and f"{arr.id}:0" not in ctl.jobs
+    await done(ctl, first)
+    await asyncio.sleep(0.1)  # nothing of it was left to wake or to run
+    assert all(c.attempts == [] for c in arr.children)

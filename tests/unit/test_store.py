@@ -493,6 +493,38 @@ def test_failed_flush_writes_nothing_and_keeps_the_batch(store: Store) -> None:
     assert len(store.children("1")) == 5000
 
 
+def test_discard_withdraws_a_job_that_could_not_be_committed(store: Store) -> None:
+    """A submit whose commit failed: its job goes from the batch, the rest stays for later."""
+    store.add_job(job_row("1", 1))
+    store.flush()
+    pages = store.conn.execute("PRAGMA page_count").fetchone()[0]
+    store.conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is "full"
+    store.update_job("1", state="RUNNING")  # an accepted job's change, waiting for space
+    store.append_event({"job_id": "1", "status": "RUNNING"})
+    store.add_job(job_row("2", 2))  # the new job: an array with its children and events
+    store.add_jobs(array_rows("2", 3, 5000))
+    store.update_job("2", state="PENDING")
+    store.append_event({"job_id": "2", "status": "PENDING"})
+    store.append_event({"job_id": "2:7", "array_index": 7, "status": "PENDING"})
+    store.upsert_attempt("2:1", 1, ce="local")
+    store.upsert_node("2", 1, 0, host="h")
+    with pytest.raises(InfraError, match="full"):
+        store.flush()
+    store.discard(["2", *(f"2:{i}" for i in range(5000))])
+    store.conn.execute("PRAGMA max_page_count = 1073741823")  # space freed
+    store.flush()
+    assert [(j["id"], j["state"]) for j in store.list_jobs(parents_only=False)] == [
+        ("1", "RUNNING")
+    ]
+    assert [e["job_id"] for e in store.events_since(0)] == ["1"]
+    assert store.get_job("2") is None and store.get_job("2:1") is None
+    assert store.conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0
+    assert store.conn.execute("SELECT count(*) FROM nodes").fetchone()[0] == 0
+    store.add_job(job_row("2", 5003))  # the id may be stored later: nothing is left of it
+    store.flush()
+    assert [j["id"] for j in store.list_jobs()] == ["1", "2"]
+
+
 def test_duplicate_job_id_is_a_value_error_and_the_batch_is_dropped(store: Store) -> None:
     store.add_job(job_row("1", 1))
     store.flush()
