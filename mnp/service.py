@@ -40,7 +40,7 @@ from mnp.jobs import Attempt, Job, NodeRun, TaskRun
 from mnp.model import TERMINAL, Inventory, JobState
 from mnp.run import OutputPrinter, job_exit_code, transports_for
 from mnp.spec import definition_to_dict, parse_definition, unverified_warning
-from mnp.store import Store
+from mnp.store import Store, codec
 
 log = logging.getLogger("mnp")
 
@@ -125,9 +125,9 @@ class Service:
         self._dirty()
 
     def event(self, event: dict[str, Any]) -> int:
-        seq = self.store.append_event(event)
+        seq, body = self.store.add_event(event)
         job_id = str(event["job_id"])
-        self._event_lines.append((root_of(job_id), json.dumps({"seq": seq, **event}) + "\n"))
+        self._event_lines.append((root_of(job_id), body + "\n"))
         if "node_index" in event:
             job = self.controller.jobs.get(root_of(job_id))
             if job is not None and job.attempt is not None:
@@ -300,7 +300,7 @@ class Service:
             if not rows:
                 return
             for row in rows:
-                self._events_out += (json.dumps(row) + "\n").encode()
+                self._events_out += (codec.dumps(row) + "\n").encode()
             last = int(rows[-1]["seq"])
 
     def _accept(self, request: dict[str, Any]) -> Job:

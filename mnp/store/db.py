@@ -258,12 +258,14 @@ class Store:
         self._dirty = True
 
     def append_event(self, event: Mapping[str, Any]) -> int:
-        """Buffer an event and return its ``seq``: one more than the last, across restarts.
+        """Buffer an event and return its ``seq``: one more than the last, across restarts."""
+        return self.add_event(event)[0]
 
-        ``event`` is not changed; the stored body is ``{"seq": seq, **event}``,
-        which is what the caller writes to ``events.jsonl``. The event is filed
-        under its subject for ``events_since(job_id=...)`` (``codec.event_key``).
-        """
+    def add_event(self, event: Mapping[str, Any]) -> tuple[int, str]:
+        """``append_event``, also returning the stored body: ``{"seq": seq, **event}`` as
+        compact JSON, what the caller writes to ``events.jsonl`` (encoded once for both).
+        ``event`` is not changed. The event is filed under its subject for
+        ``events_since(job_id=...)`` (``codec.event_key``)."""
         self._writable()
         self._event_seq += 1
         seq = self._event_seq
@@ -271,7 +273,7 @@ class Store:
         key, root = codec.event_key(event)
         self._events.append((seq, event.get("time"), key, root, body))
         self._dirty = True
-        return seq
+        return seq, body
 
     def set_meta(self, key: str, value: str) -> None:
         self._writable()
