@@ -119,6 +119,8 @@ class Controller:
         self._waiting_on: dict[str, list[Job]] = {}  # job id → jobs waiting for it to end
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._kick_scheduled = False
+        # while a scheduling pass runs: its spawns per host, sent as one write per host
+        self._batch: dict[str, list[tuple[Event, TaskRun]]] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -474,10 +476,28 @@ class Controller:
             self.capacity,
         )
         now = time.time()
-        for start in starts:
-            job = self._runnable[start.key]
-            self._dequeue(job)
-            self._launch(job, start, now)
+        batch: dict[str, list[tuple[Event, TaskRun]]] = {}
+        self._batch = batch
+        try:
+            for start in starts:
+                job = self._runnable[start.key]
+                self._dequeue(job)
+                self._launch(job, start, now)
+        finally:
+            self._batch = None
+            for host in list(batch):
+                self._flush_spawns(host, batch)
+
+    def _flush_spawns(self, host: str, batch: dict[str, list[tuple[Event, TaskRun]]]) -> None:
+        """Send the spawns a pass collected for ``host`` in one write (one SSH packet)."""
+        items = batch.pop(host, None)
+        if not items:
+            return
+        try:
+            self.agents[host].send_many([msg for msg, _ in items])
+        except (MnpError, KeyError) as e:
+            for _, task in items:
+                self._spawn_failed(task, e)
 
     # --- launching --------------------------------------------------------
 
@@ -538,16 +558,22 @@ class Controller:
         }
         if files:
             msg["files"] = files
+        if self._batch is not None and task.host in self.agents:
+            self._batch.setdefault(task.host, []).append((msg, task))
+            return True
         try:
             self.agents[task.host].send(msg)
         except (MnpError, KeyError) as e:
-            self._on_agent_event(
-                task.host,
-                {"ev": "exited", "tid": task.tid, "code": 126, "signal": None, "error": str(e)},
-            )
-            self._on_agent_event(task.host, {"ev": "gone", "tid": task.tid, "killed": 0})
+            self._spawn_failed(task, e)
             return False
         return True
+
+    def _spawn_failed(self, task: TaskRun, e: Exception) -> None:
+        self._on_agent_event(
+            task.host,
+            {"ev": "exited", "tid": task.tid, "code": 126, "signal": None, "error": str(e)},
+        )
+        self._on_agent_event(task.host, {"ev": "gone", "tid": task.tid, "killed": 0})
 
     def _secrets(self, defn: JobDefinition) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -842,19 +868,25 @@ class Controller:
         if timer is not None:
             timer.cancel()
         grace = job.defn.timeout.kill_grace
-        for task in attempt.tasks.values():
-            if not task.gone and not task.exited:  # an exited task's agent cleans up itself
-                self._send(task.host, {"op": "kill", "tid": task.tid, "grace": grace})
         if job.is_multinode:
             for node in attempt.nodes:
                 if node.held and node.state not in TERMINAL:
                     node.set_state(final, now, reason)
+            # a sweep ends the agent's own tasks of the job too (each still reports
+            # `exited` and `gone`): one teardown and one /proc scan per host, no `kill`s
             for host in {g.host for g in attempt.grants}:
                 if self._send(host, {"op": "sweep", "job": job.id, "grace": grace}):
                     attempt.pending_sweeps.add(host)
+        for task in attempt.tasks.values():
+            if task.gone or task.exited:  # an exited task's agent cleans up itself
+                continue
+            if task.host not in attempt.pending_sweeps:
+                self._send(task.host, {"op": "kill", "tid": task.tid, "grace": grace})
         self._maybe_finish(job, attempt, now)
 
     def _send(self, host: str, msg: Event) -> bool:
+        if self._batch is not None and host in self._batch:
+            self._flush_spawns(host, self._batch)  # keep the host's messages in order
         conn = self.agents.get(host)
         if conn is None or not conn.alive:
             return False

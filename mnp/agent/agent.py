@@ -24,6 +24,7 @@ from .proc import (
     agent_identity,
     children_list,
     group_exists,
+    job_part,
     read_stat,
     send,
     send_group,
@@ -34,7 +35,7 @@ from .tasks import FIRST_CHECK, MAX_CHECK, StaleRule, Task, Teardown, targets
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
-    from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+    from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
     from .loop import Timer
     from .proc import Proc, Snapshot
@@ -44,6 +45,9 @@ MAX_LINE = 16 << 20
 GIVE_UP = 5.0  # seconds after SIGKILL before a teardown reports survivors and ends
 BUSY_CHILDREN = 64  # with more children than this, exits are checked for orphans in batches
 CHECK_BATCH = 0.002
+PRE_WAIT = 0.05  # how long a teardown waits for a main process it sent SIGTERM to die
+SETTLED = 0.1  # a sweep SIGTERMs a task of its job before scanning once it ran this long
+INF = float("inf")
 PORTS_REMEMBERED = 256
 
 
@@ -261,7 +265,7 @@ class Agent:
             Stream(self.loop, self.out, tid, err_fd, 2),
         ]
         feeder = None if data is None else Feeder(self.loop, feed_w, data)
-        task = Task(tid, pid, streams, feeder)
+        task = Task(tid, pid, streams, feeder, time.monotonic())
         self.tasks[tid] = task
         self.by_pid[pid] = task
         self.all_tids.add(tid)
@@ -298,7 +302,28 @@ class Agent:
         job = msg.get("job")
         if not isinstance(job, str) or not job:
             raise BadRequest("job must be a non-empty string")
-        self._teardown("s:" + job, "sweep", job, None, self._grace(msg))
+        grace = self._grace(msg)
+        kill_at = time.monotonic() + grace
+        # the agent's own tasks of the job end as a `kill` with this grace would end them;
+        # a teardown already under way keeps its course, with this deadline if sooner.
+        # Those that run for SETTLED already get SIGTERM (their group) now, before the
+        # first scan; younger ones are left to the scan, whose milliseconds let a task
+        # started as the main node exited (`--nodes N -- echo`) finish its output.
+        now = time.monotonic()
+        termed: List[Task] = []
+        for task in self.tasks.values():
+            if task.gone or job_part(task.tid) != job:
+                continue
+            task.deadline = min(task.deadline, kill_at)  # for its leftovers, if any
+            if task.teardown is not None:
+                task.teardown.kill_at = min(task.teardown.kill_at, kill_at)
+            if task.reaped:
+                continue
+            if not task.termed and now - task.born >= SETTLED:
+                self._term_group(task)
+            if task.termed:
+                termed.append(task)
+        self._teardown("s:" + job, "sweep", job, None, grace, termed)
 
     def op_stale(self, msg: Dict[str, Any]) -> None:
         live = msg.get("live")
@@ -357,7 +382,8 @@ class Agent:
         for task in list(self.tasks.values()):
             if not task.gone:
                 self._teardown("t:" + task.tid, "task", task.tid, task, grace)
-        self._teardown("*", "all", "*", None, grace)
+        termed = [t for t in self.tasks.values() if t.termed and not t.reaped]
+        self._teardown("*", "all", "*", None, grace, termed)
 
     # ---------------------------------------------------------------- exits
 
@@ -375,10 +401,17 @@ class Agent:
                 self.orphans.pop(pid, None)
                 reaped = True  # perhaps something a teardown waits for
             else:
-                reaped = reaped or task.teardown is not None
+                # a teardown (its own, or a sweep: it set a deadline) may wait for it
+                waited = task.teardown is not None or task.termed or task.deadline < INF
+                reaped = reaped or waited
                 if not task.gone:
                     self._exited(task, status)
         if reaped and self.teardowns:
+            for td in self.teardowns.values():
+                # look again now, not after the back-off; a teardown that has not scanned
+                # yet waits until every main process it sent SIGTERM to is reaped
+                if td.steps or not any(pid in self.by_pid for pid in td.pre):
+                    td.next_check = 0.0
             self._tick_soon()
 
     def _exited(self, task: Task, status: int) -> None:
@@ -459,22 +492,55 @@ class Agent:
 
     # ---------------------------------------------------------------- teardown
 
-    def _teardown(self, key: str, kind: str, name: str, task: Optional[Task], grace: float) -> None:
-        kill_at = time.monotonic() + grace
+    def _teardown(
+        self,
+        key: str,
+        kind: str,
+        name: str,
+        task: Optional[Task],
+        grace: float,
+        termed: Sequence[Task] = (),
+    ) -> None:
+        """Start (or hurry) a teardown. `termed`: tasks whose groups were just sent SIGTERM
+        on its behalf (a sweep's own tasks; at shutdown, the "all" teardown's)."""
+        now = time.monotonic()
+        kill_at = now + grace
         td = self.teardowns.get(key)
         if td is not None:
             td.kill_at = min(td.kill_at, kill_at)
+            td.next_check = 0.0
         else:
             td = self.teardowns[key] = Teardown(key, kind, name, task, kill_at)
             if task is not None:
                 task.teardown = td
-        td.next_check = 0.0
-        self._tick_soon()
+                td.kill_at = min(td.kill_at, task.deadline)  # a sweep's, if sooner
+                if not task.reaped:
+                    # SIGTERM its group now, before any scan
+                    self._term_group(task)
+                    termed = (task,)
+                elif task.termed:
+                    td.quiet.add(task.pid)
+            # a main process just sent SIGTERM is given PRE_WAIT to die before the first
+            # scan (its reap cuts the wait short): the one scan then finds it gone
+            td.next_check = now + PRE_WAIT if termed else 0.0
+        for t in termed:
+            td.quiet.add(t.pid)
+            td.pre.add(t.pid)
+        self._tick_soon(min(td.next_check, td.kill_at))
 
-    def _tick_soon(self) -> None:
-        """Scan as soon as allowed: scans are spaced by twice the time the last one took
-        (and 5 ms), so teardowns never take more than a third of the agent's time."""
-        when = max(time.monotonic(), self.last_tick + self.tick_gap)
+    def _term_group(self, task: Task) -> None:
+        """SIGTERM the task's process group, once; no teardown signals its members again."""
+        if not task.termed:
+            send_group(task.pid, signal.SIGTERM)
+            task.termed = True
+            for td in self.teardowns.values():
+                td.quiet.add(task.pid)
+
+    def _tick_soon(self, at: float = 0.0) -> None:
+        """Scan at `at` or as soon after as allowed: scans are spaced by twice the CPU time
+        the last one took (and 5 ms), so teardowns never take more than a third of the
+        agent's time."""
+        when = max(at, time.monotonic(), self.last_tick + self.tick_gap)
         if self.tick_timer is not None:
             if self.tick_timer[0] <= when:
                 return
@@ -486,11 +552,13 @@ class Agent:
         self.tick_timer = None
         if not self.teardowns:
             return
-        t0 = time.monotonic()
+        cpu = time.process_time()
         snap = snapshot(self.tagger)
         now = time.monotonic()
         self.last_tick = now
-        self.tick_gap = max(FIRST_CHECK, 2 * (now - t0))
+        # spaced by the scan's CPU time, not its wall time: on a busy machine the wall
+        # time is mostly waiting for a core, and the gap would balloon with it
+        self.tick_gap = max(FIRST_CHECK, 2 * (time.process_time() - cpu))
         for td in list(self.teardowns.values()):
             if td.next_check <= now or (td.killing_since is None and td.kill_at <= now):
                 self._step(td, snap, now)
@@ -502,6 +570,7 @@ class Agent:
             self.tick_timer = self.loop.call_at(max(when, now + self.tick_gap), self._tick)
 
     def _step(self, td: Teardown, snap: Snapshot, now: float) -> None:
+        td.steps += 1
         targets = self._targets_of(td, snap)
         task = td.task
         killing = td.kill_at <= now
@@ -515,16 +584,18 @@ class Agent:
                 send(p.pid, signal.SIGKILL)
                 td.signalled.add((p.pid, p.start))
         else:
-            if task is not None and not td.group_gone and not td.termed:
-                send_group(task.pid, signal.SIGTERM)
+            if task is not None and not td.group_gone and not task.termed:
+                self._term_group(task)
             for p in targets.values():
                 ident = (p.pid, p.start)
                 if ident not in td.termed:
-                    send(p.pid, signal.SIGTERM)
+                    if p.pgrp not in td.quiet:  # else its group had SIGTERM just now
+                        send(p.pid, signal.SIGTERM)
                     if p.state == "T":
                         send(p.pid, signal.SIGCONT)
                     td.termed.add(ident)
                     td.signalled.add(ident)
+        td.quiet.clear()
         if not targets and (task is None or task.reaped):
             self._finish(td)
             return
@@ -551,7 +622,8 @@ class Agent:
 
     def _finish(self, td: Teardown) -> None:
         del self.teardowns[td.key]
-        killed = len(td.signalled)
+        # what it signalled, and the main processes it SIGTERMed before any scan saw them
+        killed = len(td.signalled) + len(td.pre - {pid for pid, _ in td.signalled})
         if td.kind == "task" and td.task is not None:
             td.task.teardown = None
             if not td.task.gone:

@@ -17,34 +17,63 @@ MAX_CHECK = 0.2
 
 
 class Task:
-    __slots__ = ("tid", "pid", "streams", "feeder", "reaped", "teardown", "gone")
+    __slots__ = (
+        "tid",
+        "pid",
+        "streams",
+        "feeder",
+        "reaped",
+        "teardown",
+        "gone",
+        "termed",
+        "deadline",
+        "born",
+    )
 
-    def __init__(self, tid: str, pid: int, streams: List[Stream], feeder: Optional[Feeder]):
+    def __init__(
+        self,
+        tid: str,
+        pid: int,
+        streams: List[Stream],
+        feeder: Optional[Feeder],
+        born: float = 0.0,
+    ):
         self.tid = tid
+        self.born = born  # time.monotonic() at spawn
         self.pid = pid  # also its session and process group id
         self.streams = streams
         self.feeder = feeder
         self.reaped = False
         self.teardown: Optional[Teardown] = None
         self.gone = False
+        self.termed = False  # its process group was sent SIGTERM (a `kill` or `sweep`)
+        self.deadline = float("inf")  # a sweep's: SIGKILL what is left of it by then
 
 
 class Teardown:
     """Killing a set of processes: SIGTERM what matches, SIGKILL it after `grace`,
-    finished when a scan finds nothing (and the task's main process is reaped)."""
+    finished when a scan finds nothing (and the task's main process is reaped). A
+    `kill` sends its task's process group SIGTERM at once, before the first scan, and so
+    does a `sweep` to the groups of its tasks that run for a while; the first scan then
+    waits (a little) for their main processes to be reaped."""
 
     def __init__(self, key: str, kind: str, name: str, task: Optional[Task], kill_at: float):
         self.key = key
-        self.kind = kind  # "task", "tag" (a tid with no task here), "sweep", "all"
+        self.kind = kind  # "task", "tag" (a tid with no task here), "sweep", "stale", "all"
         self.name = name  # tid, or job part for "sweep"
         self.task = task
         self.kill_at = kill_at
         self.killing_since: Optional[float] = None
         self.group_gone = False
         self.termed: Set[Tuple[int, int]] = set()
+        # groups sent SIGTERM as a whole just before: the next step counts their members
+        # as termed instead of signalling each again
+        self.quiet: Set[int] = set()
+        self.pre: Set[int] = set()  # main processes SIGTERMed (with their group) before a scan
         self.signalled: Set[Tuple[int, int]] = set()
         self.delay = FIRST_CHECK
         self.next_check = 0.0
+        self.steps = 0
         self.rule: Optional[StaleRule] = None  # kind "stale" only
 
 

@@ -40,4 +40,6 @@ class RunQueue:
             q = self._queues[name]
             self._queues[name] = dict(sorted(q.items(), key=lambda kv: kv[1].seq))
         self._unsorted.clear()
-        return {name: iter(list(q.values())) for name, q in self._queues.items() if q}
+        # no copy: decide() only reads them, and the controller dequeues what it placed
+        # after decide() has returned (a dict must not change while it is iterated)
+        return {name: iter(q.values()) for name, q in self._queues.items() if q}

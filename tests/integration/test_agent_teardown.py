@@ -201,6 +201,57 @@ def test_sweep_by_job_part(agent: Agent) -> None:
             p.wait()
 
 
+def _events_of(agent: Agent, tid: str) -> list[str]:
+    return [e["ev"] for e in agent.history if e.get("tid") == tid and e["ev"] != "out"]
+
+
+@pytest.mark.parametrize("order", ["kill first", "sweep first"])
+def test_kill_and_sweep_of_one_job_give_each_task_one_gone(agent: Agent, order: str) -> None:
+    """A sweep ends the agent's own tasks of the job as a kill would; sent together (a
+    controller may kill a task and sweep its job), each task still has one `exited`, then
+    one `gone`, and each process gets one SIGTERM."""
+    script = "trap 'echo TERM; exit 0' TERM; echo up; while :; do sleep 0.05; done"
+    tids = ("70#0", "70#1", "70#2")
+    for tid in tids:
+        agent.send(op="spawn", tid=tid, argv=["sh", "-c", script])
+    for tid in tids:
+        agent.expect("out", tid, data="up\n")
+    kills = [dict(op="kill", tid=tid, grace=5) for tid in tids[:2]]
+    sweep = dict(op="sweep", job="70", grace=5)
+    ops = [*kills, sweep] if order == "kill first" else [sweep, *kills]
+    agent.send_raw(b"".join(json.dumps(m).encode() + b"\n" for m in ops))
+    agent.expect("swept", timeout=5)
+    for tid in tids:
+        agent.expect("gone", tid, timeout=5)
+    agent.send(op="kill", tid="70#2", grace=0)  # late: the task is gone, nothing to say
+    agent.send(op="ping", id="end")
+    agent.expect("pong")
+    for tid in tids:
+        assert _events_of(agent, tid) == ["started", "exited", "gone"], tid
+        assert agent.output(tid) == "up\nTERM\n"  # one SIGTERM: the trap ran once
+    assert tagged(lambda t: t.startswith("70#")) == []
+
+
+def test_sweep_ends_leftovers_of_its_tasks_within_its_grace() -> None:
+    """A task's own leftovers that no tag names (env -i) are ended with the sweep's grace,
+    not the agent's."""
+    a = Agent("--grace", "60")
+    try:
+        inner = "trap '' TERM; echo in; while :; do sleep 0.05; done"
+        script = f'env -i sh -c "{inner}" & wait'
+        a.send(op="spawn", tid="71#0", argv=["sh", "-c", script])
+        a.expect("out", "71#0")
+        t0 = time.monotonic()
+        a.send(op="sweep", job="71", grace=0.2)
+        assert a.expect("exited", "71#0", timeout=10)["signal"] == signal.SIGTERM
+        gone = a.expect("gone", "71#0", timeout=30)
+        assert time.monotonic() - t0 < 30  # not the agent's 60 s
+        assert gone["killed"] >= 1
+        a.expect("swept")
+    finally:
+        a.close()
+
+
 def test_no_zombies_accumulate(agent: Agent) -> None:
     # each task leaves an orphan that exits on its own shortly after
     script = "(sleep 0.1; exit 0) & exit 0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -264,3 +265,64 @@ async def test_withdraw_forgets_a_job_that_was_just_submitted(ctl: Controller) -
     await done(ctl, first)
     await asyncio.sleep(0.1)  # nothing of it was left to wake or to run
     assert all(c.attempts == [] for c in arr.children)
+
+
+def _spy(c: Controller) -> list[tuple[str, str, list[str]]]:
+    """Every write the controller makes to an agent: (host, "send" or "send_many", ops)."""
+    writes: list[tuple[str, str, list[str]]] = []
+    for host, conn in c.agents.items():
+        send, send_many = conn.send, conn.send_many
+
+        def one(msg: dict[str, Any], host: str = host, send: Any = send) -> None:
+            writes.append((host, "send", [msg["op"]]))
+            send(msg)
+
+        def many(msgs: list[dict[str, Any]], host: str = host, send_many: Any = send_many) -> None:
+            writes.append((host, "send_many", [m["op"] for m in msgs]))
+            send_many(msgs)
+
+        conn.send = one  # type: ignore[method-assign]
+        conn.send_many = many  # type: ignore[method-assign]
+    return writes
+
+
+async def test_multinode_teardown_sends_each_host_one_sweep_and_no_kill(ctl: Controller) -> None:
+    """The sweep ends the agent's own tasks of the job too: a host that gets one is sent
+    no `kill` for them, and every task still reports its `gone`."""
+    writes = _spy(ctl)
+    job = ctl.submit(cmd("sleep", "100", nodes=2))
+    for _ in range(200):
+        if job.attempt is not None and job.attempt.running_at is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert job.attempt is not None and job.attempt.running_at is not None
+    ctl.terminate(job.id, "stop it")
+    await done(ctl, job)
+    assert (job.state, job.reason) == (JobState.FAILED, "stop it")
+    ends = sorted((h, op) for h, _, ops in writes for op in ops if op in ("kill", "sweep"))
+    assert ends == [("local-0", "sweep"), ("local-1", "sweep")]
+    tasks = list(job.attempts[-1].tasks.values())
+    assert len(tasks) == 2 and all(t.gone and t.exited for t in tasks)
+
+
+async def test_a_scheduling_pass_writes_each_host_once() -> None:
+    """The spawns one pass places on a host go out in one write (one SSH packet)."""
+    from mnp.spec import parse_inventory
+
+    inventory = parse_inventory(
+        {"hosts": [{"names": "n[1-2]", "transport": "local", "vcpus": 4}]}, "<test>"
+    )
+    c = Controller(inventory, {"local": LocalTransport()})
+    await c.start()
+    try:
+        writes = _spy(c)
+        job = c.submit(cmd("true", array_size=8))
+        await done(c, job)
+        assert job.state is JobState.SUCCEEDED
+        spawns = [(h, how, ops) for h, how, ops in writes if "spawn" in ops]
+        assert sum(len(ops) for _, _, ops in spawns) == 8
+        assert all(how == "send_many" and set(ops) == {"spawn"} for _, how, ops in spawns)
+        # the first pass placed 4 on each host: two writes, not eight
+        assert sorted((h, len(ops)) for h, _, ops in spawns[:2]) == [("n1", 4), ("n2", 4)]
+    finally:
+        await c.close()
