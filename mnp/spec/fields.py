@@ -307,6 +307,10 @@ def env_value(source: str, field: str, value: object) -> str:
     return check_string(source, field, value)
 
 
+RESERVED_ENV_PREFIXES = ("MNP_", "AWS_BATCH_")
+"""Variables mnp sets for every task; a definition cannot set them."""
+
+
 def check_env_name(source: str, field: str, name: object) -> str:
     if not isinstance(name, str) or not ENV_NAME_RE.fullmatch(name):
         fail(
@@ -315,7 +319,7 @@ def check_env_name(source: str, field: str, name: object) -> str:
             "not a valid environment variable name; use letters, digits and _, "
             "not starting with a digit",
         )
-    if name.startswith(("MNP_", "AWS_BATCH_")):
+    if name.startswith(RESERVED_ENV_PREFIXES):
         fail(
             source,
             field,

@@ -18,7 +18,7 @@ from typing import Any
 from mnp.errors import SpecError
 from mnp.model import JobDefinition, JobType, Resources
 from mnp.spec.definition import MAX_NODES, parse_definition, sanitize_name
-from mnp.spec.fields import fail, show
+from mnp.spec.fields import ENV_NAME_RE, MAX_ARG_BYTES, RESERVED_ENV_PREFIXES, fail, show
 from mnp.spec.units import format_memory
 
 COMMAND_LINE = "<command line>"
@@ -186,7 +186,27 @@ def _reparse(raw: dict[str, Any], source: str, given: set[str], export_env: bool
                 if flag is not None:
                     raise SpecError(COMMAND_LINE, flag, e.detail) from None
         raise
-    return dataclasses.replace(defn, export_env=export_env) if export_env else defn
+    if not export_env:
+        return defn
+    return dataclasses.replace(defn, export_env=True, environment=exported(defn, os.environ))
+
+
+def exported(defn: JobDefinition, environ: Mapping[str, str]) -> dict[str, str]:
+    """The job's ``environment`` with ``--export``: the submitting shell's variables
+    first, so that the definition's own (and ``--env``) win over them. Variables that
+    cannot be forwarded are left out: names that are not valid names (exported shell
+    functions), the MNP_*/AWS_BATCH_* that mnp sets itself, names the job takes from
+    ``[secrets]``, values too long for a task."""
+    out = {
+        k: v
+        for k, v in environ.items()
+        if ENV_NAME_RE.fullmatch(k)
+        and not k.startswith(RESERVED_ENV_PREFIXES)
+        and k not in defn.secrets
+        and len(v.encode("utf-8", "surrogateescape")) <= MAX_ARG_BYTES
+    }
+    out.update(defn.environment)
+    return out
 
 
 def _apply(

@@ -218,3 +218,17 @@ def test_a_restarted_controller_numbers_on_after_finished_jobs(home: dict[str, s
     second = submit(home, "--", "true")
     assert int(second) > int(first)
     assert wait_state(home, second)["state"] == "SUCCEEDED"
+
+
+def test_export_forwards_the_submitting_shells_environment(home: dict[str, str]) -> None:
+    """``--export`` (Slurm's ``--export=ALL``) through a controller started without the
+    variable: the task sees the submitting shell's value; ``--env`` wins over it."""
+    assert mnp("controller", "start", env=home).returncode == 0
+    marker = uuid.uuid4().hex
+    shell = {**home, "EXPORT_TEST_VAR": marker, "W": "from the shell"}
+    script = 'echo "v=$EXPORT_TEST_VAR w=$W"'
+    r = mnp("run", "--export", "--env", "W=set", "--", "sh", "-c", script, env=shell)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"v={marker} w=set"
+    r = mnp("run", "--", "sh", "-c", script, env=shell)
+    assert r.stdout.strip() == "v= w="

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from pathlib import Path
 
@@ -165,7 +166,10 @@ def test_overrides_change_fields_and_keep_the_source() -> None:
         memory="1GiB", gpus=1, attempts="3", timeout="1h", cwd="/w", export_env=True,
     )  # fmt: skip
     assert o.name == "renamed" and o.queue == "q2" and o.parameters == {"x": "2"}
-    assert o.environment == {"A": "b"}
+    assert o.environment["A"] == "b"  # with export_env, the rest is this shell's
+    assert {k: o.environment[k] for k in ("HOME", "PATH")} == {
+        k: os.environ[k] for k in ("HOME", "PATH")
+    }
     assert o.array is not None and (o.array.size, o.array.parallelism, o.array.sequential) == (
         4, 2, True,
     )  # fmt: skip
@@ -261,6 +265,30 @@ def test_definition_from_command() -> None:
     assert definition_from_command(["/usr/bin/"]).name == "bin"
     m = definition_from_command(["hostname"], nodes=2, export_env=True)
     assert m.type is JobType.MULTINODE and m.export_env
+
+
+def test_export_puts_the_shell_environment_under_the_definitions() -> None:
+    from mnp.spec.overrides import exported
+
+    d = parse_definition(
+        {
+            "name": "x",
+            "command": ["true"],
+            "environment": {"A": "definition"},
+            "secrets": {"TOKEN": {"env": "T"}},
+        },
+        "x.toml",
+    )
+    shell = {
+        "A": "shell",
+        "B": "shell",
+        "TOKEN": "leak",  # the job takes it from [secrets]
+        "MNP_JOB_ID": "7",  # mnp sets it
+        "AWS_BATCH_JOB_ID": "7",
+        "BASH_FUNC_f%%": "() { :; }",  # an exported shell function: not a variable name
+        "HUGE": "x" * 200_000,  # more than a task's environment entry can hold
+    }
+    assert exported(d, shell) == {"A": "definition", "B": "shell"}
 
 
 @pytest.mark.parametrize(
