@@ -181,10 +181,22 @@ class Controller:
     def _stale_sweep(self) -> Event:
         """What a new agent kills before it runs anything: processes of this controller
         left on its host by jobs that are over, or by an agent that died (SIGKILL, host
-        lost) -- their jobs, if still running, were given up on that host and retried."""
-        live = sorted({job.id for job in self.jobs.values() if job.parent is None
-                       and job.state not in TERMINAL})  # fmt: skip
+        lost) -- their jobs, if still running, were given up on that host and retried.
+
+        Only jobs that were ever placed can have processes: those unfinished are listed
+        as live, and ``below`` stops at the oldest unfinished job never placed (it may be
+        placed while the agent looks), so the message stays the size of what runs, not
+        of the queue."""
         below = self.recorder.ids_below() if self.recorder is not None else self._next_id
+        placed = []
+        for job in self.jobs.values():
+            if job.parent is not None or job.state in TERMINAL:
+                continue
+            if job.attempts or job.admitted:
+                placed.append(job.id)
+            elif job.id.isdigit():
+                below = min(below, int(job.id))
+        live = sorted(j for j in placed if not (j.isdigit() and int(j) >= below))
         return {"op": "stale", "live": live, "below": below, "grace": self.agent_grace}
 
     async def _reconnect(self, name: str) -> None:

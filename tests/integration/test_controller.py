@@ -326,3 +326,20 @@ async def test_a_scheduling_pass_writes_each_host_once() -> None:
         assert sorted((h, len(ops)) for h, _, ops in spawns[:2]) == [("n1", 4), ("n2", 4)]
     finally:
         await c.close()
+
+
+async def test_the_stale_sweep_lists_what_may_have_processes(ctl: Controller) -> None:
+    """A new agent's first op: unfinished jobs that were placed are live; ``below`` stops
+    at the oldest job never placed, so a deep queue does not make the message big."""
+    over = ctl.submit(cmd("true"))
+    await done(ctl, over)
+    running = ctl.submit(cmd("sleep", "30"))
+    await asyncio.sleep(0)  # the scheduling pass places it
+    assert running.attempts
+    waiting = [ctl.submit(cmd("true", depends_on=[running.id])) for _ in range(50)]
+    sweep = ctl._stale_sweep()
+    assert sweep["op"] == "stale" and sweep["live"] == [running.id]
+    assert sweep["below"] == int(waiting[0].id)  # the oldest never placed
+    assert int(over.id) < sweep["below"] and over.id not in sweep["live"]  # over: swept
+    ctl.terminate(running.id, "test over")
+    await done(ctl, running)
