@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -50,3 +52,16 @@ def wait_no_procs(key: str, value: str, timeout: float) -> list[psutil.Process]:
         time.sleep(0.05)
         left = procs_with_env(key, value)
     return left
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float, every: float = 0.1) -> Any:
+    """``check()``'s first true value, polled every ``every`` s; AssertionError naming
+    ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        time.sleep(every)

@@ -416,16 +416,7 @@ class Store:
         Array children are left out unless ``parents_only=False``; ``after_seq``
         and ``limit`` page through.
         """
-        where: list[str] = []
-        params: list[Any] = []
-        if parents_only:
-            where.append("parent IS NULL")
-        if queue is not None:
-            where.append("queue = ?")
-            params.append(queue)
-        if state is not None:
-            where.append("state = ?")
-            params.append(str(state))
+        where, params = reads.job_filter(parents_only, queue, state)
         if after_seq is not None:
             where.append("seq > ?")
             params.append(after_seq)

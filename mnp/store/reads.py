@@ -126,6 +126,24 @@ def _decoded(found: list[Row]) -> list[Row]:
     return found
 
 
+def job_filter(
+    parents_only: bool, queue: str | None, state: str | None
+) -> tuple[list[str], list[Any]]:
+    """The WHERE terms (joined by AND) and their parameters that pick jobs as ``mnp
+    list`` does: array children left out unless asked for, one queue, one state."""
+    where: list[str] = []
+    params: list[Any] = []
+    if parents_only:
+        where.append("parent IS NULL")
+    if queue is not None:
+        where.append("queue = ?")
+        params.append(queue)
+    if state is not None:
+        where.append("state = ?")
+        params.append(str(state))
+    return where, params
+
+
 def page(
     conn: sqlite3.Connection,
     select: str,
@@ -151,16 +169,7 @@ def page(
     of the older ones reads the ``jobs_top`` index only (no schema change: the
     indexes of schema version 1 serve all of it).
     """
-    where: list[str] = []
-    params: list[Any] = []
-    if parents_only:
-        where.append("parent IS NULL")
-    if queue is not None:
-        where.append("queue = ?")
-        params.append(queue)
-    if state is not None:
-        where.append("state = ?")
-        params.append(str(state))
+    where, params = job_filter(parents_only, queue, state)
     base = " AND ".join(where) or "1"
     if state is not None and state not in FINISHED_STATES:
         finished = None  # nothing finished matches: no need to look for the oldest shown

@@ -15,13 +15,13 @@ import os
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import mnp
+from tests.helpers import mnp, wait_until
 from tests.ledger import Ledger
 
 pytestmark = pytest.mark.faults
@@ -119,17 +119,6 @@ def disk(tmp_path: Path) -> Iterator[DiskHome]:
         yield d
     finally:
         d.close()
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(every)
 
 
 def fill(folder: Path) -> Path:

@@ -27,7 +27,7 @@ import pytest
 
 from mnp.api import ApiClient
 from mnp.spec import definition_to_dict, parse_definition
-from tests.helpers import ROOT, mnp, procs_with_env, wait_no_procs
+from tests.helpers import ROOT, mnp, procs_with_env, wait_no_procs, wait_until
 from tests.integration.sshd import SshdCluster
 from tests.ledger import Ledger
 
@@ -56,17 +56,6 @@ def describe(env: dict[str, str], job: str) -> dict[str, Any]:
     r = mnp("describe", job, "--json", env=env)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)  # type: ignore[no-any-return]
-
-
-def wait_until(what: str, check: Any, timeout: float, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(every)
 
 
 def controller_pid(env: dict[str, str]) -> int:
