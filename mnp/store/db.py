@@ -435,16 +435,9 @@ class Store:
         """``mnp list --json``: ``list_jobs`` rows of one page, and how many matching
         jobs it leaves out. ``newest``: the newest N jobs; ``finished``: every
         unfinished job and the newest N finished ones (see ``reads.page``)."""
-        with self._guard("listing jobs"):
-            found, left_out = reads.page(
-                self.conn,
-                reads.SUMMARY_SELECT,
-                queue=queue,
-                state=state,
-                parents_only=parents_only,
-                newest=newest,
-                finished=finished,
-            )
+        found, left_out = self._page(
+            reads.SUMMARY_SELECT, queue, state, parents_only, newest, finished
+        )
         return reads.as_summaries(found), left_out
 
     def table_page(
@@ -458,10 +451,21 @@ class Store:
     ) -> tuple[list[tuple[Any, ...]], int]:
         """``mnp list``'s table: ``list_page``'s jobs as tuples of
         ``reads.TABLE_COLUMNS`` (no dicts, nothing to decode), and the left-out count."""
+        return self._page(reads.TABLE_SELECT, queue, state, parents_only, newest, finished)
+
+    def _page(
+        self,
+        select: str,
+        queue: str | None,
+        state: str | None,
+        parents_only: bool,
+        newest: int | None,
+        finished: int | None,
+    ) -> tuple[list[tuple[Any, ...]], int]:
         with self._guard("listing jobs"):
             return reads.page(
                 self.conn,
-                reads.TABLE_SELECT,
+                select,
                 queue=queue,
                 state=state,
                 parents_only=parents_only,
