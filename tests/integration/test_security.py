@@ -74,10 +74,12 @@ def test_metacharacters_in_parameters_environment_and_names_arrive_literally(
     # a parameter substituted into the command (Ref::x), an environment value, the
     # command itself, over SSH, as one node and as a multi-node job
     job = tmp_path / "job.toml"
+    # (through sh's "$@", which passes them on untouched; the sleep keeps node 0, whose
+    # exit ends a multi-node job, alive until node 1 has printed)
     job.write_text(
         'name = "meta-chars_1"\n'
-        'command = ["printf", "%s|%s|%s|%s\\\\n", "Ref::x", "$EVIL", "' + "{c}" + '", '
-        '"$MNP_JOB_NAME"]\n[parameters]\nx = "plain"\n'
+        'command = ["sh", "-c", "printf \'%s|%s|%s|%s\\\\n\' \\"$@\\"; sleep 0.5", "sh", '
+        '"Ref::x", "$EVIL", "' + "{c}" + '", "$MNP_JOB_NAME"]\n[parameters]\nx = "plain"\n'
     )
     # the command's own third argument: the evil text, TOML-escaped, less the $VAR
     # forms (a command's $VAR is expanded from the task's environment, once, by design)
