@@ -119,20 +119,26 @@ class Tagger:
 
 
 def agent_identity() -> str:
-    """`BOOT_ID:PID:START` of this process: names it across pid reuse and reboots, so
-    that a later agent can tell whether the agent that started a task still runs."""
+    """`BOOT_ID.PIDNS:PID:START` of this process: names it across pid reuse, reboots and
+    pid namespaces (containers sharing a kernel see other pids), so that a later agent
+    can tell whether the agent that started a task still runs."""
     boot = (read_file("/proc/sys/kernel/random/boot_id") or b"").strip().decode("ascii", "replace")
+    try:
+        ns = os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        ns = ""
     me = read_stat(os.getpid())
-    if not boot or me is None:
+    if not boot or not ns or me is None:
         return ""
-    return "%s:%d:%d" % (boot, me.pid, me.start)
+    return "%s.%s:%d:%d" % (boot, ns, me.pid, me.start)
 
 
-def agent_alive(identity: str, boot: str, procs: Dict[int, Proc]) -> Optional[bool]:
-    """Whether the agent named by `identity` runs, according to `procs`; None when it
-    cannot be told (another machine, or no identity)."""
+def agent_alive(identity: str, here: str, procs: Dict[int, Proc]) -> Optional[bool]:
+    """Whether the agent named by `identity` runs, according to `procs` (the processes of
+    `here`, the `BOOT_ID.PIDNS` of this agent); None when it cannot be told (another
+    machine or pid namespace, or no identity)."""
     parts = identity.split(":")
-    if len(parts) != 3 or not boot or parts[0] != boot:
+    if len(parts) != 3 or not here or parts[0] != here:
         return None
     try:
         pid, start = int(parts[1]), int(parts[2])

@@ -270,3 +270,21 @@ def test_targets_of_shutdown() -> None:
     td = Teardown("*", "all", "*", None, 0.0)
     # every child of the agent (the untraceable orphan too), every tag it gave
     assert sorted(targets(td, _snap(), 100, [task], {"7", "70"})) == [200, 201, 202, 300, 402]
+
+
+def test_agent_identity_is_judged_only_on_its_own_machine_and_pid_namespace() -> None:
+    from mnp.agent.proc import Proc, agent_alive, agent_identity
+
+    me = agent_identity()
+    here, pid, start = me.split(":")
+    assert here.count(".") == 1 and int(pid) > 0 and int(start) > 0
+    alive = {int(pid): Proc(int(pid), 1, int(pid), int(pid), int(start), "S")}
+    assert agent_alive(me, here, alive) is True
+    assert agent_alive(me, here, {}) is False  # gone
+    reused = {int(pid): Proc(int(pid), 1, int(pid), int(pid), int(start) + 1, "S")}
+    assert agent_alive(me, here, reused) is False  # its pid, another process
+    zombie = {int(pid): Proc(int(pid), 1, int(pid), int(pid), int(start), "Z")}
+    assert agent_alive(me, here, zombie) is False
+    other_ns = here.rsplit(".", 1)[0] + ".1"
+    assert agent_alive(f"{other_ns}:{pid}:{start}", here, {}) is None  # cannot tell
+    assert agent_alive("", here, {}) is None and agent_alive("x:y", here, {}) is None
