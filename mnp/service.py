@@ -195,7 +195,6 @@ class Service:
         """Check that the task's log folder takes files before it starts; if not, why not.
         The files themselves are made at the first output (a task that says nothing
         leaves none)."""
-        self._task_end(job, task)  # a file left open by a lost host's attempt
         folder = self.logs / root_of(job.id)
         try:
             folder.mkdir(parents=True, exist_ok=True)

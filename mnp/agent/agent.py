@@ -31,7 +31,7 @@ from .proc import (
     snapshot,
 )
 from .spawn import Spawner, SpawnError, task_env, write_files
-from .tasks import FIRST_CHECK, MAX_CHECK, StaleRule, Task, Teardown, targets
+from .tasks import FIRST_CHECK, INF, MAX_CHECK, StaleRule, Task, Teardown, targets
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
@@ -47,7 +47,6 @@ BUSY_CHILDREN = 64  # with more children than this, exits are checked for orphan
 CHECK_BATCH = 0.002
 PRE_WAIT = 0.05  # how long a teardown waits for a main process it sent SIGTERM to die
 SETTLED = 0.1  # a sweep SIGTERMs a task of its job before scanning once it ran this long
-INF = float("inf")
 PORTS_REMEMBERED = 256
 
 
@@ -336,8 +335,8 @@ class Agent:
         old = self.teardowns.get("stale")
         if old is not None:  # the newer list wins; what the old one found is killed at once
             self._drop_tag_sweep(old)
-        boot = self.identity.split(":", 1)[0]
-        rule = StaleRule(set(live), below, boot, self.tagger)
+        here = self.identity.split(":", 1)[0]
+        rule = StaleRule(set(live), below, here, self.tagger)
         self._teardown("stale", "stale", "", None, grace)
         self.teardowns["stale"].rule = rule
 

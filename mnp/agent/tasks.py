@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are string
 
 FIRST_CHECK = 0.005  # a teardown looks again after this, doubling up to MAX_CHECK
 MAX_CHECK = 0.2
+INF = float("inf")
 
 
 class Task:
@@ -47,7 +48,7 @@ class Task:
         self.teardown: Optional[Teardown] = None
         self.gone = False
         self.termed = False  # its process group was sent SIGTERM (a `kill` or `sweep`)
-        self.deadline = float("inf")  # a sweep's: SIGKILL what is left of it by then
+        self.deadline = INF  # a sweep's: SIGKILL what is left of it by then
 
 
 class Teardown:
@@ -80,12 +81,13 @@ class Teardown:
 class StaleRule:
     """Which processes carrying this controller's token a new agent sweeps at start:
     those of a job the controller no longer runs (a number below `below` that is not in
-    `live`), and those whose agent (`MNP_AGENT_ID`) was on this machine and is gone."""
+    `live`), and those whose agent (`MNP_AGENT_ID`) was `here` (this agent's boot and pid
+    namespace) and is gone."""
 
-    def __init__(self, live: Set[str], below: int, boot: str, tagger: Tagger) -> None:
+    def __init__(self, live: Set[str], below: int, here: str, tagger: Tagger) -> None:
         self.live = live
         self.below = below
-        self.boot = boot
+        self.here = here
         self.tagger = tagger
         self.agents: Dict[Tuple[int, int], Optional[str]] = {}  # (pid, start) → its agent
 
@@ -97,7 +99,7 @@ class StaleRule:
         if key not in self.agents:
             self.agents[key] = self.tagger.value(p.pid, "MNP_AGENT_ID")
         agent = self.agents[key]
-        return agent is not None and agent_alive(agent, self.boot, snap.procs) is False
+        return agent is not None and agent_alive(agent, self.here, snap.procs) is False
 
 
 def targets(
