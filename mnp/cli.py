@@ -148,6 +148,12 @@ def submit_options(f: F) -> F:
         click.option("--timeout", help="Per-attempt time limit, e.g. 90s, 2h."),
         click.option("--tasks-per-node", type=int, help="Multi-node: tasks per node."),
         click.option("--cwd", help="Working directory on the nodes (default: here)."),
+        click.option(
+            "--python-env",
+            metavar="PATH|none",
+            help="Python environment whose bin/ tasks find first on PATH "
+            "(default: the active venv/conda environment; none: the hosts' own PATH).",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -175,15 +181,23 @@ def build_definition(ctx: click.Context, args: tuple[str, ...], o: dict[str, Any
         timeout=o["timeout"],
         tasks_per_node=o["tasks_per_node"],
         cwd=o["cwd"] or os.getcwd(),
+        python_env=o["python_env"],
         export_env=o["export_env"],
     )
     if command is not None and not args:
         if not command:
             raise UsageError("nothing after '--': give the command to run")
-        return spec.definition_from_command(list(command), **overrides)
-    if len(args) == 1 and not command:
-        return spec.apply_overrides(spec.load_definition(args[0]), **overrides)
-    raise UsageError("give either a definition file (DEF.toml) or '-- CMD ARGS...', not both")
+        defn = spec.definition_from_command(list(command), **overrides)
+    elif len(args) == 1 and not command:
+        defn = spec.apply_overrides(spec.load_definition(args[0]), **overrides)
+    else:
+        raise UsageError("give either a definition file (DEF.toml) or '-- CMD ARGS...', not both")
+    if defn.python_env is None:  # neither the file nor --python-env said: the submitter's
+        import dataclasses
+
+        found = spec.submitter_python_env(os.environ, sys.prefix, sys.base_prefix)
+        defn = dataclasses.replace(defn, python_env=found or "none")
+    return defn
 
 
 @cli.command(cls=_DashDashCommand, epilog=EXAMPLE_RUN)

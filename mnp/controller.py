@@ -568,6 +568,8 @@ class Controller:
             "env": env,
             "cwd": job.defn.cwd,
         }
+        if job.defn.python_env not in (None, "none"):
+            msg["pyenv"] = job.defn.python_env
         if files:
             msg["files"] = files
         if self._batch is not None and task.host in self.agents:

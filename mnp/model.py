@@ -153,6 +153,10 @@ class JobDefinition:
     gpu_bind: str = "per-node"
     aws_batch_env: bool = False
     cwd: str | None = None
+    python_env: str | None = None
+    """The submitter's Python environment (a venv or conda prefix, absolute): tasks find its
+    ``bin/`` first on ``PATH`` on every host where it exists. ``"none"``: leave ``PATH`` as
+    the host has it. ``None``: not decided yet (``mnp submit``/``run`` fill it in)."""
     export_env: bool = False  # --export: forward the submitting shell's environment
     source: str = "<command line>"  # file the definition came from, for messages
 

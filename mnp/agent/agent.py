@@ -30,7 +30,7 @@ from .proc import (
     send_group,
     snapshot,
 )
-from .spawn import Spawner, SpawnError, task_env, write_files
+from .spawn import Spawner, SpawnError, task_env, with_python_env, write_files
 from .tasks import FIRST_CHECK, INF, MAX_CHECK, StaleRule, Task, Teardown, targets
 
 TYPE_CHECKING = False
@@ -67,6 +67,7 @@ class Agent:
         self.loop = Loop()
         self.out = out if out is not None else Output()
         self.env = dict(os.environ)
+        self.envs: Dict[str, Dict[str, str]] = {}  # `pyenv` → self.env with it activated
         self.tagger = Tagger(ctl)
         self.identity = agent_identity()  # MNP_AGENT_ID of its tasks
         self.spawner = Spawner()
@@ -189,6 +190,16 @@ class Agent:
             traceback.print_exc(file=sys.stderr)
             self._error("%s failed: %s: %s" % (op, type(e).__name__, e), msg)
 
+    def _base_env(self, pyenv: Optional[str]) -> Dict[str, str]:
+        """The agent's environment, with the Python environment `pyenv` activated when it
+        exists on this host (checked once per agent and environment)."""
+        if not pyenv:
+            return self.env
+        env = self.envs.get(pyenv)
+        if env is None:
+            env = self.envs[pyenv] = with_python_env(self.env, pyenv)
+        return env
+
     def _error(self, text: str, msg: Optional[Dict[str, Any]] = None) -> None:
         event: Dict[str, Any] = {"ev": "error", "msg": text}
         if msg is not None and isinstance(msg.get("tid"), str):
@@ -212,6 +223,7 @@ class Agent:
         cwd = _opt(msg, "cwd", str)
         if cwd is not None and (not cwd or "\0" in cwd):
             raise BadRequest("cwd must be a non-empty path")
+        pyenv = _opt(msg, "pyenv", str)
         do_expand = _opt(msg, "expand", bool)
         stdin = _opt(msg, "stdin", str)
         files = _files(msg)
@@ -223,7 +235,7 @@ class Agent:
         if self.stopping:
             raise BadRequest("the agent is shutting down")
 
-        env = task_env(self.env, changes, tid, self.ctl, self.identity)
+        env = task_env(self._base_env(pyenv), changes, tid, self.ctl, self.identity)
         if cwd is not None and "PWD" not in changes:
             env["PWD"] = cwd  # as a shell's cd would: the login shell's PWD is wrong here
         if do_expand is not False:

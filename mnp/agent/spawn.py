@@ -35,6 +35,25 @@ class SpawnError(Exception):
         self.msg = msg
 
 
+def with_python_env(base: Mapping[str, str], prefix: str) -> Dict[str, str]:
+    """`base` as if the Python environment at `prefix` (a venv or conda prefix) were
+    activated: its `bin` first on PATH, VIRTUAL_ENV (venv) or CONDA_PREFIX (conda) set,
+    PYTHONHOME unset. Unchanged when `prefix/bin` is not a directory on this host (the
+    hosts do not share the submitter's filesystem)."""
+    env = dict(base)
+    bindir = os.path.join(prefix, "bin")
+    if not os.path.isdir(bindir):
+        return env
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir]
+    env["PATH"] = os.pathsep.join([bindir] + (path or ["/usr/local/bin", "/usr/bin", "/bin"]))
+    env.pop("PYTHONHOME", None)
+    if os.path.exists(os.path.join(prefix, "pyvenv.cfg")):
+        env["VIRTUAL_ENV"] = prefix
+    elif os.path.isdir(os.path.join(prefix, "conda-meta")):
+        env["CONDA_PREFIX"] = prefix
+    return env
+
+
 def task_env(
     base: Mapping[str, str],
     changes: Mapping[str, Optional[str]],

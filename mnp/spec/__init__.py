@@ -24,6 +24,7 @@ from mnp.spec.overrides import (
     apply_overrides,
     definition_from_command,
     definition_to_dict,
+    submitter_python_env,
 )
 from mnp.spec.sources import (
     hostfile_inventory,
@@ -57,6 +58,7 @@ __all__ = [
     "resolve_inventory",
     "sanitize_name",
     "slurm_inventory",
+    "submitter_python_env",
     "unverified_warning",
     "validate_file",
 ]

@@ -61,7 +61,7 @@ from mnp.spec.units import parse_duration, parse_memory
 
 TOP_FIELDS = (
     "name", "type", "command", "queue", "parameters", "environment", "secrets", "resources",
-    "retry", "timeout", "array", "multinode", "depends_on", "aws_batch_env", "cwd",
+    "retry", "timeout", "array", "multinode", "depends_on", "aws_batch_env", "cwd", "python_env",
     "tasks_per_node", "gpu_bind",
 )  # fmt: skip
 RESOURCE_FIELDS = ("vcpus", "memory", "gpus")
@@ -173,6 +173,13 @@ def parse_definition(data: dict[str, Any], source: str) -> JobDefinition:
     cwd = t.string("cwd", None)
     if cwd == "":
         t.fail("cwd", "empty; give a directory or leave cwd out")
+    python_env = t.string("python_env", None)
+    if python_env is not None and python_env != "none" and not python_env.startswith("/"):
+        t.fail(
+            "python_env",
+            f"{python_env!r} is not an absolute path; give the environment's prefix "
+            '(e.g. "/home/alice/venv") or "none"',
+        )
     return JobDefinition(
         name=name,
         command=command,
@@ -191,6 +198,7 @@ def parse_definition(data: dict[str, Any], source: str) -> JobDefinition:
         gpu_bind=gpu_bind,
         aws_batch_env=t.boolean("aws_batch_env", False),
         cwd=cwd,
+        python_env=python_env,
         source=source,
     )
 

@@ -44,6 +44,7 @@ _BLAME: list[tuple[re.Pattern[str], tuple[str, ...]]] = [
         (r"retry\.attempts$", ("--attempts",)),
         (r"timeout\.attempt_duration$", ("--timeout",)),
         (r"cwd$", ("--cwd",)),
+        (r"python_env$", ("--python-env",)),
         (r"(type|multinode)\b", ("--nodes",)),
         (r"command\b", ("--param", "--nodes")),
     ]
@@ -114,6 +115,8 @@ def definition_to_dict(defn: JobDefinition) -> dict[str, Any]:
     d["aws_batch_env"] = defn.aws_batch_env
     if defn.cwd is not None:
         d["cwd"] = defn.cwd
+    if defn.python_env is not None:
+        d["python_env"] = defn.python_env
     return d
 
 
@@ -140,6 +143,7 @@ def apply_overrides(
     timeout: float | str | None = None,
     tasks_per_node: int | str | None = None,
     cwd: str | None = None,
+    python_env: str | None = None,
     export_env: bool = False,
 ) -> JobDefinition:
     """A new definition: ``defn`` with the submit/run options applied and validated again.
@@ -156,7 +160,7 @@ def apply_overrides(
         raw, name=name, queue=queue, params=params, env=env, array_size=array_size,
         array_parallelism=array_parallelism, sequential=sequential, depends_on=depends_on,
         nodes=nodes, vcpus=vcpus, memory=memory, gpus=gpus, attempts=attempts, timeout=timeout,
-        tasks_per_node=tasks_per_node, cwd=cwd,
+        tasks_per_node=tasks_per_node, cwd=cwd, python_env=python_env,
     )  # fmt: skip
     return _reparse(raw, defn.source, given, export_env or defn.export_env)
 
@@ -228,6 +232,7 @@ def _apply(
     timeout: float | str | None = None,
     tasks_per_node: int | str | None = None,
     cwd: str | None = None,
+    python_env: str | None = None,
 ) -> set[str]:
     """Edit ``raw`` in place; return the options that were given."""
     given: set[str] = set()
@@ -295,7 +300,26 @@ def _apply(
     if cwd is not None:
         given.add("--cwd")
         raw["cwd"] = cwd
+    if python_env is not None:
+        given.add("--python-env")
+        raw["python_env"] = python_env
     return given
+
+
+def submitter_python_env(
+    environ: Mapping[str, str], prefix: str, base_prefix: str
+) -> str | None:
+    """The Python environment the submitting shell works in, for ``python_env``: the
+    activated virtual environment (``VIRTUAL_ENV``: venv, virtualenv, uv) or conda
+    environment (``CONDA_PREFIX``), else the virtual environment mnp itself runs from
+    (``bin/mnp`` called without activating it); None on a system-wide Python."""
+    for name in ("VIRTUAL_ENV", "CONDA_PREFIX"):
+        value = environ.get(name, "")
+        if value.startswith("/"):
+            return os.path.normpath(value)
+    if prefix != base_prefix and prefix.startswith("/"):
+        return os.path.normpath(prefix)
+    return None
 
 
 def _set_nodes(raw: dict[str, Any], n: int) -> list[dict[str, Any]]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
+import sys
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -47,6 +49,35 @@ def test_single_job_runs_on_an_ssh_host_in_the_submit_directory(sshd_hosts: Sshd
     host, cwd = r.stdout.split()
     assert host in sshd_hosts.names
     assert cwd == str(ROOT)
+
+
+@pytest.mark.ssh
+def test_tasks_on_ssh_hosts_find_the_submitters_virtual_environment(
+    sshd_hosts: SshdCluster, tmp_path: Path
+) -> None:
+    # a venv that is not the system's nor the one the tests run in, on the file system
+    # the hosts share (every sshd host is this machine)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    show = ["--", "sh", "-c", 'command -v python3; echo "VIRTUAL_ENV=$VIRTUAL_ENV"']
+    activated = {"VIRTUAL_ENV": str(venv), "PATH": f"{venv}/bin:{os.environ['PATH']}"}
+    r = mnp("run", "--inventory", inv(sshd_hosts), *show, env=activated)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"{venv}/bin/python3", f"VIRTUAL_ENV={venv}"]
+    r = mnp("submit", "--home", str(tmp_path / "home"), "--inventory", inv(sshd_hosts),
+            "--wait", *show, env=activated)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    job = json.loads(mnp("describe", "--home", str(tmp_path / "home"), "--json", "1").stdout)
+    assert job["definition"]["python_env"] == str(venv)  # stored: a restart keeps it
+    mnp("controller", "stop", "--home", str(tmp_path / "home"))
+    # named explicitly, from a shell where nothing is activated
+    r = mnp("run", "--inventory", inv(sshd_hosts), "--python-env", str(venv), *show)
+    assert r.stdout.splitlines()[0] == f"{venv}/bin/python3", r.stderr
+    # turned off: the host's own login PATH
+    r = mnp("run", "--inventory", inv(sshd_hosts), "--python-env", "none", *show, env=activated)
+    assert r.returncode == 0, r.stderr
+    assert not r.stdout.splitlines()[0].startswith(str(venv))
+    assert r.stdout.splitlines()[1] == "VIRTUAL_ENV="
 
 
 @pytest.mark.ssh

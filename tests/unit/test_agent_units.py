@@ -15,7 +15,7 @@ from mnp.agent.facts import gpus_from
 from mnp.agent.loop import CHUNK, Loop, Output, Stream
 from mnp.agent.main import parse
 from mnp.agent.proc import Proc, Snapshot, job_part, read_stat
-from mnp.agent.spawn import SpawnError, find_program, task_env
+from mnp.agent.spawn import SpawnError, find_program, task_env, with_python_env
 from mnp.agent.tasks import Task, Teardown, targets
 
 ENV = {"HOME": "/home/u", "A": "x", "EMPTY": "", "TRICK": "$HOME", "B_1": "b"}
@@ -77,6 +77,24 @@ def test_task_env() -> None:
         {"KEEP": "1", "DROP": "2", "MNP_JOB_ID": "old"}, {"DROP": None, "NEW": "3"}, "42#1", "ctl"
     )
     assert env == {"KEEP": "1", "NEW": "3", "MNP_JOB_ID": "42#1", "MNP_CONTROLLER_ID": "ctl"}
+
+
+def test_with_python_env_activates_a_venv_or_conda_prefix_that_exists(tmp_path: Any) -> None:
+    venv, conda = tmp_path / "venv", tmp_path / "conda"
+    for prefix in (venv, conda):
+        (prefix / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (conda / "conda-meta").mkdir()
+    base = {"PATH": f"/usr/bin:{venv}/bin:/bin", "PYTHONHOME": "/opt/py", "HOME": "/h"}
+    env = with_python_env(base, str(venv))
+    assert env["PATH"] == f"{venv}/bin:/usr/bin:/bin"  # first, and only once
+    assert env["VIRTUAL_ENV"] == str(venv) and "PYTHONHOME" not in env
+    assert env["HOME"] == "/h" and base["PYTHONHOME"] == "/opt/py"  # base untouched
+    env = with_python_env({"HOME": "/h"}, str(conda))
+    assert env["CONDA_PREFIX"] == str(conda) and "VIRTUAL_ENV" not in env
+    assert env["PATH"].split(":")[0] == f"{conda}/bin"
+    # not on this host's file system: the host's environment as it is
+    assert with_python_env(base, str(tmp_path / "elsewhere")) == base
 
 
 def test_find_program(tmp_path: Any) -> None:

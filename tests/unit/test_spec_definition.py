@@ -17,6 +17,7 @@ from mnp.spec import (
     definition_to_dict,
     load_definition,
     parse_definition,
+    submitter_python_env,
     validate_file,
 )
 
@@ -148,6 +149,34 @@ def test_validate_file_summaries(tmp_path: Path) -> None:
 def test_to_dict_round_trips(path: Path | str) -> None:
     d = parse_definition(tomllib.loads(FULL), "j.toml") if path == "FULL" else load_definition(path)
     assert parse_definition(definition_to_dict(d), d.source) == d
+
+
+def test_python_env_is_an_absolute_prefix_or_none_and_round_trips() -> None:
+    for value in ("/home/a/venv", "none"):
+        d = parse_definition({"name": "p", "command": ["x"], "python_env": value}, "p.toml")
+        assert d.python_env == value
+        assert parse_definition(definition_to_dict(d), d.source) == d
+    with pytest.raises(SpecError, match=r"p.toml:python_env: 'venv' is not an absolute path"):
+        parse_definition({"name": "p", "command": ["x"], "python_env": "venv"}, "p.toml")
+    with pytest.raises(SpecError, match=r"<command line>:--python-env: 'rel' is not"):
+        definition_from_command(["x"], python_env="rel")
+
+
+@pytest.mark.parametrize(
+    ("environ", "prefix", "base", "want"),
+    [
+        ({"VIRTUAL_ENV": "/w/v/"}, "/usr", "/usr", "/w/v"),  # activated venv (also uv)
+        ({"CONDA_PREFIX": "/c/envs/x"}, "/usr", "/usr", "/c/envs/x"),  # activated conda env
+        ({"VIRTUAL_ENV": "/w/v", "CONDA_PREFIX": "/c"}, "/usr", "/usr", "/w/v"),
+        ({}, "/w/v", "/usr", "/w/v"),  # v/bin/mnp, not activated
+        ({}, "/usr", "/usr", None),  # a system-wide Python: nothing to forward
+        ({"VIRTUAL_ENV": "relative"}, "/usr", "/usr", None),
+    ],
+)
+def test_submitter_python_env(
+    environ: dict[str, str], prefix: str, base: str, want: str | None
+) -> None:
+    assert submitter_python_env(environ, prefix, base) == want
 
 
 # --- overrides -------------------------------------------------------------
