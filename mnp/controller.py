@@ -209,6 +209,8 @@ class Controller:
             delay = min(delay * 2, 30.0)
 
     def _on_host_lost(self, host: str, why: str) -> None:
+        if self._closed:
+            return  # we closed it (see close())
         now = time.time()
         self.host_errors[host] = why
         cap = self.capacity.get(host)
@@ -724,6 +726,8 @@ class Controller:
     # --- agent events -----------------------------------------------------
 
     def _on_agent_event(self, host: str, msg: Event) -> None:
+        if self._closed:
+            return  # what the agents report while they stop is not the jobs' doing
         ev = msg.get("ev")
         if ev == "out":
             entry = self._tasks.get(msg.get("tid", ""))
@@ -1071,6 +1075,10 @@ class Controller:
         task.add_done_callback(self._bg.discard)
 
     async def close(self) -> None:
+        """Stop: the agents kill what runs, and nothing of that is recorded. A job that was
+        STARTING or RUNNING keeps that state, as after a crash, and the next controller
+        retries it without counting the attempt (``restore``): a graceful stop or restart
+        never fails a job nor uses up one of its attempts."""
         self._closed = True
         for timer in self._timers.values():
             timer.cancel()

@@ -352,6 +352,14 @@ class Service:
 
     async def shutdown(self) -> None:
         await self.controller.close()
+        # `run` clients learn that their job was stopped, not failed, and goes on later
+        for queues in self._subscribers.values():
+            for q in queues:
+                q.put_nowait({"stopping": True})
+        for _ in range(200):  # up to 2 s for their handlers to answer
+            if not self._subscribers:
+                break
+            await asyncio.sleep(0.01)
         self.flush()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
@@ -425,6 +433,15 @@ class Service:
                 msg = getter.result()
                 if msg is None and job.done:
                     break
+                if msg is not None and msg.get("stopping") and not job.done:
+                    closed.cancel()
+                    await r.fail(
+                        InfraError(
+                            f"the controller stopped; job {job.id} was not failed and runs "
+                            "again when a controller starts for this home (mnp controller start)"
+                        )
+                    )
+                    return
                 if msg is not None and "out" in msg:
                     await r.send(msg)
             closed.cancel()

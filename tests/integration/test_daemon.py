@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import mnp, wait_no_procs
+from tests.helpers import mnp, wait_no_procs, wait_until
 from tests.ledger import Ledger
 
 
@@ -232,3 +234,34 @@ def test_export_forwards_the_submitting_shells_environment(home: dict[str, str])
     assert r.stdout.strip() == f"v={marker} w=set"
     r = mnp("run", "--", "sh", "-c", script, env=shell)
     assert r.stdout.strip() == "v= w="
+
+
+def test_controller_stop_neither_fails_a_running_job_nor_uses_an_attempt(
+    home: dict[str, str],
+) -> None:
+    job = submit(home, "--attempts", "1", "--", "sh", "-c", "sleep 2; echo done")
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "mnp", "run", "--attempts", "1", "--", "sleep", "3"],
+        env={**os.environ, **home},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for j in (job, "2"):
+        wait_until(f"job {j} RUNNING", lambda j=j: describe(home, j)["state"] == "RUNNING", 30)
+    assert mnp("controller", "stop", env=home).returncode == 0
+    # the `mnp run` client is told its job was stopped, not failed
+    _, err = runner.communicate(timeout=30)
+    assert runner.returncode == 3, err
+    assert "the controller stopped; job 2 was not failed" in err
+    for j in (job, "2"):
+        assert describe(home, j)["state"] == "RUNNING"  # as left, until a controller resumes it
+    events = mnp("events", env=home).stdout
+    assert '"FAILED"' not in events
+    assert mnp("controller", "start", env=home).returncode == 0
+    for j in (job, "2"):
+        d = wait_state(home, j)
+        # --attempts 1, and the stopped attempt did not count against it
+        assert d["state"] == "SUCCEEDED", d
+        assert len(d["attempts"]) == 2  # type: ignore[arg-type]
+    assert mnp("logs", job, env=home).stdout == "done\n"
