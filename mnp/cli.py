@@ -238,19 +238,26 @@ def _run_through(client: Any, home: Path, defn: Any, verbose: bool) -> int:
     import signal
 
     from mnp.api import ApiClient
+    from mnp.sink import EXIT_STDOUT_CLOSED, INTERRUPTED, STDOUT_CLOSED, Sink
     from mnp.spec import definition_to_dict
 
     job_id: str | None = None
-    interrupted = False
+    interrupted = 0
+
+    def end_job(reason: str) -> None:
+        if job_id is not None:
+            with ApiClient.connect(home) as other:  # type: ignore[union-attr]
+                other.request("terminate", job_id=job_id, reason=reason)
 
     def on_signal(signum: int, frame: Any) -> None:
         nonlocal interrupted
-        interrupted = True
-        if job_id is not None:
-            with ApiClient.connect(home) as other:  # type: ignore[union-attr]
-                other.request(
-                    "terminate", job_id=job_id, reason="Interrupted by the user (mnp run)"
-                )
+        interrupted += 1
+        if interrupted > 1:  # again: stop waiting; the controller ends the job of a
+            raise KeyboardInterrupt  # client that went away
+        end_job(INTERRUPTED)
+
+    sink = Sink(on_closed=lambda: end_job(STDOUT_CLOSED))
+    write = sink.write
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
@@ -261,9 +268,7 @@ def _run_through(client: Any, home: Path, defn: Any, verbose: bool) -> int:
         if "out" in msg:
             key = (msg["tid"], msg["fd"])
             prefix = prefixes[key] = f"{msg['label']}: " if msg.get("label") is not None else ""
-            stream = sys.stdout if msg["fd"] == 1 else sys.stderr
-            stream.write(lines.feed(key, msg["out"], prefix))
-            stream.flush()
+            write(msg["fd"], lines.feed(key, msg["out"], prefix))
         elif msg.get("end"):
             outcome = msg
         elif "job_id" in msg:
@@ -271,10 +276,12 @@ def _run_through(client: Any, home: Path, defn: Any, verbose: bool) -> int:
             for w in msg.get("warnings", ()):
                 _warn(w)
     for key, prefix in prefixes.items():
-        (sys.stdout if key[1] == 1 else sys.stderr).write(lines.rest(key, prefix))
+        write(key[1], lines.rest(key, prefix))
     if verbose:
         for i, t in enumerate(outcome.get("timings", []), 1):
             click.echo(f"mnp: job {job_id} attempt {i}: {t}", err=True)
+    if 1 in sink.closed:
+        return EXIT_STDOUT_CLOSED
     if outcome.get("state") == "FAILED" and outcome.get("reason"):
         click.echo(f"mnp: job {job_id} FAILED: {outcome['reason']}", err=True)
     return 130 if interrupted else int(outcome.get("exit_code", 1))

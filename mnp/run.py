@@ -12,10 +12,9 @@ from typing import Any, TextIO
 from mnp.controller import TIMEOUT_REASON, Controller
 from mnp.jobs import Job, TaskRun, exit_status
 from mnp.model import Inventory, JobDefinition, JobState
+from mnp.sink import EXIT_STDOUT_CLOSED, INTERRUPTED, STDOUT_CLOSED, Sink
 from mnp.transport import Transport
 from mnp.views import PrefixedLines
-
-INTERRUPTED = "Interrupted by the user (mnp run)"
 
 
 def transports_for(inventory: Inventory) -> dict[str, Transport]:
@@ -36,8 +35,8 @@ def transports_for(inventory: Inventory) -> dict[str, Transport]:
 class OutputPrinter:
     """Writes task output line by line, prefixed with the node or index when there are several."""
 
-    def __init__(self, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> None:
-        self.streams = {1: stdout, 2: stderr}
+    def __init__(self, stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:
+        self.sink = Sink(stdout=stdout, stderr=stderr)
         self.lines = PrefixedLines()
 
     @staticmethod
@@ -55,18 +54,12 @@ class OutputPrinter:
         label = self.label(job, task)
         return f"{label}: " if label is not None else ""
 
-    def _write(self, fd: int, text: str) -> None:
-        if text:
-            out = self.streams.get(fd, self.streams[1])
-            out.write(text)
-            out.flush()
-
     def __call__(self, job: Job, task: TaskRun, fd: int, data: str) -> None:
-        self._write(fd, self.lines.feed((task.tid, fd), data, self._prefix(job, task)))
+        self.sink.write(fd, self.lines.feed((task.tid, fd), data, self._prefix(job, task)))
 
     def flush_task(self, job: Job, task: TaskRun) -> None:
         for fd in (1, 2):
-            self._write(fd, self.lines.rest((task.tid, fd), self._prefix(job, task)))
+            self.sink.write(fd, self.lines.rest((task.tid, fd), self._prefix(job, task)))
 
 
 def job_exit_code(job: Job) -> int:
@@ -76,6 +69,8 @@ def job_exit_code(job: Job) -> int:
         return 124
     if job.reason == INTERRUPTED:
         return 130
+    if job.reason == STDOUT_CLOSED:
+        return EXIT_STDOUT_CLOSED
     if job.children:
         failed = [c for c in job.children if c.state is JobState.FAILED]
         if any(c.timed_out for c in failed):
@@ -114,17 +109,36 @@ async def run_async(
             )
         job = controller.submit(defn)
         loop = asyncio.get_running_loop()
+        forced: asyncio.Future[Any] = loop.create_future()
+        signals = 0
 
         def interrupt() -> None:
-            controller.terminate(job.id, INTERRUPTED)
+            """First signal: terminate the job (its teardown, kill_grace). Another one:
+            stop waiting; closing the agents kills what is left at once."""
+            nonlocal signals
+            signals += 1
+            if signals == 1:
+                controller.terminate(job.id, INTERRUPTED)
+            elif not forced.done():
+                forced.set_result(None)
 
+        def stdout_closed() -> None:
+            controller.terminate(job.id, STDOUT_CLOSED)
+
+        if isinstance(printer, OutputPrinter):
+            printer.sink.on_closed = stdout_closed
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, interrupt)
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(controller.wait(job))
         try:
-            await controller.wait(job)
+            await asyncio.wait([waiter, forced], return_when=asyncio.FIRST_COMPLETED)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            waiter.cancel()
+        if not job.done:  # a second signal: the job ends with the agents
+            sys.stderr.write(f"mnp: job {job.id} interrupted again: killing it now\n")
+            return 130, job
         if verbose:
             for a in job.attempts:
                 sys.stderr.write(
@@ -145,6 +159,6 @@ def run_job(
     if warning:
         sys.stderr.write(f"mnp: warning: {warning}\n")
     code, job = asyncio.run(run_async(defn, inventory, verbose=verbose))
-    if job.state is JobState.FAILED and job.reason:
+    if job.state is JobState.FAILED and job.reason and job.reason != STDOUT_CLOSED:
         sys.stderr.write(f"mnp: job {job.id} FAILED: {job.reason}\n")
     return code

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -268,3 +269,51 @@ def test_bad_definition_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert r.stderr.count("\n") == 1
     assert r.stderr.startswith(f"mnp: {path}:array.size: ")
     assert "Traceback" not in r.stderr
+
+
+def test_a_closed_stdout_ends_mnp_run_and_its_job_like_a_unix_filter(tmp_path: Path) -> None:
+    home = str(tmp_path / "home")
+    for through_controller in (False, True):
+        if through_controller:
+            assert mnp("controller", "start", "--home", home).returncode == 0
+        mark = uuid.uuid4().hex
+        r = subprocess.run(
+            ["bash", "-c", _into_head(mark)], env={**os.environ, "MNP_HOME": home},
+            cwd=ROOT, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert r.stdout == "line\nmnp=141\n", (through_controller, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and "Broken pipe" not in r.stderr, r.stderr
+        assert wait_no_procs("TEST_MARK", mark, 5) == []
+    jobs = mnp("list", "--home", home).stdout
+    assert "Standard output of mnp run closed" in jobs
+    mnp("controller", "stop", "--home", home)
+
+
+def _into_head(mark: str) -> str:
+    """``mnp run -- <endless output> | head -1`` in bash; PIPESTATUS says how mnp ended."""
+    return (
+        f'"{sys.executable}" -m mnp run --env TEST_MARK={mark} -- '
+        "sh -c 'while :; do echo line; done' | head -1; echo \"mnp=${PIPESTATUS[0]}\""
+    )
+
+
+def test_a_second_signal_ends_mnp_run_at_once(tmp_path: Path) -> None:
+    """The first SIGINT terminates the job, whose task ignores SIGTERM (teardown waits its
+    kill_grace, 10 s); a second signal makes mnp run stop waiting and kill it now."""
+    mark = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnp", "run", "--env", f"TEST_MARK={mark}", "--",
+         "sh", "-c", "trap '' TERM INT; echo ready; while :; do sleep 0.1; done"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert proc.poll() is None  # still tearing down: the task ignores SIGTERM
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=20)
+    assert time.monotonic() - t0 < 5, err
+    assert proc.returncode == 130, err
+    assert wait_no_procs("TEST_MARK", mark, 5) == []
