@@ -229,7 +229,14 @@ def run(ctx: click.Context, /, definition: tuple[str, ...], verbose: bool, **o: 
                 sys.exit(_run_through(client, Path(s["home"]), defn, verbose))
     from mnp.run import run_job  # the in-process controller: asyncio, transports
 
-    code = run_job(defn, s["inventory"], s["local_nodes"], verbose=verbose)
+    code = run_job(
+        defn,
+        s["inventory"],
+        s["local_nodes"],
+        verbose=verbose,
+        home=Path(s["home"]),
+        inventory_key=inventory_key(s),
+    )
     sys.exit(code)
 
 
@@ -238,16 +245,15 @@ def _run_through(client: Any, home: Path, defn: Any, verbose: bool) -> int:
     import signal
 
     from mnp.api import ApiClient
-    from mnp.sink import EXIT_STDOUT_CLOSED, INTERRUPTED, STDOUT_CLOSED, Sink
+    from mnp.sink import INTERRUPTED, STDOUT_CLOSED, RunStream
     from mnp.spec import definition_to_dict
 
-    job_id: str | None = None
     interrupted = 0
 
     def end_job(reason: str) -> None:
-        if job_id is not None:
+        if view.job_id is not None:
             with ApiClient.connect(home) as other:  # type: ignore[union-attr]
-                other.request("terminate", job_id=job_id, reason=reason)
+                other.request("terminate", job_id=view.job_id, reason=reason)
 
     def on_signal(signum: int, frame: Any) -> None:
         nonlocal interrupted
@@ -256,35 +262,12 @@ def _run_through(client: Any, home: Path, defn: Any, verbose: bool) -> int:
             raise KeyboardInterrupt  # client that went away
         end_job(INTERRUPTED)
 
-    sink = Sink(on_closed=lambda: end_job(STDOUT_CLOSED))
-    write = sink.write
-
+    view = RunStream(on_stdout_closed=lambda: end_job(STDOUT_CLOSED))
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    lines = views.PrefixedLines()
-    prefixes: dict[tuple[str, int], str] = {}
-    outcome: dict[str, Any] = {}
     for msg in client.stream("run", definition=definition_to_dict(defn), source=defn.source):
-        if "out" in msg:
-            key = (msg["tid"], msg["fd"])
-            prefix = prefixes[key] = f"{msg['label']}: " if msg.get("label") is not None else ""
-            write(msg["fd"], lines.feed(key, msg["out"], prefix))
-        elif msg.get("end"):
-            outcome = msg
-        elif "job_id" in msg:
-            job_id = msg["job_id"]
-            for w in msg.get("warnings", ()):
-                _warn(w)
-    for key, prefix in prefixes.items():
-        write(key[1], lines.rest(key, prefix))
-    if verbose:
-        for i, t in enumerate(outcome.get("timings", []), 1):
-            click.echo(f"mnp: job {job_id} attempt {i}: {t}", err=True)
-    if 1 in sink.closed:
-        return EXIT_STDOUT_CLOSED
-    if outcome.get("state") == "FAILED" and outcome.get("reason"):
-        click.echo(f"mnp: job {job_id} FAILED: {outcome['reason']}", err=True)
-    return 130 if interrupted else int(outcome.get("exit_code", 1))
+        view.feed(msg)
+    return view.finish(verbose=verbose, interrupted=interrupted > 0)
 
 
 @cli.command(cls=_DashDashCommand)

@@ -1078,8 +1078,18 @@ class Controller:
         """Stop: the agents kill what runs, and nothing of that is recorded. A job that was
         STARTING or RUNNING keeps that state, as after a crash, and the next controller
         retries it without counting the attempt (``restore``): a graceful stop or restart
-        never fails a job nor uses up one of its attempts."""
+        never fails a job nor uses up one of its attempts. An attempt whose end was already
+        decided (terminated, timed out, its main process exited) ends as decided: the
+        agents' closing is its teardown."""
         self._closed = True
+        now = time.time()
+        for job in list(self.jobs.values()):
+            attempt = job.attempt
+            if attempt is not None and attempt.ending and attempt.stopped_at is None:
+                attempt.pending_sweeps.clear()
+                for t in attempt.tasks.values():
+                    t.gone = True
+                self._maybe_finish(job, attempt, now)
         for timer in self._timers.values():
             timer.cancel()
         await asyncio.gather(*(c.close() for c in self.agents.values()), return_exceptions=True)

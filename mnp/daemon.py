@@ -425,12 +425,17 @@ def serve_forever(home: Path | str, make_handler: MakeHandler) -> int:
     try:
         import asyncio
 
-        return asyncio.run(_serve(home, make_handler))
+        return asyncio.run(serve(home, make_handler))
     finally:
         lock.release()
 
 
-async def _serve(home: Path, make_handler: MakeHandler) -> int:
+async def serve(
+    home: Path, make_handler: MakeHandler, on_signal: Callable[[str], None] | None = None
+) -> int:
+    """``serve_forever``'s loop, for a caller that holds ``home``'s lock itself.
+    ``on_signal``: what SIGTERM, SIGINT and SIGHUP do instead of stopping (``mnp run``
+    hosting its own controller terminates its jobs first)."""
     import asyncio
 
     loop = asyncio.get_running_loop()
@@ -442,7 +447,7 @@ async def _serve(home: Path, make_handler: MakeHandler) -> int:
     def stop() -> None:
         loop.call_soon_threadsafe(stopping.set)
 
-    def on_signal(signame: str) -> None:
+    def stop_on_signal(signame: str) -> None:
         if stopping.is_set() and shutdown_task is not None and not shutdown_task.done():
             log.warning("%s again: abandoning the shutdown", signame)
             shutdown_task.cancel()
@@ -450,8 +455,12 @@ async def _serve(home: Path, make_handler: MakeHandler) -> int:
         log.info("%s: stopping", signame)
         stopping.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
+    if on_signal is not None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+    else:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_on_signal, sig.name)
 
     log.info("controller pid %d starting for %s", pid, home)
     try:
@@ -511,6 +520,7 @@ __all__ = [
     "StopFn",
     "ensure_client",
     "prepare_home",
+    "serve",
     "serve_forever",
     "start_background",
     "status",

@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 from mnp.controller import TIMEOUT_REASON, Controller
@@ -150,11 +151,32 @@ async def run_async(
 
 
 def run_job(
-    defn: JobDefinition, inventory_spec: str | None, local_nodes: int, *, verbose: bool
+    defn: JobDefinition,
+    inventory_spec: str | None,
+    local_nodes: int,
+    *,
+    verbose: bool,
+    home: Path | None = None,
+    inventory_key: str = "",
 ) -> int:
+    """``mnp run`` with no controller answering for ``home``: this process becomes it
+    (``mnp.hosted``: the job is recorded like any other). Without a home, or when another
+    process holds it, the job runs unrecorded in a bare in-process controller."""
     from mnp.spec import resolve_inventory, unverified_warning
 
     inventory = resolve_inventory(inventory_spec, local_nodes)
+    if home is not None:
+        from mnp.daemon import Lock
+        from mnp.hosted import try_hosted_run
+
+        code = try_hosted_run(home, inventory, inventory_key, defn, verbose=verbose)
+        if code is not None:
+            return code
+        holder = Lock(home).holder()
+        sys.stderr.write(
+            f"mnp: warning: {home} is held by another process (pid {holder or '?'}) that does "
+            "not answer on its socket: this job is not recorded there\n"
+        )
     warning = unverified_warning(inventory)
     if warning:
         sys.stderr.write(f"mnp: warning: {warning}\n")

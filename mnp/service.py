@@ -315,13 +315,16 @@ class Service:
 
     # --- lifecycle --------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, restore: bool = True) -> None:
+        """Connect to the hosts and take back the unfinished jobs of an earlier controller
+        (``restore``; ``mnp run`` hosting its own controller leaves them to the next
+        daemon)."""
         for w in self.warnings:
             log.warning("%s", w)
         self._catch_up_events()  # before anything new is committed
         await self.controller.start()
         self.controller.continue_numbering(self.store.max_job_seq())
-        rows = self.store.unfinished_jobs()
+        rows = self.store.unfinished_jobs() if restore else []
         items = []
         for row in rows:
             definition = row.get("definition")

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
-from typing import TextIO
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO
 
 INTERRUPTED = "Interrupted by the user (mnp run)"
 STDOUT_CLOSED = "Standard output of mnp run closed"
@@ -58,3 +58,47 @@ def silence(stream: TextIO) -> None:
         os.close(devnull)
     except (OSError, ValueError):
         pass
+
+
+class RunStream:
+    """What ``mnp run`` prints from the messages of a ``run`` request, as a controller
+    sends them (``{"job_id"}``, then ``{"out", "fd", "tid", "label"}``..., then the end
+    with ``state``, ``reason``, ``exit_code``), and the exit code it ends with. The same
+    whether the controller is another process (the socket) or this one."""
+
+    def __init__(self, on_stdout_closed: Callable[[], None] | None = None) -> None:
+        from mnp.views import PrefixedLines
+
+        self.sink = Sink(on_closed=on_stdout_closed)
+        self.lines = PrefixedLines()
+        self.prefixes: dict[tuple[str, int], str] = {}
+        self.job_id: str | None = None
+        self.outcome: dict[str, Any] = {}
+
+    def feed(self, msg: Mapping[str, Any]) -> None:
+        if "out" in msg:
+            key = (msg["tid"], msg["fd"])
+            label = msg.get("label")
+            prefix = self.prefixes[key] = f"{label}: " if label is not None else ""
+            self.sink.write(msg["fd"], self.lines.feed(key, msg["out"], prefix))
+        elif msg.get("end"):
+            self.outcome = dict(msg)
+        elif "job_id" in msg:
+            self.job_id = str(msg["job_id"])
+            for w in msg.get("warnings", ()):
+                if w:
+                    self.sink.write(2, f"mnp: warning: {w}\n")
+
+    def finish(self, *, verbose: bool = False, interrupted: bool = False) -> int:
+        """Write the unfinished last lines and what went wrong; the exit code."""
+        for key, prefix in self.prefixes.items():
+            self.sink.write(key[1], self.lines.rest(key, prefix))
+        outcome = self.outcome
+        if verbose:
+            for i, t in enumerate(outcome.get("timings", []), 1):
+                self.sink.write(2, f"mnp: job {self.job_id} attempt {i}: {t}\n")
+        if 1 in self.sink.closed:
+            return EXIT_STDOUT_CLOSED
+        if outcome.get("state") == "FAILED" and outcome.get("reason"):
+            self.sink.write(2, f"mnp: job {self.job_id} FAILED: {outcome['reason']}\n")
+        return 130 if interrupted else int(outcome.get("exit_code", 1))

@@ -262,6 +262,6 @@ def test_controller_stop_neither_fails_a_running_job_nor_uses_an_attempt(
     for j in (job, "2"):
         d = wait_state(home, j)
         # --attempts 1, and the stopped attempt did not count against it
-        assert d["state"] == "SUCCEEDED", d
+        assert d["state"] == "SUCCEEDED", (d["reason"], d["attempts"])
         assert len(d["attempts"]) == 2  # type: ignore[arg-type]
     assert mnp("logs", job, env=home).stdout == "done\n"

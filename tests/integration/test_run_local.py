@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -317,3 +318,46 @@ def test_a_second_signal_ends_mnp_run_at_once(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 5, err
     assert proc.returncode == 130, err
     assert wait_no_procs("TEST_MARK", mark, 5) == []
+
+
+def test_mnp_run_without_a_controller_records_its_job_like_any_other(tmp_path: Path) -> None:
+    home = {"MNP_HOME": str(tmp_path / "home")}
+    r = mnp("run", "--name", "first", "--", "sh", "-c", "echo out; echo err >&2; exit 3", env=home)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
+    # nothing keeps running after it: no controller answers for the home
+    assert mnp("controller", "status", env=home).returncode == 3
+    d = json.loads(mnp("describe", "1", "--json", env=home).stdout)
+    assert (d["name"], d["state"], d["exit_code"]) == ("first", "FAILED", 3)
+    assert len(d["attempts"]) == 1
+    assert mnp("logs", "1", env=home).stdout == "out\n"
+    assert mnp("logs", "1", "--stderr", env=home).stdout == "err\n"
+    states = [json.loads(line)["status"] for line in mnp("events", env=home).stdout.splitlines()]
+    assert states == ["SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "FAILED"]
+    events_file = Path(home["MNP_HOME"], "events.jsonl").read_text().splitlines()
+    assert [json.loads(line)["status"] for line in events_file] == states
+    # ids go on, in-process and through a daemon alike
+    assert mnp("run", "--nodes", "2", "--", "true", env=home).returncode == 0
+    assert mnp("submit", "--wait", "--", "true", env=home).stdout == "3\n"
+    mnp("controller", "stop", env=home)
+    assert mnp("run", "--", "true", env=home).returncode == 0
+    listed = mnp("list", "--json", env=home).stdout
+    assert [j["id"] for j in json.loads(listed)] == ["1", "2", "3", "4"]
+
+
+def test_concurrent_mnp_runs_and_a_submit_share_the_first_runs_controller(
+    tmp_path: Path,
+) -> None:
+    """A submission script's ``mnp run a & mnp run b & wait``: the first run is the home's
+    controller, the second goes through it, and the first stays until both have ended."""
+    home = {**os.environ, "MNP_HOME": str(tmp_path / "home")}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mnp", "run", "--", "sh", "-c", "echo a; sleep 2; exit 4"],
+        cwd=ROOT, env=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert first.stdout is not None and first.stdout.readline() == "a\n"
+    second = mnp("run", "--", "sh", "-c", "sleep 3; echo b", env=home)
+    assert (second.returncode, second.stdout) == (0, "b\n"), second.stderr
+    out, err = first.communicate(timeout=30)
+    assert first.returncode == 4, err
+    jobs = {j["id"]: j for j in json.loads(mnp("list", "--json", env=home).stdout)}
+    assert {k: v["state"] for k, v in jobs.items()} == {"1": "FAILED", "2": "SUCCEEDED"}
