@@ -494,8 +494,8 @@ def hosts(ctx: click.Context, /, check: bool, as_json: bool, **o: Any) -> None:
     import json as jsonlib
 
     from mnp import hostcheck
-    from mnp.run import transports_for
     from mnp.spec import resolve_inventory, unverified_warning
+    from mnp.transport import transports_for
 
     s = _settings(ctx, **o)
     if not check and not o.get("inventory"):

@@ -17,7 +17,15 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from mnp.errors import InfraError, JobRefused, MnpError
-from mnp.jobs import Attempt, Job, NodeRun, TaskRun, exit_status, should_retry
+from mnp.jobs import (
+    TIMEOUT_REASON,
+    Attempt,
+    Job,
+    NodeRun,
+    TaskRun,
+    exit_status,
+    should_retry,
+)
 from mnp.model import TERMINAL, Inventory, JobDefinition, JobState, Resources
 from mnp.sched.alloc import HostCapacity
 from mnp.sched.decide import Request, Start, could_ever_run, decide
@@ -59,7 +67,6 @@ TaskStartHandler = Callable[[Job, TaskRun], str | None]
 TaskEndHandler = Callable[[Job, TaskRun], None]
 EventSink = Callable[[dict[str, Any]], None]
 
-TIMEOUT_REASON = "Job attempt duration exceeded timeout"
 LOST_REASON = "Controller restarted: attempt lost"
 
 

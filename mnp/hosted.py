@@ -18,7 +18,9 @@ stop`` stops it like a daemon: jobs still running are left for the next controll
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -110,6 +112,9 @@ async def _host(
         nonlocal service, stop_serving
         stop_serving = stop
         service = Service(home, inventory, inventory_key)
+        t0 = time.monotonic()
+        if verbose:  # state changes as they happen, as the bare in-process controller does
+            service.controller.on_event = lambda e: view.sink.write(2, f"mnp: {json.dumps(e)}\n")
         try:
             await service.start(restore=False)
         except MnpError as e:  # no host reachable...: said in one line, not logged
@@ -117,6 +122,11 @@ async def _host(
             await service.shutdown()
             stop()
             return service.handle, _nothing
+        for host, err in service.controller.host_errors.items():
+            view.sink.write(2, f"mnp: host {host} unusable: {err}\n")
+        if verbose:
+            n, took = len(service.controller.agents), time.monotonic() - t0
+            view.sink.write(2, f"mnp: {n} agent(s) ready in {took:.3f}s\n")
         request = {"op": "run", "definition": definition_to_dict(defn), "source": defn.source}
         own = asyncio.ensure_future(service.op_run(request, cast(Responder, terminal)))
 

@@ -19,6 +19,8 @@ from mnp.wiring import Launch
 
 Emit = Callable[[dict[str, Any]], None]
 
+TIMEOUT_REASON = "Job attempt duration exceeded timeout"
+
 
 @dataclass(slots=True)
 class TaskRun:
@@ -208,3 +210,38 @@ def exit_status(code: int | None, signal: int | None) -> int:
     if signal is not None:
         return 128 + signal
     return 1
+
+
+def output_label(job: Job, task: TaskRun) -> str | None:
+    """What a task's output lines are prefixed with (``srun -l``): ``N`` for node N,
+    ``N.T`` for task T of node N when nodes run several, ``I`` for array child I."""
+    if task.node_index is not None:
+        mn = job.defn.multinode
+        slots = mn is not None and any(g.tasks_per_node > 1 for g in mn.groups)
+        return f"{task.node_index}.{task.task_index}" if slots else str(task.node_index)
+    if job.array_index is not None:
+        return str(job.array_index)
+    return None
+
+
+def job_exit_code(job: Job) -> int:
+    """What ``mnp run`` exits with for a job that has ended."""
+    from mnp.sink import EXIT_STDOUT_CLOSED, INTERRUPTED, STDOUT_CLOSED
+
+    if job.state is JobState.SUCCEEDED:
+        return 0
+    if job.timed_out or job.reason == TIMEOUT_REASON:
+        return 124
+    if job.reason == INTERRUPTED:
+        return 130
+    if job.reason == STDOUT_CLOSED:
+        return EXIT_STDOUT_CLOSED
+    if job.children:
+        failed = [c for c in job.children if c.state is JobState.FAILED]
+        if any(c.timed_out for c in failed):
+            return 124
+        codes = [exit_status(c.exit_code, c.signal) for c in failed if c.attempts]
+        return next((c for c in codes if c), 1)
+    if job.exit_code is None and job.signal is None:
+        return 1
+    return exit_status(job.exit_code, job.signal) or 1

@@ -10,27 +10,12 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from mnp.controller import TIMEOUT_REASON, Controller
-from mnp.jobs import Job, TaskRun, exit_status
+from mnp.controller import Controller
+from mnp.jobs import Job, TaskRun, job_exit_code, output_label
 from mnp.model import Inventory, JobDefinition, JobState
-from mnp.sink import EXIT_STDOUT_CLOSED, INTERRUPTED, STDOUT_CLOSED, Sink
-from mnp.transport import Transport
+from mnp.sink import INTERRUPTED, STDOUT_CLOSED, Sink
+from mnp.transport import transports_for
 from mnp.views import PrefixedLines
-
-
-def transports_for(inventory: Inventory) -> dict[str, Transport]:
-    """The transports an inventory's hosts need (SSH is imported only when used)."""
-    out: dict[str, Transport] = {}
-    kinds = {h.transport for h in inventory.hosts}
-    if "local" in kinds:
-        from mnp.transport.local import LocalTransport
-
-        out["local"] = LocalTransport()
-    if "ssh" in kinds:
-        from mnp.transport.ssh import SshTransport
-
-        out["ssh"] = SshTransport(inventory)
-    return out
 
 
 class OutputPrinter:
@@ -40,19 +25,8 @@ class OutputPrinter:
         self.sink = Sink(stdout=stdout, stderr=stderr)
         self.lines = PrefixedLines()
 
-    @staticmethod
-    def label(job: Job, task: TaskRun) -> str | None:
-        if task.node_index is not None:
-            slots = job.defn.multinode is not None and any(
-                g.tasks_per_node > 1 for g in job.defn.multinode.groups
-            )
-            return f"{task.node_index}.{task.task_index}" if slots else str(task.node_index)
-        if job.array_index is not None:
-            return str(job.array_index)
-        return None
-
     def _prefix(self, job: Job, task: TaskRun) -> str:
-        label = self.label(job, task)
+        label = output_label(job, task)
         return f"{label}: " if label is not None else ""
 
     def __call__(self, job: Job, task: TaskRun, fd: int, data: str) -> None:
@@ -61,26 +35,6 @@ class OutputPrinter:
     def flush_task(self, job: Job, task: TaskRun) -> None:
         for fd in (1, 2):
             self.sink.write(fd, self.lines.rest((task.tid, fd), self._prefix(job, task)))
-
-
-def job_exit_code(job: Job) -> int:
-    if job.state is JobState.SUCCEEDED:
-        return 0
-    if job.timed_out or job.reason == TIMEOUT_REASON:
-        return 124
-    if job.reason == INTERRUPTED:
-        return 130
-    if job.reason == STDOUT_CLOSED:
-        return EXIT_STDOUT_CLOSED
-    if job.children:
-        failed = [c for c in job.children if c.state is JobState.FAILED]
-        if any(c.timed_out for c in failed):
-            return 124
-        codes = [exit_status(c.exit_code, c.signal) for c in failed if c.attempts]
-        return next((c for c in codes if c), 1)
-    if job.exit_code is None and job.signal is None:
-        return 1
-    return exit_status(job.exit_code, job.signal) or 1
 
 
 async def run_async(

@@ -36,11 +36,11 @@ from typing import IO, Any
 from mnp.api import Handler, Responder
 from mnp.controller import Controller, Restored
 from mnp.errors import InfraError, JobRefused, MnpError, UsageError
-from mnp.jobs import Attempt, Job, NodeRun, TaskRun
+from mnp.jobs import Attempt, Job, NodeRun, TaskRun, job_exit_code, output_label
 from mnp.model import TERMINAL, Inventory, JobState
-from mnp.run import OutputPrinter, job_exit_code, transports_for
 from mnp.spec import definition_to_dict, parse_definition, unverified_warning
 from mnp.store import Store, codec
+from mnp.transport import transports_for
 
 log = logging.getLogger("mnp")
 
@@ -217,7 +217,7 @@ class Service:
         self._dirty()
         root = root_of(job.id)
         if root in self._subscribers:
-            label = OutputPrinter.label(job, task)
+            label = output_label(job, task)
             self._publish(job, {"out": data, "fd": fd, "tid": task.tid, "label": label})
 
     def _task_end(self, job: Job, task: TaskRun) -> None:

@@ -12,6 +12,7 @@ through it too, so both behave alike:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -96,7 +97,7 @@ class RunStream:
         outcome = self.outcome
         if verbose:
             for i, t in enumerate(outcome.get("timings", []), 1):
-                self.sink.write(2, f"mnp: job {self.job_id} attempt {i}: {t}\n")
+                self.sink.write(2, f"mnp: job {self.job_id} attempt {i}: {json.dumps(t)}\n")
         if 1 in self.sink.closed:
             return EXIT_STDOUT_CLOSED
         if outcome.get("state") == "FAILED" and outcome.get("reason"):

@@ -12,7 +12,7 @@ import os
 import sys
 
 from mnp.errors import TransportError
-from mnp.model import HostSpec
+from mnp.model import HostSpec, Inventory
 from mnp.transport.base import MAX_LINE, AgentStream, Transport
 
 
@@ -77,3 +77,7 @@ class LocalTransport(Transport):
         except OSError as e:
             raise TransportError(f"{host.name}: cannot start the local agent: {e}") from None
         return _SubprocessStream(proc)
+
+
+def make(inventory: Inventory) -> LocalTransport:
+    return LocalTransport()

@@ -456,3 +456,7 @@ def _alive(conn: asyncssh.SSHClientConnection, exc: Exception) -> bool:
         and not conn.is_closed()
         and exc.reason != "SSH connection closed"
     )
+
+
+def make(inventory: Inventory) -> SshTransport:
+    return SshTransport(inventory)
