@@ -182,7 +182,7 @@ def build_definition(ctx: click.Context, args: tuple[str, ...], o: dict[str, Any
             raise UsageError("nothing after '--': give the command to run")
         return spec.definition_from_command(list(command), **overrides)
     if len(args) == 1 and not command:
-        return spec.apply_overrides(spec.load_definition(args[0]), **overrides)
+        return spec.apply_overrides(spec.load_definition(args[0], open_refs=True), **overrides)
     raise UsageError("give either a definition file (DEF.toml) or '-- CMD ARGS...', not both")
 
 

@@ -10,7 +10,13 @@ from __future__ import annotations
 import os
 
 from mnp.model import JobType
-from mnp.spec.definition import REF_PATTERN, load_definition, parse_definition, sanitize_name
+from mnp.spec.definition import (
+    REF_PATTERN,
+    load_definition,
+    parse_definition,
+    refs_used,
+    sanitize_name,
+)
 from mnp.spec.fields import read_toml
 from mnp.spec.inventory import (
     load_inventory,
@@ -54,6 +60,7 @@ __all__ = [
     "parse_memory",
     "parse_node_range",
     "pbs_inventory",
+    "refs_used",
     "resolve_inventory",
     "sanitize_name",
     "slurm_inventory",
@@ -64,7 +71,10 @@ __all__ = [
 
 def validate_file(path: str | os.PathLike[str]) -> str:
     """Validate a job definition or an inventory (a file with ``hosts``); return one line:
-    ``nodegroups/mpi-hello.toml: ok (multinode job "mpi-hello", 4 nodes, 2 groups)``."""
+    ``nodegroups/mpi-hello.toml: ok (multinode job "mpi-hello", 4 nodes, 2 groups)``.
+
+    A ``Ref::K`` that ``[parameters]`` does not declare is allowed (``--param K=V``
+    gives it a value at submit) and said: ``...; needs --param K=VALUE)``."""
     data, source = read_toml(path)
     if "hosts" in data:
         inv = parse_inventory(data, source)
@@ -73,7 +83,7 @@ def validate_file(path: str | os.PathLike[str]) -> str:
             f"{_count(len(inv.compute_environments), 'compute environment')}, "
             f"{_count(len(inv.queues), 'queue')})"
         )
-    defn = parse_definition(data, source)
+    defn = parse_definition(data, source, open_refs=True)
     if defn.multinode is not None:
         mn = defn.multinode
         what = (
@@ -84,6 +94,9 @@ def validate_file(path: str | os.PathLike[str]) -> str:
         what = f'array job "{defn.name}", {_count(defn.array.size, "child", "children")}'
     else:
         what = f'{JobType.SINGLE.value} job "{defn.name}"'
+    needed = sorted(refs_used(defn) - defn.parameters.keys())
+    if needed:
+        what += "; needs " + " ".join(f"--param {k}=VALUE" for k in needed)
     return f"{source}: ok ({what})"
 
 

@@ -54,6 +54,7 @@ CASES = [
     (["run", "--depends-on", "1", "--", "true"], "does not exist"),  # its own future id
     (["run", "--queue", "", "--", "true"], "--queue"),
     (["run", "--param", "bad name=1", "--", "true"], "--param"),
+    (["run", "--param", "x=1", "--", "true"], "--param: x: no Ref::x in the job's commands"),
     (["run", "--", ""], "empty program name"),
     (["run", "--inventory", "/etc/passwd", "--", "true"], "invalid TOML"),
     (["validate", "/etc"], "is a directory"),

@@ -268,3 +268,16 @@ def test_bad_definition_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert r.stderr.count("\n") == 1
     assert r.stderr.startswith(f"mnp: {path}:array.size: ")
     assert "Traceback" not in r.stderr
+
+
+def test_param_fills_a_ref_the_file_does_not_declare(tmp_path: Path) -> None:
+    job = tmp_path / "py.toml"
+    job.write_text('command = ["Ref::python", "-c", "print(\'from\', \'Ref::who\')"]\n')
+    r = mnp("run", str(job), "--param", f"python={sys.executable}", "--param", "who=param")
+    assert (r.returncode, r.stdout) == (0, "from param\n"), r.stderr
+    r = mnp("run", str(job), "--param", f"python={sys.executable}")  # Ref::who has no value
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{job}:command[2]: Ref::who names no parameter" in r.stderr
+    r = mnp("run", str(job), "--param", "who=x", "--param", "pyhton=x", "--param", "python=y")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("mnp: <command line>:--param: pyhton: no Ref::pyhton"), r.stderr
