@@ -447,9 +447,12 @@ def list_(
 def describe(ctx: click.Context, /, job_id: str, as_json: bool, **o: Any) -> None:
     """Everything about a job: definition, attempts, nodes or children, reasons, timings.
 
+    JOB is an id (42, 42:7) or a name (the newest job of that name: train, train:7).
+
     \b
-    Example:
+    Examples:
       mnp describe 42
+      mnp describe mpi-hello --json
     """
     import json as jsonlib
 
@@ -458,9 +461,10 @@ def describe(ctx: click.Context, /, job_id: str, as_json: bool, **o: Any) -> Non
     job = None
     if store is not None:
         with store:
-            job = store.get_job(job_id)
+            found = store.resolve(job_id)
+            job = store.get_job(found) if found is not None else None
             if job is not None and job.get("array_size"):
-                job["failed_children"] = store.children(job_id, state="FAILED", limit=5)
+                job["failed_children"] = store.children(job["id"], state="FAILED", limit=5)
     if job is None:
         raise UsageError(f"job {job_id} does not exist")
     job["root_cause"] = views.root_cause(job)
@@ -559,16 +563,24 @@ def hosts(ctx: click.Context, /, check: bool, as_json: bool, **o: Any) -> None:
 def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: Any) -> None:
     """A job's output; each line prefixed with its node or index when there are several.
 
+    JOB is an id or a name (the newest job of that name).
+
     \b
     Examples:
       mnp logs 42          # every task of job 42
       mnp logs 42#0        # node 0 of a multi-node job
       mnp logs 42:7 -f     # array child 7, following
+      mnp logs mpi-hello#0 # node 0 of the newest job named mpi-hello
     """
     import time
 
+    from mnp import jobref
+
     s = _settings(ctx, **o)
-    root = target.split(":", 1)[0].split("#", 1)[0]
+    store = _store(s)
+    given = target
+    target = (store.resolve(given) if store is not None else None) or given
+    root = jobref.split(target)[0]
     folder = Path(s["home"]) / "logs" / root
     suffix = ".err" if stderr else ".out"
     offsets: dict[Path, int] = {}
@@ -598,9 +610,8 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
                 sys.stdout.write(lines.rest(path, prefix))
         sys.stdout.flush()
 
-    store = _store(s)
     if store is None or store.get_job(root) is None:
-        raise UsageError(f"job {root} does not exist")
+        raise UsageError(f"job {jobref.split(given)[0]} does not exist")
     while True:
         done = store.get_job(root)["state"] in ("SUCCEEDED", "FAILED")
         pump(final=done or not follow)
@@ -618,6 +629,8 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
 def cancel(ctx: click.Context, /, job_id: str, reason: str, **o: Any) -> None:
     """SUBMITTED/PENDING/RUNNABLE jobs → FAILED; cascades to array children.
 
+    JOB is an id or a name (the newest job of that name).
+
     \b
     Example:
       mnp cancel 42 --reason "wrong input"
@@ -632,6 +645,8 @@ def cancel(ctx: click.Context, /, job_id: str, reason: str, **o: Any) -> None:
 @click.pass_context
 def terminate(ctx: click.Context, /, job_id: str, reason: str, **o: Any) -> None:
     """Like cancel, and also kills STARTING/RUNNING jobs (whole process trees).
+
+    JOB is an id or a name (the newest job of that name).
 
     \b
     Example:
@@ -649,7 +664,9 @@ def _end_job(ctx: click.Context, op: str, job_id: str, reason: str, o: dict[str,
 @cli.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
 @click.option("--since", type=int, default=0, help="Only events after this seq.")
-@click.option("--job", "job_id", help="Only this job (its children and nodes too).")
+@click.option(
+    "--job", "job_id", help="Only this job, by id or name (its children and nodes too)."
+)
 @common_options
 @click.pass_context
 def events(ctx: click.Context, /, follow: bool, since: int, job_id: str | None, **o: Any) -> None:
@@ -666,6 +683,8 @@ def events(ctx: click.Context, /, follow: bool, since: int, job_id: str | None, 
     store = None
     while True:
         store = store or _store(s)
+        if store is not None and job_id is not None:
+            job_id = store.resolve(job_id) or job_id  # a name: the newest job of that name
         if store is not None:
             for ev in store.events_since(since, job_id=job_id):
                 since = max(since, int(ev["seq"]))

@@ -16,9 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from mnp import jobref
 from mnp.errors import InfraError, JobRefused, MnpError
 from mnp.jobs import Attempt, Job, NodeRun, TaskRun, exit_status, should_retry
-from mnp.model import TERMINAL, Inventory, JobDefinition, JobState, Resources
+from mnp.model import TERMINAL, Dependency, Inventory, JobDefinition, JobState, Resources
 from mnp.sched.alloc import HostCapacity
 from mnp.sched.decide import Request, Start, could_ever_run, decide
 from mnp.sched.runqueue import RunQueue
@@ -51,6 +52,15 @@ class Recorder(Protocol):
         ...
 
     def attempt(self, job: Job, attempt: Attempt) -> None: ...
+
+    def stored_job(self, job_id: str) -> tuple[JobState, int | None] | None:
+        """The state and array size (an array parent's, else None) of a stored job that
+        the controller does not hold (one that ended before a restart); None if none."""
+        ...
+
+    def newest_named(self, name: str) -> str | None:
+        """The id of the newest stored top-level job called ``name``, or None."""
+        ...
 
 
 OutputHandler = Callable[[Job, TaskRun, int, str], None]
@@ -107,6 +117,7 @@ class Controller:
         self.capacity: dict[str, HostCapacity] = {}
         self.host_errors: dict[str, str] = {}
         self.jobs: dict[str, Job] = {}
+        self._named: dict[str, str] = {}  # name -> id of the newest top-level job held
         self.events: list[dict[str, Any]] = []
         self._seq = 0
         self._event_seq = 0
@@ -265,7 +276,7 @@ class Controller:
                 f"{queue.name!r} has hosts that could ever run this job "
                 f"({_describe_request(probe)})"
             )
-        self._check_dependencies(defn)
+        defn = self._resolve_dependencies(defn)
         now = time.time()
         job_id = self._allocate_id()
         job = self._new_job(job_id, defn, now)
@@ -320,6 +331,8 @@ class Controller:
             job.attempts = [Attempt(n + 1, final=JobState.FAILED) for n in range(it.attempts)]
             job.request = self._request_for(it.id, it.defn, it.seq)
             self.jobs[it.id] = job
+            if it.parent is None:
+                self._hold_name(job)
             self._seq = max(self._seq, it.seq)
             if parent is not None:
                 parent.children.append(job)
@@ -351,27 +364,68 @@ class Controller:
     # --- dependencies -----------------------------------------------------
 
     def state_of(self, job_id: str) -> JobState | None:
-        """A job's state, or None when no such job exists."""
+        """A job's state, or None when no such job exists (held, or stored by the
+        recorder: a job that ended before a restart)."""
         job = self.jobs.get(job_id)
-        return job.state if job is not None else None
+        if job is not None:
+            return job.state
+        stored = self.recorder.stored_job(job_id) if self.recorder is not None else None
+        return stored[0] if stored is not None else None
 
-    def _check_dependencies(self, defn: JobDefinition) -> None:
-        """Unknown ids and impossible N_TO_N pairings are refused at submit. A new job can
-        only name jobs that already exist, so no cycle can ever form."""
+    def _array_size(self, job_id: str) -> int | None:
+        job = self.jobs.get(job_id)
+        if job is not None:
+            return job.defn.array.size if job.is_array and job.defn.array is not None else None
+        stored = self.recorder.stored_job(job_id) if self.recorder is not None else None
+        return stored[1] if stored is not None else None
+
+    def resolve(self, ref: str) -> str | None:
+        """The id of the job ``ref`` refers to, or None (``mnp.jobref``): an id (``42``,
+        ``42:7``), or a name (``train``, ``train:7``) for the newest top-level job of
+        that name, held or stored. An id comes first."""
+        root, suffix = jobref.split(ref)
+        if self.state_of(root) is None:
+            held = self._named.get(root)
+            stored = self.recorder.newest_named(root) if self.recorder is not None else None
+            found = [i for i in (held, stored) if i is not None]
+            if not found:
+                return None
+            root = max(found, key=jobref.id_order)
+        job_id = root + suffix
+        return job_id if self.state_of(job_id) is not None else None
+
+    def _hold_name(self, job: Job) -> None:
+        newest = self._named.get(job.defn.name)
+        if newest is None or jobref.id_order(job.id) > jobref.id_order(newest):
+            self._named[job.defn.name] = job.id
+
+    def _resolve_dependencies(self, defn: JobDefinition) -> JobDefinition:
+        """``defn`` with every dependency named by its job id (a name means the newest job
+        of that name, now: the stored definition keeps the id). Unknown jobs and
+        impossible N_TO_N pairings are refused at submit. A new job can only name jobs
+        that already exist, so no cycle can ever form."""
+        deps: list[Dependency] = []
+        seen: dict[str, str] = {}
         for dep in defn.depends_on:
-            target = self.jobs.get(dep.job_id)
-            if target is None and self.state_of(dep.job_id) is None:
+            job_id = self.resolve(dep.job_id)
+            if job_id is None:
                 raise JobRefused(f"depends_on: job {dep.job_id} does not exist")
-            if dep.type == "N_TO_N":
-                size = (
-                    target.defn.array.size
-                    if target is not None and target.is_array and target.defn.array is not None
-                    else None
+            if job_id in seen:
+                raise JobRefused(
+                    f"depends_on: {dep.job_id} and {seen[job_id]} are both job {job_id}; "
+                    "list each job once"
                 )
+            seen[job_id] = dep.job_id
+            if dep.type == "N_TO_N":
+                size = self._array_size(job_id)
                 if size is None or defn.array is None or defn.array.size != size:
                     raise JobRefused(
                         f"depends_on: {dep.job_id}:N_TO_N needs two array jobs of the same size"
                     )
+            deps.append(Dependency(job_id=job_id, type=dep.type))
+        if tuple(deps) == defn.depends_on:
+            return defn
+        return replace(defn, depends_on=tuple(deps))
 
     def _dependency_targets(self, job: Job) -> list[tuple[str, bool]]:
         """(job id, any end will do) pairs: the parent (or a plain job) waits on its own
@@ -434,6 +488,8 @@ class Controller:
         job = Job(job_id, defn, self._seq, self._emit, now, parent=parent, array_index=index)
         job.request = self._request_for(job_id, defn, self._seq)
         self.jobs[job_id] = job
+        if parent is None:
+            self._hold_name(job)
         return job
 
     def _request_for(self, key: str, defn: JobDefinition, seq: int) -> Request:
@@ -981,8 +1037,9 @@ class Controller:
             )
 
     def cancel(self, job_id: str, reason: str) -> Job:
-        """SUBMITTED/PENDING/RUNNABLE → FAILED; what already runs goes on (AWS Batch)."""
-        job = self.jobs.get(job_id)
+        """SUBMITTED/PENDING/RUNNABLE → FAILED; what already runs goes on (AWS Batch).
+        ``job_id`` may be a name (:meth:`resolve`)."""
+        job = self.jobs.get(self.resolve(job_id) or job_id)
         if job is None:
             raise JobRefused(f"job {job_id} does not exist")
         now = time.time()
@@ -999,7 +1056,8 @@ class Controller:
         return job
 
     def terminate(self, job_id: str, reason: str) -> Job:
-        job = self.jobs.get(job_id)
+        """Like cancel, and STARTING/RUNNING ones are ended. ``job_id`` may be a name."""
+        job = self.jobs.get(self.resolve(job_id) or job_id)
         if job is None:
             raise JobRefused(f"job {job_id} does not exist")
         now = time.time()
@@ -1036,6 +1094,12 @@ class Controller:
         for j in (*job.children, job):
             self._dequeue(j)
             self.jobs.pop(j.id, None)
+        name = job.defn.name
+        if self._named.get(name) == job.id:
+            del self._named[name]
+            for other in self.jobs.values():
+                if other.parent is None and other.defn.name == name:
+                    self._hold_name(other)
         gone = {job.id, *(c.id for c in job.children)}
         for target, waiting in list(self._waiting_on.items()):
             kept = [w for w in waiting if w.id not in gone]

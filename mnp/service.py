@@ -171,6 +171,21 @@ class Service:
             self._record_node(job, attempt, node)
         self._dirty()
 
+    def stored_job(self, job_id: str) -> tuple[JobState, int | None] | None:
+        try:
+            found = self.store.state_and_size(job_id)
+        except MnpError as e:
+            log.error("store: %s", e)
+            return None
+        return None if found is None else (JobState(found[0]), found[1])
+
+    def newest_named(self, name: str) -> str | None:
+        try:
+            return self.store.newest_named(name)
+        except MnpError as e:
+            log.error("store: %s", e)
+            return None
+
     def _record_node(self, job: Job, attempt: Attempt, node: NodeRun) -> None:
         self.store.upsert_node(
             job.id,
@@ -384,10 +399,17 @@ class Service:
         return parse_definition(data, str(request.get("source") or "<submitted>"))
 
     def _job(self, request: dict[str, Any]) -> Job:
-        job_id = str(request.get("job_id", ""))
+        """The job a request names by id or by name (the newest of that name)."""
+        ref = str(request.get("job_id", ""))
+        job_id = self.controller.resolve(ref)
+        if job_id is None:
+            raise JobRefused(f"job {ref} does not exist")
         job = self.controller.jobs.get(job_id)
         if job is None:
-            raise JobRefused(f"job {job_id} is not known to the running controller")
+            raise JobRefused(
+                f"job {ref} is not known to the running controller (it ended before the "
+                "controller's last start)"
+            )
         return job
 
     async def op_info(self, request: dict[str, Any], r: Responder) -> None:

@@ -16,6 +16,8 @@ Choices where the spec is silent (also in the README):
 - Dependencies: ``"ID"``, ``"ID:TYPE"`` or ``{job_id, type}``; TYPE is
   ``N_TO_N``, ``afterany`` or ``afterok`` (= plain), case-insensitive. A
   suffix that is a number is part of the id (``"42:7"`` is array child 7).
+  ID may be a job's name: the controller takes the newest job of that name at
+  submit (``mnp.jobref``) and keeps its id.
 - Caps: 1..1000 nodes, 1..5 groups, 1..1024 tasks per node, 20 dependencies.
 """
 
@@ -89,7 +91,7 @@ NAME_RULE = "use 1 to 128 letters, digits, - and _"
 REF_PATTERN = re.compile(r"Ref::([A-Za-z0-9_]+)")
 """A parameter placeholder in a command argument (``wiring`` substitutes it)."""
 PARAM_NAME_RE = re.compile(r"[A-Za-z0-9_]{1,128}")
-_JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:#-]{0,127}")
+_JOB_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.:#-]{0,127}")  # an id or a job name
 _EXIT_CODE_RE = re.compile(r"[0-9*?]{1,512}")
 _DEP_TYPES = {"n_to_n": "N_TO_N", "afterany": "afterany", "afterok": None}
 
@@ -511,8 +513,8 @@ def _dependency(source: str, field: str, item: object) -> Dependency:
         fail(
             source,
             id_field,
-            f"{show(job_id)} is not a job id; use an id from mnp submit, "
-            'optionally with a type: "42", "42:N_TO_N", "42:afterany"',
+            f"{show(job_id)} is not a job id or name; use an id from mnp submit or a "
+            'job\'s name, optionally with a type: "42", "42:N_TO_N", "train:afterany"',
         )
     if dep_type is None:
         return Dependency(job_id=job_id)

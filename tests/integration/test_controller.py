@@ -68,6 +68,48 @@ async def test_unknown_dependency_is_refused(ctl: Controller) -> None:
         ctl.submit(cmd("true", depends_on=["999"]))
 
 
+async def test_dependencies_by_name_take_the_newest_job_of_that_name(ctl: Controller) -> None:
+    old = ctl.submit(cmd("true", name="prep"))
+    await done(ctl, old)
+    new = ctl.submit(cmd("sleep", "0.3", name="prep"))
+    arr = ctl.submit(cmd("true", name="arr", array_size=2))
+    b = ctl.submit(cmd("true", array_size=2, depends_on=["prep", "arr:N_TO_N"]))
+    assert [(d.job_id, d.type) for d in b.defn.depends_on] == [
+        (new.id, None),
+        (arr.id, "N_TO_N"),
+    ]  # the definition keeps the ids: a later "prep" changes nothing
+    assert b.state is JobState.PENDING  # waits for the newest "prep", not the finished one
+    c = ctl.submit(cmd("true", depends_on=["prep:afterany", "arr:1"]))
+    assert [d.job_id for d in c.defn.depends_on] == [new.id, f"{arr.id}:1"]
+    assert (ctl.resolve(old.id), ctl.resolve("arr:1"), ctl.resolve("arr:2")) == (
+        old.id,
+        f"{arr.id}:1",
+        None,  # no such child
+    )
+    await done(ctl, b)
+    assert b.state is JobState.SUCCEEDED
+
+
+async def test_unknown_or_twice_named_dependency_is_refused(ctl: Controller) -> None:
+    with pytest.raises(JobRefused, match=r"^depends_on: job nosuch does not exist$"):
+        ctl.submit(cmd("true", depends_on=["nosuch"]))
+    a = ctl.submit(cmd("true", name="once"))
+    with pytest.raises(JobRefused, match=f"^depends_on: once and {a.id} are both job {a.id}"):
+        ctl.submit(cmd("true", depends_on=[a.id, "once"]))
+
+
+async def test_cancel_and_terminate_by_name(ctl: Controller) -> None:
+    first = ctl.submit(cmd("sleep", "30", name="long"))
+    second = ctl.submit(cmd("sleep", "30", name="long", depends_on=[first.id]))
+    assert ctl.resolve("long") == second.id
+    assert ctl.cancel("long", "by name") is second and second.state is JobState.FAILED
+    assert ctl.resolve("long") == second.id  # still the newest, finished or not
+    assert ctl.terminate(first.id, "by id") is first
+    await done(ctl, first)
+    with pytest.raises(JobRefused, match="job nosuch does not exist"):
+        ctl.cancel("nosuch", "x")
+
+
 async def test_n_to_n_child_waits_for_its_own_counterpart(ctl: Controller, tmp_path: Path) -> None:
     log = tmp_path / "log"
     # A:i sleeps longer for smaller i, so A ends in reverse order

@@ -114,6 +114,46 @@ def test_cancel_and_terminate(home: dict[str, str]) -> None:
     assert (d["state"], d["reason"]) == ("FAILED", "enough")
 
 
+def test_jobs_are_named_by_name_or_by_id(home: dict[str, str]) -> None:
+    """Issue 11: a name is the newest job of that name, for every command that names
+    a job, before and after a restart of the controller."""
+    first = submit(home, "--name", "prep", "--", "echo", "first")
+    wait_state(home, first)
+    script = "echo second $MNP_ARRAY_INDEX"
+    second = submit(home, "--name", "prep", "--array-size", "2", "--", "sh", "-c", script)
+    dep = submit(home, "--depends-on", "prep", "--", "true")
+    d = wait_state(home, dep)
+    assert (d["state"], d["depends_on"]) == ("SUCCEEDED", [second])
+    assert describe(home, "prep")["id"] == second
+    assert describe(home, "prep:1")["id"] == f"{second}:1"
+    assert describe(home, first)["name"] == "prep"  # an id still names its own job
+    assert mnp("logs", "prep:1", env=home).stdout == "second 1\n"
+    assert sorted(mnp("logs", "prep", env=home).stdout.splitlines()) == [
+        "0: second 0",
+        "1: second 1",
+    ]
+    events = mnp("events", "--job", "prep", env=home).stdout.splitlines()
+    assert events and {json.loads(e)["job_id"].split(":")[0] for e in events} == {second}
+    # after a restart the controller holds no finished job: names and ids of stored ones
+    assert mnp("controller", "stop", env=home).returncode == 0
+    late = submit(home, "--depends-on", "prep:afterany", "--depends-on", first, "--", "true")
+    assert describe(home, late)["depends_on"] == [f"{second}:afterany", first]
+    assert wait_state(home, late)["state"] == "SUCCEEDED"
+    long = submit(home, "--name", "long", "--", "sleep", "30")
+    r = mnp("terminate", "long", "--reason", "by name", env=home)
+    assert r.returncode == 0 and r.stdout.split()[0] == long, r.stderr
+    assert (wait_state(home, long)["reason"]) == "by name"
+    for argv, needle in [
+        (["describe", "nosuch"], "mnp: job nosuch does not exist\n"),
+        (["logs", "nosuch#0"], "mnp: job nosuch does not exist\n"),
+        (["cancel", "nosuch", "--reason", "x"], "mnp: job nosuch does not exist\n"),
+        (["submit", "--depends-on", "nosuch", "--", "true"], "job nosuch does not exist\n"),
+    ]:
+        r = mnp(*argv, env=home)
+        assert r.returncode == 2 and r.stderr.endswith(needle), (argv, r.stderr)
+        assert r.stderr.startswith("mnp: ") and r.stderr.count("\n") == 1
+
+
 def test_run_uses_the_running_controller(home: dict[str, str]) -> None:
     submit(home, "--", "true")
     r = mnp("run", "--array-size", "3", "--", "sh", "-c", "echo $MNP_ARRAY_INDEX", env=home)
