@@ -270,17 +270,27 @@ def _run_through(client: Any, home: Path, defn: Any, verbose: bool) -> int:
 @click.argument("definition", nargs=-1, metavar="[DEF.toml]")
 @submit_options
 @click.option("--wait", is_flag=True, help="Wait for the job to end; exit with its exit code.")
+@click.option(
+    "--json", "as_json", is_flag=True, help='Print {"job_id", "name", "warnings"} as JSON.'
+)
 @common_options
 @click.pass_context
-def submit(ctx: click.Context, /, definition: tuple[str, ...], wait: bool, **o: Any) -> None:
+def submit(
+    ctx: click.Context, /, definition: tuple[str, ...], wait: bool, as_json: bool, **o: Any
+) -> None:
     """Queue a job and print its id; starts the controller in the background if none runs.
+
+    With --json, one JSON document: {"job_id", "name", "warnings"}, and with --wait
+    also "state", "exit_code" and "reason", once the job has ended.
 
     \b
     Examples:
       mnp submit -- sh -c 'exit 1'
       mnp submit --depends-on 1 -- true
+      mnp submit --name prep -- ./prepare.sh; mnp submit --depends-on prep -- ./train.sh
       mnp submit --array-size 100 --array-parallelism 10 -- ./work.sh
       mnp submit nodegroups/mpi-hello.toml --wait
+      mnp submit --json -- true          # {"job_id": "7", "name": "true", "warnings": []}
     """
     from mnp.spec import definition_to_dict
 
@@ -300,15 +310,31 @@ def submit(ctx: click.Context, /, definition: tuple[str, ...], wait: bool, **o: 
                 f"{inventory_key(s)}: stop it (mnp controller stop) or use another --home"
             )
         answer = client.request("submit", definition=definition_to_dict(defn), source=defn.source)
-        for w in answer.get("warnings", ()):
+        warnings = list(answer.get("warnings", ()))
+        for w in warnings:
             _warn(w)
         job_id = answer["job_id"]
-        click.echo(job_id)
-        if wait:
-            outcome = client.request("wait", job_id=job_id)
-            if outcome.get("state") == "FAILED":
-                click.echo(f"mnp: job {job_id} FAILED: {outcome.get('reason')}", err=True)
-            sys.exit(int(outcome.get("exit_code", 1)))
+        doc: dict[str, Any] = {"job_id": job_id, "name": defn.name, "warnings": warnings}
+        if not as_json:
+            click.echo(job_id)
+        if not wait:
+            if as_json:
+                _print_json(doc)
+            return
+        outcome = client.request("wait", job_id=job_id)
+        if outcome.get("state") == "FAILED":
+            click.echo(f"mnp: job {job_id} FAILED: {outcome.get('reason')}", err=True)
+        code = int(outcome.get("exit_code", 1))
+        if as_json:
+            state, reason = outcome.get("state"), outcome.get("reason")
+            _print_json({**doc, "state": state, "exit_code": code, "reason": reason})
+        sys.exit(code)
+
+
+def _print_json(doc: Any) -> None:
+    import json as jsonlib
+
+    click.echo(jsonlib.dumps(doc, indent=1))
 
 
 def inventory_key(s: dict[str, Any]) -> str:
@@ -624,9 +650,10 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
 @cli.command()
 @click.argument("job_id")
 @click.option("--reason", required=True, help="Why (kept with the job).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"job_id", "name", "state"} as JSON.')
 @common_options
 @click.pass_context
-def cancel(ctx: click.Context, /, job_id: str, reason: str, **o: Any) -> None:
+def cancel(ctx: click.Context, /, job_id: str, reason: str, as_json: bool, **o: Any) -> None:
     """SUBMITTED/PENDING/RUNNABLE jobs → FAILED; cascades to array children.
 
     JOB is an id or a name (the newest job of that name).
@@ -635,15 +662,16 @@ def cancel(ctx: click.Context, /, job_id: str, reason: str, **o: Any) -> None:
     Example:
       mnp cancel 42 --reason "wrong input"
     """
-    _end_job(ctx, "cancel", job_id, reason, o)
+    _end_job(ctx, "cancel", job_id, reason, as_json, o)
 
 
 @cli.command()
 @click.argument("job_id")
 @click.option("--reason", required=True, help="Why (kept with the job).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"job_id", "name", "state"} as JSON.')
 @common_options
 @click.pass_context
-def terminate(ctx: click.Context, /, job_id: str, reason: str, **o: Any) -> None:
+def terminate(ctx: click.Context, /, job_id: str, reason: str, as_json: bool, **o: Any) -> None:
     """Like cancel, and also kills STARTING/RUNNING jobs (whole process trees).
 
     JOB is an id or a name (the newest job of that name).
@@ -652,21 +680,24 @@ def terminate(ctx: click.Context, /, job_id: str, reason: str, **o: Any) -> None
     Example:
       mnp terminate 42 --reason "taking too long"
     """
-    _end_job(ctx, "terminate", job_id, reason, o)
+    _end_job(ctx, "terminate", job_id, reason, as_json, o)
 
 
-def _end_job(ctx: click.Context, op: str, job_id: str, reason: str, o: dict[str, Any]) -> None:
+def _end_job(
+    ctx: click.Context, op: str, job_id: str, reason: str, as_json: bool, o: dict[str, Any]
+) -> None:
     with _client(_settings(ctx, **o), start=False) as client:
         answer = client.request(op, job_id=job_id, reason=reason)
-    click.echo(f"{answer['job_id']} {answer['state']}")
+    if as_json:
+        _print_json({k: answer.get(k) for k in ("job_id", "name", "state")})
+    else:
+        click.echo(f"{answer['job_id']} {answer['state']}")
 
 
 @cli.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
 @click.option("--since", type=int, default=0, help="Only events after this seq.")
-@click.option(
-    "--job", "job_id", help="Only this job, by id or name (its children and nodes too)."
-)
+@click.option("--job", "job_id", help="Only this job, by id or name (its children and nodes too).")
 @common_options
 @click.pass_context
 def events(ctx: click.Context, /, follow: bool, since: int, job_id: str | None, **o: Any) -> None:
@@ -822,17 +853,30 @@ def controller_status(ctx: click.Context, /, as_json: bool, **o: Any) -> None:
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path())
-def validate(files: tuple[str, ...]) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON list, an entry per file.")
+def validate(files: tuple[str, ...], as_json: bool) -> None:
     """Check job definitions and inventories without running anything.
 
+    Stops at the first file that is not valid (exit 2). With --json every file is
+    checked and listed: [{"file", "kind", "ok", "summary" | "error"}, ...]; the first
+    error is also on stderr, and the exit code is 2 if any file is not valid.
+
     \b
-    Example:
+    Examples:
       mnp validate nodegroups/*.toml examples/inventories/cluster.toml
+      mnp validate --json job.toml
     """
     from mnp import spec
 
-    for f in files:
-        click.echo(spec.validate_file(f))
+    if not as_json:
+        for f in files:
+            click.echo(spec.validate_file(f))
+        return
+    reports = [spec.validation_report(f) for f in files]
+    _print_json(reports)
+    bad = next((r for r in reports if not r["ok"]), None)
+    if bad is not None:
+        raise UsageError(bad["error"])
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

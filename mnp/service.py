@@ -476,12 +476,12 @@ class Service:
     async def op_cancel(self, request: dict[str, Any], r: Responder) -> None:
         job = self.controller.cancel(self._job(request).id, str(request.get("reason") or ""))
         self.flush()
-        await r.end({"ok": True, "job_id": job.id, "state": job.state.value})
+        await r.end({"ok": True, "job_id": job.id, "name": job.defn.name, "state": job.state.value})
 
     async def op_terminate(self, request: dict[str, Any], r: Responder) -> None:
         job = self.controller.terminate(self._job(request).id, str(request.get("reason") or ""))
         self.flush()
-        await r.end({"ok": True, "job_id": job.id, "state": job.state.value})
+        await r.end({"ok": True, "job_id": job.id, "name": job.defn.name, "state": job.state.value})
 
     async def op_hosts(self, request: dict[str, Any], r: Responder) -> None:
         rows = []

@@ -8,7 +8,9 @@ parsers in :mod:`mnp.spec.units` and :mod:`mnp.spec.nodeset` raise ``ValueError`
 from __future__ import annotations
 
 import os
+from typing import Any
 
+from mnp.errors import SpecError
 from mnp.model import JobType
 from mnp.spec.definition import (
     REF_PATTERN,
@@ -66,6 +68,7 @@ __all__ = [
     "slurm_inventory",
     "unverified_warning",
     "validate_file",
+    "validation_report",
 ]
 
 
@@ -76,12 +79,37 @@ def validate_file(path: str | os.PathLike[str]) -> str:
     A ``Ref::K`` that ``[parameters]`` does not declare is allowed (``--param K=V``
     gives it a value at submit) and said: ``...; needs --param K=VALUE)``."""
     data, source = read_toml(path)
+    return f"{source}: ok ({_check(data, source)[1]})"
+
+
+def validation_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``mnp validate --json``'s entry for one file: ``file``, ``kind`` (``definition``,
+    ``inventory``, or None when the file cannot be read as TOML), ``ok``, then
+    ``summary`` (what :func:`validate_file` says in parentheses) or ``error`` (the
+    one-line SpecError); a definition also has ``needs_params``, the ``Ref::K``
+    that only ``--param`` can give a value."""
+    report: dict[str, Any] = {"file": os.fspath(path), "kind": None, "ok": False}
+    try:
+        data, source = read_toml(path)
+        report["kind"] = "inventory" if "hosts" in data else "definition"
+        needs, summary = _check(data, source)
+    except SpecError as e:
+        report["error"] = str(e)
+        return report
+    report.update(ok=True, summary=summary)
+    if needs is not None:
+        report["needs_params"] = needs
+    return report
+
+
+def _check(data: dict[str, Any], source: str) -> tuple[list[str] | None, str]:
+    """(for a definition: the parameters only --param can give, the summary)."""
     if "hosts" in data:
         inv = parse_inventory(data, source)
-        return (
-            f"{source}: ok (inventory, {_count(len(inv.hosts), 'host')}, "
+        return None, (
+            f"inventory, {_count(len(inv.hosts), 'host')}, "
             f"{_count(len(inv.compute_environments), 'compute environment')}, "
-            f"{_count(len(inv.queues), 'queue')})"
+            f"{_count(len(inv.queues), 'queue')}"
         )
     defn = parse_definition(data, source, open_refs=True)
     if defn.multinode is not None:
@@ -97,7 +125,7 @@ def validate_file(path: str | os.PathLike[str]) -> str:
     needed = sorted(refs_used(defn) - defn.parameters.keys())
     if needed:
         what += "; needs " + " ".join(f"--param {k}=VALUE" for k in needed)
-    return f"{source}: ok ({what})"
+    return needed, what
 
 
 def _count(n: int, word: str, plural: str | None = None) -> str:

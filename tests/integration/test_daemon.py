@@ -154,6 +154,30 @@ def test_jobs_are_named_by_name_or_by_id(home: dict[str, str]) -> None:
         assert r.stderr.startswith("mnp: ") and r.stderr.count("\n") == 1
 
 
+def test_submit_cancel_terminate_json(home: dict[str, str]) -> None:
+    r = mnp("submit", "--json", "--name", "js", "--", "sleep", "30", env=home)
+    assert r.returncode == 0, r.stderr
+    running = json.loads(r.stdout)
+    assert running == {"job_id": running["job_id"], "name": "js", "warnings": []}
+    r = mnp("submit", "--json", "--depends-on", "js", "--", "true", env=home)
+    waiting = json.loads(r.stdout)["job_id"]
+    r = mnp("cancel", waiting, "--reason", "no", "--json", env=home)
+    assert json.loads(r.stdout) == {"job_id": waiting, "name": "true", "state": "FAILED"}
+    r = mnp("terminate", "js", "--reason", "enough", "--json", env=home)
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(r.stdout)
+    assert (answer["job_id"], answer["name"]) == (running["job_id"], "js")
+    r = mnp("submit", "--json", "--wait", "--", "sh", "-c", "exit 3", env=home)
+    done = json.loads(r.stdout)
+    assert r.returncode == 3
+    assert (done["state"], done["exit_code"], done["name"]) == ("FAILED", 3, "sh")
+    # errors stay one line on stderr, exit 2, nothing on stdout
+    for argv in (["submit", "--json", "--vcpus", "4096", "--", "true"],
+                 ["terminate", "nosuch", "--reason", "x", "--json"]):  # fmt: skip
+        r = mnp(*argv, env=home)
+        assert (r.returncode, r.stdout, r.stderr.count("\n")) == (2, "", 1), r.stderr
+
+
 def test_run_uses_the_running_controller(home: dict[str, str]) -> None:
     submit(home, "--", "true")
     r = mnp("run", "--array-size", "3", "--", "sh", "-c", "echo $MNP_ARRAY_INDEX", env=home)

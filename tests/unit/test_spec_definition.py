@@ -398,3 +398,33 @@ def test_validate_accepts_an_undeclared_ref_and_says_what_it_needs(tmp_path: Pat
     path = tmp_path / "job.toml"
     path.write_text(UNDECLARED)
     assert validate_file(path) == f'{path}: ok (single job "job"; needs --param python=VALUE)'
+
+
+def test_validation_report_entries(tmp_path: Path) -> None:
+    from mnp.spec import validation_report
+
+    job = tmp_path / "job.toml"
+    job.write_text(UNDECLARED)
+    assert validation_report(job) == {
+        "file": str(job),
+        "kind": "definition",
+        "ok": True,
+        "summary": 'single job "job"; needs --param python=VALUE',
+        "needs_params": ["python"],
+    }
+    inv = tmp_path / "inv.toml"
+    inv.write_text('[[hosts]]\nnames = "n[1-3]"\n')
+    assert validation_report(inv) == {
+        "file": str(inv),
+        "kind": "inventory",
+        "ok": True,
+        "summary": "inventory, 3 hosts, 1 compute environment, 1 queue",
+    }
+    bad = tmp_path / "bad.toml"
+    bad.write_text('command = ["true"]\ncomand = 1\n')
+    report = validation_report(bad)
+    assert (report["kind"], report["ok"]) == ("definition", False)
+    assert report["error"].startswith(f"{bad}:comand: unknown field")
+    missing = validation_report(tmp_path / "none.toml")
+    assert (missing["kind"], missing["ok"]) == (None, False)
+    assert missing["error"] == f"{tmp_path / 'none.toml'}: no such file"
