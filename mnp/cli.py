@@ -535,7 +535,10 @@ def hosts(ctx: click.Context, /, check: bool, as_json: bool, **o: Any) -> None:
                 click.echo(jsonlib.dumps(live, indent=2))
             else:
                 cols = ["name", "address", "state", "vcpus", "vcpus_free", "gpus", "gpus_free"]
-                click.echo(views.table(live, [*cols, "tasks"]))
+                for row in live:
+                    row["memory_used"] = views.memory_cell(row.get("memory_used"))
+                    row["load"] = "-" if row.get("load") is None else f"{row['load']:.2f}"
+                click.echo(views.table(live, [*cols, "tasks", "load", "memory_used"]))
             return
     inventory = resolve_inventory(s["inventory"], s["local_nodes"])
     if not check:

@@ -70,6 +70,8 @@ TaskEndHandler = Callable[[Job, TaskRun], None]
 EventSink = Callable[[dict[str, Any]], None]
 
 TIMEOUT_REASON = "Job attempt duration exceeded timeout"
+LOAD_WITHIN = 2.0  # seconds `mnp hosts` waits for the agents' load samples
+LOAD_FRESH = 1.0  # seconds a load sample is reused
 LOST_REASON = "Controller restarted: attempt lost"
 
 
@@ -127,6 +129,8 @@ class Controller:
         self._tasks: dict[str, tuple[Job, Attempt, TaskRun]] = {}
         self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
         self._pending_ports: dict[str, asyncio.Future[int]] = {}
+        self._pending_loads: dict[str, asyncio.Future[Event]] = {}
+        self._loads: dict[str, Event] = {}  # host -> its last `load` event (with "t")
         self._waiting_on: dict[str, list[Job]] = {}  # job id → jobs waiting for it to end
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._kick_scheduled = False
@@ -675,6 +679,37 @@ class Controller:
         finally:
             self._pending_ports.pop(rid, None)
 
+    async def host_loads(self, within: float = LOAD_WITHIN) -> dict[str, Event]:
+        """Each connected host's load now: its agent's ``load`` event (``load``: the 1, 5
+        and 15-minute load averages, ``memory_used``: bytes), asked of every agent at
+        once. A sample younger than ``LOAD_FRESH`` seconds is reused; a host whose agent
+        does not answer within ``within`` seconds, or does not serve ``load`` (an
+        older agent: its ``ready`` lists the ``ops`` it serves), is left out."""
+        now = time.time()
+
+        async def one(host: str, conn: AgentConnection) -> None:
+            rid = pysecrets.token_hex(4)
+            fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+            self._pending_loads[rid] = fut
+            try:
+                conn.send({"op": "load", "id": rid})
+                self._loads[host] = {**await asyncio.wait_for(fut, within), "at": time.time()}
+            except (TimeoutError, MnpError):
+                self._loads.pop(host, None)
+            finally:
+                self._pending_loads.pop(rid, None)
+
+        asking = [
+            one(host, conn)
+            for host, conn in self.agents.items()
+            if conn.alive
+            and "load" in (conn.facts.get("ops") or ())
+            and now - float(self._loads.get(host, {}).get("at", 0)) >= LOAD_FRESH
+        ]
+        if asking:
+            await asyncio.gather(*asking)
+        return {h: ev for h, ev in self._loads.items() if h in self.agents}
+
     async def _launch_multinode(self, job: Job, attempt: Attempt) -> None:
         defn = job.defn
         mn = defn.multinode
@@ -821,6 +856,10 @@ class Controller:
             fut = self._pending_ports.get(str(msg.get("id")))
             if fut is not None and not fut.done():
                 fut.set_result(int(msg["port"]))
+        elif ev == "load":
+            waiter = self._pending_loads.get(str(msg.get("id")))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(msg)
 
     def _task_started(
         self, job: Job, attempt: Attempt, task: TaskRun, msg: Event, now: float

@@ -484,10 +484,16 @@ class Service:
         await r.end({"ok": True, "job_id": job.id, "name": job.defn.name, "state": job.state.value})
 
     async def op_hosts(self, request: dict[str, Any], r: Responder) -> None:
+        """Every host's capacity, what is free of it, and its load now (``load``: the
+        1-minute load average, ``memory_used``: bytes in use on the host, whoever uses
+        them; None for a host that is down or did not answer in time)."""
+        loads = await self.controller.host_loads()
         rows = []
         for h in self.inventory.hosts:
             cap = self.controller.capacity.get(h.name)
             conn = self.controller.agents.get(h.name)
+            sample = loads.get(h.name, {})
+            averages = sample.get("load")
             rows.append(
                 {
                     "name": h.name,
@@ -500,6 +506,8 @@ class Service:
                     "gpus": len(cap.gpus) if cap else None,
                     "gpus_free": len(cap.free_gpus) if cap else None,
                     "tasks": cap.tasks if cap else 0,
+                    "load": averages[0] if isinstance(averages, list) and averages else None,
+                    "memory_used": sample.get("memory_used"),
                     "error": self.controller.host_errors.get(h.name),
                 }
             )

@@ -110,6 +110,17 @@ async def test_cancel_and_terminate_by_name(ctl: Controller) -> None:
         ctl.cancel("nosuch", "x")
 
 
+async def test_host_loads_asks_agents_that_serve_it(ctl: Controller) -> None:
+    loads = await ctl.host_loads()
+    assert sorted(loads) == ["local-0", "local-1"]
+    assert all(len(ev["load"]) == 3 and ev["memory_used"] > 0 for ev in loads.values())
+    again = await ctl.host_loads()  # a sample younger than LOAD_FRESH is reused
+    assert again["local-0"] is loads["local-0"]
+    del ctl.agents["local-1"].facts["ops"]  # an older agent: no `load` op
+    ctl._loads.clear()
+    assert sorted(await ctl.host_loads()) == ["local-0"]
+
+
 async def test_n_to_n_child_waits_for_its_own_counterpart(ctl: Controller, tmp_path: Path) -> None:
     log = tmp_path / "log"
     # A:i sleeps longer for smaller i, so A ends in reverse order

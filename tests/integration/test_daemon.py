@@ -178,6 +178,20 @@ def test_submit_cancel_terminate_json(home: dict[str, str]) -> None:
         assert (r.returncode, r.stdout, r.stderr.count("\n")) == (2, "", 1), r.stderr
 
 
+def test_hosts_show_their_load(home: dict[str, str]) -> None:
+    assert mnp("controller", "start", env=home).returncode == 0
+    r = mnp("hosts", "--json", env=home)
+    assert r.returncode == 0, r.stderr
+    hosts = json.loads(r.stdout)
+    assert [h["name"] for h in hosts] == [f"local-{i}" for i in range(4)]
+    for h in hosts:
+        assert h["state"] == "up" and abs(h["load"] - os.getloadavg()[0]) < 5, h
+        assert 0 < h["memory_used"] <= psutil.virtual_memory().total
+    header, *rows = mnp("hosts", env=home).stdout.splitlines()
+    assert header.split()[-3:] == ["TASKS", "LOAD", "MEMORY_USED"]
+    assert len(rows) == 4 and all(float(row.split()[-2]) >= 0 for row in rows)
+
+
 def test_run_uses_the_running_controller(home: dict[str, str]) -> None:
     submit(home, "--", "true")
     r = mnp("run", "--array-size", "3", "--", "sh", "-c", "echo $MNP_ARRAY_INDEX", env=home)
