@@ -9,8 +9,11 @@ sends spawn/kill/sweep messages and reacts to the agents' events.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import os
 import secrets as pysecrets
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -69,9 +72,23 @@ TaskStartHandler = Callable[[Job, TaskRun], str | None]
 TaskEndHandler = Callable[[Job, TaskRun], None]
 EventSink = Callable[[dict[str, Any]], None]
 
+log = logging.getLogger("mnp")
+
 TIMEOUT_REASON = "Job attempt duration exceeded timeout"
 LOAD_WITHIN = 2.0  # seconds `mnp hosts` waits for the agents' load samples
 LOAD_FRESH = 1.0  # seconds a load sample is reused
+IPV4_WITHIN = 5.0  # seconds a main node's address may take to resolve
+IPV4_FRESH = 60.0  # seconds a resolved address is reused
+
+
+def ipv4_literal(address: str) -> str | None:
+    """``address`` if it is an IPv4 address as written (``10.0.0.1``), else None."""
+    try:
+        return str(ipaddress.IPv4Address(address))
+    except ValueError:
+        return None
+
+
 LOST_REASON = "Controller restarted: attempt lost"
 
 
@@ -131,6 +148,7 @@ class Controller:
         self._pending_ports: dict[str, asyncio.Future[int]] = {}
         self._pending_loads: dict[str, asyncio.Future[Event]] = {}
         self._loads: dict[str, Event] = {}  # host -> its last `load` event (with "t")
+        self._ipv4: dict[str, tuple[str | None, float]] = {}  # address -> (IPv4, when)
         self._waiting_on: dict[str, list[Job]] = {}  # job id → jobs waiting for it to end
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._kick_scheduled = False
@@ -710,12 +728,51 @@ class Controller:
             await asyncio.gather(*asking)
         return {h: ev for h, ev in self._loads.items() if h in self.agents}
 
+    async def _ipv4_of(self, address: str) -> str | None:
+        """``address`` as an IPv4 address (for AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS):
+        itself if it is one, else the first IPv4 address the controller's resolver gives
+        (``loop.getaddrinfo``: the loop is not blocked), remembered for ``IPV4_FRESH``
+        seconds. None (and a warning, once per address) when there is none within
+        ``IPV4_WITHIN`` seconds: the task then gets the address as written."""
+        found = ipv4_literal(address)
+        if found is not None:
+            return found
+        now = time.monotonic()
+        cached = self._ipv4.get(address)
+        if cached is not None and now - cached[1] < IPV4_FRESH:
+            return cached[0]
+        try:
+            infos = await asyncio.wait_for(
+                asyncio.get_running_loop().getaddrinfo(
+                    address, None, family=socket.AF_INET, type=socket.SOCK_STREAM
+                ),
+                IPV4_WITHIN,
+            )
+            found = str(infos[0][4][0]) if infos else None
+            why = "no IPv4 address"
+        except (OSError, TimeoutError, UnicodeError) as e:
+            why = f"{e.__class__.__name__}: {e}"
+        if found is None and address not in self._ipv4:
+            log.warning(
+                "%s: cannot resolve to an IPv4 address (%s); "
+                "AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS gets it as written",
+                address,
+                why,
+            )
+        self._ipv4[address] = (found, now)
+        return found
+
     async def _launch_multinode(self, job: Job, attempt: Attempt) -> None:
         defn = job.defn
         mn = defn.multinode
         assert mn is not None
         main_host = attempt.grants[mn.main_node].host
-        port = await self._free_port(main_host)
+        if defn.aws_batch_env and mn.num_nodes > 1:  # both at once: neither waits for the other
+            port, main_ipv4 = await asyncio.gather(
+                self._free_port(main_host), self._ipv4_of(self.inventory.host(main_host).address)
+            )
+        else:
+            port, main_ipv4 = await self._free_port(main_host), None
         if attempt.ending or job.attempt is not attempt:
             return
         placements = []
@@ -741,6 +798,7 @@ class Controller:
             ce=attempt.ce,
             nodes=tuple(placements),
             main_node=mn.main_node,
+            main_ipv4=main_ipv4,
             master_port=port,
         )
         attempt.launch = launch

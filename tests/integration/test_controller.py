@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mnp.controller import TIMEOUT_REASON, Controller
+from mnp.controller import TIMEOUT_REASON, Controller, ipv4_literal
 from mnp.errors import JobRefused
 from mnp.jobs import Job
 from mnp.model import JobState
-from mnp.spec import definition_from_command, local_inventory
+from mnp.spec import definition_from_command, definition_to_dict, local_inventory, parse_definition
 from mnp.transport.local import LocalTransport
 
 
@@ -119,6 +120,36 @@ async def test_host_loads_asks_agents_that_serve_it(ctl: Controller) -> None:
     del ctl.agents["local-1"].facts["ops"]  # an older agent: no `load` op
     ctl._loads.clear()
     assert sorted(await ctl.host_loads()) == ["local-0"]
+
+
+async def test_aws_main_node_address_is_ipv4(ctl: Controller, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    script = (
+        f'echo "$AWS_BATCH_JOB_NODE_INDEX ${{AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS-unset}} '
+        f'$MNP_MAIN_NODE_ADDR" >> {out}; sleep 0.5'
+    )
+    raw = definition_to_dict(cmd("sh", "-c", script, nodes=2))  # type: ignore[arg-type]
+    defn = parse_definition({**raw, "aws_batch_env": True}, "aws.toml")
+    job = await done(ctl, ctl.submit(defn))
+    assert job.state is JobState.SUCCEEDED, job.reason
+    # local nodes' address is localhost; MNP_MAIN_NODE_ADDR keeps it as written
+    assert sorted(out.read_text().splitlines()) == ["0 unset localhost", "1 127.0.0.1 localhost"]
+
+
+async def test_ipv4_of_resolves_names_and_falls_back(
+    ctl: Controller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert ipv4_literal("10.0.0.1") == "10.0.0.1" and ipv4_literal("node01") is None
+    assert ipv4_literal("::1") is None
+    assert await ctl._ipv4_of("192.168.1.20") == "192.168.1.20"
+    assert await ctl._ipv4_of("localhost") == "127.0.0.1"
+
+    async def fails(*args: object, **kw: object) -> object:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", fails)
+    assert await ctl._ipv4_of("no-such-host.invalid") is None
+    assert await ctl._ipv4_of("localhost") == "127.0.0.1"  # remembered
 
 
 async def test_n_to_n_child_waits_for_its_own_counterpart(ctl: Controller, tmp_path: Path) -> None:
