@@ -189,7 +189,7 @@ def build_definition(ctx: click.Context, args: tuple[str, ...], o: dict[str, Any
             raise UsageError("nothing after '--': give the command to run")
         defn = spec.definition_from_command(list(command), **overrides)
     elif len(args) == 1 and not command:
-        defn = spec.apply_overrides(spec.load_definition(args[0]), **overrides)
+        defn = spec.apply_overrides(spec.load_definition(args[0], open_refs=True), **overrides)
     else:
         raise UsageError("give either a definition file (DEF.toml) or '-- CMD ARGS...', not both")
     if defn.python_env is None:  # neither the file nor --python-env said: the submitter's
@@ -274,17 +274,27 @@ def _run_through(client: Any, home: Path, defn: Any, verbose: bool) -> int:
 @click.argument("definition", nargs=-1, metavar="[DEF.toml]")
 @submit_options
 @click.option("--wait", is_flag=True, help="Wait for the job to end; exit with its exit code.")
+@click.option(
+    "--json", "as_json", is_flag=True, help='Print {"job_id", "name", "warnings"} as JSON.'
+)
 @common_options
 @click.pass_context
-def submit(ctx: click.Context, /, definition: tuple[str, ...], wait: bool, **o: Any) -> None:
+def submit(
+    ctx: click.Context, /, definition: tuple[str, ...], wait: bool, as_json: bool, **o: Any
+) -> None:
     """Queue a job and print its id; starts the controller in the background if none runs.
+
+    With --json, one JSON document: {"job_id", "name", "warnings"}, and with --wait
+    also "state", "exit_code" and "reason", once the job has ended.
 
     \b
     Examples:
       mnp submit -- sh -c 'exit 1'
       mnp submit --depends-on 1 -- true
+      mnp submit --name prep -- ./prepare.sh; mnp submit --depends-on prep -- ./train.sh
       mnp submit --array-size 100 --array-parallelism 10 -- ./work.sh
       mnp submit nodegroups/mpi-hello.toml --wait
+      mnp submit --json -- true          # {"job_id": "7", "name": "true", "warnings": []}
     """
     from mnp.spec import definition_to_dict
 
@@ -304,15 +314,31 @@ def submit(ctx: click.Context, /, definition: tuple[str, ...], wait: bool, **o: 
                 f"{inventory_key(s)}: stop it (mnp controller stop) or use another --home"
             )
         answer = client.request("submit", definition=definition_to_dict(defn), source=defn.source)
-        for w in answer.get("warnings", ()):
+        warnings = list(answer.get("warnings", ()))
+        for w in warnings:
             _warn(w)
         job_id = answer["job_id"]
-        click.echo(job_id)
-        if wait:
-            outcome = client.request("wait", job_id=job_id)
-            if outcome.get("state") == "FAILED":
-                click.echo(f"mnp: job {job_id} FAILED: {outcome.get('reason')}", err=True)
-            sys.exit(int(outcome.get("exit_code", 1)))
+        doc: dict[str, Any] = {"job_id": job_id, "name": defn.name, "warnings": warnings}
+        if not as_json:
+            click.echo(job_id)
+        if not wait:
+            if as_json:
+                _print_json(doc)
+            return
+        outcome = client.request("wait", job_id=job_id)
+        if outcome.get("state") == "FAILED":
+            click.echo(f"mnp: job {job_id} FAILED: {outcome.get('reason')}", err=True)
+        code = int(outcome.get("exit_code", 1))
+        if as_json:
+            state, reason = outcome.get("state"), outcome.get("reason")
+            _print_json({**doc, "state": state, "exit_code": code, "reason": reason})
+        sys.exit(code)
+
+
+def _print_json(doc: Any) -> None:
+    import json as jsonlib
+
+    click.echo(jsonlib.dumps(doc, indent=1))
 
 
 def inventory_key(s: dict[str, Any]) -> str:
@@ -451,9 +477,12 @@ def list_(
 def describe(ctx: click.Context, /, job_id: str, as_json: bool, **o: Any) -> None:
     """Everything about a job: definition, attempts, nodes or children, reasons, timings.
 
+    JOB is an id (42, 42:7) or a name (the newest job of that name: train, train:7).
+
     \b
-    Example:
+    Examples:
       mnp describe 42
+      mnp describe mpi-hello --json
     """
     import json as jsonlib
 
@@ -462,9 +491,10 @@ def describe(ctx: click.Context, /, job_id: str, as_json: bool, **o: Any) -> Non
     job = None
     if store is not None:
         with store:
-            job = store.get_job(job_id)
+            found = store.resolve(job_id)
+            job = store.get_job(found) if found is not None else None
             if job is not None and job.get("array_size"):
-                job["failed_children"] = store.children(job_id, state="FAILED", limit=5)
+                job["failed_children"] = store.children(job["id"], state="FAILED", limit=5)
     if job is None:
         raise UsageError(f"job {job_id} does not exist")
     job["root_cause"] = views.root_cause(job)
@@ -509,7 +539,10 @@ def hosts(ctx: click.Context, /, check: bool, as_json: bool, **o: Any) -> None:
                 click.echo(jsonlib.dumps(live, indent=2))
             else:
                 cols = ["name", "address", "state", "vcpus", "vcpus_free", "gpus", "gpus_free"]
-                click.echo(views.table(live, [*cols, "tasks"]))
+                for row in live:
+                    row["memory_used"] = views.memory_cell(row.get("memory_used"))
+                    row["load"] = "-" if row.get("load") is None else f"{row['load']:.2f}"
+                click.echo(views.table(live, [*cols, "tasks", "load", "memory_used"]))
             return
     inventory = resolve_inventory(s["inventory"], s["local_nodes"])
     if not check:
@@ -563,16 +596,24 @@ def hosts(ctx: click.Context, /, check: bool, as_json: bool, **o: Any) -> None:
 def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: Any) -> None:
     """A job's output; each line prefixed with its node or index when there are several.
 
+    JOB is an id or a name (the newest job of that name).
+
     \b
     Examples:
       mnp logs 42          # every task of job 42
       mnp logs 42#0        # node 0 of a multi-node job
       mnp logs 42:7 -f     # array child 7, following
+      mnp logs mpi-hello#0 # node 0 of the newest job named mpi-hello
     """
     import time
 
+    from mnp import jobref
+
     s = _settings(ctx, **o)
-    root = target.split(":", 1)[0].split("#", 1)[0]
+    store = _store(s)
+    given = target
+    target = (store.resolve(given) if store is not None else None) or given
+    root = jobref.split(target)[0]
     folder = Path(s["home"]) / "logs" / root
     suffix = ".err" if stderr else ".out"
     offsets: dict[Path, int] = {}
@@ -602,9 +643,8 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
                 sys.stdout.write(lines.rest(path, prefix))
         sys.stdout.flush()
 
-    store = _store(s)
     if store is None or store.get_job(root) is None:
-        raise UsageError(f"job {root} does not exist")
+        raise UsageError(f"job {jobref.split(given)[0]} does not exist")
     while True:
         done = store.get_job(root)["state"] in ("SUCCEEDED", "FAILED")
         pump(final=done or not follow)
@@ -617,43 +657,54 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
 @cli.command()
 @click.argument("job_id")
 @click.option("--reason", required=True, help="Why (kept with the job).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"job_id", "name", "state"} as JSON.')
 @common_options
 @click.pass_context
-def cancel(ctx: click.Context, /, job_id: str, reason: str, **o: Any) -> None:
+def cancel(ctx: click.Context, /, job_id: str, reason: str, as_json: bool, **o: Any) -> None:
     """SUBMITTED/PENDING/RUNNABLE jobs → FAILED; cascades to array children.
+
+    JOB is an id or a name (the newest job of that name).
 
     \b
     Example:
       mnp cancel 42 --reason "wrong input"
     """
-    _end_job(ctx, "cancel", job_id, reason, o)
+    _end_job(ctx, "cancel", job_id, reason, as_json, o)
 
 
 @cli.command()
 @click.argument("job_id")
 @click.option("--reason", required=True, help="Why (kept with the job).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"job_id", "name", "state"} as JSON.')
 @common_options
 @click.pass_context
-def terminate(ctx: click.Context, /, job_id: str, reason: str, **o: Any) -> None:
+def terminate(ctx: click.Context, /, job_id: str, reason: str, as_json: bool, **o: Any) -> None:
     """Like cancel, and also kills STARTING/RUNNING jobs (whole process trees).
+
+    JOB is an id or a name (the newest job of that name).
 
     \b
     Example:
       mnp terminate 42 --reason "taking too long"
     """
-    _end_job(ctx, "terminate", job_id, reason, o)
+    _end_job(ctx, "terminate", job_id, reason, as_json, o)
 
 
-def _end_job(ctx: click.Context, op: str, job_id: str, reason: str, o: dict[str, Any]) -> None:
+def _end_job(
+    ctx: click.Context, op: str, job_id: str, reason: str, as_json: bool, o: dict[str, Any]
+) -> None:
     with _client(_settings(ctx, **o), start=False) as client:
         answer = client.request(op, job_id=job_id, reason=reason)
-    click.echo(f"{answer['job_id']} {answer['state']}")
+    if as_json:
+        _print_json({k: answer.get(k) for k in ("job_id", "name", "state")})
+    else:
+        click.echo(f"{answer['job_id']} {answer['state']}")
 
 
 @cli.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
 @click.option("--since", type=int, default=0, help="Only events after this seq.")
-@click.option("--job", "job_id", help="Only this job (its children and nodes too).")
+@click.option("--job", "job_id", help="Only this job, by id or name (its children and nodes too).")
 @common_options
 @click.pass_context
 def events(ctx: click.Context, /, follow: bool, since: int, job_id: str | None, **o: Any) -> None:
@@ -670,6 +721,8 @@ def events(ctx: click.Context, /, follow: bool, since: int, job_id: str | None, 
     store = None
     while True:
         store = store or _store(s)
+        if store is not None and job_id is not None:
+            job_id = store.resolve(job_id) or job_id  # a name: the newest job of that name
         if store is not None:
             for ev in store.events_since(since, job_id=job_id):
                 since = max(since, int(ev["seq"]))
@@ -807,17 +860,30 @@ def controller_status(ctx: click.Context, /, as_json: bool, **o: Any) -> None:
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path())
-def validate(files: tuple[str, ...]) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON list, an entry per file.")
+def validate(files: tuple[str, ...], as_json: bool) -> None:
     """Check job definitions and inventories without running anything.
 
+    Stops at the first file that is not valid (exit 2). With --json every file is
+    checked and listed: [{"file", "kind", "ok", "summary" | "error"}, ...]; the first
+    error is also on stderr, and the exit code is 2 if any file is not valid.
+
     \b
-    Example:
+    Examples:
       mnp validate nodegroups/*.toml examples/inventories/cluster.toml
+      mnp validate --json job.toml
     """
     from mnp import spec
 
-    for f in files:
-        click.echo(spec.validate_file(f))
+    if not as_json:
+        for f in files:
+            click.echo(spec.validate_file(f))
+        return
+    reports = [spec.validation_report(f) for f in files]
+    _print_json(reports)
+    bad = next((r for r in reports if not r["ok"]), None)
+    if bad is not None:
+        raise UsageError(bad["error"])
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

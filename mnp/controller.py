@@ -9,13 +9,17 @@ sends spawn/kill/sweep messages and reacts to the agents' events.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import os
 import secrets as pysecrets
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from mnp import jobref
 from mnp.errors import InfraError, JobRefused, MnpError
 from mnp.jobs import (
     TIMEOUT_REASON,
@@ -26,7 +30,7 @@ from mnp.jobs import (
     exit_status,
     should_retry,
 )
-from mnp.model import TERMINAL, Inventory, JobDefinition, JobState, Resources
+from mnp.model import TERMINAL, Dependency, Inventory, JobDefinition, JobState, Resources
 from mnp.sched.alloc import HostCapacity
 from mnp.sched.decide import Request, Start, could_ever_run, decide
 from mnp.sched.runqueue import RunQueue
@@ -60,12 +64,37 @@ class Recorder(Protocol):
 
     def attempt(self, job: Job, attempt: Attempt) -> None: ...
 
+    def stored_job(self, job_id: str) -> tuple[JobState, int | None] | None:
+        """The state and array size (an array parent's, else None) of a stored job that
+        the controller does not hold (one that ended before a restart); None if none."""
+        ...
+
+    def newest_named(self, name: str) -> str | None:
+        """The id of the newest stored top-level job called ``name``, or None."""
+        ...
+
 
 OutputHandler = Callable[[Job, TaskRun, int, str], None]
 TaskStartHandler = Callable[[Job, TaskRun], str | None]
 """Called before a task is spawned; a string is why it cannot start (its attempt fails)."""
 TaskEndHandler = Callable[[Job, TaskRun], None]
 EventSink = Callable[[dict[str, Any]], None]
+
+log = logging.getLogger("mnp")
+
+LOAD_WITHIN = 2.0  # seconds `mnp hosts` waits for the agents' load samples
+LOAD_FRESH = 1.0  # seconds a load sample is reused
+IPV4_WITHIN = 5.0  # seconds a main node's address may take to resolve
+IPV4_FRESH = 60.0  # seconds a resolved address is reused
+
+
+def ipv4_literal(address: str) -> str | None:
+    """``address`` if it is an IPv4 address as written (``10.0.0.1``), else None."""
+    try:
+        return str(ipaddress.IPv4Address(address))
+    except ValueError:
+        return None
+
 
 LOST_REASON = "Controller restarted: attempt lost"
 
@@ -114,6 +143,7 @@ class Controller:
         self.capacity: dict[str, HostCapacity] = {}
         self.host_errors: dict[str, str] = {}
         self.jobs: dict[str, Job] = {}
+        self._named: dict[str, str] = {}  # name -> id of the newest top-level job held
         self.events: list[dict[str, Any]] = []
         self._seq = 0
         self._event_seq = 0
@@ -123,6 +153,9 @@ class Controller:
         self._tasks: dict[str, tuple[Job, Attempt, TaskRun]] = {}
         self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
         self._pending_ports: dict[str, asyncio.Future[int]] = {}
+        self._pending_loads: dict[str, asyncio.Future[Event]] = {}
+        self._loads: dict[str, Event] = {}  # host -> its last `load` event (with "t")
+        self._ipv4: dict[str, tuple[str | None, float]] = {}  # address -> (IPv4, when)
         self._waiting_on: dict[str, list[Job]] = {}  # job id → jobs waiting for it to end
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._kick_scheduled = False
@@ -274,7 +307,7 @@ class Controller:
                 f"{queue.name!r} has hosts that could ever run this job "
                 f"({_describe_request(probe)})"
             )
-        self._check_dependencies(defn)
+        defn = self._resolve_dependencies(defn)
         now = time.time()
         job_id = self._allocate_id()
         job = self._new_job(job_id, defn, now)
@@ -329,6 +362,8 @@ class Controller:
             job.attempts = [Attempt(n + 1, final=JobState.FAILED) for n in range(it.attempts)]
             job.request = self._request_for(it.id, it.defn, it.seq)
             self.jobs[it.id] = job
+            if it.parent is None:
+                self._hold_name(job)
             self._seq = max(self._seq, it.seq)
             if parent is not None:
                 parent.children.append(job)
@@ -360,27 +395,68 @@ class Controller:
     # --- dependencies -----------------------------------------------------
 
     def state_of(self, job_id: str) -> JobState | None:
-        """A job's state, or None when no such job exists."""
+        """A job's state, or None when no such job exists (held, or stored by the
+        recorder: a job that ended before a restart)."""
         job = self.jobs.get(job_id)
-        return job.state if job is not None else None
+        if job is not None:
+            return job.state
+        stored = self.recorder.stored_job(job_id) if self.recorder is not None else None
+        return stored[0] if stored is not None else None
 
-    def _check_dependencies(self, defn: JobDefinition) -> None:
-        """Unknown ids and impossible N_TO_N pairings are refused at submit. A new job can
-        only name jobs that already exist, so no cycle can ever form."""
+    def _array_size(self, job_id: str) -> int | None:
+        job = self.jobs.get(job_id)
+        if job is not None:
+            return job.defn.array.size if job.is_array and job.defn.array is not None else None
+        stored = self.recorder.stored_job(job_id) if self.recorder is not None else None
+        return stored[1] if stored is not None else None
+
+    def resolve(self, ref: str) -> str | None:
+        """The id of the job ``ref`` refers to, or None (``mnp.jobref``): an id (``42``,
+        ``42:7``), or a name (``train``, ``train:7``) for the newest top-level job of
+        that name, held or stored. An id comes first."""
+        root, suffix = jobref.split(ref)
+        if self.state_of(root) is None:
+            held = self._named.get(root)
+            stored = self.recorder.newest_named(root) if self.recorder is not None else None
+            found = [i for i in (held, stored) if i is not None]
+            if not found:
+                return None
+            root = max(found, key=jobref.id_order)
+        job_id = root + suffix
+        return job_id if self.state_of(job_id) is not None else None
+
+    def _hold_name(self, job: Job) -> None:
+        newest = self._named.get(job.defn.name)
+        if newest is None or jobref.id_order(job.id) > jobref.id_order(newest):
+            self._named[job.defn.name] = job.id
+
+    def _resolve_dependencies(self, defn: JobDefinition) -> JobDefinition:
+        """``defn`` with every dependency named by its job id (a name means the newest job
+        of that name, now: the stored definition keeps the id). Unknown jobs and
+        impossible N_TO_N pairings are refused at submit. A new job can only name jobs
+        that already exist, so no cycle can ever form."""
+        deps: list[Dependency] = []
+        seen: dict[str, str] = {}
         for dep in defn.depends_on:
-            target = self.jobs.get(dep.job_id)
-            if target is None and self.state_of(dep.job_id) is None:
+            job_id = self.resolve(dep.job_id)
+            if job_id is None:
                 raise JobRefused(f"depends_on: job {dep.job_id} does not exist")
-            if dep.type == "N_TO_N":
-                size = (
-                    target.defn.array.size
-                    if target is not None and target.is_array and target.defn.array is not None
-                    else None
+            if job_id in seen:
+                raise JobRefused(
+                    f"depends_on: {dep.job_id} and {seen[job_id]} are both job {job_id}; "
+                    "list each job once"
                 )
+            seen[job_id] = dep.job_id
+            if dep.type == "N_TO_N":
+                size = self._array_size(job_id)
                 if size is None or defn.array is None or defn.array.size != size:
                     raise JobRefused(
                         f"depends_on: {dep.job_id}:N_TO_N needs two array jobs of the same size"
                     )
+            deps.append(Dependency(job_id=job_id, type=dep.type))
+        if tuple(deps) == defn.depends_on:
+            return defn
+        return replace(defn, depends_on=tuple(deps))
 
     def _dependency_targets(self, job: Job) -> list[tuple[str, bool]]:
         """(job id, any end will do) pairs: the parent (or a plain job) waits on its own
@@ -443,6 +519,8 @@ class Controller:
         job = Job(job_id, defn, self._seq, self._emit, now, parent=parent, array_index=index)
         job.request = self._request_for(job_id, defn, self._seq)
         self.jobs[job_id] = job
+        if parent is None:
+            self._hold_name(job)
         return job
 
     def _request_for(self, key: str, defn: JobDefinition, seq: int) -> Request:
@@ -630,12 +708,82 @@ class Controller:
         finally:
             self._pending_ports.pop(rid, None)
 
+    async def host_loads(self, within: float = LOAD_WITHIN) -> dict[str, Event]:
+        """Each connected host's load now: its agent's ``load`` event (``load``: the 1, 5
+        and 15-minute load averages, ``memory_used``: bytes), asked of every agent at
+        once. A sample younger than ``LOAD_FRESH`` seconds is reused; a host whose agent
+        does not answer within ``within`` seconds, or does not serve ``load`` (an
+        older agent: its ``ready`` lists the ``ops`` it serves), is left out."""
+        now = time.time()
+
+        async def one(host: str, conn: AgentConnection) -> None:
+            rid = pysecrets.token_hex(4)
+            fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+            self._pending_loads[rid] = fut
+            try:
+                conn.send({"op": "load", "id": rid})
+                self._loads[host] = {**await asyncio.wait_for(fut, within), "at": time.time()}
+            except (TimeoutError, MnpError):
+                self._loads.pop(host, None)
+            finally:
+                self._pending_loads.pop(rid, None)
+
+        asking = [
+            one(host, conn)
+            for host, conn in self.agents.items()
+            if conn.alive
+            and "load" in (conn.facts.get("ops") or ())
+            and now - float(self._loads.get(host, {}).get("at", 0)) >= LOAD_FRESH
+        ]
+        if asking:
+            await asyncio.gather(*asking)
+        return {h: ev for h, ev in self._loads.items() if h in self.agents}
+
+    async def _ipv4_of(self, address: str) -> str | None:
+        """``address`` as an IPv4 address (for AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS):
+        itself if it is one, else the first IPv4 address the controller's resolver gives
+        (``loop.getaddrinfo``: the loop is not blocked), remembered for ``IPV4_FRESH``
+        seconds. None (and a warning, once per address) when there is none within
+        ``IPV4_WITHIN`` seconds: the task then gets the address as written."""
+        found = ipv4_literal(address)
+        if found is not None:
+            return found
+        now = time.monotonic()
+        cached = self._ipv4.get(address)
+        if cached is not None and now - cached[1] < IPV4_FRESH:
+            return cached[0]
+        try:
+            infos = await asyncio.wait_for(
+                asyncio.get_running_loop().getaddrinfo(
+                    address, None, family=socket.AF_INET, type=socket.SOCK_STREAM
+                ),
+                IPV4_WITHIN,
+            )
+            found = str(infos[0][4][0]) if infos else None
+            why = "no IPv4 address"
+        except (OSError, TimeoutError, UnicodeError) as e:
+            why = f"{e.__class__.__name__}: {e}"
+        if found is None and address not in self._ipv4:
+            log.warning(
+                "%s: cannot resolve to an IPv4 address (%s); "
+                "AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS gets it as written",
+                address,
+                why,
+            )
+        self._ipv4[address] = (found, now)
+        return found
+
     async def _launch_multinode(self, job: Job, attempt: Attempt) -> None:
         defn = job.defn
         mn = defn.multinode
         assert mn is not None
         main_host = attempt.grants[mn.main_node].host
-        port = await self._free_port(main_host)
+        if defn.aws_batch_env and mn.num_nodes > 1:  # both at once: neither waits for the other
+            port, main_ipv4 = await asyncio.gather(
+                self._free_port(main_host), self._ipv4_of(self.inventory.host(main_host).address)
+            )
+        else:
+            port, main_ipv4 = await self._free_port(main_host), None
         if attempt.ending or job.attempt is not attempt:
             return
         placements = []
@@ -661,6 +809,7 @@ class Controller:
             ce=attempt.ce,
             nodes=tuple(placements),
             main_node=mn.main_node,
+            main_ipv4=main_ipv4,
             master_port=port,
         )
         attempt.launch = launch
@@ -778,6 +927,10 @@ class Controller:
             fut = self._pending_ports.get(str(msg.get("id")))
             if fut is not None and not fut.done():
                 fut.set_result(int(msg["port"]))
+        elif ev == "load":
+            waiter = self._pending_loads.get(str(msg.get("id")))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(msg)
 
     def _task_started(
         self, job: Job, attempt: Attempt, task: TaskRun, msg: Event, now: float
@@ -994,8 +1147,9 @@ class Controller:
             )
 
     def cancel(self, job_id: str, reason: str) -> Job:
-        """SUBMITTED/PENDING/RUNNABLE → FAILED; what already runs goes on (AWS Batch)."""
-        job = self.jobs.get(job_id)
+        """SUBMITTED/PENDING/RUNNABLE → FAILED; what already runs goes on (AWS Batch).
+        ``job_id`` may be a name (:meth:`resolve`)."""
+        job = self.jobs.get(self.resolve(job_id) or job_id)
         if job is None:
             raise JobRefused(f"job {job_id} does not exist")
         now = time.time()
@@ -1012,7 +1166,8 @@ class Controller:
         return job
 
     def terminate(self, job_id: str, reason: str) -> Job:
-        job = self.jobs.get(job_id)
+        """Like cancel, and STARTING/RUNNING ones are ended. ``job_id`` may be a name."""
+        job = self.jobs.get(self.resolve(job_id) or job_id)
         if job is None:
             raise JobRefused(f"job {job_id} does not exist")
         now = time.time()
@@ -1049,6 +1204,12 @@ class Controller:
         for j in (*job.children, job):
             self._dequeue(j)
             self.jobs.pop(j.id, None)
+        name = job.defn.name
+        if self._named.get(name) == job.id:
+            del self._named[name]
+            for other in self.jobs.values():
+                if other.parent is None and other.defn.name == name:
+                    self._hold_name(other)
         gone = {job.id, *(c.id for c in job.children)}
         for target, waiting in list(self._waiting_on.items()):
             kept = [w for w in waiting if w.id not in gone]

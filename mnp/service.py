@@ -171,6 +171,21 @@ class Service:
             self._record_node(job, attempt, node)
         self._dirty()
 
+    def stored_job(self, job_id: str) -> tuple[JobState, int | None] | None:
+        try:
+            found = self.store.state_and_size(job_id)
+        except MnpError as e:
+            log.error("store: %s", e)
+            return None
+        return None if found is None else (JobState(found[0]), found[1])
+
+    def newest_named(self, name: str) -> str | None:
+        try:
+            return self.store.newest_named(name)
+        except MnpError as e:
+            log.error("store: %s", e)
+            return None
+
     def _record_node(self, job: Job, attempt: Attempt, node: NodeRun) -> None:
         self.store.upsert_node(
             job.id,
@@ -395,10 +410,17 @@ class Service:
         return parse_definition(data, str(request.get("source") or "<submitted>"))
 
     def _job(self, request: dict[str, Any]) -> Job:
-        job_id = str(request.get("job_id", ""))
+        """The job a request names by id or by name (the newest of that name)."""
+        ref = str(request.get("job_id", ""))
+        job_id = self.controller.resolve(ref)
+        if job_id is None:
+            raise JobRefused(f"job {ref} does not exist")
         job = self.controller.jobs.get(job_id)
         if job is None:
-            raise JobRefused(f"job {job_id} is not known to the running controller")
+            raise JobRefused(
+                f"job {ref} is not known to the running controller (it ended before the "
+                "controller's last start)"
+            )
         return job
 
     async def op_info(self, request: dict[str, Any], r: Responder) -> None:
@@ -474,18 +496,24 @@ class Service:
     async def op_cancel(self, request: dict[str, Any], r: Responder) -> None:
         job = self.controller.cancel(self._job(request).id, str(request.get("reason") or ""))
         self.flush()
-        await r.end({"ok": True, "job_id": job.id, "state": job.state.value})
+        await r.end({"ok": True, "job_id": job.id, "name": job.defn.name, "state": job.state.value})
 
     async def op_terminate(self, request: dict[str, Any], r: Responder) -> None:
         job = self.controller.terminate(self._job(request).id, str(request.get("reason") or ""))
         self.flush()
-        await r.end({"ok": True, "job_id": job.id, "state": job.state.value})
+        await r.end({"ok": True, "job_id": job.id, "name": job.defn.name, "state": job.state.value})
 
     async def op_hosts(self, request: dict[str, Any], r: Responder) -> None:
+        """Every host's capacity, what is free of it, and its load now (``load``: the
+        1-minute load average, ``memory_used``: bytes in use on the host, whoever uses
+        them; None for a host that is down or did not answer in time)."""
+        loads = await self.controller.host_loads()
         rows = []
         for h in self.inventory.hosts:
             cap = self.controller.capacity.get(h.name)
             conn = self.controller.agents.get(h.name)
+            sample = loads.get(h.name, {})
+            averages = sample.get("load")
             rows.append(
                 {
                     "name": h.name,
@@ -498,6 +526,8 @@ class Service:
                     "gpus": len(cap.gpus) if cap else None,
                     "gpus_free": len(cap.free_gpus) if cap else None,
                     "tasks": cap.tasks if cap else 0,
+                    "load": averages[0] if isinstance(averages, list) and averages else None,
+                    "memory_used": sample.get("memory_used"),
                     "error": self.controller.host_errors.get(h.name),
                 }
             )

@@ -128,6 +128,15 @@ def declared_host(inventory: Any, h: Any) -> dict[str, Any]:
     }
 
 
+def memory_cell(n: int | None) -> str:
+    """Bytes for a table: ``3.2GiB``, ``512MiB``; ``-`` for None."""
+    if n is None:
+        return "-"
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):.1f}GiB"
+    return f"{n // (1 << 20)}MiB"
+
+
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def cell(v: Any) -> str:
         return ",".join(map(str, v)) if isinstance(v, list) else str(v)

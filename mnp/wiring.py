@@ -44,6 +44,7 @@ class Launch:
     array_size: int | None = None
     nodes: tuple[NodePlacement, ...] = ()  # multi-node only, in node order
     main_node: int = 0
+    main_ipv4: str | None = None  # the main node's address as IPv4, resolved by the controller
     master_port: int | None = None
     hostfile: str | None = None  # paths on the nodes
     hostfile_ompi: str | None = None
@@ -180,7 +181,11 @@ def task_environment(
             )
             aws["AWS_BATCH_JOB_ID"] = f"{launch.job_id}#{node_index}"
             if node_index != launch.main_node:  # as AWS does: children only
-                aws["AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS"] = main.address
+                # an IPv4 address, as AWS promises (scripts compare it with `hostname -I`);
+                # the address as written when the controller could not resolve one
+                aws["AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS"] = (
+                    launch.main_ipv4 or main.address
+                )
     else:
         env.update(MNP_JOB_ID=launch.job_id, MNP_HOST=launch.host)
         if launch.array_index is not None:

@@ -16,7 +16,7 @@ import sys
 import time
 
 from .expand import expand
-from .facts import collect, make_rundir
+from .facts import collect, load, make_rundir
 from .loop import Feeder, LineReader, Loop, Output, Stream
 from .proc import (
     Tagger,
@@ -95,6 +95,7 @@ class Agent:
             "ping": self.op_ping,
             "facts": self.op_facts,
             "port": self.op_port,
+            "load": self.op_load,
             "shutdown": self.op_shutdown,
         }
 
@@ -111,7 +112,7 @@ class Agent:
             signal.signal(sig, self._on_signal)
         self.loop.add_reader(wake_r, self._on_wakeup)
         self.rundir = make_rundir(self.ctl)
-        self.out.emit(dict(ev="ready", **collect(self.started, self.rundir)))
+        self.out.emit(dict(ev="ready", **self._facts()))
         self.out.flush()
 
     def listen(self) -> None:
@@ -356,7 +357,13 @@ class Agent:
         self.out.emit({"ev": "pong", "id": msg.get("id"), "t": _now()})
 
     def op_facts(self, msg: Dict[str, Any]) -> None:
-        self.out.emit(dict(ev="facts", **collect(self.started, self.rundir)))
+        self.out.emit(dict(ev="facts", **self._facts()))
+
+    def _facts(self) -> Dict[str, Any]:
+        return dict(collect(self.started, self.rundir), ops=sorted(self.ops))
+
+    def op_load(self, msg: Dict[str, Any]) -> None:
+        self.out.emit(dict(ev="load", id=msg.get("id"), t=_now(), **load()))
 
     def op_port(self, msg: Dict[str, Any]) -> None:
         """A TCP port free on this host now (for MASTER_PORT), not one handed out lately."""

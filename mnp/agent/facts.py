@@ -63,6 +63,30 @@ def memory() -> int:
     return min(total, limit) if limit and total else total
 
 
+def load() -> Dict[str, Any]:
+    """The host's load now, for the `load` event: the 1, 5 and 15-minute load averages
+    and the memory in use (bytes, MemTotal - MemAvailable), each None where the host
+    cannot say."""
+    averages: Optional[List[float]] = None
+    try:
+        averages = [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        pass
+    used = None
+    info: Dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemTotal", "MemAvailable"):
+                    info[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if len(info) == 2:
+        used = max(0, info["MemTotal"] - info["MemAvailable"])
+    return {"load": averages, "memory_used": used}
+
+
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 

@@ -8,9 +8,17 @@ parsers in :mod:`mnp.spec.units` and :mod:`mnp.spec.nodeset` raise ``ValueError`
 from __future__ import annotations
 
 import os
+from typing import Any
 
+from mnp.errors import SpecError
 from mnp.model import JobType
-from mnp.spec.definition import REF_PATTERN, load_definition, parse_definition, sanitize_name
+from mnp.spec.definition import (
+    REF_PATTERN,
+    load_definition,
+    parse_definition,
+    refs_used,
+    sanitize_name,
+)
 from mnp.spec.fields import read_toml
 from mnp.spec.inventory import (
     load_inventory,
@@ -55,27 +63,57 @@ __all__ = [
     "parse_memory",
     "parse_node_range",
     "pbs_inventory",
+    "refs_used",
     "resolve_inventory",
     "sanitize_name",
     "slurm_inventory",
     "submitter_python_env",
     "unverified_warning",
     "validate_file",
+    "validation_report",
 ]
 
 
 def validate_file(path: str | os.PathLike[str]) -> str:
     """Validate a job definition or an inventory (a file with ``hosts``); return one line:
-    ``nodegroups/mpi-hello.toml: ok (multinode job "mpi-hello", 4 nodes, 2 groups)``."""
+    ``nodegroups/mpi-hello.toml: ok (multinode job "mpi-hello", 4 nodes, 2 groups)``.
+
+    A ``Ref::K`` that ``[parameters]`` does not declare is allowed (``--param K=V``
+    gives it a value at submit) and said: ``...; needs --param K=VALUE)``."""
     data, source = read_toml(path)
+    return f"{source}: ok ({_check(data, source)[1]})"
+
+
+def validation_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``mnp validate --json``'s entry for one file: ``file``, ``kind`` (``definition``,
+    ``inventory``, or None when the file cannot be read as TOML), ``ok``, then
+    ``summary`` (what :func:`validate_file` says in parentheses) or ``error`` (the
+    one-line SpecError); a definition also has ``needs_params``, the ``Ref::K``
+    that only ``--param`` can give a value."""
+    report: dict[str, Any] = {"file": os.fspath(path), "kind": None, "ok": False}
+    try:
+        data, source = read_toml(path)
+        report["kind"] = "inventory" if "hosts" in data else "definition"
+        needs, summary = _check(data, source)
+    except SpecError as e:
+        report["error"] = str(e)
+        return report
+    report.update(ok=True, summary=summary)
+    if needs is not None:
+        report["needs_params"] = needs
+    return report
+
+
+def _check(data: dict[str, Any], source: str) -> tuple[list[str] | None, str]:
+    """(for a definition: the parameters only --param can give, the summary)."""
     if "hosts" in data:
         inv = parse_inventory(data, source)
-        return (
-            f"{source}: ok (inventory, {_count(len(inv.hosts), 'host')}, "
+        return None, (
+            f"inventory, {_count(len(inv.hosts), 'host')}, "
             f"{_count(len(inv.compute_environments), 'compute environment')}, "
-            f"{_count(len(inv.queues), 'queue')})"
+            f"{_count(len(inv.queues), 'queue')}"
         )
-    defn = parse_definition(data, source)
+    defn = parse_definition(data, source, open_refs=True)
     if defn.multinode is not None:
         mn = defn.multinode
         what = (
@@ -86,7 +124,10 @@ def validate_file(path: str | os.PathLike[str]) -> str:
         what = f'array job "{defn.name}", {_count(defn.array.size, "child", "children")}'
     else:
         what = f'{JobType.SINGLE.value} job "{defn.name}"'
-    return f"{source}: ok ({what})"
+    needed = sorted(refs_used(defn) - defn.parameters.keys())
+    if needed:
+        what += "; needs " + " ".join(f"--param {k}=VALUE" for k in needed)
+    return needed, what
 
 
 def _count(n: int, word: str, plural: str | None = None) -> str:

@@ -16,6 +16,8 @@ Choices where the spec is silent (also in the README):
 - Dependencies: ``"ID"``, ``"ID:TYPE"`` or ``{job_id, type}``; TYPE is
   ``N_TO_N``, ``afterany`` or ``afterok`` (= plain), case-insensitive. A
   suffix that is a number is part of the id (``"42:7"`` is array child 7).
+  ID may be a job's name: the controller takes the newest job of that name at
+  submit (``mnp.jobref``) and keeps its id.
 - Caps: 1..1000 nodes, 1..5 groups, 1..1024 tasks per node, 20 dependencies.
 """
 
@@ -89,15 +91,16 @@ NAME_RULE = "use 1 to 128 letters, digits, - and _"
 REF_PATTERN = re.compile(r"Ref::([A-Za-z0-9_]+)")
 """A parameter placeholder in a command argument (``wiring`` substitutes it)."""
 PARAM_NAME_RE = re.compile(r"[A-Za-z0-9_]{1,128}")
-_JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:#-]{0,127}")
+_JOB_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.:#-]{0,127}")  # an id or a job name
 _EXIT_CODE_RE = re.compile(r"[0-9*?]{1,512}")
 _DEP_TYPES = {"n_to_n": "N_TO_N", "afterany": "afterany", "afterok": None}
 
 
-def load_definition(path: str | os.PathLike[str]) -> JobDefinition:
-    """Read and validate a job definition file; any problem is a SpecError."""
+def load_definition(path: str | os.PathLike[str], *, open_refs: bool = False) -> JobDefinition:
+    """Read and validate a job definition file; any problem is a SpecError.
+    ``open_refs``: as in :func:`parse_definition`."""
     data, source = read_toml(path)
-    return parse_definition(data, source)
+    return parse_definition(data, source, open_refs=open_refs)
 
 
 def sanitize_name(text: str) -> str:
@@ -106,8 +109,16 @@ def sanitize_name(text: str) -> str:
     return name or "job"
 
 
-def parse_definition(data: dict[str, Any], source: str) -> JobDefinition:
-    """Validate ``data`` (a parsed TOML document) read from ``source``."""
+def parse_definition(
+    data: dict[str, Any], source: str, *, open_refs: bool = False
+) -> JobDefinition:
+    """Validate ``data`` (a parsed TOML document) read from ``source``.
+
+    A ``Ref::K`` in a command needs a value: ``K`` in ``[parameters]``. With
+    ``open_refs`` it may stay without one, to be given by ``--param K=V``
+    (AWS Batch SubmitJob parameters): the CLI reads a file so and checks again
+    once its overrides are applied (:func:`mnp.spec.overrides.apply_overrides`).
+    """
     t = Table(source, "", data, TOP_FIELDS, what="a table of job definition fields")
     name = t.string("name", None, pattern=NAME_RE, rule=NAME_RULE)
     if name is None:
@@ -161,7 +172,8 @@ def parse_definition(data: dict[str, Any], source: str) -> JobDefinition:
                 f"{tasks_per_node} is not allowed for a single or array job "
                 "(one task each); allowed 1, or make it multinode (--nodes N)",
             )
-    _check_refs(source, parameters, command, multinode)
+    if not open_refs:
+        _check_refs(source, parameters, command, multinode)
     depends_on = _dependencies(t)
     for i, dep in enumerate(depends_on):
         if dep.type == "N_TO_N" and array is None:
@@ -425,25 +437,43 @@ def _check_cover(src: str, field: str, groups: Sequence[NodeGroup], num_nodes: i
         )
 
 
+def _commands(
+    command: tuple[str, ...], multinode: MultiNodeProperties | None
+) -> list[tuple[str, tuple[str, ...]]]:
+    """(field, argv) of every command of a job: the top-level one and the groups'."""
+    commands: list[tuple[str, tuple[str, ...]]] = [("command", command)]
+    for i, g in enumerate(multinode.groups if multinode else ()):
+        if g.command is not None:
+            commands.append((f"multinode.groups[{i}].command", g.command))
+    return commands
+
+
+def refs_used(defn: JobDefinition) -> set[str]:
+    """The parameter names that some ``Ref::K`` of the job's commands names."""
+    return {
+        ref
+        for _, argv in _commands(defn.command, defn.multinode)
+        for arg in argv
+        for ref in REF_PATTERN.findall(arg)
+    }
+
+
 def _check_refs(
     source: str,
     parameters: dict[str, str],
     command: tuple[str, ...],
     multinode: MultiNodeProperties | None,
 ) -> None:
-    commands: list[tuple[str, tuple[str, ...]]] = [("command", command)]
-    for i, g in enumerate(multinode.groups if multinode else ()):
-        if g.command is not None:
-            commands.append((f"multinode.groups[{i}].command", g.command))
     declared = ", ".join(sorted(parameters)) or "none"
-    for field, argv in commands:
+    for field, argv in _commands(command, multinode):
         for j, arg in enumerate(argv):
             for ref in REF_PATTERN.findall(arg):
                 if ref not in parameters:
                     fail(
                         source,
                         index_path(field, j),
-                        f"Ref::{ref} names no parameter; declared parameters: {declared}",
+                        f"Ref::{ref} names no parameter; declared parameters: {declared}; "
+                        f"declare it in [parameters] or give --param {ref}=VALUE",
                     )
 
 
@@ -491,8 +521,8 @@ def _dependency(source: str, field: str, item: object) -> Dependency:
         fail(
             source,
             id_field,
-            f"{show(job_id)} is not a job id; use an id from mnp submit, "
-            'optionally with a type: "42", "42:N_TO_N", "42:afterany"',
+            f"{show(job_id)} is not a job id or name; use an id from mnp submit or a "
+            'job\'s name, optionally with a type: "42", "42:N_TO_N", "train:afterany"',
         )
     if dep_type is None:
         return Dependency(job_id=job_id)

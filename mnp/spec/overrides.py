@@ -17,7 +17,7 @@ from typing import Any
 
 from mnp.errors import SpecError
 from mnp.model import JobDefinition, JobType, Resources
-from mnp.spec.definition import MAX_NODES, parse_definition, sanitize_name
+from mnp.spec.definition import MAX_NODES, parse_definition, refs_used, sanitize_name
 from mnp.spec.fields import ENV_NAME_RE, MAX_ARG_BYTES, RESERVED_ENV_PREFIXES, fail, show
 from mnp.spec.units import format_memory
 
@@ -46,7 +46,7 @@ _BLAME: list[tuple[re.Pattern[str], tuple[str, ...]]] = [
         (r"cwd$", ("--cwd",)),
         (r"python_env$", ("--python-env",)),
         (r"(type|multinode)\b", ("--nodes",)),
-        (r"command\b", ("--param", "--nodes")),
+        (r"command\b", ("--nodes",)),
     ]
 ]
 
@@ -154,6 +154,11 @@ def apply_overrides(
     command on every node. ``--vcpus/--memory/--gpus`` and ``--tasks-per-node``
     apply to the job and to every group; ``--env K=V`` also wins over a
     group's own ``K``. Numbers may be given as strings (as click passes them).
+
+    ``--param K=V`` gives ``Ref::K`` its value, declared in ``[parameters]`` or
+    not (``defn`` may come from ``load_definition(path, open_refs=True)``); every
+    ``Ref::K`` must have a value afterwards, and a ``K`` that no ``Ref::K`` of
+    the job's commands names is an error (a typo would otherwise go unnoticed).
     """
     raw = definition_to_dict(defn)
     given = _apply(
@@ -162,7 +167,9 @@ def apply_overrides(
         nodes=nodes, vcpus=vcpus, memory=memory, gpus=gpus, attempts=attempts, timeout=timeout,
         tasks_per_node=tasks_per_node, cwd=cwd, python_env=python_env,
     )  # fmt: skip
-    return _reparse(raw, defn.source, given, export_env or defn.export_env)
+    result = _reparse(raw, defn.source, given, export_env or defn.export_env)
+    _check_params_used(result, params)
+    return result
 
 
 def definition_from_command(argv: Sequence[str], **overrides: Any) -> JobDefinition:
@@ -177,7 +184,25 @@ def definition_from_command(argv: Sequence[str], **overrides: Any) -> JobDefinit
     }
     export_env = bool(overrides.pop("export_env", False))
     given = _apply(raw, **overrides)
-    return _reparse(raw, COMMAND_LINE, given, export_env)
+    result = _reparse(raw, COMMAND_LINE, given, export_env)
+    _check_params_used(result, overrides.get("params"))
+    return result
+
+
+def _check_params_used(defn: JobDefinition, params: Mapping[str, str] | None) -> None:
+    """A ``--param K=V`` that no ``Ref::K`` of the job's commands names is refused."""
+    if not params:
+        return
+    used = refs_used(defn)
+    for key in params:
+        if key not in used:
+            uses = ", ".join(sorted(used)) or "none"
+            fail(
+                COMMAND_LINE,
+                "--param",
+                f"{key}: no Ref::{key} in the job's commands uses it; "
+                f"parameters the commands use: {uses}",
+            )
 
 
 def _reparse(raw: dict[str, Any], source: str, given: set[str], export_env: bool) -> JobDefinition:
@@ -306,9 +331,7 @@ def _apply(
     return given
 
 
-def submitter_python_env(
-    environ: Mapping[str, str], prefix: str, base_prefix: str
-) -> str | None:
+def submitter_python_env(environ: Mapping[str, str], prefix: str, base_prefix: str) -> str | None:
     """The Python environment the submitting shell works in, for ``python_env``: the
     activated virtual environment (``VIRTUAL_ENV``: venv, virtualenv, uv) or conda
     environment (``CONDA_PREFIX``), else the virtual environment mnp itself runs from

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from mnp import jobref
 from mnp.errors import InfraError
 from mnp.store import codec, reads
 from mnp.store.codec import Row
@@ -401,6 +402,25 @@ class Store:
         (state -> n). An array child carries its parent's ``definition``."""
         with self._guard("reading a job"):
             return reads.get_job(self.conn, job_id)
+
+    def resolve(self, ref: str) -> str | None:
+        """The job id ``ref`` refers to (``mnp.jobref``): an id, or a name for the newest
+        top-level job of that name, either with a ``:INDEX`` or ``#NODE`` suffix, which
+        is kept (not checked); None when no job has that id or name."""
+        root, suffix = jobref.split(ref)
+        with self._guard("finding a job"):
+            job_id = reads.job_id_of(self.conn, root)
+        return None if job_id is None else job_id + suffix
+
+    def newest_named(self, name: str) -> str | None:
+        """The id of the newest top-level job called ``name`` (stored), or None."""
+        with self._guard("finding a job"):
+            return reads.newest_named(self.conn, name)
+
+    def state_and_size(self, job_id: str) -> tuple[str, int | None] | None:
+        """A stored job's state and array size (an array parent's), or None."""
+        with self._guard("reading a job"):
+            return reads.state_and_size(self.conn, job_id)
 
     def list_jobs(
         self,

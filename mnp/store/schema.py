@@ -1,8 +1,11 @@
 """The database layout, its version, and opening a connection to it.
 
 ``PRAGMA user_version`` holds :data:`SCHEMA_VERSION`. A fresh file gets the
-schema on first open; an older one is migrated step by step (``_MIGRATIONS``);
-a newer one is refused, because this mnp cannot know what it would break.
+schema on first open; an older one is migrated step by step (``_MIGRATIONS``)
+by the first writer (the controller); a newer one is refused, because this mnp
+cannot know what it would break. A reader (``mnp list``) also reads a file
+of version :data:`READS_FROM` and up that no writer has migrated yet: the
+versions since then only added indexes, which change no query's answer.
 """
 
 from __future__ import annotations
@@ -13,10 +16,17 @@ from pathlib import Path
 
 from mnp.errors import InfraError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READS_FROM = 1
+"""The oldest version a reader takes as it is: raise it with a migration that
+changes tables or columns (not with one that only adds an index)."""
 BUSY_TIMEOUT_MS = 5000
 CACHE_KIB = 65536  # a ceiling, allocated as pages are read: a 100k-row `mnp list` fits
 WRITER_CACHE_KIB = 8192  # the controller writes and reads back little: 64 MiB cost 60 MB RSS
+
+# a job referred to by name is the newest top-level job of that name: the index
+# carries the rowid (seq), so the newest is the last entry of the name (version 2)
+_JOBS_NAME = "CREATE INDEX jobs_name ON jobs(name) WHERE parent IS NULL"
 
 # seq is the rowid (INTEGER PRIMARY KEY): listing in submission order is a plain
 # walk of the table, and inserts in seq order append. id stays unique and indexed.
@@ -50,6 +60,7 @@ _SCHEMA: tuple[str, ...] = (
     "CREATE INDEX jobs_state_queue ON jobs(state, queue)",
     "CREATE INDEX jobs_top ON jobs(seq) WHERE parent IS NULL",
     "CREATE INDEX jobs_children ON jobs(parent, array_index) WHERE parent IS NOT NULL",
+    _JOBS_NAME,
     """CREATE TABLE attempts (
         job_id TEXT NOT NULL,
         number INTEGER NOT NULL,
@@ -96,7 +107,9 @@ _SCHEMA: tuple[str, ...] = (
 )
 
 # version N -> statements that turn it into N + 1
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (_JOBS_NAME,),  # jobs by name (mnp describe NAME, --depends-on NAME)
+}
 
 JOB_COLUMNS = (
     "seq",
@@ -248,7 +261,7 @@ def _tune(conn: sqlite3.Connection, cache_kib: int = CACHE_KIB) -> None:
 def _prepare(conn: sqlite3.Connection, path: Path, readonly: bool) -> None:
     """Check the schema version; create or migrate it (writers only)."""
     version = _version(conn)
-    if version == SCHEMA_VERSION:
+    if version == SCHEMA_VERSION or (readonly and READS_FROM <= version < SCHEMA_VERSION):
         return
     if version > SCHEMA_VERSION:
         raise InfraError(

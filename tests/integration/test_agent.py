@@ -55,6 +55,16 @@ def test_ready(agent: Agent) -> None:
     assert agent.expect("pong")["id"] == "p1"
 
 
+def test_load(agent: Agent) -> None:
+    assert "load" in agent.ready["ops"] and agent.ready["ops"] == sorted(agent.ready["ops"])
+    agent.send(op="load", id="l1")
+    ev = agent.expect("load")
+    assert ev["id"] == "l1" and abs(ev["t"] - time.time()) < 60
+    assert len(ev["load"]) == 3 and all(isinstance(x, int | float) for x in ev["load"])
+    assert abs(ev["load"][0] - os.getloadavg()[0]) < 5
+    assert 0 < ev["memory_used"] <= psutil.virtual_memory().total
+
+
 def test_port(agent: Agent) -> None:
     ports = []
     for i in range(5):

@@ -34,6 +34,9 @@ CASES = [
     (["list", "--state", "DANCING"], "--state"),
     (["list", "--limit", "0"], "--limit"),
     (["describe", "424242"], "424242"),
+    (["describe", "nosuchname"], "job nosuchname does not exist"),
+    (["logs", "nosuchname:3"], "job nosuchname does not exist"),
+    (["run", "--depends-on", "nosuchname", "--", "true"], "job nosuchname does not exist"),
     (["logs", "424242"], "424242"),
     (["cancel", "1"], "--reason"),
     (["nosuchcommand"], "nosuchcommand"),
@@ -54,6 +57,7 @@ CASES = [
     (["run", "--depends-on", "1", "--", "true"], "does not exist"),  # its own future id
     (["run", "--queue", "", "--", "true"], "--queue"),
     (["run", "--param", "bad name=1", "--", "true"], "--param"),
+    (["run", "--param", "x=1", "--", "true"], "--param: x: no Ref::x in the job's commands"),
     (["run", "--", ""], "empty program name"),
     (["run", "--inventory", "/etc/passwd", "--", "true"], "invalid TOML"),
     (["validate", "/etc"], "is a directory"),
@@ -125,3 +129,24 @@ def test_bad_definition_file_is_one_line_and_exit_2(
     assert r.stderr.startswith("mnp: ") and r.stderr.count("\n") == 1, r.stderr[:300]
     assert needle in r.stderr, r.stderr[:300]
     assert len(r.stderr) < 1000  # the 10 MB is not echoed back
+
+
+def test_validate_json_lists_every_file(tmp_path: Path) -> None:
+    import json
+
+    good = tmp_path / "good.toml"
+    good.write_text('command = ["true"]\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text('command = "true"\n')
+    r = mnp("validate", "--json", str(good))
+    assert (r.returncode, r.stderr) == (0, "")
+    assert json.loads(r.stdout) == [
+        {"file": str(good), "kind": "definition", "ok": True,
+         "summary": 'single job "good"', "needs_params": []},
+    ]  # fmt: skip
+    r = mnp("validate", "--json", str(bad), str(good))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"mnp: {bad}:command: expected a list of strings"), r.stderr
+    reports = json.loads(r.stdout)
+    assert [(x["file"], x["ok"]) for x in reports] == [(str(bad), False), (str(good), True)]
+    assert reports[0]["error"] == r.stderr[len("mnp: ") : -1]

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mnp.controller import TIMEOUT_REASON, Controller
+from mnp.controller import TIMEOUT_REASON, Controller, ipv4_literal
 from mnp.errors import JobRefused
 from mnp.jobs import Job
 from mnp.model import JobState
-from mnp.spec import definition_from_command, local_inventory
+from mnp.spec import definition_from_command, definition_to_dict, local_inventory, parse_definition
 from mnp.transport.local import LocalTransport
 
 
@@ -66,6 +67,89 @@ async def test_plain_dependency_waits_for_success(ctl: Controller) -> None:
 async def test_unknown_dependency_is_refused(ctl: Controller) -> None:
     with pytest.raises(JobRefused, match="does not exist"):
         ctl.submit(cmd("true", depends_on=["999"]))
+
+
+async def test_dependencies_by_name_take_the_newest_job_of_that_name(ctl: Controller) -> None:
+    old = ctl.submit(cmd("true", name="prep"))
+    await done(ctl, old)
+    new = ctl.submit(cmd("sleep", "0.3", name="prep"))
+    arr = ctl.submit(cmd("true", name="arr", array_size=2))
+    b = ctl.submit(cmd("true", array_size=2, depends_on=["prep", "arr:N_TO_N"]))
+    assert [(d.job_id, d.type) for d in b.defn.depends_on] == [
+        (new.id, None),
+        (arr.id, "N_TO_N"),
+    ]  # the definition keeps the ids: a later "prep" changes nothing
+    assert b.state is JobState.PENDING  # waits for the newest "prep", not the finished one
+    c = ctl.submit(cmd("true", depends_on=["prep:afterany", "arr:1"]))
+    assert [d.job_id for d in c.defn.depends_on] == [new.id, f"{arr.id}:1"]
+    assert (ctl.resolve(old.id), ctl.resolve("arr:1"), ctl.resolve("arr:2")) == (
+        old.id,
+        f"{arr.id}:1",
+        None,  # no such child
+    )
+    await done(ctl, b)
+    assert b.state is JobState.SUCCEEDED
+
+
+async def test_unknown_or_twice_named_dependency_is_refused(ctl: Controller) -> None:
+    with pytest.raises(JobRefused, match=r"^depends_on: job nosuch does not exist$"):
+        ctl.submit(cmd("true", depends_on=["nosuch"]))
+    a = ctl.submit(cmd("true", name="once"))
+    with pytest.raises(JobRefused, match=f"^depends_on: once and {a.id} are both job {a.id}"):
+        ctl.submit(cmd("true", depends_on=[a.id, "once"]))
+
+
+async def test_cancel_and_terminate_by_name(ctl: Controller) -> None:
+    first = ctl.submit(cmd("sleep", "30", name="long"))
+    second = ctl.submit(cmd("sleep", "30", name="long", depends_on=[first.id]))
+    assert ctl.resolve("long") == second.id
+    assert ctl.cancel("long", "by name") is second and second.state is JobState.FAILED
+    assert ctl.resolve("long") == second.id  # still the newest, finished or not
+    assert ctl.terminate(first.id, "by id") is first
+    await done(ctl, first)
+    with pytest.raises(JobRefused, match="job nosuch does not exist"):
+        ctl.cancel("nosuch", "x")
+
+
+async def test_host_loads_asks_agents_that_serve_it(ctl: Controller) -> None:
+    loads = await ctl.host_loads()
+    assert sorted(loads) == ["local-0", "local-1"]
+    assert all(len(ev["load"]) == 3 and ev["memory_used"] > 0 for ev in loads.values())
+    again = await ctl.host_loads()  # a sample younger than LOAD_FRESH is reused
+    assert again["local-0"] is loads["local-0"]
+    del ctl.agents["local-1"].facts["ops"]  # an older agent: no `load` op
+    ctl._loads.clear()
+    assert sorted(await ctl.host_loads()) == ["local-0"]
+
+
+async def test_aws_main_node_address_is_ipv4(ctl: Controller, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    script = (
+        f'echo "$AWS_BATCH_JOB_NODE_INDEX ${{AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS-unset}} '
+        f'$MNP_MAIN_NODE_ADDR" >> {out}; sleep 0.5'
+    )
+    raw = definition_to_dict(cmd("sh", "-c", script, nodes=2))  # type: ignore[arg-type]
+    defn = parse_definition({**raw, "aws_batch_env": True}, "aws.toml")
+    job = await done(ctl, ctl.submit(defn))
+    assert job.state is JobState.SUCCEEDED, job.reason
+    # local nodes' address is localhost; MNP_MAIN_NODE_ADDR keeps it as written
+    assert sorted(out.read_text().splitlines()) == ["0 unset localhost", "1 127.0.0.1 localhost"]
+
+
+async def test_ipv4_of_resolves_names_and_falls_back(
+    ctl: Controller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert ipv4_literal("10.0.0.1") == "10.0.0.1" and ipv4_literal("node01") is None
+    assert ipv4_literal("::1") is None
+    assert await ctl._ipv4_of("192.168.1.20") == "192.168.1.20"
+    assert await ctl._ipv4_of("localhost") == "127.0.0.1"
+
+    async def fails(*args: object, **kw: object) -> object:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", fails)
+    assert await ctl._ipv4_of("no-such-host.invalid") is None
+    assert await ctl._ipv4_of("localhost") == "127.0.0.1"  # remembered
 
 
 async def test_n_to_n_child_waits_for_its_own_counterpart(ctl: Controller, tmp_path: Path) -> None:

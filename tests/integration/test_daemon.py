@@ -116,6 +116,84 @@ def test_cancel_and_terminate(home: dict[str, str]) -> None:
     assert (d["state"], d["reason"]) == ("FAILED", "enough")
 
 
+def test_jobs_are_named_by_name_or_by_id(home: dict[str, str]) -> None:
+    """Issue 11: a name is the newest job of that name, for every command that names
+    a job, before and after a restart of the controller."""
+    first = submit(home, "--name", "prep", "--", "echo", "first")
+    wait_state(home, first)
+    script = "echo second $MNP_ARRAY_INDEX"
+    second = submit(home, "--name", "prep", "--array-size", "2", "--", "sh", "-c", script)
+    dep = submit(home, "--depends-on", "prep", "--", "true")
+    d = wait_state(home, dep)
+    assert (d["state"], d["depends_on"]) == ("SUCCEEDED", [second])
+    assert describe(home, "prep")["id"] == second
+    assert describe(home, "prep:1")["id"] == f"{second}:1"
+    assert describe(home, first)["name"] == "prep"  # an id still names its own job
+    assert mnp("logs", "prep:1", env=home).stdout == "second 1\n"
+    assert sorted(mnp("logs", "prep", env=home).stdout.splitlines()) == [
+        "0: second 0",
+        "1: second 1",
+    ]
+    events = mnp("events", "--job", "prep", env=home).stdout.splitlines()
+    assert events and {json.loads(e)["job_id"].split(":")[0] for e in events} == {second}
+    # after a restart the controller holds no finished job: names and ids of stored ones
+    assert mnp("controller", "stop", env=home).returncode == 0
+    late = submit(home, "--depends-on", "prep:afterany", "--depends-on", first, "--", "true")
+    assert describe(home, late)["depends_on"] == [f"{second}:afterany", first]
+    assert wait_state(home, late)["state"] == "SUCCEEDED"
+    long = submit(home, "--name", "long", "--", "sleep", "30")
+    r = mnp("terminate", "long", "--reason", "by name", env=home)
+    assert r.returncode == 0 and r.stdout.split()[0] == long, r.stderr
+    assert (wait_state(home, long)["reason"]) == "by name"
+    for argv, needle in [
+        (["describe", "nosuch"], "mnp: job nosuch does not exist\n"),
+        (["logs", "nosuch#0"], "mnp: job nosuch does not exist\n"),
+        (["cancel", "nosuch", "--reason", "x"], "mnp: job nosuch does not exist\n"),
+        (["submit", "--depends-on", "nosuch", "--", "true"], "job nosuch does not exist\n"),
+    ]:
+        r = mnp(*argv, env=home)
+        assert r.returncode == 2 and r.stderr.endswith(needle), (argv, r.stderr)
+        assert r.stderr.startswith("mnp: ") and r.stderr.count("\n") == 1
+
+
+def test_submit_cancel_terminate_json(home: dict[str, str]) -> None:
+    r = mnp("submit", "--json", "--name", "js", "--", "sleep", "30", env=home)
+    assert r.returncode == 0, r.stderr
+    running = json.loads(r.stdout)
+    assert running == {"job_id": running["job_id"], "name": "js", "warnings": []}
+    r = mnp("submit", "--json", "--depends-on", "js", "--", "true", env=home)
+    waiting = json.loads(r.stdout)["job_id"]
+    r = mnp("cancel", waiting, "--reason", "no", "--json", env=home)
+    assert json.loads(r.stdout) == {"job_id": waiting, "name": "true", "state": "FAILED"}
+    r = mnp("terminate", "js", "--reason", "enough", "--json", env=home)
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(r.stdout)
+    assert (answer["job_id"], answer["name"]) == (running["job_id"], "js")
+    r = mnp("submit", "--json", "--wait", "--", "sh", "-c", "exit 3", env=home)
+    done = json.loads(r.stdout)
+    assert r.returncode == 3
+    assert (done["state"], done["exit_code"], done["name"]) == ("FAILED", 3, "sh")
+    # errors stay one line on stderr, exit 2, nothing on stdout
+    for argv in (["submit", "--json", "--vcpus", "4096", "--", "true"],
+                 ["terminate", "nosuch", "--reason", "x", "--json"]):  # fmt: skip
+        r = mnp(*argv, env=home)
+        assert (r.returncode, r.stdout, r.stderr.count("\n")) == (2, "", 1), r.stderr
+
+
+def test_hosts_show_their_load(home: dict[str, str]) -> None:
+    assert mnp("controller", "start", env=home).returncode == 0
+    r = mnp("hosts", "--json", env=home)
+    assert r.returncode == 0, r.stderr
+    hosts = json.loads(r.stdout)
+    assert [h["name"] for h in hosts] == [f"local-{i}" for i in range(4)]
+    for h in hosts:
+        assert h["state"] == "up" and abs(h["load"] - os.getloadavg()[0]) < 5, h
+        assert 0 < h["memory_used"] <= psutil.virtual_memory().total
+    header, *rows = mnp("hosts", env=home).stdout.splitlines()
+    assert header.split()[-3:] == ["TASKS", "LOAD", "MEMORY_USED"]
+    assert len(rows) == 4 and all(float(row.split()[-2]) >= 0 for row in rows)
+
+
 def test_run_uses_the_running_controller(home: dict[str, str]) -> None:
     submit(home, "--", "true")
     r = mnp("run", "--array-size", "3", "--", "sh", "-c", "echo $MNP_ARRAY_INDEX", env=home)

@@ -361,3 +361,16 @@ def test_concurrent_mnp_runs_and_a_submit_share_the_first_runs_controller(
     assert first.returncode == 4, err
     jobs = {j["id"]: j for j in json.loads(mnp("list", "--json", env=home).stdout)}
     assert {k: v["state"] for k, v in jobs.items()} == {"1": "FAILED", "2": "SUCCEEDED"}
+
+
+def test_param_fills_a_ref_the_file_does_not_declare(tmp_path: Path) -> None:
+    job = tmp_path / "py.toml"
+    job.write_text('command = ["Ref::python", "-c", "print(\'from\', \'Ref::who\')"]\n')
+    r = mnp("run", str(job), "--param", f"python={sys.executable}", "--param", "who=param")
+    assert (r.returncode, r.stdout) == (0, "from param\n"), r.stderr
+    r = mnp("run", str(job), "--param", f"python={sys.executable}")  # Ref::who has no value
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{job}:command[2]: Ref::who names no parameter" in r.stderr
+    r = mnp("run", str(job), "--param", "who=x", "--param", "pyhton=x", "--param", "python=y")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("mnp: <command line>:--param: pyhton: no Ref::pyhton"), r.stderr

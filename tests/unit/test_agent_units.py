@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from mnp.agent.expand import expand
-from mnp.agent.facts import gpus_from
+from mnp.agent.facts import gpus_from, load
 from mnp.agent.loop import CHUNK, Loop, Output, Stream
 from mnp.agent.main import parse
 from mnp.agent.proc import Proc, Snapshot, job_part, read_stat
@@ -306,3 +306,23 @@ def test_agent_identity_is_judged_only_on_its_own_machine_and_pid_namespace() ->
     other_ns = here.rsplit(".", 1)[0] + ".1"
     assert agent_alive(f"{other_ns}:{pid}:{start}", here, {}) is None  # cannot tell
     assert agent_alive("", here, {}) is None and agent_alive("x:y", here, {}) is None
+
+
+def test_load_sample(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    sample = load()
+    assert len(sample["load"]) == 3 and all(x >= 0 for x in sample["load"])
+    assert isinstance(sample["memory_used"], int) and sample["memory_used"] > 0
+
+    def no_loadavg() -> tuple[float, float, float]:
+        raise OSError("not here")
+
+    monkeypatch.setattr(os, "getloadavg", no_loadavg)
+    real_open = open
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       1000 kB\nMemFree:  10 kB\nMemAvailable:    250 kB\n")
+
+    def fake_open(path: Any, *args: Any, **kw: Any) -> Any:
+        return real_open(meminfo if path == "/proc/meminfo" else path, *args, **kw)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    assert load() == {"load": None, "memory_used": 750 * 1024}

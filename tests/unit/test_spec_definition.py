@@ -343,3 +343,117 @@ def test_override_result_is_a_new_frozen_definition() -> None:
     assert o is not d
     with pytest.raises(dataclasses.FrozenInstanceError):
         o.name = "x"  # type: ignore[misc]
+
+
+# --- --param and Ref::K (issue 11: AWS Batch SubmitJob parameters) ----------
+
+UNDECLARED = 'command = ["Ref::python", "-c", "print(1)", "Ref::size"]\n[parameters]\nsize = "3"\n'
+
+
+def test_param_gives_a_value_to_an_undeclared_ref(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(UNDECLARED)
+    with pytest.raises(SpecError, match=r"command\[0\]: Ref::python names no parameter"):
+        load_definition(path)  # alone, the file is incomplete
+    d = apply_overrides(load_definition(path, open_refs=True), params={"python": "/bin/py"})
+    assert d.parameters == {"size": "3", "python": "/bin/py"}
+    assert d.source == str(path)
+    # what the controller parses again is complete on its own
+    assert parse_definition(definition_to_dict(d), d.source) == d
+
+
+def test_a_ref_without_any_value_stays_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(UNDECLARED)
+    loose = load_definition(path, open_refs=True)
+    with pytest.raises(SpecError) as e:
+        apply_overrides(loose, attempts=2)
+    assert str(e.value).startswith(
+        f"{path}:command[0]: Ref::python names no parameter; declared parameters: size; "
+        "declare it in [parameters] or give --param python=VALUE"
+    )
+    with pytest.raises(SpecError, match=r"^\S+:command\[0\]: Ref::python names no parameter"):
+        apply_overrides(loose, params={"size": "4"})  # a value for another one is not enough
+
+
+@pytest.mark.parametrize(
+    ("argv", "params", "expected"),
+    [
+        (
+            ["echo", "hi"],
+            {"x": "1"},
+            "x: no Ref::x in the job's commands uses it; parameters the commands use: none",
+        ),
+        (
+            ["echo", "Ref::size"],
+            {"size": "1", "sise": "2"},
+            "sise: no Ref::sise in the job's commands uses it; parameters the commands use: size",
+        ),
+    ],
+)
+def test_a_param_nothing_uses_is_an_error(
+    argv: list[str], params: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(SpecError) as e:
+        definition_from_command(argv, params=params)
+    assert str(e.value) == f"<command line>:--param: {expected}"
+    d = parse_definition({"name": "s", "command": argv, "parameters": {"size": "0"}}, "s.toml")
+    with pytest.raises(SpecError) as e:
+        apply_overrides(d, params=params)
+    assert str(e.value) == f"<command line>:--param: {expected}"
+
+
+def test_a_param_used_only_by_a_group_command_counts() -> None:
+    d = parse_definition(
+        {
+            "name": "m",
+            "type": "multinode",
+            "multinode": {
+                "num_nodes": 2,
+                "groups": [
+                    {"target_nodes": "0", "command": ["echo", "main"]},
+                    {"target_nodes": "1", "command": ["echo", "Ref::who"]},
+                ],
+            },
+        },
+        "m.toml",
+        open_refs=True,
+    )
+    o = apply_overrides(d, params={"who": "child"})
+    assert o.parameters == {"who": "child"}
+
+
+def test_validate_accepts_an_undeclared_ref_and_says_what_it_needs(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(UNDECLARED)
+    assert validate_file(path) == f'{path}: ok (single job "job"; needs --param python=VALUE)'
+
+
+def test_validation_report_entries(tmp_path: Path) -> None:
+    from mnp.spec import validation_report
+
+    job = tmp_path / "job.toml"
+    job.write_text(UNDECLARED)
+    assert validation_report(job) == {
+        "file": str(job),
+        "kind": "definition",
+        "ok": True,
+        "summary": 'single job "job"; needs --param python=VALUE',
+        "needs_params": ["python"],
+    }
+    inv = tmp_path / "inv.toml"
+    inv.write_text('[[hosts]]\nnames = "n[1-3]"\n')
+    assert validation_report(inv) == {
+        "file": str(inv),
+        "kind": "inventory",
+        "ok": True,
+        "summary": "inventory, 3 hosts, 1 compute environment, 1 queue",
+    }
+    bad = tmp_path / "bad.toml"
+    bad.write_text('command = ["true"]\ncomand = 1\n')
+    report = validation_report(bad)
+    assert (report["kind"], report["ok"]) == ("definition", False)
+    assert report["error"].startswith(f"{bad}:comand: unknown field")
+    missing = validation_report(tmp_path / "none.toml")
+    assert (missing["kind"], missing["ok"]) == (None, False)
+    assert missing["error"] == f"{tmp_path / 'none.toml'}: no such file"

@@ -135,6 +135,57 @@ def test_read_only_open_of_a_missing_or_empty_file(tmp_path: Path) -> None:
         Store(tmp_path / "empty.db", readonly=True)
 
 
+def test_jobs_by_id_or_by_name_the_newest_of_that_name(store: Store, db: Path) -> None:
+    store.add_jobs(
+        [
+            job_row("1", 1, name="train"),
+            job_row("2", 2, name="7"),  # a name that looks like an id
+            job_row("3", 3, name="train", array_size=2),
+            *array_rows("3", 4, 2),
+            job_row("7", 6, name="other"),
+            job_row("8", 7, name="8"),
+        ]
+    )
+    store.flush()
+    with Store(db, readonly=True) as reader:
+        for s in (store, reader):
+            assert s.resolve("1") == "1"
+            assert s.resolve("train") == "3"  # the newest of the name
+            assert s.resolve("train:1") == "3:1" and s.resolve("train#0") == "3#0"
+            assert s.resolve("7") == "7"  # an id comes first
+            assert s.resolve("8") == "8"
+            assert s.resolve("arr") is None  # array children's name is not looked up
+            assert s.resolve("nosuch") is None and s.resolve("nosuch:1") is None
+            assert s.newest_named("train") == "3" and s.newest_named("nosuch") is None
+            assert s.state_and_size("3") == ("SUBMITTED", 2)
+            assert s.state_and_size("1") == ("SUBMITTED", None)
+            assert s.state_and_size("9") is None
+    plan = store.conn.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE name = ? AND parent IS NULL "
+        "ORDER BY seq DESC LIMIT 1",
+        ("train",),
+    ).fetchall()
+    assert "jobs_name" in str(plan) and "TEMP B-TREE" not in str(plan), plan
+
+
+def test_version_1_is_read_as_it_is_and_migrated_by_the_writer(db: Path) -> None:
+    Store(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute("DROP INDEX jobs_name")  # what version 1 had
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO jobs (seq, id, name, state) VALUES (1, '1', 'old', 'SUCCEEDED')")
+    conn.commit()
+    conn.close()
+    with Store(db, readonly=True) as reader:  # no writer has migrated it yet
+        assert reader.resolve("old") == "1"
+        assert reader.conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    with Store(db) as writer:
+        assert writer.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        names = {r[0] for r in writer.conn.execute("SELECT name FROM sqlite_master")}
+        assert "jobs_name" in names
+        assert writer.resolve("old") == "1"
+
+
 @pytest.fixture
 def open_dir() -> Iterator[Path]:
     """A directory an unprivileged user can reach (pytest's tmp_path is 0700)."""

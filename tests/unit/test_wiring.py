@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,15 @@ def test_array_child_gpu_visibility(gpus: tuple[int, ...], has: bool, expected: 
     assert env["MNP_JOB_ID"] == "7:1"
     assert env["MNP_ARRAY_INDEX"] == "1" and env["MNP_ARRAY_SIZE"] == "3"
     assert env.get("CUDA_VISIBLE_DEVICES") == expected
+
+
+def test_main_ipv4_is_the_resolved_address_and_main_addr_stays_as_written() -> None:
+    named = tuple(replace(p, address=f"node0{p.index + 1}") for p in PLACEMENT)
+    launch = replace(LAUNCH, nodes=named, main_ipv4="10.9.8.7")
+    child = task_environment(MN, launch, 1, 0)
+    assert child["AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS"] == "10.9.8.7"
+    assert child["MNP_MAIN_NODE_ADDR"] == child["MASTER_ADDR"] == "node01"
+    assert "AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS" not in task_environment(MN, launch, 0)
+    # not resolved (the controller could not): the address as written
+    unresolved = task_environment(MN, replace(launch, main_ipv4=None), 1, 0)
+    assert unresolved["AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS"] == "node01"
