@@ -325,8 +325,12 @@ def test_controller_stop_neither_fails_a_running_job_nor_uses_an_attempt(
         stderr=subprocess.PIPE,
         text=True,
     )
+    def running(j: str) -> bool:
+        r = mnp("describe", j, "--json", env=home)
+        return r.returncode == 0 and json.loads(r.stdout)["state"] == "RUNNING"
+
     for j in (job, "2"):
-        wait_until(f"job {j} RUNNING", lambda j=j: describe(home, j)["state"] == "RUNNING", 30)
+        wait_until(f"job {j} RUNNING", lambda j=j: running(j), 30)
     assert mnp("controller", "stop", env=home).returncode == 0
     # the `mnp run` client is told its job was stopped, not failed
     _, err = runner.communicate(timeout=30)
