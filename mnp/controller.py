@@ -123,21 +123,40 @@ class Controller:
         self._batch: dict[str, list[tuple[Event, TaskRun]]] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
         self._closed = False
+        # while start() connects and restores: new agents wait for their stale sweep
+        self._holding_stale = False
+        self._unswept: set[str] = set()
 
     # --- hosts ------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Connect to every host at once (bounded); unreachable ones are retried later."""
+    async def start(self, restored: Sequence[Restored] = ()) -> None:
+        """Connect to every host at once (bounded); unreachable ones are retried later.
+
+        ``restored``: the unfinished jobs a previous controller left (``restore``). They
+        are taken back once the hosts are connected and before any agent gets its
+        ``stale`` sweep, so that no sweep judges their retries (same job ids) left over."""
         sem = asyncio.Semaphore(self.connect_fanout)
 
         async def one(name: str) -> None:
             async with sem:
                 await self._connect(name)
 
-        await asyncio.gather(*(one(h.name) for h in self.inventory.hosts))
-        if not self.agents:
-            details = "; ".join(self.host_errors.values()) or "the inventory has no hosts"
-            raise InfraError(f"no host reachable: {details}")
+        self._holding_stale = True
+        try:
+            await asyncio.gather(*(one(h.name) for h in self.inventory.hosts))
+            if not self.agents:
+                details = "; ".join(self.host_errors.values()) or "the inventory has no hosts"
+                raise InfraError(f"no host reachable: {details}")
+            if restored:
+                self.restore(restored, time.time())
+        finally:
+            self._holding_stale = False
+        # before this returns, and so before any scheduling pass can send a spawn
+        for name in list(self._unswept):
+            conn = self.agents.get(name)
+            if conn is not None:
+                self._send_stale(conn)
+        self._unswept.clear()
         for h in self.inventory.hosts:
             if h.name not in self.agents:
                 self._spawn_bg(self._reconnect(h.name))
@@ -156,10 +175,10 @@ class Controller:
             await conn.close()
             return False
         conn.start(self._on_agent_event, self._on_host_lost)
-        try:
-            conn.send(self._stale_sweep())
-        except MnpError:
-            pass  # the connection died already; the reader reports it
+        if self._holding_stale:
+            self._unswept.add(host.name)  # swept once the jobs to keep are known (start)
+        else:
+            self._send_stale(conn)
         self.agents[host.name] = conn
         self.host_errors.pop(host.name, None)
         gpus = tuple(int(g["index"]) for g in facts.get("gpus", []))
@@ -177,6 +196,14 @@ class Controller:
             )
         self._kick()
         return True
+
+    def _send_stale(self, conn: AgentConnection) -> None:
+        """The first op on a connection: computed now, from every job this controller
+        holds (the agent also leaves alone whatever it spawns itself, before or after)."""
+        try:
+            conn.send(self._stale_sweep())
+        except MnpError:
+            pass  # the connection died already; the reader reports it
 
     def _stale_sweep(self) -> Event:
         """What a new agent kills before it runs anything: processes of this controller
@@ -321,6 +348,8 @@ class Controller:
             job.request = self._request_for(it.id, it.defn, it.seq)
             self.jobs[it.id] = job
             self._seq = max(self._seq, it.seq)
+            if it.id.isdigit():  # without a recorder, ids go on after the restored ones
+                self._next_id = max(self._next_id, int(it.id) + 1)
             if parent is not None:
                 parent.children.append(job)
             elif it.defn.array is not None:

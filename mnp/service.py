@@ -319,7 +319,6 @@ class Service:
         for w in self.warnings:
             log.warning("%s", w)
         self._catch_up_events()  # before anything new is committed
-        await self.controller.start()
         self.controller.continue_numbering(self.store.max_job_seq())
         rows = self.store.unfinished_jobs()
         items = []
@@ -347,7 +346,8 @@ class Service:
             )
         if items:
             log.info("restoring %d unfinished job(s)", len(items))
-            self.controller.restore(items, time.time())
+        # restored once the hosts are connected, before their agents' stale sweeps
+        await self.controller.start(restored=items)
         self.flush()
 
     async def shutdown(self) -> None:

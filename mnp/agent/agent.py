@@ -110,7 +110,7 @@ class Agent:
             signal.signal(sig, self._on_signal)
         self.loop.add_reader(wake_r, self._on_wakeup)
         self.rundir = make_rundir(self.ctl)
-        self.out.emit(dict(ev="ready", **collect(self.started, self.rundir)))
+        self.out.emit(dict(ev="ready", **self._facts()))
         self.out.flush()
 
     def listen(self) -> None:
@@ -331,12 +331,17 @@ class Agent:
         below = msg.get("below")
         if not isinstance(below, int) or isinstance(below, bool) or below < 0:
             raise BadRequest("below must be an integer >= 0")
+        abandoned = msg.get("abandoned")
+        if abandoned is None:
+            abandoned = []
+        if not (isinstance(abandoned, list) and all(isinstance(a, str) for a in abandoned)):
+            raise BadRequest("abandoned must be a list of agent identities")
         grace = self._grace(msg)
         old = self.teardowns.get("stale")
         if old is not None:  # the newer list wins; what the old one found is killed at once
             self._drop_tag_sweep(old)
         here = self.identity.split(":", 1)[0]
-        rule = StaleRule(set(live), below, here, self.tagger)
+        rule = StaleRule(set(live), below, here, self.tagger, self.identity, set(abandoned))
         self._teardown("stale", "stale", "", None, grace)
         self.teardowns["stale"].rule = rule
 
@@ -344,7 +349,10 @@ class Agent:
         self.out.emit({"ev": "pong", "id": msg.get("id"), "t": _now()})
 
     def op_facts(self, msg: Dict[str, Any]) -> None:
-        self.out.emit(dict(ev="facts", **collect(self.started, self.rundir)))
+        self.out.emit(dict(ev="facts", **self._facts()))
+
+    def _facts(self) -> Dict[str, Any]:
+        return dict(agent_id=self.identity, **collect(self.started, self.rundir))
 
     def op_port(self, msg: Dict[str, Any]) -> None:
         """A TCP port free on this host now (for MASTER_PORT), not one handed out lately."""

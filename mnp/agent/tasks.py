@@ -81,25 +81,50 @@ class Teardown:
 class StaleRule:
     """Which processes carrying this controller's token a new agent sweeps at start:
     those of a job the controller no longer runs (a number below `below` that is not in
-    `live`), and those whose agent (`MNP_AGENT_ID`) was `here` (this agent's boot and pid
-    namespace) and is gone."""
+    `live`), those whose agent (`MNP_AGENT_ID`) was `here` (this agent's boot and pid
+    namespace) and is gone, and those whose agent is in `abandoned` (agents the
+    controller gave up on: hung, not answering). Never a process this agent started
+    (`me`, its own identity), nor one in the session of a task of this agent: whatever
+    `live` says, what the agent spawned -- before or after the `stale` -- is an attempt
+    the controller started."""
 
-    def __init__(self, live: Set[str], below: int, here: str, tagger: Tagger) -> None:
+    def __init__(
+        self,
+        live: Set[str],
+        below: int,
+        here: str,
+        tagger: Tagger,
+        me: str = "",
+        abandoned: Optional[Set[str]] = None,
+    ) -> None:
         self.live = live
         self.below = below
         self.here = here
         self.tagger = tagger
+        self.me = me
+        self.abandoned = abandoned or set()
         self.agents: Dict[Tuple[int, int], Optional[str]] = {}  # (pid, start) → its agent
 
-    def stale(self, p: Proc, tag: str, snap: Snapshot) -> bool:
-        job = job_part(tag)
-        if job not in self.live and job.isdigit() and int(job) < self.below:
-            return True
+    def agent_of(self, p: Proc) -> Optional[str]:
         key = (p.pid, p.start)
         if key not in self.agents:
             self.agents[key] = self.tagger.value(p.pid, "MNP_AGENT_ID")
-        agent = self.agents[key]
-        return agent is not None and agent_alive(agent, self.here, snap.procs) is False
+        return self.agents[key]
+
+    def stale(self, p: Proc, tag: str, snap: Snapshot, own: Collection[int] = ()) -> bool:
+        if p.sid in own:
+            return False  # a task of this agent (or what it started in its session)
+        agent = self.agent_of(p)
+        if agent is not None and self.me and agent == self.me:
+            return False
+        job = job_part(tag)
+        if job not in self.live and job.isdigit() and int(job) < self.below:
+            return True
+        if agent is None:
+            return False
+        if agent in self.abandoned:
+            return True
+        return agent_alive(agent, self.here, snap.procs) is False
 
 
 def targets(
@@ -134,8 +159,9 @@ def targets(
     elif td.kind == "stale":
         rule = td.rule
         assert rule is not None
+        own = {t.pid for t in tasks if not t.gone}
         for pid, tag in snap.tags.items():
-            if rule.stale(snap.procs[pid], tag, snap):
+            if rule.stale(snap.procs[pid], tag, snap, own):
                 seeds.append(pid)
     else:  # all: every child of the agent, and every tag it ever gave
         seeds.extend(snap.children.get(agent_pid, ()))

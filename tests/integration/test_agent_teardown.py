@@ -457,3 +457,29 @@ def test_new_agent_sweeps_what_a_killed_agent_and_over_jobs_left() -> None:
         for p in strays.values():
             p.kill()
             p.wait()
+
+
+def test_stale_never_kills_what_this_agent_spawned_before_or_after_it() -> None:
+    """A `stale` whose list is older than the agent's tasks (the controller restores its
+    jobs after it connects; a spawn arrives while the sweep still scans) leaves the
+    agent's own tasks alone, whatever `live` says -- also one that ignores SIGTERM and
+    runs while the sweep is still waiting out its grace for a real leftover."""
+    dead = Agent()
+    b = Agent()
+    try:
+        dead.send(op="spawn", tid="5", argv=["sh", "-c", "trap '' TERM; sleep 100"])
+        dead.expect("started", "5")
+        dead.proc.kill()  # its task is left, carrying the job id the retry will carry
+        dead.close()
+        b.send(op="spawn", tid="4", argv=["sh", "-c", "trap '' TERM; sleep 100"])
+        before = b.expect("started", "4")["pid"]
+        b.send(op="stale", live=[], below=100, grace=1)
+        b.send(op="spawn", tid="5", argv=["sleep", "100"])  # the retry, mid-sweep
+        after = b.expect("started", "5")["pid"]
+        assert b.expect("stale", timeout=5)["killed"] >= 1  # the dead agent's task
+        time.sleep(0.3)
+        for pid in (before, after):
+            assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        assert [e for e in b.history if e.get("ev") == "exited"] == []
+    finally:
+        b.close()

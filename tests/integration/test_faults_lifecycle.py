@@ -1,0 +1,134 @@
+"""Faults of issue 12 injected into the real controller daemon, on local agents and on
+real sshd hosts: a restart racing the agents' stale sweeps, a hung (SIGSTOPped) agent,
+the state database deleted under the controller, a client that stops reading, and a
+task's daemon that sheds its session and environment. Each test records what it did
+in the fault ledger (tests/ledger.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.helpers import mnp, wait_no_procs, wait_until
+from tests.integration.sshd import SshdCluster
+from tests.ledger import Ledger
+
+pytestmark = [pytest.mark.faults]
+
+TERMINAL = ("SUCCEEDED", "FAILED")
+Daemon = Callable[..., dict[str, str]]
+
+
+@pytest.fixture
+def start_daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Daemon]:
+    """``start_daemon(hosts, **env)``: a controller daemon with its own MNP_HOME serving
+    ``hosts`` ("local": 4 local nodes; "ssh": the 4 sshd hosts), ``env`` added to the
+    environment it starts with. Stopped at the end of the test."""
+    started: list[dict[str, str]] = []
+
+    def start(hosts: str, **extra: str) -> dict[str, str]:
+        if hosts == "ssh":
+            cluster: SshdCluster = request.getfixturevalue("sshd_hosts")
+            inventory = str(cluster.inventory_toml)
+        else:
+            inventory = "local"
+        home = tmp_path / f"home{len(started)}"
+        env = {"MNP_HOME": str(home), "MNP_INVENTORY": inventory, **extra}
+        r = mnp("controller", "start", env=env)
+        assert r.returncode == 0, r.stderr
+        started.append(env)
+        return env
+
+    yield start
+    for env in started:
+        mnp("controller", "stop", env=env)
+
+
+def submit(env: dict[str, str], *args: str) -> str:
+    r = mnp("submit", *args, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def describe(env: dict[str, str], job: str) -> dict[str, Any]:
+    r = mnp("describe", job, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def controller_pid(env: dict[str, str]) -> int:
+    st = json.loads(mnp("controller", "status", "--json", env=env).stdout)
+    return int(st["pid"])
+
+
+def hosts_of(env: dict[str, str]) -> list[dict[str, Any]]:
+    r = mnp("hosts", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def ended(env: dict[str, str], job: str) -> dict[str, Any] | None:
+    d = describe(env, job)
+    return d if d["state"] in TERMINAL else None
+
+
+def kill_and_restart(env: dict[str, str], ledger: Ledger) -> None:
+    pid = controller_pid(env)
+    os.kill(pid, signal.SIGKILL)
+    ledger.fault("controller SIGKILL + restart")
+    wait_until("the killed controller gone", lambda: not psutil.pid_exists(pid), 5)
+    r = mnp("controller", "start", env=env)
+    assert r.returncode == 0, r.stderr
+
+
+# --- 1. a restart must not let a stale sweep kill the retry ------------------------
+
+
+@pytest.mark.parametrize("hosts", ["local", pytest.param("ssh", marks=pytest.mark.ssh)])
+def test_restart_retries_running_jobs_and_no_stale_sweep_kills_the_retry(
+    hosts: str, start_daemon: Daemon, ledger: Ledger
+) -> None:
+    """SIGKILL the controller while jobs run and start it again: each running job is
+    retried (a lost attempt) and the retry runs to its end. The new agents' stale sweep
+    must never take a retry -- same job id as the lost attempt -- for a leftover
+    (before the fix about half the retries got SIGTERM a few ms after they started)."""
+    env = start_daemon(hosts)
+    mark = uuid.uuid4().hex
+    jobs: list[str] = []
+    # half of them ignore SIGTERM: what the dying agents leave lives on for their grace,
+    # so a new agent's stale sweep is still at work when the retries are spawned
+    # one job a host: one of them lands on the agent that connects last, whose stale
+    # sweep is sent just before its retry's spawn
+    scripts = ["sleep 3", "trap '' TERM; sleep 3"] * 2
+    whole = ["--vcpus", str(max(h["vcpus"] for h in hosts_of(env)))]
+    for _ in range(3):
+        batch = [
+            submit(env, *whole, "--env", f"TEST_MARK={mark}", "--", "sh", "-c", script)
+            for script in scripts
+        ]
+        jobs += batch
+        wait_until(
+            "the jobs running",
+            lambda b=batch: all(describe(env, j)["state"] == "RUNNING" for j in b),
+            30,
+        )
+        kill_and_restart(env, ledger)
+    done = [wait_until(f"job {j} to end", lambda j=j: ended(env, j), 60) for j in jobs]
+    left = wait_no_procs("TEST_MARK", mark, 10)
+    bad = [d for d in done if d["state"] != "SUCCEEDED"]
+    ledger.jobs(accepted=len(jobs), lost=len(bad))
+    ledger.orphans_found(len(left))
+    assert bad == [], [(d["id"], d["reason"], d["exit_code"], d["signal"]) for d in bad]
+    for d in done:
+        last = d["attempts"][-1]
+        assert (last["exit_code"], last["signal"]) == (0, None), d
+    assert left == []
