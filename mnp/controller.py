@@ -22,7 +22,7 @@ from mnp.model import TERMINAL, Inventory, JobDefinition, JobState, Resources
 from mnp.sched.alloc import HostCapacity
 from mnp.sched.decide import Request, Start, could_ever_run, decide
 from mnp.sched.runqueue import RunQueue
-from mnp.transport.base import AgentConnection, Event, Transport
+from mnp.transport.base import UNRESPONSIVE, AgentConnection, Event, Transport
 from mnp.wiring import (
     Launch,
     NodePlacement,
@@ -62,6 +62,29 @@ EventSink = Callable[[dict[str, Any]], None]
 TIMEOUT_REASON = "Job attempt duration exceeded timeout"
 LOST_REASON = "Controller restarted: attempt lost"
 
+HEARTBEAT_INTERVAL = 3.0  # seconds between pings to each agent (MNP_HEARTBEAT_INTERVAL)
+HEARTBEAT_DEADLINE = 10.0  # an agent silent this long is given up on (MNP_HEARTBEAT_TIMEOUT)
+TEARDOWN_SLACK = 15.0
+"""How long after ``kill_grace`` an ending attempt waits for its agents to confirm the
+teardown (their own give-up after SIGKILL is 5 s) before its hosts are given up on."""
+ABANDONED_KEPT = 64  # agent ids given up on, listed in every stale sweep
+
+
+def heartbeat_from_env(env: Mapping[str, str] | None = None) -> tuple[float, float]:
+    """(interval, deadline) of the agents' heartbeat: ``MNP_HEARTBEAT_INTERVAL`` and
+    ``MNP_HEARTBEAT_TIMEOUT`` (seconds) where set to positive numbers, else the defaults."""
+    env = os.environ if env is None else env
+
+    def num(name: str, default: float) -> float:
+        try:
+            value = float(env.get(name, ""))
+        except ValueError:
+            return default
+        return value if value > 0 else default
+
+    interval = num("MNP_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL)
+    return interval, max(num("MNP_HEARTBEAT_TIMEOUT", HEARTBEAT_DEADLINE), interval)
+
 
 @dataclass(frozen=True)
 class Restored:
@@ -92,6 +115,7 @@ class Controller:
         agent_grace: float = 2.0,
         connect_fanout: int = 64,
         recorder: Recorder | None = None,
+        heartbeat: tuple[float, float] | None = None,
     ) -> None:
         self.inventory = inventory
         self.transports = transports
@@ -103,6 +127,9 @@ class Controller:
         self.agent_grace = agent_grace
         self.connect_fanout = connect_fanout
         self.recorder = recorder
+        self.heartbeat = heartbeat if heartbeat is not None else heartbeat_from_env()
+        self.teardown_slack = TEARDOWN_SLACK
+        self.abandoned_agents: list[str] = []  # agent ids given up on while they may still run
         self.agents: dict[str, AgentConnection] = {}
         self.capacity: dict[str, HostCapacity] = {}
         self.host_errors: dict[str, str] = {}
@@ -118,10 +145,14 @@ class Controller:
         self._pending_ports: dict[str, asyncio.Future[int]] = {}
         self._waiting_on: dict[str, list[Job]] = {}  # job id → jobs waiting for it to end
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        # attempts ending, waiting for their agents: id → (deadline, job, attempt)
+        self._ending: dict[int, tuple[float, Job, Attempt]] = {}
+        self._ending_timer: asyncio.TimerHandle | None = None
         self._kick_scheduled = False
         # while a scheduling pass runs: its spawns per host, sent as one write per host
         self._batch: dict[str, list[tuple[Event, TaskRun]]] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
+        self._closing: set[asyncio.Task[None]] = set()  # connections of lost hosts closing
         self._closed = False
         # while start() connects and restores: new agents wait for their stale sweep
         self._holding_stale = False
@@ -174,7 +205,7 @@ class Controller:
         if self._closed:
             await conn.close()
             return False
-        conn.start(self._on_agent_event, self._on_host_lost)
+        conn.start(self._on_agent_event, self._on_host_lost, self.heartbeat)
         if self._holding_stale:
             self._unswept.add(host.name)  # swept once the jobs to keep are known (start)
         else:
@@ -224,7 +255,10 @@ class Controller:
             elif job.id.isdigit():
                 below = min(below, int(job.id))
         live = sorted(j for j in placed if not (j.isdigit() and int(j) >= below))
-        return {"op": "stale", "live": live, "below": below, "grace": self.agent_grace}
+        msg: Event = {"op": "stale", "live": live, "below": below, "grace": self.agent_grace}
+        if self.abandoned_agents:
+            msg["abandoned"] = list(self.abandoned_agents)
+        return msg
 
     async def _reconnect(self, name: str) -> None:
         """Try again with exponential backoff (0.5 s doubling to 30 s) until the host is back."""
@@ -242,8 +276,19 @@ class Controller:
         if cap is not None:
             cap.up = False
         lost = self.agents.pop(host, None)
+        reason = f"Host lost: {host}"
         if lost is not None:
-            self._spawn_bg(lost.close())
+            if lost.abandoned is not None:
+                # it may run again (SIGCONT): until it sees its stdin closed, its tasks
+                # are left over for the next agent's stale sweep, on any host
+                reason += f" ({UNRESPONSIVE})"
+                agent_id = str(lost.facts.get("agent_id") or "")
+                if agent_id and agent_id not in self.abandoned_agents:
+                    self.abandoned_agents.append(agent_id)
+                    del self.abandoned_agents[:-ABANDONED_KEPT]
+            closing = asyncio.get_running_loop().create_task(lost.close())
+            self._closing.add(closing)  # awaited by close(), never cancelled
+            closing.add_done_callback(self._closing.discard)
         if not self._closed:
             self._spawn_bg(self._reconnect(host))
         hit: dict[int, tuple[Job, Attempt]] = {}
@@ -259,7 +304,7 @@ class Controller:
             hit[id(attempt)] = (job, attempt)
         for job, attempt in hit.values():
             if not attempt.ending:
-                self._begin_end(job, attempt, JobState.FAILED, f"Host lost: {host}", now)
+                self._begin_end(job, attempt, JobState.FAILED, reason, now)
             self._maybe_finish(job, attempt, now)
         for job in self.jobs.values():
             att = job.attempt
@@ -924,6 +969,49 @@ class Controller:
             if task.host not in attempt.pending_sweeps:
                 self._send(task.host, {"op": "kill", "tid": task.tid, "grace": grace})
         self._maybe_finish(job, attempt, now)
+        if attempt.stopped_at is None and not self._closed:
+            # the attempt ends whatever its agents do: a host whose agent has not
+            # confirmed the teardown by then is given up on, as a lost host is
+            deadline = time.monotonic() + grace + self.teardown_slack
+            self._ending[id(attempt)] = (deadline, job, attempt)
+            if self._ending_timer is None:
+                self._ending_timer = asyncio.get_running_loop().call_later(1.0, self._check_ending)
+
+    def _check_ending(self) -> None:
+        """Once a second while attempts are ending: give up on the hosts of those whose
+        teardown is overdue."""
+        self._ending_timer = None
+        now = time.monotonic()
+        for key, (deadline, job, attempt) in list(self._ending.items()):
+            if attempt.stopped_at is not None:
+                self._ending.pop(key, None)
+            elif deadline <= now:
+                self._ending.pop(key, None)
+                self._teardown_overdue(job, attempt)
+        if self._ending and not self._closed:
+            self._ending_timer = asyncio.get_running_loop().call_later(1.0, self._check_ending)
+
+    def _teardown_overdue(self, job: Job, attempt: Attempt) -> None:
+        hosts = {t.host for t in attempt.tasks.values() if not t.gone} | attempt.pending_sweeps
+        limit = job.defn.timeout.kill_grace + self.teardown_slack
+        now = time.time()
+        for host in sorted(hosts):
+            conn = self.agents.get(host)
+            if conn is not None and conn.alive:
+                conn.abandon(
+                    f"{UNRESPONSIVE} (the teardown of job {job.id} was not confirmed "
+                    f"within {limit:g}s)"
+                )
+                continue
+            # no connection left to wait on (host loss ends its tasks; this is a backstop)
+            attempt.pending_sweeps.discard(host)
+            for task in attempt.tasks.values():
+                if task.host == host and not task.gone:
+                    task.gone = True
+                    self._tasks.pop(task.tid, None)
+                    if self.on_task_end is not None:
+                        self.on_task_end(job, task)
+        self._maybe_finish(job, attempt, now)
 
     def _send(self, host: str, msg: Event) -> bool:
         if self._batch is not None and host in self._batch:
@@ -944,6 +1032,7 @@ class Controller:
             return
         attempt.reaped_at = now
         attempt.stopped_at = now
+        self._ending.pop(id(attempt), None)
         for grant in attempt.grants:
             cap = self.capacity.get(grant.host)
             if cap is not None:
@@ -1101,7 +1190,11 @@ class Controller:
         self._closed = True
         for timer in self._timers.values():
             timer.cancel()
-        await asyncio.gather(*(c.close() for c in self.agents.values()), return_exceptions=True)
+        if self._ending_timer is not None:
+            self._ending_timer.cancel()
+        await asyncio.gather(
+            *(c.close() for c in self.agents.values()), *self._closing, return_exceptions=True
+        )
         for task in list(self._bg):
             task.cancel()
 

@@ -380,3 +380,37 @@ async def test_restored_jobs_are_live_in_every_agents_first_stale(
         await done(c, job)
     finally:
         await c.close()
+
+
+async def test_an_unconfirmed_teardown_gives_the_host_up_after_grace_and_a_bound() -> None:
+    """A timed-out job ends even when its agent never confirms the kill: after
+    kill_grace plus the bound the controller gives up on the host, as on host loss
+    (the heartbeat is out of the way here: a deadline of 10 minutes)."""
+    import os
+    import signal
+    import time
+    from dataclasses import replace
+
+    c = Controller(local_inventory(1), {"local": LocalTransport()}, heartbeat=(0.2, 600))
+    c.teardown_slack = 1.0
+    await c.start()
+    agent = int(c.agents["local-0"].facts["pid"])
+    try:
+        defn: Any = cmd("sleep", "100", timeout="1s")
+        defn = replace(defn, timeout=replace(defn.timeout, kill_grace=0.5))
+        job = c.submit(defn)
+        for _ in range(100):
+            if job.state is JobState.RUNNING:
+                break
+            await asyncio.sleep(0.05)
+        assert job.state is JobState.RUNNING
+        os.kill(agent, signal.SIGSTOP)
+        t0 = time.monotonic()
+        await done(c, job)
+        took = time.monotonic() - t0
+        assert (job.state, job.reason) == (JobState.FAILED, TIMEOUT_REASON)
+        assert took < 1 + 0.5 + 1 + 2, took
+        assert "not confirmed" in c.host_errors["local-0"]
+    finally:
+        os.kill(agent, signal.SIGCONT)
+        await c.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.helpers import mnp, wait_no_procs, wait_until
+from tests.helpers import mnp, procs_with_env, wait_no_procs, wait_until
 from tests.integration.sshd import SshdCluster
 from tests.ledger import Ledger
 
@@ -132,3 +133,114 @@ def test_restart_retries_running_jobs_and_no_stale_sweep_kills_the_retry(
         last = d["attempts"][-1]
         assert (last["exit_code"], last["signal"]) == (0, None), d
     assert left == []
+
+
+# --- 2. a hung agent is noticed ------------------------------------------------------
+
+HEARTBEAT = {"MNP_HEARTBEAT_INTERVAL": "0.5", "MNP_HEARTBEAT_TIMEOUT": "3"}
+
+
+def agent_of(task: psutil.Process) -> psutil.Process:
+    """The agent that started ``task`` (its parent: tasks are spawned directly)."""
+    agent = task.parent()
+    assert agent is not None and "--ctl" in agent.cmdline(), agent
+    return agent
+
+
+def has_exited(p: psutil.Process) -> bool:
+    try:
+        return p.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("hosts", ["local", pytest.param("ssh", marks=pytest.mark.ssh)])
+def test_hung_agent_is_given_up_on_and_its_job_retried(
+    hosts: str, start_daemon: Daemon, ledger: Ledger
+) -> None:
+    """SIGSTOP the agent of a running job (its connection stays up): the heartbeat
+    notices it within its deadline, the attempt fails with `Host lost: NAME (agent not
+    responding)` and is retried; the next agent on that host kills the lost attempt's
+    processes even while the old agent is still stopped. After SIGCONT the old agent
+    finds its connection closed and exits, and the host is up."""
+    env = start_daemon(hosts, **HEARTBEAT)
+    mark = uuid.uuid4().hex
+    script = 'if [ "$MNP_JOB_ATTEMPT" = 1 ]; then exec sleep 1000; fi; echo "$MNP_HOST"'
+    job = submit(env, "--env", f"TEST_MARK={mark}", "--attempts", "2", "--", "sh", "-c", script)
+    (task,) = wait_until(
+        "the first attempt's sleep",
+        lambda: [p for p in procs_with_env("TEST_MARK", mark) if p.name() == "sleep"],
+        30,
+    )
+    host = task.environ()["MNP_HOST"]
+    agent = agent_of(task)
+    agent.suspend()
+    ledger.fault("agent SIGSTOPped (hung)")
+    t0 = time.monotonic()
+    try:
+
+        def first_attempt_failed() -> dict[str, Any] | None:
+            d = describe(env, job)
+            return d if d["attempts"] and d["attempts"][0].get("reason") else None
+
+        d = wait_until("the attempt to fail", first_attempt_failed, 20, every=0.1)
+        took = time.monotonic() - t0
+        assert d["attempts"][0]["reason"] == f"Host lost: {host} (agent not responding)"
+        assert took <= 3 + 3, took  # the deadline, and a beat or two
+        d = wait_until("the retry to end", lambda: ended(env, job), 30)
+        assert d["state"] == "SUCCEEDED", d
+        # the lost attempt's sleep: killed by the host's next agent (the old one is stopped)
+        left = wait_no_procs("TEST_MARK", mark, 15)
+        ledger.orphans_found(len(left))
+        assert left == []
+    finally:
+        agent.resume()
+    wait_until("the old agent to exit", lambda: has_exited(agent), 20)
+
+    def up() -> bool:
+        return any(h["name"] == host and h["state"] == "up" for h in hosts_of(env))
+
+    wait_until(f"{host} up", up, 30, every=0.5)
+    ledger.jobs(accepted=1, lost=0)
+
+
+@pytest.mark.parametrize("hosts", ["local", pytest.param("ssh", marks=pytest.mark.ssh)])
+def test_timeout_ends_the_job_even_when_its_agent_is_hung(
+    hosts: str, start_daemon: Daemon, ledger: Ledger
+) -> None:
+    """A job's own timeout fires whatever its agent does: the agent is SIGSTOPped, the
+    kill it is sent is never answered, and the job still ends FAILED with the timeout's
+    reason (not retried), once the controller gives up on the host."""
+    env = start_daemon(hosts, **HEARTBEAT)
+    mark = uuid.uuid4().hex
+    job = submit(
+        env,
+        "--env",
+        f"TEST_MARK={mark}",
+        "--timeout",
+        "2",
+        "--attempts",
+        "2",
+        "--",
+        "sleep",
+        "1000",
+    )
+    (task,) = wait_until("the sleep", lambda: procs_with_env("TEST_MARK", mark), 30)
+    agent = agent_of(task)
+    agent.suspend()
+    ledger.fault("agent SIGSTOPped (hung)")
+    t0 = time.monotonic()
+    try:
+        d = wait_until("the job to end", lambda: ended(env, job), 20)
+        took = time.monotonic() - t0
+        assert d["state"] == "FAILED", d
+        assert d["reason"] == "Job attempt duration exceeded timeout", d
+        assert len(d["attempts"]) == 1 and d["timed_out"], d
+        assert took <= 2 + 3 + 3, took
+        left = wait_no_procs("TEST_MARK", mark, 15)
+        ledger.orphans_found(len(left))
+        assert left == []
+    finally:
+        agent.resume()
+    wait_until("the old agent to exit", lambda: has_exited(agent), 20)
+    ledger.jobs(accepted=1, lost=0)
