@@ -45,6 +45,7 @@ from mnp.store import Store, codec
 log = logging.getLogger("mnp")
 
 FLUSH_EVERY = 0.02  # seconds: the batching window for store and log writes
+DB_CHECK_EVERY = 2.0  # seconds: how often the state database's file is checked
 RETRY_EVERY = 1.0  # seconds: how soon a write that failed (disk full, locked) is tried again
 EVENTS_NAME = "events.jsonl"
 
@@ -82,6 +83,8 @@ class Service:
         self._files: dict[tuple[str, int], _Log] = {}
         self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._db_check: asyncio.TimerHandle | None = None
+        self.db_lost: str | None = None  # why the state database's file is not ours any more
         self.started = time.time()
         warning = unverified_warning(inventory)
         self.warnings = [warning] if warning else []  # told to every client that uses it
@@ -290,10 +293,17 @@ class Service:
 
     def _catch_up_events(self) -> None:
         """Queue the events the store has and ``events.jsonl`` lacks (it fell behind on a
-        full disk, or a crash tore its last line, which is cut off first)."""
-        last = _last_event_seq(self.events_path)
-        if last is None:
+        full disk, or a crash tore its last line, which is cut off first). A store that
+        is behind the file (a new database: the old one was deleted or replaced) goes on
+        after the file's last ``seq`` and after every job id the file and ``logs/``
+        show, so that no number is ever given out twice."""
+        tail = _events_tail(self.events_path)
+        top = _highest_log_id(self.logs)
+        if tail is None:
+            self.store.continue_after(job_id=top)
             return
+        last, top_event_job = tail
+        self.store.continue_after(event_seq=last, job_id=max(top, top_event_job))
         while True:
             rows = self.store.events_since(last, limit=10_000)
             if not rows:
@@ -303,15 +313,44 @@ class Service:
             last = int(rows[-1]["seq"])
 
     def _accept(self, request: dict[str, Any]) -> Job:
-        """Submit a job and commit it; if it cannot be committed it is withdrawn."""
+        """Submit a job and commit it; if it cannot be committed it is withdrawn (also
+        when the database file turns out not to be ``mnp.db`` any more)."""
+        self._refuse_if_db_lost()
         job = self.controller.submit(self._definition(request))
         failed = self.flush()
+        if failed is None and self._check_db() is not None:
+            failed = self.db_lost
         if failed is not None:
             self.controller.withdraw(job)
             self.store.discard([job.id, *(c.id for c in job.children)])
             self._event_lines = [e for e in self._event_lines if e[0] != job.id]
             raise InfraError(f"job not accepted: {failed}")
         return job
+
+    def _check_db(self) -> str | None:
+        """Whether ``mnp.db`` is still the file this controller writes; once it is not
+        (deleted, replaced), ``db_lost`` says so for good, and it is logged once."""
+        if self.db_lost is None:
+            what = self.store.file_changed()
+            if what is not None:
+                self.db_lost = (
+                    f"state database {self.store.path} {what} while this controller "
+                    f"(pid {os.getpid()}) ran: it can no longer record jobs there; restart "
+                    "it (mnp controller stop; mnp controller start), knowing that the jobs "
+                    "it holds now are not in the new file"
+                )
+                log.error("%s", self.db_lost)
+        return self.db_lost
+
+    def _refuse_if_db_lost(self) -> None:
+        if self._check_db() is not None:
+            raise InfraError(f"job not accepted: {self.db_lost}")
+
+    def _periodic_db_check(self) -> None:
+        self._db_check = None
+        if self._check_db() is None:
+            loop = asyncio.get_running_loop()
+            self._db_check = loop.call_later(DB_CHECK_EVERY, self._periodic_db_check)
 
     # --- lifecycle --------------------------------------------------------
 
@@ -349,8 +388,12 @@ class Service:
         # restored once the hosts are connected, before their agents' stale sweeps
         await self.controller.start(restored=items)
         self.flush()
+        self._periodic_db_check()
 
     async def shutdown(self) -> None:
+        if self._db_check is not None:
+            self._db_check.cancel()
+            self._db_check = None
         await self.controller.close()
         self.flush()
         if self._flush_handle is not None:
@@ -540,9 +583,19 @@ class _Log:
         return None
 
 
-def _last_event_seq(path: Path) -> int | None:
-    """The ``seq`` of the last whole line of ``events.jsonl`` (0 if none, None if it
-    cannot be read); a torn last line (the controller died mid-write) is cut off."""
+def _highest_log_id(logs: Path) -> int:
+    """The highest job id with a folder in ``logs/`` (0 if none)."""
+    try:
+        names = os.listdir(logs)
+    except OSError:
+        return 0
+    return max((int(n) for n in names if n.isdigit()), default=0)
+
+
+def _events_tail(path: Path) -> tuple[int, int] | None:
+    """The ``seq`` of the last whole line of ``events.jsonl`` and the highest top-level
+    job id among its last lines ((0, 0) if none, None if it cannot be read); a torn last
+    line (the controller died mid-write) is cut off."""
     try:
         with open(path, "rb") as f:
             end = f.seek(0, os.SEEK_END)
@@ -550,7 +603,7 @@ def _last_event_seq(path: Path) -> int | None:
             f.seek(start)
             tail = f.read()
     except FileNotFoundError:
-        return 0
+        return 0, 0
     except OSError as e:
         log.error("events: cannot read %s: %s", path, e.strerror or e)
         return None
@@ -560,10 +613,17 @@ def _last_event_seq(path: Path) -> int | None:
             os.truncate(path, start + cut)
         except OSError as e:
             log.error("events: cannot cut the torn last line of %s: %s", path, e.strerror or e)
+    last: int | None = None
+    top = 0
     for line in reversed(tail[:cut].splitlines()):
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            return int(json.loads(line)["seq"])
-    return 0
+        with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+            event = json.loads(line)
+            if last is None:
+                last = int(event["seq"])
+            root = root_of(str(event["job_id"]))
+            if root.isdigit():
+                top = max(top, int(root))
+    return last or 0, top
 
 
 def make_handler_factory(

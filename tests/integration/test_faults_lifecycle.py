@@ -244,3 +244,56 @@ def test_timeout_ends_the_job_even_when_its_agent_is_hung(
         agent.resume()
     wait_until("the old agent to exit", lambda: has_exited(agent), 20)
     ledger.jobs(accepted=1, lost=0)
+
+
+# --- 6. the state database deleted or replaced under the controller ----------------------
+
+
+def event_seqs(env: dict[str, str]) -> list[int]:
+    path = Path(env["MNP_HOME"]) / "events.jsonl"
+    return [int(json.loads(line)["seq"]) for line in path.read_text().splitlines()]
+
+
+def test_state_database_deleted_or_replaced_under_the_controller(
+    start_daemon: Daemon, ledger: Ledger
+) -> None:
+    """`mnp.db` deleted under a running controller: `submit` is refused (exit 3, one line
+    saying what happened and what to do) instead of answering an id for a job that would
+    be lost at the restart. The controller started again on a new database goes on after
+    the last event `seq` and job id in use (`events.jsonl`, `logs/`): no number twice.
+    A database replaced by another file is refused the same way."""
+    env = start_daemon("local")
+    home = Path(env["MNP_HOME"])
+    first = [submit(env, "--wait", "--", "echo", "hello") for _ in range(2)]
+    before = event_seqs(env)
+    (home / "mnp.db").unlink()
+    ledger.fault("state database deleted under the controller")
+    r = mnp("submit", "--", "true", env=env)
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mnp.db was deleted" in lines[0], r.stderr
+    assert "mnp controller stop" in lines[0]
+    r = mnp("run", "--", "true", env=env)
+    assert r.returncode == 3 and "was deleted" in r.stderr, r.stderr
+
+    r = mnp("controller", "stop", env=env)
+    assert r.returncode == 0, r.stderr
+    r = mnp("controller", "start", env=env)
+    assert r.returncode == 0, r.stderr
+    later = submit(env, "--wait", "--", "echo", "again")
+    assert int(later) > max(int(j) for j in first), (first, later)
+    seqs = event_seqs(env)
+    assert seqs[: len(before)] == before
+    assert seqs == sorted(set(seqs)), seqs  # never backwards, never twice
+    assert mnp("logs", later, env=env).stdout == "again\n"
+
+    # replaced by another file (a copy of itself, even): the open file is not mnp.db
+    db = home / "mnp.db"
+    copy = home / "copy.db"
+    copy.write_bytes(db.read_bytes())
+    copy.replace(db)
+    ledger.fault("state database replaced under the controller")
+    r = mnp("submit", "--", "true", env=env)
+    assert r.returncode == 3 and "was replaced by another file" in r.stderr, r.stderr
+    ledger.jobs(accepted=3, lost=0)
