@@ -23,6 +23,7 @@ Disk and permission faults never raise into the controller's loop:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -46,6 +47,7 @@ log = logging.getLogger("mnp")
 
 FLUSH_EVERY = 0.02  # seconds: the batching window for store and log writes
 DB_CHECK_EVERY = 2.0  # seconds: how often the state database's file is checked
+RUN_BUFFER = 4 << 20  # characters of output kept for one `mnp run` client that reads slowly
 RETRY_EVERY = 1.0  # seconds: how soon a write that failed (disk full, locked) is tried again
 EVENTS_NAME = "events.jsonl"
 
@@ -81,7 +83,7 @@ class Service:
         )
         self.logs = home / "logs"
         self._files: dict[tuple[str, int], _Log] = {}
-        self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = {}
+        self._subscribers: dict[str, set[_Feed]] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
         self._db_check: asyncio.TimerHandle | None = None
         self.db_lost: str | None = None  # why the state database's file is not ours any more
@@ -236,8 +238,8 @@ class Service:
             self.controller.note(log_file.job, f"Output lost: {error}")
 
     def _publish(self, job: Job, msg: dict[str, Any]) -> None:
-        for q in self._subscribers.get(root_of(job.id), ()):
-            q.put_nowait(msg)
+        for feed in self._subscribers.get(root_of(job.id), ()):
+            feed.put(msg)
 
     # --- batching ---------------------------------------------------------
 
@@ -448,14 +450,17 @@ class Service:
         await r.end({"ok": True, "job_id": job.id, "warnings": self.warnings})
 
     async def op_run(self, request: dict[str, Any], r: Responder) -> None:
-        """Submit, stream the job's output, end with how it ended."""
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        """Submit, stream the job's output, end with how it ended. A client that reads
+        more slowly than the job writes gets gaps, each said in a line on stderr (the
+        logs have everything): the controller keeps at most ``RUN_BUFFER`` characters
+        of output for it."""
         job = self._accept(request)
+        queue = _Feed(RUN_BUFFER, job.id)
         self._subscribers.setdefault(job.id, set()).add(queue)
         await r.send({"ok": True, "job_id": job.id, "warnings": self.warnings})
         try:
             waiter = asyncio.ensure_future(self.controller.wait(job))
-            waiter.add_done_callback(lambda _f: queue.put_nowait(None))
+            waiter.add_done_callback(lambda _f: queue.put(None))
             closed = asyncio.ensure_future(r.wait_closed())
             while True:
                 getter = asyncio.ensure_future(queue.get())
@@ -540,6 +545,48 @@ class Service:
             for q in sorted(self.inventory.queues.values(), key=lambda q: -q.priority)
         ]
         await r.end({"ok": True, "queues": rows})
+
+
+class _Feed:
+    """What one ``mnp run`` client has yet to be sent: messages in order, of which the
+    output (``"out"``) ones hold at most ``limit`` characters. Output that does not fit
+    is dropped -- and what follows, until the client has taken everything kept -- then
+    a note on stderr says how much the client missed. Other messages (the job's end)
+    are never dropped."""
+
+    def __init__(self, limit: int, job_id: str) -> None:
+        self.limit = limit
+        self.job_id = job_id
+        self.items: collections.deque[dict[str, Any] | None] = collections.deque()
+        self.size = 0  # characters of output in items
+        self.dropped = 0  # characters dropped since the last note
+        self._ready = asyncio.Event()
+
+    def put(self, msg: dict[str, Any] | None) -> None:
+        if msg is not None and "out" in msg:
+            n = len(msg["out"])
+            if self.dropped or self.size + n > self.limit:
+                self.dropped += n
+                return
+            self.size += n
+        self.items.append(msg)
+        self._ready.set()
+
+    async def get(self) -> dict[str, Any] | None:
+        while not self.items or (self.items[0] is None and self.dropped):
+            if self.dropped:  # said before the end, and before more output
+                text = (
+                    f"mnp: {self.dropped:,} characters of output not shown here: this client "
+                    f"read more slowly than the job wrote; mnp logs {self.job_id} has it all\n"
+                )
+                self.dropped = 0
+                return {"out": text, "fd": 2, "tid": "mnp", "label": None}
+            self._ready.clear()
+            await self._ready.wait()
+        msg = self.items.popleft()
+        if msg is not None and "out" in msg:
+            self.size -= len(msg["out"])
+        return msg
 
 
 class _Log:

@@ -297,3 +297,69 @@ def test_state_database_deleted_or_replaced_under_the_controller(
     r = mnp("submit", "--", "true", env=env)
     assert r.returncode == 3 and "was replaced by another file" in r.stderr, r.stderr
     ledger.jobs(accepted=3, lost=0)
+
+
+# --- 8. a client that does not read ------------------------------------------------
+
+
+WRITE_100MB = (
+    "import sys\n"
+    "block = ('x' * 999 + '\\n') * 1000\n"
+    "for _ in range(100):\n"
+    "    sys.stdout.write(block)\n"
+)
+
+
+def test_a_run_client_that_stops_reading_costs_the_controller_bounded_memory(
+    start_daemon: Daemon, ledger: Ledger
+) -> None:
+    """`mnp run ... | less`, unscrolled: the client reads nothing while its task writes
+    100 MB. The controller keeps a bounded buffer for it (its RSS grows by far less than
+    the output), the log on disk gets every byte, and when the client reads again it
+    gets a note saying how much it missed, then the job's end."""
+    from mnp.api import ApiClient
+    from mnp.spec import definition_from_command, definition_to_dict
+
+    env = start_daemon("local")
+    home = Path(env["MNP_HOME"])
+    ctl = psutil.Process(controller_pid(env))
+    submit(env, "--wait", "--", "true")  # warm: agents up, first job's costs paid
+    rss0 = ctl.memory_info().rss
+    defn = definition_from_command(["python3", "-c", WRITE_100MB])
+    client = ApiClient.connect(home)
+    assert client is not None
+    with client:
+        client.send("run", definition=definition_to_dict(defn), source="test")
+        ledger.fault("mnp run client stops reading")
+        peak = rss0
+        log: Path | None = None
+
+        def written() -> bool:
+            nonlocal peak, log
+            peak = max(peak, ctl.memory_info().rss)
+            if log is None:
+                found = sorted(home.glob("logs/*/*.out"))
+                log = found[-1] if found and found[-1].parent.name != "1" else None
+            return log is not None and log.stat().st_size == 100_000_000
+
+        wait_until("the task's 100 MB in its log", written, 120, every=0.05)
+        assert log is not None
+        job = log.parent.name
+        wait_until("the job to end", lambda: ended(env, job), 30)
+        peak = max(peak, ctl.memory_info().rss)
+        growth = (peak - rss0) / 1e6
+        print(f"controller RSS grew {growth:.1f} MB for 100 MB of output nobody read")
+        # now read: what was kept, the note, the end
+        msgs = []
+        while True:
+            msg = client.receive()
+            msgs.append(msg)
+            if msg.get("end"):
+                break
+    assert growth < 40, growth
+    notes = [m["out"] for m in msgs if m.get("tid") == "mnp"]
+    assert notes and "not shown here" in notes[0] and f"mnp logs {job}" in notes[0], notes
+    assert msgs[-1]["state"] == "SUCCEEDED" and msgs[-1]["exit_code"] == 0, msgs[-1]
+    shown = sum(len(m["out"]) for m in msgs if "out" in m and m.get("tid") != "mnp")
+    assert 0 < shown < 100_000_000
+    ledger.jobs(accepted=1, lost=0)
