@@ -29,6 +29,8 @@ class Task:
         "termed",
         "deadline",
         "born",
+        "born_ticks",
+        "pipes",
     )
 
     def __init__(
@@ -38,9 +40,13 @@ class Task:
         streams: List[Stream],
         feeder: Optional[Feeder],
         born: float = 0.0,
+        born_ticks: int = 0,
+        pipes: Optional[Set[int]] = None,
     ):
         self.tid = tid
         self.born = born  # time.monotonic() at spawn
+        self.born_ticks = born_ticks  # proc.now_ticks() just before the spawn
+        self.pipes = pipes or set()  # inodes of its stdout and stderr pipes
         self.pid = pid  # also its session and process group id
         self.streams = streams
         self.feeder = feeder
@@ -49,6 +55,22 @@ class Task:
         self.gone = False
         self.termed = False  # its process group was sent SIGTERM (a `kill` or `sweep`)
         self.deadline = INF  # a sweep's: SIGKILL what is left of it by then
+
+
+class Orphan:
+    """A process the agent adopted (its parent died; the agent is the subreaper), and
+    the tasks it may belong to: one when its session, process group, tag or output
+    pipes say whose it is; otherwise every task that could have started it (started
+    before it), those whose main process had just ended first. It dies with the last
+    of its owners to end -- never while a task it may belong to still runs -- and at
+    once when it has none (what is left of tasks that are over)."""
+
+    __slots__ = ("pid", "start", "owners")
+
+    def __init__(self, pid: int, start: int, owners: Set[str]) -> None:
+        self.pid = pid
+        self.start = start
+        self.owners = owners
 
 
 class Teardown:
@@ -60,7 +82,9 @@ class Teardown:
 
     def __init__(self, key: str, kind: str, name: str, task: Optional[Task], kill_at: float):
         self.key = key
-        self.kind = kind  # "task", "tag" (a tid with no task here), "sweep", "stale", "all"
+        # "task", "tag" (a tid with no task here), "sweep", "stale", "all", "stray" (an
+        # adopted orphan that no task could own: name is its pid)
+        self.kind = kind
         self.name = name  # tid, or job part for "sweep"
         self.task = task
         self.kill_at = kill_at
@@ -133,9 +157,11 @@ def targets(
     agent_pid: int,
     tasks: Iterable[Task],
     all_tids: Collection[str],
+    extra: Iterable[int] = (),
 ) -> Dict[int, Proc]:
-    """The live processes `td` must kill now, according to `snap`."""
-    seeds: List[int] = []
+    """The live processes `td` must kill now, according to `snap`; `extra`: more seeds
+    (the adopted orphans that are the teardown's to kill)."""
+    seeds: List[int] = list(extra)
     if td.kind in ("task", "tag"):
         task = td.task
         if task is not None:
@@ -163,6 +189,8 @@ def targets(
         for pid, tag in snap.tags.items():
             if rule.stale(snap.procs[pid], tag, snap, own):
                 seeds.append(pid)
+    elif td.kind == "stray":
+        pass  # its one process is in `extra`
     else:  # all: every child of the agent, and every tag it ever gave
         seeds.extend(snap.children.get(agent_pid, ()))
         for tag, pids in snap.by_tag.items():

@@ -363,3 +363,41 @@ def test_a_run_client_that_stops_reading_costs_the_controller_bounded_memory(
     shown = sum(len(m["out"]) for m in msgs if "out" in m and m.get("tid") != "mnp")
     assert 0 < shown < 100_000_000
     ledger.jobs(accepted=1, lost=0)
+
+
+# --- 9. a task's daemon that sheds its session and its tags -----------------------
+
+
+def with_mark(mark: str) -> list[psutil.Process]:
+    """Live processes whose command line has ``mark`` (they carry no tag to find)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if mark in " ".join(p.info["cmdline"] or []):
+            found.append(p)
+    return found
+
+
+@pytest.mark.parametrize("hosts", ["local", pytest.param("ssh", marks=pytest.mark.ssh)])
+def test_untagged_daemon_of_a_task_dies_before_its_job_is_succeeded(
+    hosts: str, start_daemon: Daemon, ledger: Ledger
+) -> None:
+    """A task runs `env -i setsid sh -c 'sleep N' &` and exits 0: the daemon has left
+    the task's session and cleared its environment (no MNP_JOB_ID, no token). It comes
+    back to the agent, the subreaper, when the task's shell exits and is attributed to
+    that task; the job is SUCCEEDED only once it is dead and reaped. Once with the
+    daemon's output inherited, once redirected to /dev/null."""
+    env = start_daemon(hosts)
+    for redirect in ("", " >/dev/null 2>&1"):
+        secs = f"1000.{uuid.uuid4().int % 10**9}"
+        script = f"env -i setsid sh -c 'sleep {secs}'{redirect} & echo started"
+        r = mnp("submit", "--wait", "--", "sh", "-c", script, env=env)
+        ledger.fault("untagged daemon left by a task")
+        assert r.returncode == 0, r.stderr
+        job = r.stdout.strip()
+        assert describe(env, job)["state"] == "SUCCEEDED"
+        ledger.jobs(accepted=1, lost=0)
+        found = with_mark(secs)  # at once: SUCCEEDED is recorded after it was reaped
+        ledger.orphans_found(len(found))
+        assert found == [], [(p.pid, p.info["cmdline"]) for p in found]
