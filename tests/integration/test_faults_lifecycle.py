@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -101,38 +102,58 @@ def test_restart_retries_running_jobs_and_no_stale_sweep_kills_the_retry(
     """SIGKILL the controller while jobs run and start it again: each running job is
     retried (a lost attempt) and the retry runs to its end. The new agents' stale sweep
     must never take a retry -- same job id as the lost attempt -- for a leftover
-    (before the fix about half the retries got SIGTERM a few ms after they started)."""
+    (before the fix about half the retries got SIGTERM a few ms after they started).
+
+    To hold every sweep open while the retries are spawned, a real leftover is planted
+    before each restart: a process carrying the controller's token and a job id that
+    is over, which ignores SIGTERM (the sweeps wait their grace, then SIGKILL it)."""
     env = start_daemon(hosts)
     mark = uuid.uuid4().hex
     jobs: list[str] = []
-    # half of them ignore SIGTERM: what the dying agents leave lives on for their grace,
-    # so a new agent's stale sweep is still at work when the retries are spawned
-    # one job a host: one of them lands on the agent that connects last, whose stale
-    # sweep is sent just before its retry's spawn
+    planted: list[subprocess.Popen[bytes]] = []
+    # one job a host, half of them ignoring SIGTERM as the leftover does
     scripts = ["sleep 3", "trap '' TERM; sleep 3"] * 2
     whole = ["--vcpus", str(max(h["vcpus"] for h in hosts_of(env)))]
-    for _ in range(3):
-        batch = [
-            submit(env, *whole, "--env", f"TEST_MARK={mark}", "--", "sh", "-c", script)
-            for script in scripts
-        ]
-        jobs += batch
-        wait_until(
-            "the jobs running",
-            lambda b=batch: all(describe(env, j)["state"] == "RUNNING" for j in b),
-            30,
-        )
-        kill_and_restart(env, ledger)
-    done = [wait_until(f"job {j} to end", lambda j=j: ended(env, j), 60) for j in jobs]
-    left = wait_no_procs("TEST_MARK", mark, 10)
-    bad = [d for d in done if d["state"] != "SUCCEEDED"]
-    ledger.jobs(accepted=len(jobs), lost=len(bad))
-    ledger.orphans_found(len(left))
-    assert bad == [], [(d["id"], d["reason"], d["exit_code"], d["signal"]) for d in bad]
-    for d in done:
-        last = d["attempts"][-1]
-        assert (last["exit_code"], last["signal"]) == (0, None), d
-    assert left == []
+    try:
+        for _ in range(3):
+            batch = [
+                submit(env, *whole, "--env", f"TEST_MARK={mark}", "--", "sh", "-c", script)
+                for script in scripts
+            ]
+            jobs += batch
+            wait_until(
+                "the jobs running",
+                lambda b=batch: all(describe(env, j)["state"] == "RUNNING" for j in b),
+                30,
+            )
+            token = procs_with_env("TEST_MARK", mark)[0].environ()["MNP_CONTROLLER_ID"]
+            tags = {"MNP_CONTROLLER_ID": token, "MNP_JOB_ID": "0", "TEST_MARK": f"{mark}-0"}
+            planted.append(
+                subprocess.Popen(
+                    ["sh", "-c", "trap '' TERM; sleep 30"],
+                    env={**os.environ, **tags},
+                    start_new_session=True,
+                )
+            )
+            kill_and_restart(env, ledger)
+        done = [wait_until(f"job {j} to end", lambda j=j: ended(env, j), 60) for j in jobs]
+        left = wait_no_procs("TEST_MARK", mark, 10)
+        bad = [d for d in done if d["state"] != "SUCCEEDED"]
+        ledger.jobs(accepted=len(jobs), lost=len(bad))
+        ledger.orphans_found(len(left))
+        assert bad == [], [(d["id"], d["reason"], d["exit_code"], d["signal"]) for d in bad]
+        for d in done:
+            last = d["attempts"][-1]
+            assert (last["exit_code"], last["signal"]) == (0, None), d
+        assert left == []
+        # the sweeps still do their job: the planted leftovers are dead (SIGKILLed, or
+        # exiting 137 when their sleep was SIGKILLed first)
+        assert all(p.wait(10) in (-signal.SIGKILL, 128 + signal.SIGKILL) for p in planted)
+    finally:
+        for p in planted:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 # --- 2. a hung agent is noticed ------------------------------------------------------
