@@ -336,10 +336,10 @@ class Service:
             what = self.store.file_changed()
             if what is not None:
                 self.db_lost = (
-                    f"state database {self.store.path} {what} while this controller "
-                    f"(pid {os.getpid()}) ran: it can no longer record jobs there; restart "
-                    "it (mnp controller stop; mnp controller start), knowing that the jobs "
-                    "it holds now are not in the new file"
+                    f"state database {self.store.path} {what} while the controller "
+                    f"(pid {os.getpid()}) ran, so it accepts no job it could not keep: "
+                    "restart it (mnp controller stop; mnp controller start); the jobs it "
+                    "holds now will not be in the new database"
                 )
                 log.error("%s", self.db_lost)
         return self.db_lost
