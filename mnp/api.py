@@ -223,12 +223,24 @@ class ApiClient:
 # --------------------------------------------------------------------------- server
 
 
+MAX_IN_FLIGHT = 64
+"""Requests of one connection answered at once; the next one is read when one ends."""
+
+
 class _Connection:
-    """One accepted client: its writer, and whether it is gone."""
+    """One accepted client: its writer, and whether it is gone.
+
+    What is buffered for a client that does not read stays bounded: one line is written
+    at a time (the others wait their turn), and only while the buffer is below its
+    high-water mark; a handler that writes to a slow reader waits (back-pressure)."""
 
     def __init__(self, writer: asyncio.StreamWriter, gone: asyncio.Event) -> None:
+        import asyncio
+
         self.writer = writer
         self.gone = gone
+        self._turn = asyncio.Lock()
+        self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     @property
     def closed(self) -> bool:
@@ -237,12 +249,15 @@ class _Connection:
     async def write(self, data: bytes) -> None:
         if self.closed:
             return
-        try:
-            # one write() per line: lines of concurrent requests never interleave
-            self.writer.write(data)
-            await self.writer.drain()
-        except (ConnectionError, RuntimeError):
-            self.mark_closed()
+        async with self._turn:
+            if self.closed:
+                return
+            try:
+                # one write() per line: lines of concurrent requests never interleave
+                self.writer.write(data)
+                await self.writer.drain()
+            except (ConnectionError, RuntimeError):
+                self.mark_closed()
 
     def mark_closed(self) -> None:
         self.gone.set()
@@ -554,9 +569,11 @@ class ApiServer:
                 if isinstance(request, bytes):
                     await conn.write(request)
                     continue
+                await conn.slots.acquire()  # a client that does not read its answers waits
                 task = asyncio.create_task(self._answer(conn, request))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(lambda _t: conn.slots.release())
         except ConnectionError:
             pass
         except Exception:

@@ -34,7 +34,7 @@ from mnp.model import TERMINAL, Dependency, Inventory, JobDefinition, JobState, 
 from mnp.sched.alloc import HostCapacity
 from mnp.sched.decide import Request, Start, could_ever_run, decide
 from mnp.sched.runqueue import RunQueue
-from mnp.transport.base import AgentConnection, Event, Transport
+from mnp.transport.base import UNRESPONSIVE, AgentConnection, Event, Transport
 from mnp.wiring import (
     Launch,
     NodePlacement,
@@ -98,6 +98,29 @@ def ipv4_literal(address: str) -> str | None:
 
 LOST_REASON = "Controller restarted: attempt lost"
 
+HEARTBEAT_INTERVAL = 3.0  # seconds between pings to each agent (MNP_HEARTBEAT_INTERVAL)
+HEARTBEAT_DEADLINE = 10.0  # an agent silent this long is given up on (MNP_HEARTBEAT_TIMEOUT)
+TEARDOWN_SLACK = 15.0
+"""How long after ``kill_grace`` an ending attempt waits for its agents to confirm the
+teardown (their own give-up after SIGKILL is 5 s) before its hosts are given up on."""
+ABANDONED_KEPT = 64  # agent ids given up on, listed in every stale sweep
+
+
+def heartbeat_from_env(env: Mapping[str, str] | None = None) -> tuple[float, float]:
+    """(interval, deadline) of the agents' heartbeat: ``MNP_HEARTBEAT_INTERVAL`` and
+    ``MNP_HEARTBEAT_TIMEOUT`` (seconds) where set to positive numbers, else the defaults."""
+    env = os.environ if env is None else env
+
+    def num(name: str, default: float) -> float:
+        try:
+            value = float(env.get(name, ""))
+        except ValueError:
+            return default
+        return value if value > 0 else default
+
+    interval = num("MNP_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL)
+    return interval, max(num("MNP_HEARTBEAT_TIMEOUT", HEARTBEAT_DEADLINE), interval)
+
 
 @dataclass(frozen=True)
 class Restored:
@@ -128,6 +151,7 @@ class Controller:
         agent_grace: float = 2.0,
         connect_fanout: int = 64,
         recorder: Recorder | None = None,
+        heartbeat: tuple[float, float] | None = None,
     ) -> None:
         self.inventory = inventory
         self.transports = transports
@@ -139,6 +163,9 @@ class Controller:
         self.agent_grace = agent_grace
         self.connect_fanout = connect_fanout
         self.recorder = recorder
+        self.heartbeat = heartbeat if heartbeat is not None else heartbeat_from_env()
+        self.teardown_slack = TEARDOWN_SLACK
+        self.abandoned_agents: list[str] = []  # agent ids given up on while they may still run
         self.agents: dict[str, AgentConnection] = {}
         self.capacity: dict[str, HostCapacity] = {}
         self.host_errors: dict[str, str] = {}
@@ -158,26 +185,49 @@ class Controller:
         self._ipv4: dict[str, tuple[str | None, float]] = {}  # address -> (IPv4, when)
         self._waiting_on: dict[str, list[Job]] = {}  # job id → jobs waiting for it to end
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        # attempts ending, waiting for their agents: id → (deadline, job, attempt)
+        self._ending: dict[int, tuple[float, Job, Attempt]] = {}
+        self._ending_timer: asyncio.TimerHandle | None = None
         self._kick_scheduled = False
         # while a scheduling pass runs: its spawns per host, sent as one write per host
         self._batch: dict[str, list[tuple[Event, TaskRun]]] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
+        self._closing: set[asyncio.Task[None]] = set()  # connections of lost hosts closing
         self._closed = False
+        # while start() connects and restores: new agents wait for their stale sweep
+        self._holding_stale = False
+        self._unswept: set[str] = set()
 
     # --- hosts ------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Connect to every host at once (bounded); unreachable ones are retried later."""
+    async def start(self, restored: Sequence[Restored] = ()) -> None:
+        """Connect to every host at once (bounded); unreachable ones are retried later.
+
+        ``restored``: the unfinished jobs a previous controller left (``restore``). They
+        are taken back once the hosts are connected and before any agent gets its
+        ``stale`` sweep, so that no sweep judges their retries (same job ids) left over."""
         sem = asyncio.Semaphore(self.connect_fanout)
 
         async def one(name: str) -> None:
             async with sem:
                 await self._connect(name)
 
-        await asyncio.gather(*(one(h.name) for h in self.inventory.hosts))
-        if not self.agents:
-            details = "; ".join(self.host_errors.values()) or "the inventory has no hosts"
-            raise InfraError(f"no host reachable: {details}")
+        self._holding_stale = True
+        try:
+            await asyncio.gather(*(one(h.name) for h in self.inventory.hosts))
+            if not self.agents:
+                details = "; ".join(self.host_errors.values()) or "the inventory has no hosts"
+                raise InfraError(f"no host reachable: {details}")
+            if restored:
+                self.restore(restored, time.time())
+        finally:
+            self._holding_stale = False
+        # before this returns, and so before any scheduling pass can send a spawn
+        for name in list(self._unswept):
+            conn = self.agents.get(name)
+            if conn is not None:
+                self._send_stale(conn)
+        self._unswept.clear()
         for h in self.inventory.hosts:
             if h.name not in self.agents:
                 self._spawn_bg(self._reconnect(h.name))
@@ -195,11 +245,11 @@ class Controller:
         if self._closed:
             await conn.close()
             return False
-        conn.start(self._on_agent_event, self._on_host_lost)
-        try:
-            conn.send(self._stale_sweep())
-        except MnpError:
-            pass  # the connection died already; the reader reports it
+        conn.start(self._on_agent_event, self._on_host_lost, self.heartbeat)
+        if self._holding_stale:
+            self._unswept.add(host.name)  # swept once the jobs to keep are known (start)
+        else:
+            self._send_stale(conn)
         self.agents[host.name] = conn
         self.host_errors.pop(host.name, None)
         gpus = tuple(int(g["index"]) for g in facts.get("gpus", []))
@@ -217,6 +267,14 @@ class Controller:
             )
         self._kick()
         return True
+
+    def _send_stale(self, conn: AgentConnection) -> None:
+        """The first op on a connection: computed now, from every job this controller
+        holds (the agent also leaves alone whatever it spawns itself, before or after)."""
+        try:
+            conn.send(self._stale_sweep())
+        except MnpError:
+            pass  # the connection died already; the reader reports it
 
     def _stale_sweep(self) -> Event:
         """What a new agent kills before it runs anything: processes of this controller
@@ -237,7 +295,10 @@ class Controller:
             elif job.id.isdigit():
                 below = min(below, int(job.id))
         live = sorted(j for j in placed if not (j.isdigit() and int(j) >= below))
-        return {"op": "stale", "live": live, "below": below, "grace": self.agent_grace}
+        msg: Event = {"op": "stale", "live": live, "below": below, "grace": self.agent_grace}
+        if self.abandoned_agents:
+            msg["abandoned"] = list(self.abandoned_agents)
+        return msg
 
     async def _reconnect(self, name: str) -> None:
         """Try again with exponential backoff (0.5 s doubling to 30 s) until the host is back."""
@@ -257,8 +318,19 @@ class Controller:
         if cap is not None:
             cap.up = False
         lost = self.agents.pop(host, None)
+        reason = f"Host lost: {host}"
         if lost is not None:
-            self._spawn_bg(lost.close())
+            if lost.abandoned is not None:
+                # it may run again (SIGCONT): until it sees its stdin closed, its tasks
+                # are left over for the next agent's stale sweep, on any host
+                reason += f" ({UNRESPONSIVE})"
+                agent_id = str(lost.facts.get("agent_id") or "")
+                if agent_id and agent_id not in self.abandoned_agents:
+                    self.abandoned_agents.append(agent_id)
+                    del self.abandoned_agents[:-ABANDONED_KEPT]
+            closing = asyncio.get_running_loop().create_task(lost.close())
+            self._closing.add(closing)  # awaited by close(), never cancelled
+            closing.add_done_callback(self._closing.discard)
         if not self._closed:
             self._spawn_bg(self._reconnect(host))
         hit: dict[int, tuple[Job, Attempt]] = {}
@@ -274,7 +346,7 @@ class Controller:
             hit[id(attempt)] = (job, attempt)
         for job, attempt in hit.values():
             if not attempt.ending:
-                self._begin_end(job, attempt, JobState.FAILED, f"Host lost: {host}", now)
+                self._begin_end(job, attempt, JobState.FAILED, reason, now)
             self._maybe_finish(job, attempt, now)
         for job in self.jobs.values():
             att = job.attempt
@@ -365,6 +437,8 @@ class Controller:
             if it.parent is None:
                 self._hold_name(job)
             self._seq = max(self._seq, it.seq)
+            if it.id.isdigit():  # without a recorder, ids go on after the restored ones
+                self._next_id = max(self._next_id, int(it.id) + 1)
             if parent is not None:
                 parent.children.append(job)
             elif it.defn.array is not None:
@@ -1061,6 +1135,49 @@ class Controller:
             if task.host not in attempt.pending_sweeps:
                 self._send(task.host, {"op": "kill", "tid": task.tid, "grace": grace})
         self._maybe_finish(job, attempt, now)
+        if attempt.stopped_at is None and not self._closed:
+            # the attempt ends whatever its agents do: a host whose agent has not
+            # confirmed the teardown by then is given up on, as a lost host is
+            deadline = time.monotonic() + grace + self.teardown_slack
+            self._ending[id(attempt)] = (deadline, job, attempt)
+            if self._ending_timer is None:
+                self._ending_timer = asyncio.get_running_loop().call_later(1.0, self._check_ending)
+
+    def _check_ending(self) -> None:
+        """Once a second while attempts are ending: give up on the hosts of those whose
+        teardown is overdue."""
+        self._ending_timer = None
+        now = time.monotonic()
+        for key, (deadline, job, attempt) in list(self._ending.items()):
+            if attempt.stopped_at is not None:
+                self._ending.pop(key, None)
+            elif deadline <= now:
+                self._ending.pop(key, None)
+                self._teardown_overdue(job, attempt)
+        if self._ending and not self._closed:
+            self._ending_timer = asyncio.get_running_loop().call_later(1.0, self._check_ending)
+
+    def _teardown_overdue(self, job: Job, attempt: Attempt) -> None:
+        hosts = {t.host for t in attempt.tasks.values() if not t.gone} | attempt.pending_sweeps
+        limit = job.defn.timeout.kill_grace + self.teardown_slack
+        now = time.time()
+        for host in sorted(hosts):
+            conn = self.agents.get(host)
+            if conn is not None and conn.alive:
+                conn.abandon(
+                    f"{UNRESPONSIVE} (the teardown of job {job.id} was not confirmed "
+                    f"within {limit:g}s)"
+                )
+                continue
+            # no connection left to wait on (host loss ends its tasks; this is a backstop)
+            attempt.pending_sweeps.discard(host)
+            for task in attempt.tasks.values():
+                if task.host == host and not task.gone:
+                    task.gone = True
+                    self._tasks.pop(task.tid, None)
+                    if self.on_task_end is not None:
+                        self.on_task_end(job, task)
+        self._maybe_finish(job, attempt, now)
 
     def _send(self, host: str, msg: Event) -> bool:
         if self._batch is not None and host in self._batch:
@@ -1081,6 +1198,7 @@ class Controller:
             return
         attempt.reaped_at = now
         attempt.stopped_at = now
+        self._ending.pop(id(attempt), None)
         for grant in attempt.grants:
             cap = self.capacity.get(grant.host)
             if cap is not None:
@@ -1260,7 +1378,11 @@ class Controller:
                 self._maybe_finish(job, attempt, now)
         for timer in self._timers.values():
             timer.cancel()
-        await asyncio.gather(*(c.close() for c in self.agents.values()), return_exceptions=True)
+        if self._ending_timer is not None:
+            self._ending_timer.cancel()
+        await asyncio.gather(
+            *(c.close() for c in self.agents.values()), *self._closing, return_exceptions=True
+        )
         for task in list(self._bg):
             task.cancel()
 

@@ -23,6 +23,7 @@ Disk and permission faults never raise into the controller's loop:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -45,6 +46,8 @@ from mnp.transport import transports_for
 log = logging.getLogger("mnp")
 
 FLUSH_EVERY = 0.02  # seconds: the batching window for store and log writes
+DB_CHECK_EVERY = 2.0  # seconds: how often the state database's file is checked
+RUN_BUFFER = 4 << 20  # characters of output kept for one `mnp run` client that reads slowly
 RETRY_EVERY = 1.0  # seconds: how soon a write that failed (disk full, locked) is tried again
 EVENTS_NAME = "events.jsonl"
 
@@ -80,8 +83,10 @@ class Service:
         )
         self.logs = home / "logs"
         self._files: dict[tuple[str, int], _Log] = {}
-        self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = {}
+        self._subscribers: dict[str, set[_Feed]] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._db_check: asyncio.TimerHandle | None = None
+        self.db_lost: str | None = None  # why the state database's file is not ours any more
         self.started = time.time()
         warning = unverified_warning(inventory)
         self.warnings = [warning] if warning else []  # told to every client that uses it
@@ -248,8 +253,8 @@ class Service:
             self.controller.note(log_file.job, f"Output lost: {error}")
 
     def _publish(self, job: Job, msg: dict[str, Any]) -> None:
-        for q in self._subscribers.get(root_of(job.id), ()):
-            q.put_nowait(msg)
+        for feed in self._subscribers.get(root_of(job.id), ()):
+            feed.put(msg)
 
     # --- batching ---------------------------------------------------------
 
@@ -305,10 +310,17 @@ class Service:
 
     def _catch_up_events(self) -> None:
         """Queue the events the store has and ``events.jsonl`` lacks (it fell behind on a
-        full disk, or a crash tore its last line, which is cut off first)."""
-        last = _last_event_seq(self.events_path)
-        if last is None:
+        full disk, or a crash tore its last line, which is cut off first). A store that
+        is behind the file (a new database: the old one was deleted or replaced) goes on
+        after the file's last ``seq`` and after every job id the file and ``logs/``
+        show, so that no number is ever given out twice."""
+        tail = _events_tail(self.events_path)
+        top = _highest_log_id(self.logs)
+        if tail is None:
+            self.store.continue_after(job_id=top)
             return
+        last, top_event_job = tail
+        self.store.continue_after(event_seq=last, job_id=max(top, top_event_job))
         while True:
             rows = self.store.events_since(last, limit=10_000)
             if not rows:
@@ -318,15 +330,44 @@ class Service:
             last = int(rows[-1]["seq"])
 
     def _accept(self, request: dict[str, Any]) -> Job:
-        """Submit a job and commit it; if it cannot be committed it is withdrawn."""
+        """Submit a job and commit it; if it cannot be committed it is withdrawn (also
+        when the database file turns out not to be ``mnp.db`` any more)."""
+        self._refuse_if_db_lost()
         job = self.controller.submit(self._definition(request))
         failed = self.flush()
+        if failed is None and self._check_db() is not None:
+            failed = self.db_lost
         if failed is not None:
             self.controller.withdraw(job)
             self.store.discard([job.id, *(c.id for c in job.children)])
             self._event_lines = [e for e in self._event_lines if e[0] != job.id]
             raise InfraError(f"job not accepted: {failed}")
         return job
+
+    def _check_db(self) -> str | None:
+        """Whether ``mnp.db`` is still the file this controller writes; once it is not
+        (deleted, replaced), ``db_lost`` says so for good, and it is logged once."""
+        if self.db_lost is None:
+            what = self.store.file_changed()
+            if what is not None:
+                self.db_lost = (
+                    f"state database {self.store.path} {what} while the controller "
+                    f"(pid {os.getpid()}) ran, so it accepts no job it could not keep: "
+                    "restart it (mnp controller stop; mnp controller start); the jobs it "
+                    "holds now will not be in the new database"
+                )
+                log.error("%s", self.db_lost)
+        return self.db_lost
+
+    def _refuse_if_db_lost(self) -> None:
+        if self._check_db() is not None:
+            raise InfraError(f"job not accepted: {self.db_lost}")
+
+    def _periodic_db_check(self) -> None:
+        self._db_check = None
+        if self._check_db() is None:
+            loop = asyncio.get_running_loop()
+            self._db_check = loop.call_later(DB_CHECK_EVERY, self._periodic_db_check)
 
     # --- lifecycle --------------------------------------------------------
 
@@ -337,7 +378,6 @@ class Service:
         for w in self.warnings:
             log.warning("%s", w)
         self._catch_up_events()  # before anything new is committed
-        await self.controller.start()
         self.controller.continue_numbering(self.store.max_job_seq())
         rows = self.store.unfinished_jobs() if restore else []
         items = []
@@ -365,15 +405,20 @@ class Service:
             )
         if items:
             log.info("restoring %d unfinished job(s)", len(items))
-            self.controller.restore(items, time.time())
+        # restored once the hosts are connected, before their agents' stale sweeps
+        await self.controller.start(restored=items)
         self.flush()
+        self._periodic_db_check()
 
     async def shutdown(self) -> None:
+        if self._db_check is not None:
+            self._db_check.cancel()
+            self._db_check = None
         await self.controller.close()
         # `run` clients learn that their job was stopped, not failed, and goes on later
         for queues in self._subscribers.values():
             for q in queues:
-                q.put_nowait({"stopping": True})
+                q.put({"stopping": True})
         for _ in range(200):  # up to 2 s for their handlers to answer
             if not self._subscribers:
                 break
@@ -438,14 +483,17 @@ class Service:
         await r.end({"ok": True, "job_id": job.id, "warnings": self.warnings})
 
     async def op_run(self, request: dict[str, Any], r: Responder) -> None:
-        """Submit, stream the job's output, end with how it ended."""
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        """Submit, stream the job's output, end with how it ended. A client that reads
+        more slowly than the job writes gets gaps, each said in a line on stderr (the
+        logs have everything): the controller keeps at most ``RUN_BUFFER`` characters
+        of output for it."""
         job = self._accept(request)
+        queue = _Feed(RUN_BUFFER, job.id)
         self._subscribers.setdefault(job.id, set()).add(queue)
         await r.send({"ok": True, "job_id": job.id, "warnings": self.warnings})
         try:
             waiter = asyncio.ensure_future(self.controller.wait(job))
-            waiter.add_done_callback(lambda _f: queue.put_nowait(None))
+            waiter.add_done_callback(lambda _f: queue.put(None))
             closed = asyncio.ensure_future(r.wait_closed())
             while True:
                 getter = asyncio.ensure_future(queue.get())
@@ -549,6 +597,48 @@ class Service:
         await r.end({"ok": True, "queues": rows})
 
 
+class _Feed:
+    """What one ``mnp run`` client has yet to be sent: messages in order, of which the
+    output (``"out"``) ones hold at most ``limit`` characters. Output that does not fit
+    is dropped -- and what follows, until the client has taken everything kept -- then
+    a note on stderr says how much the client missed. Other messages (the job's end)
+    are never dropped."""
+
+    def __init__(self, limit: int, job_id: str) -> None:
+        self.limit = limit
+        self.job_id = job_id
+        self.items: collections.deque[dict[str, Any] | None] = collections.deque()
+        self.size = 0  # characters of output in items
+        self.dropped = 0  # characters dropped since the last note
+        self._ready = asyncio.Event()
+
+    def put(self, msg: dict[str, Any] | None) -> None:
+        if msg is not None and "out" in msg:
+            n = len(msg["out"])
+            if self.dropped or self.size + n > self.limit:
+                self.dropped += n
+                return
+            self.size += n
+        self.items.append(msg)
+        self._ready.set()
+
+    async def get(self) -> dict[str, Any] | None:
+        while not self.items or (self.items[0] is None and self.dropped):
+            if self.dropped:  # said before the end, and before more output
+                text = (
+                    f"mnp: {self.dropped:,} characters of output not shown here: this client "
+                    f"read more slowly than the job wrote; mnp logs {self.job_id} has it all\n"
+                )
+                self.dropped = 0
+                return {"out": text, "fd": 2, "tid": "mnp", "label": None}
+            self._ready.clear()
+            await self._ready.wait()
+        msg = self.items.popleft()
+        if msg is not None and "out" in msg:
+            self.size -= len(msg["out"])
+        return msg
+
+
 class _Log:
     """One task's stdout or stderr file. Nothing here raises: a failure (the file cannot
     be made, the disk is full) drops the output from then on and is returned, once, as
@@ -590,9 +680,19 @@ class _Log:
         return None
 
 
-def _last_event_seq(path: Path) -> int | None:
-    """The ``seq`` of the last whole line of ``events.jsonl`` (0 if none, None if it
-    cannot be read); a torn last line (the controller died mid-write) is cut off."""
+def _highest_log_id(logs: Path) -> int:
+    """The highest job id with a folder in ``logs/`` (0 if none)."""
+    try:
+        names = os.listdir(logs)
+    except OSError:
+        return 0
+    return max((int(n) for n in names if n.isdigit()), default=0)
+
+
+def _events_tail(path: Path) -> tuple[int, int] | None:
+    """The ``seq`` of the last whole line of ``events.jsonl`` and the highest top-level
+    job id among its last lines ((0, 0) if none, None if it cannot be read); a torn last
+    line (the controller died mid-write) is cut off."""
     try:
         with open(path, "rb") as f:
             end = f.seek(0, os.SEEK_END)
@@ -600,7 +700,7 @@ def _last_event_seq(path: Path) -> int | None:
             f.seek(start)
             tail = f.read()
     except FileNotFoundError:
-        return 0
+        return 0, 0
     except OSError as e:
         log.error("events: cannot read %s: %s", path, e.strerror or e)
         return None
@@ -610,10 +710,17 @@ def _last_event_seq(path: Path) -> int | None:
             os.truncate(path, start + cut)
         except OSError as e:
             log.error("events: cannot cut the torn last line of %s: %s", path, e.strerror or e)
+    last: int | None = None
+    top = 0
     for line in reversed(tail[:cut].splitlines()):
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            return int(json.loads(line)["seq"])
-    return 0
+        with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+            event = json.loads(line)
+            if last is None:
+                last = int(event["seq"])
+            root = root_of(str(event["job_id"]))
+            if root.isdigit():
+                top = max(top, int(root))
+    return last or 0, top
 
 
 def make_handler_factory(

@@ -25,13 +25,15 @@ from .proc import (
     children_list,
     group_exists,
     job_part,
+    now_ticks,
+    pipe_inodes,
     read_stat,
     send,
     send_group,
     snapshot,
 )
 from .spawn import Spawner, SpawnError, task_env, with_python_env, write_files
-from .tasks import FIRST_CHECK, INF, MAX_CHECK, StaleRule, Task, Teardown, targets
+from .tasks import FIRST_CHECK, INF, MAX_CHECK, Orphan, StaleRule, Task, Teardown, targets
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
@@ -48,6 +50,8 @@ CHECK_BATCH = 0.002
 PRE_WAIT = 0.05  # how long a teardown waits for a main process it sent SIGTERM to die
 SETTLED = 0.1  # a sweep SIGTERMs a task of its job before scanning once it ran this long
 PORTS_REMEMBERED = 256
+ORPHAN_POLL = 1.0  # seconds between looks for new orphans while tasks run
+CLOCK_SLACK = 2  # clock ticks: a task started this much after an orphan may still own it
 
 
 class BadRequest(Exception):
@@ -74,7 +78,8 @@ class Agent:
         self.tasks: Dict[str, Task] = {}  # until `gone`
         self.by_pid: Dict[int, Task] = {}  # main process → task, until reaped
         self.all_tids: Set[str] = set()  # every tid this agent started: what shutdown sweeps
-        self.orphans: Dict[int, Tuple[int, int, Optional[str]]] = {}  # adopted: (sid, pgrp, tag)
+        self.orphans: Dict[int, Orphan] = {}  # adopted, until reaped
+        self.poll_timer: Optional[Timer] = None
         self.teardowns: Dict[str, Teardown] = {}
         self.tick_timer: Optional[Timer] = None
         self.last_tick = 0.0
@@ -249,6 +254,7 @@ class Agent:
                     feed_r, feed_w = os.pipe()
                 if files:
                     write_files(files)
+                born_ticks = now_ticks()
                 pid, out_fd, err_fd = self.spawner.spawn(
                     argv, env, cwd, feed_r if feed_r >= 0 else None
                 )
@@ -277,11 +283,19 @@ class Agent:
             Stream(self.loop, self.out, tid, err_fd, 2),
         ]
         feeder = None if data is None else Feeder(self.loop, feed_w, data)
-        task = Task(tid, pid, streams, feeder, time.monotonic())
+        pipes = set()
+        for fd in (out_fd, err_fd):
+            try:
+                pipes.add(os.fstat(fd).st_ino)
+            except OSError:
+                pass
+        task = Task(tid, pid, streams, feeder, time.monotonic(), born_ticks, pipes)
         self.tasks[tid] = task
         self.by_pid[pid] = task
         self.all_tids.add(tid)
         self.out.emit({"ev": "started", "tid": tid, "pid": pid, "t": _now()})
+        if self.poll_timer is None:
+            self.poll_timer = self.loop.call_later(ORPHAN_POLL, self._poll_orphans)
 
     def op_signal(self, msg: Dict[str, Any]) -> None:
         tid = _tid(msg)
@@ -344,12 +358,17 @@ class Agent:
         below = msg.get("below")
         if not isinstance(below, int) or isinstance(below, bool) or below < 0:
             raise BadRequest("below must be an integer >= 0")
+        abandoned = msg.get("abandoned")
+        if abandoned is None:
+            abandoned = []
+        if not (isinstance(abandoned, list) and all(isinstance(a, str) for a in abandoned)):
+            raise BadRequest("abandoned must be a list of agent identities")
         grace = self._grace(msg)
         old = self.teardowns.get("stale")
         if old is not None:  # the newer list wins; what the old one found is killed at once
             self._drop_tag_sweep(old)
         here = self.identity.split(":", 1)[0]
-        rule = StaleRule(set(live), below, here, self.tagger)
+        rule = StaleRule(set(live), below, here, self.tagger, self.identity, set(abandoned))
         self._teardown("stale", "stale", "", None, grace)
         self.teardowns["stale"].rule = rule
 
@@ -360,7 +379,9 @@ class Agent:
         self.out.emit(dict(ev="facts", **self._facts()))
 
     def _facts(self) -> Dict[str, Any]:
-        return dict(collect(self.started, self.rundir), ops=sorted(self.ops))
+        return dict(
+            agent_id=self.identity, ops=sorted(self.ops), **collect(self.started, self.rundir)
+        )
 
     def op_load(self, msg: Dict[str, Any]) -> None:
         self.out.emit(dict(ev="load", id=msg.get("id"), t=_now(), **load()))
@@ -460,42 +481,94 @@ class Agent:
         """`gone` for the exited tasks that left no orphan, teardown for the others."""
         self.check_timer = None
         tasks, self.unchecked = self.unchecked, []
-        owners = self._orphan_owners()
+        listed = self._discover()
         snap: Optional[Snapshot] = None
         for task in tasks:
             if task.gone or task.teardown is not None:
                 continue
-            if owners is None:
+            if listed:
+                left = bool(self._orphan_seeds({task.tid}, None))
+            else:
                 snap = snap or snapshot(self.tagger)
                 left = bool(self._targets_of(Teardown("", "task", task.tid, task, 0.0), snap))
-            else:
-                left = task.pid in owners or task.tid in owners
             if left:
                 self._teardown("t:" + task.tid, "task", task.tid, task, self.grace)
             else:
                 self._gone(task, 0)
 
-    def _orphan_owners(self) -> Optional[Set[object]]:
-        """Sessions, groups and tags of the live orphans we adopted (None: the kernel
-        cannot list our children). Reading the list costs about 0.5 us a child; parsing
-        it is skipped when its length shows no child we do not know."""
-        data = children_list()
-        if data is None:
-            return None
-        if data.count(b" ") != len(self.by_pid) + len(self.orphans):
-            for pid in map(int, data.split()):
-                if pid in self.by_pid or pid in self.orphans:
-                    continue
-                p = read_stat(pid)
-                if p is not None and not p.dead:
-                    self.orphans[pid] = (p.sid, p.pgrp, self.tagger.tag(pid))
-        owners: Set[object] = set()
-        for sid, pgrp, tag in self.orphans.values():
-            owners.add(sid)
-            owners.add(pgrp)
-            if tag is not None:
-                owners.add(tag)
-        return owners
+    def _poll_orphans(self) -> None:
+        """While tasks run, look for new orphans once in a while (a read of the children
+        list): one adopted while a task runs is then attributed while the exits around
+        it are few."""
+        self.poll_timer = None
+        self._discover()
+        if self.by_pid and not self.stopping:
+            self.poll_timer = self.loop.call_later(ORPHAN_POLL, self._poll_orphans)
+
+    def _discover(self, snap: Optional[Snapshot] = None) -> bool:
+        """Attribute the orphans we adopted since we last looked (from `snap`, or from
+        the kernel's children list: False when it cannot list them). Reading the list
+        costs about 0.5 us a child; parsing it is skipped when its length shows no child
+        we do not know."""
+        if snap is not None:
+            pids: Sequence[int] = snap.children.get(self.pid, ())
+        else:
+            data = children_list()
+            if data is None:
+                return False
+            if data.count(b" ") == len(self.by_pid) + len(self.orphans):
+                return True
+            pids = [int(x) for x in data.split()]
+        for pid in pids:
+            if pid in self.by_pid or pid in self.orphans:
+                continue
+            p = snap.procs.get(pid) if snap is not None else read_stat(pid)
+            if p is None or p.dead:
+                continue
+            tag = snap.tags.get(pid) if snap is not None else self.tagger.tag(pid)
+            owners = self._attribute(p, tag)
+            self.orphans[pid] = Orphan(pid, p.start, owners)
+            if not owners:  # left by tasks that are over: it goes now
+                self._teardown("o:%d" % pid, "stray", str(pid), None, self.grace)
+        return True
+
+    def _attribute(self, p: Proc, tag: Optional[str]) -> Set[str]:
+        """The tasks an orphan may belong to (see tasks.Orphan): the one whose session
+        or process group it is in, whose tag it carries, or whose output pipes it holds;
+        else those started before it, and of these the ones whose main process has
+        ended (its death is what made the orphan) if any."""
+        live = [t for t in self.tasks.values() if not t.gone]
+        for t in live:
+            if p.sid == t.pid or p.pgrp == t.pid:
+                return {t.tid}
+        if tag is not None:
+            owner = self.tasks.get(tag)
+            if owner is not None and not owner.gone:
+                return {tag}
+        held = pipe_inodes(p.pid)
+        if held:
+            for t in live:
+                if t.pipes & held:
+                    return {t.tid}
+        before = [t for t in live if t.born_ticks <= p.start + CLOCK_SLACK]
+        ended = [t for t in before if t.reaped]
+        return {t.tid for t in (ended or before)}
+
+    def _orphan_seeds(self, tids: Set[str], snap: Optional[Snapshot]) -> List[int]:
+        """The adopted orphans a teardown of the tasks `tids` must kill: those that may
+        belong to no other task. Those that may also belong to another drop these
+        owners (the last owner to end kills them)."""
+        seeds: List[int] = []
+        for o in list(self.orphans.values()):
+            if o.owners.isdisjoint(tids):
+                continue
+            if o.owners <= tids:
+                p = snap.procs.get(o.pid) if snap is not None else read_stat(o.pid)
+                if p is not None and p.start == o.start and not p.dead:
+                    seeds.append(o.pid)
+            else:
+                o.owners -= tids
+        return seeds
 
     def _gone(self, task: Task, killed: int) -> None:
         task.gone = True
@@ -585,6 +658,7 @@ class Agent:
                 td.next_check if td.killing_since is not None else min(td.next_check, td.kill_at)
                 for td in self.teardowns.values()
             )
+            self.loop.cancel(self.tick_timer)  # one a step may have set (a new teardown)
             self.tick_timer = self.loop.call_at(max(when, now + self.tick_gap), self._tick)
 
     def _step(self, td: Teardown, snap: Snapshot, now: float) -> None:
@@ -629,7 +703,19 @@ class Agent:
         td.delay = min(td.delay * 2, MAX_CHECK)
 
     def _targets_of(self, td: Teardown, snap: Snapshot) -> Dict[int, Proc]:
-        return targets(td, snap, self.pid, self.tasks.values(), self.all_tids)
+        self._discover(snap)
+        extra: Sequence[int] = ()
+        if td.kind == "task":
+            extra = self._orphan_seeds({td.name}, snap)
+        elif td.kind == "sweep":
+            tids = {t.tid for t in self.tasks.values() if job_part(t.tid) == td.name}
+            extra = self._orphan_seeds(tids, snap) if tids else ()
+        elif td.kind == "stray":
+            o = self.orphans.get(int(td.name))
+            p = snap.procs.get(o.pid) if o is not None else None
+            if o is not None and p is not None and p.start == o.start and not o.owners:
+                extra = (o.pid,)
+        return targets(td, snap, self.pid, self.tasks.values(), self.all_tids, extra)
 
     def _drop_tag_sweep(self, td: Teardown) -> None:
         """SIGKILL at once what a tag sweep found, and forget it: a new task of that tid

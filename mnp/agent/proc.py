@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
@@ -211,6 +212,41 @@ def children_list() -> Optional[bytes]:
     (CONFIG_PROC_CHILDREN)."""
     pid = os.getpid()
     return read_file("/proc/%d/task/%d/children" % (pid, pid))
+
+
+def pipe_inodes(pid: int, limit: int = 64) -> Set[int]:
+    """The inodes of the pipes among the process's first `limit` descriptors (a task's
+    output pipes, inherited by what it starts unless that closes or redirects them)."""
+    base = "/proc/%d/fd" % pid
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return set()
+    out: Set[int] = set()
+    for name in names[:limit]:
+        try:
+            link = os.readlink(base + "/" + name)
+        except OSError:
+            continue
+        if link.startswith("pipe:["):
+            try:
+                out.add(int(link[6:-1]))
+            except ValueError:
+                pass
+    return out
+
+
+_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+try:
+    _HZ = os.sysconf("SC_CLK_TCK")
+except (ValueError, OSError):
+    _HZ = 100
+
+
+def now_ticks() -> int:
+    """Now, in the unit and from the origin of /proc/PID/stat's start time (clock ticks
+    since boot), rounded down: a process started after this call has a start >= it."""
+    return int(time.clock_gettime(_CLOCK) * _HZ)
 
 
 def agent_children() -> Optional[List[int]]:

@@ -29,6 +29,8 @@ class Task:
         "termed",
         "deadline",
         "born",
+        "born_ticks",
+        "pipes",
     )
 
     def __init__(
@@ -38,9 +40,13 @@ class Task:
         streams: List[Stream],
         feeder: Optional[Feeder],
         born: float = 0.0,
+        born_ticks: int = 0,
+        pipes: Optional[Set[int]] = None,
     ):
         self.tid = tid
         self.born = born  # time.monotonic() at spawn
+        self.born_ticks = born_ticks  # proc.now_ticks() just before the spawn
+        self.pipes = pipes or set()  # inodes of its stdout and stderr pipes
         self.pid = pid  # also its session and process group id
         self.streams = streams
         self.feeder = feeder
@@ -49,6 +55,22 @@ class Task:
         self.gone = False
         self.termed = False  # its process group was sent SIGTERM (a `kill` or `sweep`)
         self.deadline = INF  # a sweep's: SIGKILL what is left of it by then
+
+
+class Orphan:
+    """A process the agent adopted (its parent died; the agent is the subreaper), and
+    the tasks it may belong to: one when its session, process group, tag or output
+    pipes say whose it is; otherwise every task that could have started it (started
+    before it), those whose main process had just ended first. It dies with the last
+    of its owners to end -- never while a task it may belong to still runs -- and at
+    once when it has none (what is left of tasks that are over)."""
+
+    __slots__ = ("pid", "start", "owners")
+
+    def __init__(self, pid: int, start: int, owners: Set[str]) -> None:
+        self.pid = pid
+        self.start = start
+        self.owners = owners
 
 
 class Teardown:
@@ -60,7 +82,9 @@ class Teardown:
 
     def __init__(self, key: str, kind: str, name: str, task: Optional[Task], kill_at: float):
         self.key = key
-        self.kind = kind  # "task", "tag" (a tid with no task here), "sweep", "stale", "all"
+        # "task", "tag" (a tid with no task here), "sweep", "stale", "all", "stray" (an
+        # adopted orphan that no task could own: name is its pid)
+        self.kind = kind
         self.name = name  # tid, or job part for "sweep"
         self.task = task
         self.kill_at = kill_at
@@ -81,25 +105,50 @@ class Teardown:
 class StaleRule:
     """Which processes carrying this controller's token a new agent sweeps at start:
     those of a job the controller no longer runs (a number below `below` that is not in
-    `live`), and those whose agent (`MNP_AGENT_ID`) was `here` (this agent's boot and pid
-    namespace) and is gone."""
+    `live`), those whose agent (`MNP_AGENT_ID`) was `here` (this agent's boot and pid
+    namespace) and is gone, and those whose agent is in `abandoned` (agents the
+    controller gave up on: hung, not answering). Never a process this agent started
+    (`me`, its own identity), nor one in the session of a task of this agent: whatever
+    `live` says, what the agent spawned -- before or after the `stale` -- is an attempt
+    the controller started."""
 
-    def __init__(self, live: Set[str], below: int, here: str, tagger: Tagger) -> None:
+    def __init__(
+        self,
+        live: Set[str],
+        below: int,
+        here: str,
+        tagger: Tagger,
+        me: str = "",
+        abandoned: Optional[Set[str]] = None,
+    ) -> None:
         self.live = live
         self.below = below
         self.here = here
         self.tagger = tagger
+        self.me = me
+        self.abandoned = abandoned or set()
         self.agents: Dict[Tuple[int, int], Optional[str]] = {}  # (pid, start) → its agent
 
-    def stale(self, p: Proc, tag: str, snap: Snapshot) -> bool:
-        job = job_part(tag)
-        if job not in self.live and job.isdigit() and int(job) < self.below:
-            return True
+    def agent_of(self, p: Proc) -> Optional[str]:
         key = (p.pid, p.start)
         if key not in self.agents:
             self.agents[key] = self.tagger.value(p.pid, "MNP_AGENT_ID")
-        agent = self.agents[key]
-        return agent is not None and agent_alive(agent, self.here, snap.procs) is False
+        return self.agents[key]
+
+    def stale(self, p: Proc, tag: str, snap: Snapshot, own: Collection[int] = ()) -> bool:
+        if p.sid in own:
+            return False  # a task of this agent (or what it started in its session)
+        agent = self.agent_of(p)
+        if agent is not None and self.me and agent == self.me:
+            return False
+        job = job_part(tag)
+        if job not in self.live and job.isdigit() and int(job) < self.below:
+            return True
+        if agent is None:
+            return False
+        if agent in self.abandoned:
+            return True
+        return agent_alive(agent, self.here, snap.procs) is False
 
 
 def targets(
@@ -108,9 +157,11 @@ def targets(
     agent_pid: int,
     tasks: Iterable[Task],
     all_tids: Collection[str],
+    extra: Iterable[int] = (),
 ) -> Dict[int, Proc]:
-    """The live processes `td` must kill now, according to `snap`."""
-    seeds: List[int] = []
+    """The live processes `td` must kill now, according to `snap`; `extra`: more seeds
+    (the adopted orphans that are the teardown's to kill)."""
+    seeds: List[int] = list(extra)
     if td.kind in ("task", "tag"):
         task = td.task
         if task is not None:
@@ -134,9 +185,12 @@ def targets(
     elif td.kind == "stale":
         rule = td.rule
         assert rule is not None
+        own = {t.pid for t in tasks if not t.gone}
         for pid, tag in snap.tags.items():
-            if rule.stale(snap.procs[pid], tag, snap):
+            if rule.stale(snap.procs[pid], tag, snap, own):
                 seeds.append(pid)
+    elif td.kind == "stray":
+        pass  # its one process is in `extra`
     else:  # all: every child of the agent, and every tag it ever gave
         seeds.extend(snap.children.get(agent_pid, ()))
         for tag, pids in snap.by_tag.items():

@@ -94,8 +94,11 @@ class Store:
         self._conn: sqlite3.Connection | None = connect(self.path, readonly)
         self._event_seq = 0
         self._next_id = self._id_limit = 1
+        self._file_id: tuple[int, int] | None = None  # (device, inode) of the file opened
         if not readonly:
             try:
+                st = os.stat(self.path)
+                self._file_id = (st.st_dev, st.st_ino)
                 self._load_counters()
                 self._analyze()
             except BaseException:
@@ -112,6 +115,31 @@ class Store:
             stored = reads.get_meta(conn, "next_job_id")
         # max(): a flushed job whose id the meta row never saw still counts
         self._next_id = self._id_limit = max(int(stored or 1), int(top or 0) + 1)
+
+    def file_changed(self) -> str | None:
+        """What happened to ``path`` if it no longer names the file this writer has open
+        (``"was deleted"``, ``"was replaced by another file"``): what is written goes to a
+        file nobody else can open any more. None while it is the same file (or for a
+        read-only store, or when the path cannot be checked now)."""
+        if self._file_id is None or self._conn is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return "was deleted"
+        except OSError:
+            return None
+        if (st.st_dev, st.st_ino) != self._file_id:
+            return "was replaced by another file"
+        return None
+
+    def continue_after(self, event_seq: int = 0, job_id: int = 0) -> None:
+        """Never give out an event ``seq`` up to ``event_seq`` nor a job id up to
+        ``job_id``: numbers used before this database existed (a new, empty database
+        beside an ``events.jsonl`` and ``logs/`` of an older one)."""
+        self._event_seq = max(self._event_seq, event_seq)
+        if job_id >= self._next_id:
+            self._next_id = self._id_limit = job_id + 1  # the next id reserves on disk
 
     # --- life -------------------------------------------------------------
 

@@ -20,6 +20,8 @@ from mnp.errors import TransportError
 from mnp.model import HostSpec
 
 MAX_LINE = 16 * 1024 * 1024
+UNRESPONSIVE = "agent not responding"
+"""How a connection given up on by its heartbeat (or by the controller) is reported lost."""
 
 Event = dict[str, Any]
 EventHandler = Callable[[str, Event], None]
@@ -72,7 +74,10 @@ class AgentConnection:
         self._on_event: EventHandler | None = None
         self._on_lost: LostHandler | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._beat: asyncio.Task[None] | None = None
         self._closing = False
+        self.last_heard = time.monotonic()  # when the agent last said anything
+        self.abandoned: str | None = None  # why it was given up on while it may still run
 
     async def handshake(self, within: float) -> Event:
         """Wait for the agent's ``ready`` line and return its facts."""
@@ -100,10 +105,59 @@ class AgentConnection:
         self.alive = True
         return msg
 
-    def start(self, on_event: EventHandler, on_lost: LostHandler) -> None:
+    def start(
+        self,
+        on_event: EventHandler,
+        on_lost: LostHandler,
+        heartbeat: tuple[float, float] | None = None,
+    ) -> None:
+        """Read events from now on. ``heartbeat`` = (interval, deadline) seconds: a
+        ``ping`` every interval, and the agent is given up on (``abandon``) when it has
+        said nothing -- no pong, no event -- for deadline seconds (SIGSTOPped, hung,
+        its host frozen while the SSH connection stays up)."""
         self._on_event = on_event
         self._on_lost = on_lost
-        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        loop = asyncio.get_running_loop()
+        self.last_heard = time.monotonic()
+        self._reader = loop.create_task(self._read_loop())
+        if heartbeat is not None:
+            self._beat = loop.create_task(self._heartbeat(*heartbeat))
+
+    async def _heartbeat(self, interval: float, deadline: float) -> None:
+        n = 0
+        last = time.monotonic()
+        while self.alive and not self._closing:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            stalled = now - last > 2 * interval + 1.0
+            last = now
+            if not self.alive or self._closing:
+                return
+            if stalled:
+                # the controller's own loop was busy: what the agent said may be unread
+                # yet; judge from the next beat, not from this one's stale clock
+                self.last_heard = max(self.last_heard, now - interval)
+            elif now - self.last_heard > deadline:
+                self.abandon(f"{UNRESPONSIVE} (nothing heard for {deadline:g}s)")
+                return
+            n += 1
+            try:
+                self.send({"op": "ping", "id": f"hb{n}"})
+            except TransportError:
+                return
+
+    def abandon(self, why: str) -> None:
+        """Give up on the agent now, as if its connection had died: stop reading, report
+        the loss (``why``), and leave closing the stream to whoever handles the loss. The
+        agent, if it ever runs again, finds its stdin closed and kills its tasks."""
+        if not self.alive or self._closing:
+            return
+        self.alive = False
+        self.abandoned = why
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._on_lost is not None:
+            self._on_lost(self.host, why)
 
     def send(self, msg: Event) -> None:
         if not self.alive:
@@ -128,6 +182,7 @@ class AgentConnection:
                 line = await self.stream.readline()
                 if not line:
                     break
+                self.last_heard = time.monotonic()
                 try:
                     msg = json.loads(line)
                 except ValueError:
@@ -146,6 +201,8 @@ class AgentConnection:
     async def close(self) -> None:
         self._closing = True
         self.alive = False
+        if self._beat is not None:
+            self._beat.cancel()
         await self.stream.close()
         if self._reader is not None:
             try:

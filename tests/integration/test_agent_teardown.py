@@ -294,30 +294,29 @@ def test_stdin_eof_kills_everything_within_grace() -> None:
     a.close()
 
 
-def test_shutdown_kills_untraceable_orphans() -> None:
-    """A daemon that left the session and dropped its environment cannot be tied to its
-    task once orphaned; it is still the agent's (adopted) child, and dies at shutdown."""
+def test_orphans_without_session_or_tags_die_with_their_task() -> None:
+    """A daemon that left the session and dropped its environment carries nothing of its
+    task; orphaned, it comes back to the agent (the subreaper), which attributes it to
+    the task (here: by the output pipes it inherited) and kills it before `gone`."""
     script = DAEMONIZE.replace(
         '"sleep", ["sleep", "1000"]', '"env", ["env", "-i", "sleep", "1001"]'
     )
     a = Agent("--grace", "0.5")
     a.send(op="spawn", tid="u", argv=[PY, "-c", script])
-    a.expect("gone", "u")
+    assert a.expect("gone", "u")["killed"] >= 1
 
     def sleepers() -> list[psutil.Process]:
         out = []
         for p in psutil.Process(a.proc.pid).children():
             try:
-                if p.cmdline() == ["sleep", "1001"]:
+                if p.cmdline() == ["sleep", "1001"] and p.status() != psutil.STATUS_ZOMBIE:
                     out.append(p)
             except psutil.Error:
                 pass
         return out
 
-    assert wait_until(lambda: len(sleepers()) == 1, 5)
-    orphan = sleepers()[0]
+    assert sleepers() == []
     assert a.close() == 0
-    assert not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE
 
 
 def test_sigterm_kills_everything() -> None:
@@ -457,3 +456,80 @@ def test_new_agent_sweeps_what_a_killed_agent_and_over_jobs_left() -> None:
         for p in strays.values():
             p.kill()
             p.wait()
+
+
+def test_stale_never_kills_what_this_agent_spawned_before_or_after_it() -> None:
+    """A `stale` whose list is older than the agent's tasks (the controller restores its
+    jobs after it connects; a spawn arrives while the sweep still scans) leaves the
+    agent's own tasks alone, whatever `live` says -- also one that ignores SIGTERM and
+    runs while the sweep is still waiting out its grace for a real leftover."""
+    dead = Agent()
+    b = Agent()
+    try:
+        dead.send(op="spawn", tid="5", argv=["sh", "-c", "trap '' TERM; sleep 100"])
+        dead.expect("started", "5")
+        dead.proc.kill()  # its task is left, carrying the job id the retry will carry
+        dead.close()
+        b.send(op="spawn", tid="4", argv=["sh", "-c", "trap '' TERM; sleep 100"])
+        before = b.expect("started", "4")["pid"]
+        b.send(op="stale", live=[], below=100, grace=1)
+        b.send(op="spawn", tid="5", argv=["sleep", "100"])  # the retry, mid-sweep
+        after = b.expect("started", "5")["pid"]
+        assert b.expect("stale", timeout=5)["killed"] >= 1  # the dead agent's task
+        time.sleep(0.3)
+        for pid in (before, after):
+            assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        assert [e for e in b.history if e.get("ev") == "exited"] == []
+    finally:
+        b.close()
+
+
+def _sleepers(mark: str) -> list[psutil.Process]:
+    """Live processes whose command line has `mark` (it has no tag to find it by)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and mark in " ".join(p.info["cmdline"] or []):
+            found.append(p)
+    return found
+
+
+@pytest.mark.parametrize(
+    "redirect", ["", " >/dev/null 2>&1"], ids=["output-inherited", "output-redirected"]
+)
+def test_untagged_daemon_that_left_the_session_dies_with_its_task(
+    agent: Agent, redirect: str
+) -> None:
+    """`env -i setsid sh -c 'sleep N' &`: the daemon has neither the task's session nor
+    its tag. It comes back to the agent (the subreaper) as an orphan when the task's main
+    process exits, and is attributed to that task (its output pipes, or the exit that
+    orphaned it): the task's `gone` comes only once it is dead."""
+    secs = f"1000.{os.getpid()}{len(redirect)}"  # a command line nobody else has
+    script = f"env -i setsid sh -c 'sleep {secs}'{redirect} & sleep 0.3; echo started"
+    agent.send(op="spawn", tid="u1", argv=["sh", "-c", script])
+    assert agent.expect("exited", "u1", timeout=10)["code"] == 0
+    assert agent.expect("gone", "u1", timeout=10)["killed"] >= 1
+    assert _sleepers(secs) == []
+
+
+def test_an_orphan_of_a_running_task_is_not_killed_when_another_task_ends(
+    agent: Agent,
+) -> None:
+    """A task that is still running keeps its untagged daemons; only its own end kills
+    them (another task ending meanwhile does not take them)."""
+    secs = f"1001.{os.getpid()}"
+    keeper = f"(env -i setsid sleep {secs} >/dev/null 2>&1 &); echo up; sleep 100"
+    agent.send(op="spawn", tid="run1", argv=["sh", "-c", keeper])
+    agent.expect("out", "run1")
+
+    def daemon() -> list[psutil.Process]:
+        return [p for p in _sleepers(secs) if p.info["cmdline"][0] == "sleep"]
+
+    assert wait_until(lambda: len(daemon()) == 1, 5)
+    time.sleep(1.5)  # the agent's poll finds the orphan while run1 runs
+    agent.send(op="spawn", tid="other", argv=["sh", "-c", "sleep 0.2"])
+    assert agent.expect("gone", "other", timeout=10)["killed"] == 0
+    time.sleep(0.5)
+    assert len(daemon()) == 1  # still there: run1 runs on
+    agent.send(op="kill", tid="run1", grace=1)
+    agent.expect("gone", "run1", timeout=10)
+    assert _sleepers(secs) == []

@@ -427,3 +427,74 @@ async def test_the_stale_sweep_lists_what_may_have_processes(ctl: Controller) ->
     assert int(over.id) < sweep["below"] and over.id not in sweep["live"]  # over: swept
     ctl.terminate(running.id, "test over")
     await done(ctl, running)
+
+
+async def test_restored_jobs_are_live_in_every_agents_first_stale(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A restarted controller takes its unfinished jobs back before any agent gets its
+    `stale`: the job being retried is listed live, and the stale comes first."""
+    import time
+
+    from mnp.controller import Restored
+    from mnp.transport.base import AgentConnection
+
+    sent: list[tuple[str, str, Any]] = []
+    real = AgentConnection.send
+
+    def send(self: AgentConnection, msg: dict[str, Any]) -> None:
+        sent.append((self.host, msg["op"], msg.get("live", msg.get("tid"))))
+        real(self, msg)
+
+    monkeypatch.setattr(AgentConnection, "send", send)
+    c = Controller(local_inventory(2), {"local": LocalTransport()})
+    old = Restored("7", cmd("sleep", "30"), 7, JobState.RUNNING, time.time(), attempts=1)  # type: ignore[arg-type]
+    await c.start(restored=[old])
+    try:
+        job = c.jobs["7"]
+        for _ in range(100):
+            if job.state is JobState.RUNNING:
+                break
+            await asyncio.sleep(0.05)
+        assert job.state is JobState.RUNNING and len(job.attempts) == 2
+        for host in ("local-0", "local-1"):
+            ops = [(op, arg) for h, op, arg in sent if h == host]
+            assert ops[0] == ("stale", ["7"]), ops
+        c.terminate("7", "test over")
+        await done(c, job)
+    finally:
+        await c.close()
+
+
+async def test_an_unconfirmed_teardown_gives_the_host_up_after_grace_and_a_bound() -> None:
+    """A timed-out job ends even when its agent never confirms the kill: after
+    kill_grace plus the bound the controller gives up on the host, as on host loss
+    (the heartbeat is out of the way here: a deadline of 10 minutes)."""
+    import os
+    import signal
+    import time
+    from dataclasses import replace
+
+    c = Controller(local_inventory(1), {"local": LocalTransport()}, heartbeat=(0.2, 600))
+    c.teardown_slack = 1.0
+    await c.start()
+    agent = int(c.agents["local-0"].facts["pid"])
+    try:
+        defn: Any = cmd("sleep", "100", timeout="1s")
+        defn = replace(defn, timeout=replace(defn.timeout, kill_grace=0.5))
+        job = c.submit(defn)
+        for _ in range(100):
+            if job.state is JobState.RUNNING:
+                break
+            await asyncio.sleep(0.05)
+        assert job.state is JobState.RUNNING
+        os.kill(agent, signal.SIGSTOP)
+        t0 = time.monotonic()
+        await done(c, job)
+        took = time.monotonic() - t0
+        assert (job.state, job.reason) == (JobState.FAILED, TIMEOUT_REASON)
+        assert took < 1 + 0.5 + 1 + 2, took
+        assert "not confirmed" in c.host_errors["local-0"]
+    finally:
+        os.kill(agent, signal.SIGCONT)
+        await c.close()

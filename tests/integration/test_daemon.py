@@ -325,6 +325,7 @@ def test_controller_stop_neither_fails_a_running_job_nor_uses_an_attempt(
         stderr=subprocess.PIPE,
         text=True,
     )
+
     def running(j: str) -> bool:
         r = mnp("describe", j, "--json", env=home)
         return r.returncode == 0 and json.loads(r.stdout)["state"] == "RUNNING"

@@ -200,6 +200,38 @@ def test_several_requests_in_flight_on_one_connection(client: ApiClient) -> None
     assert time.monotonic() - t0 < 1.5  # concurrent, not 20 x 0.3 s
 
 
+def test_a_client_that_reads_nothing_gets_back_pressure_not_buffers(server: ServerThread) -> None:
+    """A client pipelines 300 requests with 256 KiB answers and reads none: the server
+    buffers about one answer beyond the socket's high-water mark for it, and answers at
+    most MAX_IN_FLIGHT requests at once (the next are read when one ends)."""
+    from mnp.api import MAX_IN_FLIGHT
+
+    n = 256 << 10
+    payload = b"".join(
+        json.dumps({"op": "big", "n": n, "id": i}).encode() + b"\n" for i in range(300)
+    )
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(socket_path(server.home))
+    sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
+    sender.start()
+    try:
+        time.sleep(1.0)
+
+        async def buffered() -> int:
+            conns = server.server._conns
+            return sum(c.writer.transport.get_write_buffer_size() for c in conns)
+
+        assert server.call(buffered()) < 3 * n
+        assert len(server.server._tasks) <= MAX_IN_FLIGHT
+        f = sock.makefile("rb")  # and it all comes once the client reads
+        got = [json.loads(f.readline())["id"] for _ in range(300)]
+        f.close()
+        assert sorted(got) == list(range(300))
+    finally:
+        sock.close()
+        sender.join(5)
+
+
 def test_a_long_stream_notices_the_client_going_away(server: ServerThread) -> None:
     client = server.client()
     it = client.stream("follow")

@@ -992,3 +992,36 @@ def test_state_change_throughput(tmp_path: Path, capsys: pytest.CaptureFixture[s
         f"{changes:,} state changes (update + event), flush per 100: "
         f"{changes / (t2 - t1):,.0f} changes/s",
     )
+
+
+def test_a_writer_notices_its_file_deleted_or_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "mnp.db"
+    store = Store(path)
+    try:
+        assert store.file_changed() is None
+        path.unlink()
+        assert store.file_changed() == "was deleted"
+        path.write_bytes(b"")  # another file under the same name
+        assert store.file_changed() == "was replaced by another file"
+    finally:
+        store.close()
+
+
+def test_numbers_go_on_after_those_used_before_the_database(tmp_path: Path) -> None:
+    """A new database beside an older events.jsonl and logs/ (continue_after): event
+    seqs and job ids go on after theirs, and the ids stay reserved on disk."""
+    store = Store(tmp_path / "mnp.db")
+    store.continue_after(event_seq=41, job_id=7)
+    assert store.append_event({"job_id": "8", "status": "SUBMITTED"}) == 42
+    assert store.next_job_id() == 8
+    store.continue_after(event_seq=3, job_id=2)  # never backwards
+    assert store.append_event({"job_id": "9", "status": "SUBMITTED"}) == 43
+    assert store.next_job_id() == 9
+    store.flush()
+    store.close()
+    again = Store(tmp_path / "mnp.db")
+    try:
+        assert again.next_job_id() == 10
+        assert again.append_event({"job_id": "10", "status": "SUBMITTED"}) == 44
+    finally:
+        again.close()
