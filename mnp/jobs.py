@@ -89,6 +89,7 @@ class Attempt:
     tasks: dict[str, TaskRun] = field(default_factory=dict)
     nodes: list[NodeRun] = field(default_factory=list)
     pending_sweeps: set[str] = field(default_factory=set)
+    secrets: dict[str, str] = field(default_factory=dict)  # read at launch; never stored
 
     @property
     def ending(self) -> bool:
