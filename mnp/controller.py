@@ -559,7 +559,7 @@ class Controller:
         )
         attempt.launch = launch
         env = task_environment(defn, launch)
-        argv = substitute(defn.command, defn.parameters)
+        argv = substitute(defn.command, defn.parameters, keep=defn.secrets)
         task = TaskRun(launch.job_id, grant.host)
         if defn.secrets:  # read off the loop first; the task starts once they are here
             self._spawn_bg(self._launch_with_secrets(job, attempt, task, argv, env))
