@@ -6,6 +6,8 @@ Exit codes: 0 success; a job's own exit code (``mnp run``); 124 timed out;
 
 from __future__ import annotations
 
+import codecs
+import io
 import os
 import sys
 import traceback
@@ -816,8 +818,30 @@ def validate(files: tuple[str, ...]) -> None:
         click.echo(spec.validate_file(f))
 
 
+def _original_bytes(e: UnicodeError) -> tuple[bytes | str, int]:
+    """Encoding error handler: a surrogate escape (U+DC80..U+DCFF) is written as the byte
+    it stands for (``surrogateescape``), anything else that cannot be encoded as
+    ``\\uNNNN`` (``backslashreplace``): printing never fails."""
+    if not isinstance(e, UnicodeEncodeError):
+        raise e
+    out = bytearray()
+    for c in e.object[e.start : e.end]:
+        n = ord(c)
+        if 0xDC80 <= n <= 0xDCFF:
+            out.append(n - 0xDC00)
+        else:
+            out += c.encode("ascii", "backslashreplace")
+    return bytes(out), e.end
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     ctx_debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    # bytes that are not UTF-8 (in task output, arguments, paths) are kept as surrogate
+    # escapes end to end; written out, they are the original bytes again
+    codecs.register_error("mnp-bytes", _original_bytes)
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="mnp-bytes")
     try:
         cli.main(args=argv, prog_name="mnp", standalone_mode=False)
     except MnpError as e:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from mnp.errors import InfraError, JobRefused, MnpError
-from mnp.jobs import Attempt, Job, NodeRun, TaskRun, exit_status, should_retry
+from mnp.jobs import Attempt, Job, NodeRun, TaskRun, exit_status, printable, should_retry
 from mnp.model import TERMINAL, Inventory, JobDefinition, JobState, Resources
 from mnp.offloop import FileRefused, OffLoop, read_regular_file
 from mnp.sched.alloc import Grant, HostCapacity
@@ -1020,7 +1020,7 @@ class Controller:
         if attempt.ending:
             return
         attempt.final = final
-        attempt.reason = reason
+        attempt.reason = reason = printable(reason)
         attempt.retryable = retry
         timer = self._timers.pop(job.id, None)
         if timer is not None:

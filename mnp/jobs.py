@@ -20,6 +20,23 @@ from mnp.wiring import Launch
 Emit = Callable[[dict[str, Any]], None]
 
 
+def printable(text: str | None) -> str | None:
+    """``text`` as valid Unicode: bytes that were not UTF-8 (a path or an argument, kept
+    as surrogate escapes) are written ``\\xNN``. Reasons are stored and shown as text."""
+    if text is None or text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape" if _escapable(text) else "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace")
+    return text
+
+
+def _escapable(text: str) -> bool:
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
 @dataclass(slots=True)
 class TaskRun:
     """One process tree started by an agent."""
@@ -64,6 +81,7 @@ class NodeRun:
         if state is self.state:
             return
         previous, self.state = self.state, state
+        reason = printable(reason)
         self.reason = reason or self.reason
         self.job.emit_change(
             self.id, state, previous, now, reason, self.exit_code, node_index=self.index
@@ -151,7 +169,7 @@ class Job:
             return
         previous, self.state = self.state, state
         if reason is not None:
-            self.reason = reason
+            reason = self.reason = printable(reason)
         if state is JobState.RUNNING and self.started_at is None:
             self.started_at = now
         if state in TERMINAL:
