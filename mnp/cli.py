@@ -176,16 +176,43 @@ def build_definition(ctx: click.Context, args: tuple[str, ...], o: dict[str, Any
         attempts=o["attempts"],
         timeout=o["timeout"],
         tasks_per_node=o["tasks_per_node"],
-        cwd=o["cwd"] or os.getcwd(),
+        cwd=_absolute(o["cwd"], "--cwd"),
         export_env=o["export_env"],
     )
     if command is not None and not args:
         if not command:
             raise UsageError("nothing after '--': give the command to run")
+        if overrides["cwd"] is None:
+            overrides["cwd"] = _here()
         return spec.definition_from_command(list(command), **overrides)
     if len(args) == 1 and not command:
-        return spec.apply_overrides(spec.load_definition(args[0]), **overrides)
+        defn = spec.load_definition(args[0])
+        if overrides["cwd"] is None:
+            # --cwd, else the definition's own cwd, else the directory mnp runs in
+            cwd = _here() if defn.cwd is None else _absolute(defn.cwd, "cwd")
+            if cwd != defn.cwd:
+                overrides["cwd"] = cwd
+        return spec.apply_overrides(defn, **overrides)
     raise UsageError("give either a definition file (DEF.toml) or '-- CMD ARGS...', not both")
+
+
+def _here() -> str:
+    try:
+        return os.getcwd()
+    except OSError as e:
+        raise UsageError(
+            f"the current directory cannot be used ({e.strerror}); give --cwd DIR"
+        ) from None
+
+
+def _absolute(path: str | None, what: str) -> str | None:
+    """A working directory as the nodes get it: relative to where mnp runs (as Slurm's
+    --chdir), since a relative one would be relative to wherever each agent runs."""
+    if path is None or os.path.isabs(path) or path.startswith("~"):
+        return path
+    if not path:
+        raise UsageError(f"{what}: empty; give a directory")
+    return os.path.normpath(os.path.join(_here(), path))
 
 
 @cli.command(cls=_DashDashCommand, epilog=EXAMPLE_RUN)
