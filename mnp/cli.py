@@ -617,7 +617,8 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
         files = [p for p in files if matches(p.name)]
         many = len(files) > 1 or (target == root and any(label(p) for p in files))
         for path in files:
-            with open(path, encoding="utf-8", errors="replace") as f:
+            # bytes that are not UTF-8 come back as the same bytes on stdout
+            with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
                 f.seek(offsets.get(path, 0))
                 data = f.read()
                 offsets[path] = f.tell()
