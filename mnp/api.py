@@ -44,8 +44,19 @@ def socket_path(home: Path | str) -> str:
     return os.path.join(os.fspath(home), SOCKET_NAME)
 
 
+_dumps_utf8 = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_dumps_ascii = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _encode(msg: Mapping[str, Any]) -> bytes:
-    return json.dumps(msg, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    """One line of JSON. Text that is not valid Unicode (command-line arguments, paths
+    and task output holding bytes that are not UTF-8, which Python keeps as surrogate
+    escapes) travels as JSON escapes (``\\udce9``) and reads back exactly."""
+    text = _dumps_utf8(msg)
+    try:
+        return text.encode() + b"\n"
+    except UnicodeEncodeError:
+        return _dumps_ascii(msg).encode() + b"\n"
 
 
 def _unix_address(path: str) -> tuple[str, int | None]:

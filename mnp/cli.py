@@ -6,6 +6,8 @@ Exit codes: 0 success; a job's own exit code (``mnp run``); 124 timed out;
 
 from __future__ import annotations
 
+import codecs
+import io
 import os
 import sys
 import traceback
@@ -180,16 +182,24 @@ def build_definition(ctx: click.Context, args: tuple[str, ...], o: dict[str, Any
         attempts=o["attempts"],
         timeout=o["timeout"],
         tasks_per_node=o["tasks_per_node"],
-        cwd=o["cwd"] or os.getcwd(),
+        cwd=_absolute(o["cwd"], "--cwd"),
         python_env=o["python_env"],
         export_env=o["export_env"],
     )
     if command is not None and not args:
         if not command:
             raise UsageError("nothing after '--': give the command to run")
+        if overrides["cwd"] is None:
+            overrides["cwd"] = _here()
         defn = spec.definition_from_command(list(command), **overrides)
     elif len(args) == 1 and not command:
-        defn = spec.apply_overrides(spec.load_definition(args[0], open_refs=True), **overrides)
+        defn = spec.load_definition(args[0], open_refs=True)
+        if overrides["cwd"] is None:
+            # --cwd, else the definition's own cwd, else the directory mnp runs in
+            cwd = _here() if defn.cwd is None else _absolute(defn.cwd, "cwd")
+            if cwd != defn.cwd:
+                overrides["cwd"] = cwd
+        defn = spec.apply_overrides(defn, **overrides)
     else:
         raise UsageError("give either a definition file (DEF.toml) or '-- CMD ARGS...', not both")
     if defn.python_env is None:  # neither the file nor --python-env said: the submitter's
@@ -198,6 +208,25 @@ def build_definition(ctx: click.Context, args: tuple[str, ...], o: dict[str, Any
         found = spec.submitter_python_env(os.environ, sys.prefix, sys.base_prefix)
         defn = dataclasses.replace(defn, python_env=found or "none")
     return defn
+
+
+def _here() -> str:
+    try:
+        return os.getcwd()
+    except OSError as e:
+        raise UsageError(
+            f"the current directory cannot be used ({e.strerror}); give --cwd DIR"
+        ) from None
+
+
+def _absolute(path: str | None, what: str) -> str | None:
+    """A working directory as the nodes get it: relative to where mnp runs (as Slurm's
+    --chdir), since a relative one would be relative to wherever each agent runs."""
+    if path is None or os.path.isabs(path) or path.startswith("~"):
+        return path
+    if not path:
+        raise UsageError(f"{what}: empty; give a directory")
+    return os.path.normpath(os.path.join(_here(), path))
 
 
 @cli.command(cls=_DashDashCommand, epilog=EXAMPLE_RUN)
@@ -633,7 +662,8 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
         files = [p for p in files if matches(p.name)]
         many = len(files) > 1 or (target == root and any(label(p) for p in files))
         for path in files:
-            with open(path, encoding="utf-8", errors="replace") as f:
+            # bytes that are not UTF-8 come back as the same bytes on stdout
+            with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
                 f.seek(offsets.get(path, 0))
                 data = f.read()
                 offsets[path] = f.tell()
@@ -886,8 +916,30 @@ def validate(files: tuple[str, ...], as_json: bool) -> None:
         raise UsageError(bad["error"])
 
 
+def _original_bytes(e: UnicodeError) -> tuple[bytes | str, int]:
+    """Encoding error handler: a surrogate escape (U+DC80..U+DCFF) is written as the byte
+    it stands for (``surrogateescape``), anything else that cannot be encoded as
+    ``\\uNNNN`` (``backslashreplace``): printing never fails."""
+    if not isinstance(e, UnicodeEncodeError):
+        raise e
+    out = bytearray()
+    for c in e.object[e.start : e.end]:
+        n = ord(c)
+        if 0xDC80 <= n <= 0xDCFF:
+            out.append(n - 0xDC00)
+        else:
+            out += c.encode("ascii", "backslashreplace")
+    return bytes(out), e.end
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     ctx_debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    # bytes that are not UTF-8 (in task output, arguments, paths) are kept as surrogate
+    # escapes end to end; written out, they are the original bytes again
+    codecs.register_error("mnp-bytes", _original_bytes)
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="mnp-bytes")
     try:
         cli.main(args=argv, prog_name="mnp", standalone_mode=False)
     except MnpError as e:

@@ -9,6 +9,7 @@ sends spawn/kill/sweep messages and reacts to the agents' events.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
@@ -28,12 +29,15 @@ from mnp.jobs import (
     NodeRun,
     TaskRun,
     exit_status,
+    printable,
     should_retry,
 )
 from mnp.model import TERMINAL, Dependency, Inventory, JobDefinition, JobState, Resources
-from mnp.sched.alloc import HostCapacity
+from mnp.offloop import FileRefused, OffLoop, read_regular_file
+from mnp.sched.alloc import Grant, HostCapacity
 from mnp.sched.decide import Request, Start, could_ever_run, decide
 from mnp.sched.runqueue import RunQueue
+from mnp.spec.fields import MAX_ARG_BYTES
 from mnp.transport.base import UNRESPONSIVE, AgentConnection, Event, Transport
 from mnp.wiring import (
     Launch,
@@ -122,6 +126,16 @@ def heartbeat_from_env(env: Mapping[str, str] | None = None) -> tuple[float, flo
     return interval, max(num("MNP_HEARTBEAT_TIMEOUT", HEARTBEAT_DEADLINE), interval)
 
 
+SECRET_MAX_BYTES = MAX_ARG_BYTES
+"""The largest secret: what one environment variable can hold (Linux MAX_ARG_STRLEN)."""
+SECRET_READ_TIMEOUT = 10.0
+"""Seconds a secret file may take to read (off the loop) before its job fails."""
+
+
+class LaunchError(Exception):
+    """An attempt cannot start: its message is the reason it fails with."""
+
+
 @dataclass(frozen=True)
 class Restored:
     """A job as a previous controller left it in the store."""
@@ -197,6 +211,8 @@ class Controller:
         # while start() connects and restores: new agents wait for their stale sweep
         self._holding_stale = False
         self._unswept: set[str] = set()
+        # what may block (secret files) runs here, never on the loop
+        self._offloop = OffLoop(4, "mnp-secrets")
 
     # --- hosts ------------------------------------------------------------
 
@@ -245,7 +261,7 @@ class Controller:
         if self._closed:
             await conn.close()
             return False
-        conn.start(self._on_agent_event, self._on_host_lost, self.heartbeat)
+        conn.start(self._on_agent_event_guarded, self._on_host_lost, self.heartbeat)
         if self._holding_stale:
             self._unswept.add(host.name)  # swept once the jobs to keep are known (start)
         else:
@@ -655,7 +671,10 @@ class Controller:
             for start in starts:
                 job = self._runnable[start.key]
                 self._dequeue(job)
-                self._launch(job, start, now)
+                try:
+                    self._launch(job, start, now)
+                except Exception as e:  # one job's failure never stops the pass
+                    self._abort(job, e, start.grants)
         finally:
             self._batch = None
             for host in list(batch):
@@ -700,9 +719,23 @@ class Controller:
         )
         attempt.launch = launch
         env = task_environment(defn, launch)
-        argv = substitute(defn.command, defn.parameters)
+        argv = substitute(defn.command, defn.parameters, keep=defn.secrets)
         task = TaskRun(launch.job_id, grant.host)
+        if defn.secrets:  # read off the loop first; the task starts once they are here
+            self._spawn_bg(self._launch_with_secrets(job, attempt, task, argv, env))
+            return
         self._spawn(job, attempt, task, argv, env)
+
+    async def _launch_with_secrets(
+        self, job: Job, attempt: Attempt, task: TaskRun, argv: list[str], env: dict[str, str]
+    ) -> None:
+        try:
+            attempt.secrets = await self._read_secrets(job.defn)
+            if attempt.ending or job.attempt is not attempt:
+                return  # terminated while the secrets were read
+            self._spawn(job, attempt, task, argv, env)
+        except Exception as e:
+            self._abort(job, e)
 
     def _spawn(
         self,
@@ -719,9 +752,7 @@ class Controller:
             if why is not None:
                 self._begin_end(job, attempt, JobState.FAILED, why, time.time())
                 return False
-        attempt.tasks[task.tid] = task
-        self._tasks[task.tid] = (job, attempt, task)
-        env.update(self._secrets(job.defn))
+        env.update(attempt.secrets)
         msg: dict[str, Any] = {
             "op": "spawn",
             "tid": task.tid,
@@ -733,6 +764,9 @@ class Controller:
             msg["pyenv"] = job.defn.python_env
         if files:
             msg["files"] = files
+        # registered only now: nothing above may leave a task that was never sent
+        attempt.tasks[task.tid] = task
+        self._tasks[task.tid] = (job, attempt, task)
         if self._batch is not None and task.host in self.agents:
             self._batch.setdefault(task.host, []).append((msg, task))
             return True
@@ -750,21 +784,54 @@ class Controller:
         )
         self._on_agent_event(task.host, {"ev": "gone", "tid": task.tid, "killed": 0})
 
-    def _secrets(self, defn: JobDefinition) -> dict[str, str]:
+    async def _read_secrets(self, defn: JobDefinition) -> dict[str, str]:
+        """The values of the job's ``[secrets]``, read now (at each launch), off the loop.
+
+        ``LaunchError`` names the secret and its file or variable, never its value:
+        a file that is not a regular file (a FIFO would block), larger than an
+        environment variable can hold, not UTF-8 text, holding a NUL, or that takes
+        longer than ``SECRET_READ_TIMEOUT`` to read."""
         out: dict[str, str] = {}
         for name, ref in defn.secrets.items():
             if ref.file is not None:
+                path = ref.file
+                where = f"secret {name}: file {path}"
                 try:
-                    with open(os.path.expanduser(ref.file), encoding="utf-8") as f:
-                        out[name] = f.read().rstrip("\n")
-                except OSError as e:
-                    raise JobRefused(
-                        f"secret {name}: cannot read {ref.file}: {e.strerror}"
+                    data = await self._offloop.run(
+                        functools.partial(read_regular_file, path, SECRET_MAX_BYTES),
+                        SECRET_READ_TIMEOUT,
+                    )
+                except FileRefused as e:
+                    raise LaunchError(f"{where}: cannot be read: {e}") from None
+                except TimeoutError:
+                    raise LaunchError(
+                        f"{where}: not read within {SECRET_READ_TIMEOUT:g}s"
                     ) from None
+                try:
+                    value = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise LaunchError(
+                        f"{where}: not UTF-8 text; a secret must be UTF-8 text"
+                    ) from None
+                value = value.rstrip("\n")
             elif ref.env is not None:
+                where = f"secret {name}: ${ref.env}"
                 if ref.env not in os.environ:
-                    raise JobRefused(f"secret {name}: ${ref.env} is not set for the controller")
-                out[name] = os.environ[ref.env]
+                    raise LaunchError(f"{where} is not set for the controller")
+                value = os.environ[ref.env]
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise LaunchError(
+                        f"{where}: not UTF-8 text; a secret must be UTF-8 text"
+                    ) from None
+            else:
+                continue
+            if "\0" in value:
+                raise LaunchError(
+                    f"{where}: holds a NUL byte, which no environment variable can hold"
+                )
+            out[name] = value
         return out
 
     async def _free_port(self, host: str) -> int | None:
@@ -848,16 +915,24 @@ class Controller:
         return found
 
     async def _launch_multinode(self, job: Job, attempt: Attempt) -> None:
+        try:
+            await self._launch_nodes(job, attempt)
+        except Exception as e:  # fails this job only
+            self._abort(job, e)
+
+    async def _launch_nodes(self, job: Job, attempt: Attempt) -> None:
         defn = job.defn
         mn = defn.multinode
         assert mn is not None
         main_host = attempt.grants[mn.main_node].host
-        if defn.aws_batch_env and mn.num_nodes > 1:  # both at once: neither waits for the other
-            port, main_ipv4 = await asyncio.gather(
-                self._free_port(main_host), self._ipv4_of(self.inventory.host(main_host).address)
-            )
-        else:
-            port, main_ipv4 = await self._free_port(main_host), None
+        # what each needs is asked for at once: neither waits for the other
+        want_ipv4 = defn.aws_batch_env and mn.num_nodes > 1
+        port, main_ipv4, secrets = await asyncio.gather(
+            self._free_port(main_host),
+            self._ipv4_of(self.inventory.host(main_host).address) if want_ipv4 else _none(),
+            self._read_secrets(defn) if defn.secrets else _no_secrets(),
+        )
+        attempt.secrets = secrets
         if attempt.ending or job.attempt is not attempt:
             return
         placements = []
@@ -952,6 +1027,73 @@ class Controller:
     def _record_attempt(self, job: Job, attempt: Attempt) -> None:
         if self.recorder is not None:
             self.recorder.attempt(job, attempt)
+
+    # --- one job's failure stays that job's -------------------------------
+
+    def _abort(
+        self,
+        job: Job,
+        error: Exception,
+        grants: Sequence[Grant] = (),
+        what: str = "Launch failed",
+    ) -> None:
+        """Handling ``job`` raised ``error``: the job fails with it as its reason (no
+        retry), what it holds is given back, and the controller goes on. ``grants``:
+        those taken for a launch that failed before its attempt held them."""
+        if isinstance(error, LaunchError | MnpError):
+            reason = str(error)
+        else:
+            log.error("job %s: %s", job.id, what.lower(), exc_info=error)
+            reason = f"{what}: {type(error).__name__}: {error}"
+        now = time.time()
+        attempt = job.attempt
+        if grants and (attempt is None or attempt.grants is not grants):
+            for grant in grants:  # the launch failed before an attempt held them
+                cap = self.capacity.get(grant.host)
+                if cap is not None:
+                    cap.give(grant)
+            attempt = None
+        try:
+            if attempt is not None and attempt.stopped_at is None:
+                self._begin_end(job, attempt, JobState.FAILED, reason, now, retry=False)
+                self._maybe_finish(job, attempt, now)  # if it was ending already
+            elif not job.done:
+                self._dequeue(job)
+                self._finish(job, JobState.FAILED, reason, now)
+        except Exception:  # its ending failed too: end it by force
+            log.exception("job %s: ending it after a failed launch failed", job.id)
+            self._force_end(job, attempt, reason, now)
+        self._kick()
+
+    def _force_end(self, job: Job, attempt: Attempt | None, reason: str, now: float) -> None:
+        if attempt is not None and attempt.stopped_at is None:
+            attempt.stopped_at = now
+            attempt.secrets = {}
+            for task in attempt.tasks.values():
+                self._tasks.pop(task.tid, None)
+            for grant in attempt.grants:
+                cap = self.capacity.get(grant.host)
+                if cap is not None:
+                    cap.give(grant)
+        if not job.done:
+            try:
+                self._finish(job, JobState.FAILED, reason, now)
+            except Exception:
+                log.exception("job %s: cannot be ended", job.id)
+
+    def _on_agent_event_guarded(self, host: str, msg: Event) -> None:
+        """``_on_agent_event``, where a failure ends the job the event is about (if
+        any) instead of the host's reader."""
+        try:
+            self._on_agent_event(host, msg)
+        except Exception as e:
+            tid = msg.get("tid") if isinstance(msg.get("tid"), str) else None
+            entry = self._tasks.get(tid) if tid else None
+            job = entry[0] if entry is not None else self.jobs.get(str(msg.get("job", "")))
+            if job is not None and not job.done:
+                self._abort(job, e, what="Controller error")
+            else:
+                log.exception("%s: handling %.40r failed", host, msg.get("ev"))
 
     # --- agent events -----------------------------------------------------
 
@@ -1114,7 +1256,7 @@ class Controller:
         if attempt.ending:
             return
         attempt.final = final
-        attempt.reason = reason
+        attempt.reason = reason = printable(reason)
         attempt.retryable = retry
         timer = self._timers.pop(job.id, None)
         if timer is not None:
@@ -1199,6 +1341,7 @@ class Controller:
         attempt.reaped_at = now
         attempt.stopped_at = now
         self._ending.pop(id(attempt), None)
+        attempt.secrets = {}
         for grant in attempt.grants:
             cap = self.capacity.get(grant.host)
             if cap is not None:
@@ -1376,6 +1519,7 @@ class Controller:
                 for t in attempt.tasks.values():
                     t.gone = True
                 self._maybe_finish(job, attempt, now)
+        self._offloop.close()
         for timer in self._timers.values():
             timer.cancel()
         if self._ending_timer is not None:
@@ -1385,6 +1529,14 @@ class Controller:
         )
         for task in list(self._bg):
             task.cancel()
+
+
+async def _none() -> None:
+    return None
+
+
+async def _no_secrets() -> dict[str, str]:
+    return {}
 
 
 def _describe_request(req: Request) -> str:

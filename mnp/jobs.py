@@ -22,6 +22,23 @@ Emit = Callable[[dict[str, Any]], None]
 TIMEOUT_REASON = "Job attempt duration exceeded timeout"
 
 
+def printable(text: str | None) -> str | None:
+    """``text`` as valid Unicode: bytes that were not UTF-8 (a path or an argument, kept
+    as surrogate escapes) are written ``\\xNN``. Reasons are stored and shown as text."""
+    if text is None or text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape" if _escapable(text) else "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace")
+    return text
+
+
+def _escapable(text: str) -> bool:
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
 @dataclass(slots=True)
 class TaskRun:
     """One process tree started by an agent."""
@@ -66,6 +83,7 @@ class NodeRun:
         if state is self.state:
             return
         previous, self.state = self.state, state
+        reason = printable(reason)
         self.reason = reason or self.reason
         self.job.emit_change(
             self.id, state, previous, now, reason, self.exit_code, node_index=self.index
@@ -91,6 +109,7 @@ class Attempt:
     tasks: dict[str, TaskRun] = field(default_factory=dict)
     nodes: list[NodeRun] = field(default_factory=list)
     pending_sweeps: set[str] = field(default_factory=set)
+    secrets: dict[str, str] = field(default_factory=dict)  # read at launch; never stored
 
     @property
     def ending(self) -> bool:
@@ -152,7 +171,7 @@ class Job:
             return
         previous, self.state = self.state, state
         if reason is not None:
-            self.reason = reason
+            reason = self.reason = printable(reason)
         if state is JobState.RUNNING and self.started_at is None:
             self.started_at = now
         if state in TERMINAL:

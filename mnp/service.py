@@ -651,12 +651,17 @@ class _Log:
         self.file: IO[str] | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            # task output is exact: surrogate escapes are written as the bytes they stand for
+            self.file = open(path, "a", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
         except OSError as e:
             self.error = f"{e.filename or path}: {e.strerror or e}"
 
     def write(self, data: str) -> str | None:
-        return self._do(lambda f: f.write(data))
+        try:
+            return self._do(lambda f: f.write(data))
+        except UnicodeEncodeError:  # a surrogate that stands for no byte: not from an agent
+            text = data.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+            return self._do(lambda f: f.write(text))
 
     def flush(self) -> str | None:
         return self._do(lambda f: f.flush())

@@ -22,9 +22,11 @@ class PrefixedLines:
         return "".join(f"{prefix}{line}\n" for line in lines[:-1])
 
     def rest(self, key: Hashable, prefix: str) -> str:
-        """The unfinished line of a stream that has ended, terminated."""
+        """The unfinished line of a stream that has ended: terminated when it has a prefix
+        (lines of several tasks interleave), as it is when not (the output is exactly
+        what the task wrote)."""
         last = self._partial.pop(key, "")
-        return f"{prefix}{last}\n" if last else ""
+        return f"{prefix}{last}\n" if last and prefix else last
 
 
 def age(seconds: float) -> str:

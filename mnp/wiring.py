@@ -10,12 +10,14 @@ contents. The controller only ships what this module returns.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from mnp.model import JobDefinition, JobType, NodeGroup
 
 _REF = re.compile(r"Ref::([A-Za-z0-9_]+)")
+# what the agent's expansion takes (mnp/agent/expand.py): `$$`, `${NAME}`, `$NAME`
+_VAR = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
 @dataclass(frozen=True)
@@ -53,20 +55,35 @@ class Launch:
     host_has_gpus: bool = False
 
 
-def substitute(command: Sequence[str], parameters: Mapping[str, str]) -> list[str]:
+def substitute(
+    command: Sequence[str], parameters: Mapping[str, str], keep: Collection[str] = ()
+) -> list[str]:
     """Replace ``Ref::name`` by the parameter's value, escaped so that the agent's
-    ``$VAR`` expansion leaves it as it is (``$`` → ``$$``)."""
+    ``$VAR`` expansion leaves it as it is (``$`` → ``$$``).
 
-    def one(arg: str) -> str:
-        def repl(m: re.Match[str]) -> str:
-            name = m.group(1)
-            if name not in parameters:
-                return m.group(0)
-            return parameters[name].replace("$", "$$")
+    ``$NAME`` and ``${NAME}`` of a name in ``keep`` (the job's secrets) are escaped
+    too: they reach the program as written, for it (or its shell) to read the value
+    from its environment. A secret's value is never put into a command line, which
+    every user of the node can read (``ps``, ``/proc/PID/cmdline``)."""
 
-        return _REF.sub(repl, arg)
+    def param(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in parameters:
+            return m.group(0)
+        return parameters[name].replace("$", "$$")
 
-    return [one(a) for a in command]
+    def secret(m: re.Match[str]) -> str:
+        name = m.group(2) or m.group(3)
+        return "$" + m.group(0) if name in keep else m.group(0)
+
+    out = []
+    for arg in command:
+        if "Ref::" in arg:
+            arg = _REF.sub(param, arg)
+        if keep and "$" in arg:
+            arg = _VAR.sub(secret, arg)
+        out.append(arg)
+    return out
 
 
 def node_command(defn: JobDefinition, group: NodeGroup, node_index: int) -> list[str] | None:
@@ -76,7 +93,7 @@ def node_command(defn: JobDefinition, group: NodeGroup, node_index: int) -> list
         command = defn.command or None
     if command is None:
         return None
-    return substitute(command, defn.parameters)
+    return substitute(command, defn.parameters, keep=defn.secrets)
 
 
 def hostfile_mpich(nodes: Sequence[NodePlacement]) -> str:

@@ -207,12 +207,14 @@ class Stream:
             self.decoder = None
 
     def _emit(self, data: bytes) -> None:
+        # bytes that are not UTF-8 become surrogate escapes (U+DC80..U+DCFF, `\udcNN` in
+        # the JSON line): the controller gets the exact bytes back; UTF-8 costs nothing more
         if self.decoder is None and data.endswith(b"\n"):
-            text = data.decode("utf-8", "replace")
+            text = data.decode("utf-8", "surrogateescape")
         else:
             # a partial line may end inside a UTF-8 sequence: keep its head for the next chunk
             if self.decoder is None:
-                self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+                self.decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
             text = self.decoder.decode(data)
         self._text(text)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import PurePath
 from typing import Any
 
@@ -138,9 +138,7 @@ def parse_definition(
         source, "environment", t.get("environment") if "environment" in t else {}, check_env_name
     )
     secrets = _secrets(source, t)
-    for key in environment:
-        if key in secrets:
-            fail(source, key_path("environment", key), "also set in [secrets]; keep one of them")
+    _check_secret_names(source, "environment", environment, secrets)
     resources = _resources(t.table("resources", RESOURCE_FIELDS), Resources())
     tasks_per_node = t.integer("tasks_per_node", 1, 1, MAX_TASKS_PER_NODE)
     gpu_bind = t.choice("gpu_bind", "per-node", GPU_BINDS)
@@ -172,6 +170,10 @@ def parse_definition(
                 f"{tasks_per_node} is not allowed for a single or array job "
                 "(one task each); allowed 1, or make it multinode (--nodes N)",
             )
+    if multinode is not None:
+        for i, g in enumerate(multinode.groups):
+            field = index_path("multinode.groups", i) + ".environment"
+            _check_secret_names(source, field, g.environment, secrets)
     if not open_refs:
         _check_refs(source, parameters, command, multinode)
     depends_on = _dependencies(t)
@@ -274,6 +276,27 @@ def _secrets(source: str, t: Table) -> dict[str, SecretRef]:
         env = st.string("env", None, pattern=ENV_NAME_RE, rule="use an environment variable name")
         out[name] = SecretRef(file=path, env=env)
     return out
+
+
+def _check_secret_names(
+    source: str, field: str, environment: Mapping[str, str], secrets: Mapping[str, SecretRef]
+) -> None:
+    """An environment may neither set a secret's name nor the variable a secret is read
+    from (``{ env = "NAME" }``): the definition is stored, and a secret never is."""
+    if not secrets:
+        return
+    sources = {ref.env: name for name, ref in secrets.items() if ref.env is not None}
+    for key in environment:
+        if key in secrets:
+            fail(source, key_path(field, key), "also set in [secrets]; keep one of them")
+        if key in sources:
+            fail(
+                source,
+                key_path(field, key),
+                f'{key} is where secret {sources[key]} is read from ({{ env = "{key}" }}); '
+                "an environment is stored with the job and a secret never is: "
+                "set it only in the controller's environment",
+            )
 
 
 def _resources(rt: Table | None, base: Resources) -> Resources:

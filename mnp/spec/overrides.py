@@ -225,13 +225,15 @@ def exported(defn: JobDefinition, environ: Mapping[str, str]) -> dict[str, str]:
     first, so that the definition's own (and ``--env``) win over them. Variables that
     cannot be forwarded are left out: names that are not valid names (exported shell
     functions), the MNP_*/AWS_BATCH_* that mnp sets itself, names the job takes from
-    ``[secrets]``, values too long for a task."""
+    ``[secrets]`` and the variables its ``{ env = NAME }`` secrets are read from (the
+    environment is stored with the job, a secret never), values too long for a task."""
+    hidden = {*defn.secrets, *(s.env for s in defn.secrets.values() if s.env is not None)}
     out = {
         k: v
         for k, v in environ.items()
         if ENV_NAME_RE.fullmatch(k)
         and not k.startswith(RESERVED_ENV_PREFIXES)
-        and k not in defn.secrets
+        and k not in hidden
         and len(v.encode("utf-8", "surrogateescape")) <= MAX_ARG_BYTES
     }
     out.update(defn.environment)

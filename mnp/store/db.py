@@ -525,10 +525,10 @@ class Store:
         self, parent_id: str, *, state: str | None = None, limit: int | None = None
     ) -> list[Row]:
         """An array's children in index order, as ``list_jobs`` rows."""
-        where, params = ["parent = ?"], [parent_id]
+        where, params = ["parent = ?"], [reads.key(parent_id)]
         if state is not None:
             where.append("state = ?")
-            params.append(str(state))
+            params.append(reads.key(str(state)))
         with self._guard("listing children"):
             return reads.summaries(self.conn, where, list(params), "array_index", limit)
 

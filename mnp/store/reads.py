@@ -46,6 +46,19 @@ def _snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("COMMIT")
 
 
+def key(value: str) -> str | bytes:
+    """A name or id given by a user, as a query parameter. One that is not valid Unicode
+    (bytes that were not UTF-8, as surrogate escapes), which sqlite3 cannot bind as
+    text, is bound as a BLOB: it equals no stored name, so the query finds nothing."""
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
+    return value
+
+
 def scalar(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) -> Any:
     row = conn.execute(sql, params).fetchone()
     return None if row is None else row[0]
@@ -93,7 +106,7 @@ def _definition(conn: sqlite3.Connection, job_id: str) -> Any:
 
 def get_job(conn: sqlite3.Connection, job_id: str) -> Row | None:
     with _snapshot(conn):
-        found = rows(conn.execute(f"SELECT {_JOBS} FROM jobs WHERE id = ?", (job_id,)))
+        found = rows(conn.execute(f"SELECT {_JOBS} FROM jobs WHERE id = ?", (key(job_id),)))
         if not found:
             return None
         job = codec.decode_job(found[0])
@@ -162,10 +175,10 @@ def job_filter(
         where.append("parent IS NULL")
     if queue is not None:
         where.append("queue = ?")
-        params.append(queue)
+        params.append(key(queue))
     if state is not None:
         where.append("state = ?")
-        params.append(str(state))
+        params.append(key(str(state)))
     return where, params
 
 
@@ -267,10 +280,10 @@ def events_since(
         if ":" in job_id or "#" in job_id:
             # ids are digits, ':' and '#': [X, X + '$') holds X and X#n, not X0 or X:n
             sql += " AND job_id >= ? AND job_id < ?"
-            params += [job_id, job_id + "$"]
+            params += [key(job_id), key(job_id + "$")]
         else:
             sql += " AND root = ?"
-            params.append(job_id)
+            params.append(key(job_id))
     sql += " ORDER BY seq"
     if limit is not None:
         sql += " LIMIT ?"

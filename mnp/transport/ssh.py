@@ -379,7 +379,9 @@ class SshTransport(Transport):
 
     async def _connect(self, host: HostSpec) -> asyncssh.SSHClientConnection:
         opts = host.ssh
-        kwargs = self._options(host)
+        # stat()s of the inventory's files, off the loop (asyncssh itself reads them in
+        # its executor): a slow file system never holds up the controller's other hosts
+        kwargs = await asyncio.to_thread(self._options, host)
         client: _Client | None = None
 
         def factory() -> _Client:
@@ -390,7 +392,10 @@ class SshTransport(Transport):
         try:
             conn = await asyncssh.connect(host.name, client_factory=factory, **kwargs)
         except asyncssh.HostKeyNotVerifiable as e:
-            raise self._host_key_error(host, client, kwargs["known_hosts"], e) from None
+            # reads known_hosts to say whether the key changed: off the loop too
+            raise await asyncio.to_thread(
+                self._host_key_error, host, client, kwargs["known_hosts"], e
+            ) from None
         except socket.gaierror as e:
             raise SshError(
                 host.name, "dns", f"cannot resolve the host name: {e.strerror}"

@@ -207,7 +207,12 @@ def test_binary_and_large_output(agent: Agent) -> None:
     agent.run("b", [PY, "-c", script])
     text = agent.output("b")
     chunks = [e["data"] for e in agent.history if e["ev"] == "out" and e["tid"] == "b"]
-    assert text == "\ufffd\ufffd bad\n" + "é" * 200000 + "\nend"
+    # bytes that are not UTF-8 arrive as surrogate escapes: the exact bytes come back
+    assert text == "\udcff\udcfe bad\n" + "é" * 200000 + "\nend"
+    assert (
+        text.encode("utf-8", "surrogateescape")
+        == b"\xff\xfe bad\n" + "é".encode() * 200000 + b"\nend"
+    )
     assert len(chunks) > 5
     assert max(len(c) for c in chunks) <= 65536  # 64 KiB of the task's bytes at most
 
