@@ -342,14 +342,26 @@ def _client(s: dict[str, Any], *, start: bool) -> Any:
 
     home = Path(s["home"])
     if start:
+        client = ApiClient.connect(home)
+        if client is not None:
+            return client
         extra = ["--local-nodes", str(s["local_nodes"])]
         if s.get("inventory"):
+            _check_inventory(s)
             extra += ["--inventory", s["inventory"]]
         return daemon.ensure_client(home, extra)
     client = ApiClient.connect(home)
     if client is None:
         raise InfraError(f"no controller runs for {home} (start one: mnp controller start)")
     return client
+
+
+def _check_inventory(s: dict[str, Any]) -> None:
+    """Read the inventory here before a controller is started with it: a bad one is
+    one line and exit 2 from this command, not a controller that fails to start."""
+    from mnp.spec import resolve_inventory
+
+    resolve_inventory(s["inventory"], s["local_nodes"])
 
 
 def _store(s: dict[str, Any]) -> Any:
@@ -585,7 +597,7 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
 
     def pump(final: bool) -> None:
         files = sorted(folder.glob("*" + suffix)) if folder.is_dir() else []
-        files = [p for p in files if matches(p.name)]
+        files = [p for p in files if matches(p.name) and p.is_file()]  # never a FIFO
         many = len(files) > 1 or (target == root and any(label(p) for p in files))
         for path in files:
             with open(path, encoding="utf-8", errors="replace") as f:
@@ -757,6 +769,7 @@ def controller_start(ctx: click.Context, /, foreground: bool, **o: Any) -> None:
         sys.exit(daemon.serve_forever(home, factory))
     extra = ["--local-nodes", str(s["local_nodes"])]
     if s.get("inventory"):
+        _check_inventory(s)
         extra += ["--inventory", s["inventory"]]
     pid = daemon.start_background(home, extra)
     click.echo(f"controller running (pid {pid}), home {home}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from mnp.errors import InfraError, JobRefused, MnpError
+from mnp.files import read_regular
 from mnp.jobs import Attempt, Job, NodeRun, TaskRun, exit_status, should_retry
 from mnp.model import TERMINAL, Inventory, JobDefinition, JobState, Resources
 from mnp.sched.alloc import HostCapacity
@@ -60,6 +61,7 @@ TaskEndHandler = Callable[[Job, TaskRun], None]
 EventSink = Callable[[dict[str, Any]], None]
 
 TIMEOUT_REASON = "Job attempt duration exceeded timeout"
+MAX_SECRET_BYTES = 1 << 20
 LOST_REASON = "Controller restarted: attempt lost"
 
 
@@ -558,9 +560,14 @@ class Controller:
             if why is not None:
                 self._begin_end(job, attempt, JobState.FAILED, why, time.time())
                 return False
+        try:
+            secret_env = self._secrets(job.defn)
+        except JobRefused as e:  # a secret cannot be read now: the attempt fails, says why
+            self._begin_end(job, attempt, JobState.FAILED, str(e), time.time())
+            return False
         attempt.tasks[task.tid] = task
         self._tasks[task.tid] = (job, attempt, task)
-        env.update(self._secrets(job.defn))
+        env.update(secret_env)
         msg: dict[str, Any] = {
             "op": "spawn",
             "tid": task.tid,
@@ -592,12 +599,17 @@ class Controller:
         for name, ref in defn.secrets.items():
             if ref.file is not None:
                 try:
-                    with open(os.path.expanduser(ref.file), encoding="utf-8") as f:
-                        out[name] = f.read().rstrip("\n")
+                    raw = read_regular(os.path.expanduser(ref.file), MAX_SECRET_BYTES)
                 except OSError as e:
                     raise JobRefused(
                         f"secret {name}: cannot read {ref.file}: {e.strerror}"
                     ) from None
+                if len(raw) > MAX_SECRET_BYTES:
+                    raise JobRefused(f"secret {name}: {ref.file} is larger than 1 MiB")
+                try:
+                    out[name] = raw.decode("utf-8").rstrip("\n")
+                except UnicodeDecodeError:
+                    raise JobRefused(f"secret {name}: {ref.file} is not UTF-8 text") from None
             elif ref.env is not None:
                 if ref.env not in os.environ:
                     raise JobRefused(f"secret {name}: ${ref.env} is not set for the controller")

@@ -54,10 +54,13 @@ from typing import Any
 
 from mnp.api import ApiClient, ApiServer, Handler, Responder, socket_path
 from mnp.errors import InfraError, MnpError
+from mnp.files import open_regular
 
 log = logging.getLogger("mnp")
 
 LOCK_NAME = "controller.lock"
+CANNOT_START = "the controller cannot start: "
+"""How a controller logs an ``MnpError`` that kept it from starting (one line)."""
 LOG_NAME = "controller.log"
 CONTROLLER_COMMAND: tuple[str, ...] = (
     sys.executable,
@@ -213,13 +216,30 @@ def _ping(home: Path, timeout: float) -> dict[str, Any] | None:
 
 def _log_tail(path: Path, offset: int, lines: int = 20) -> str:
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f:
             f.seek(offset)
             text = f.read()[-16384:].decode(errors="replace")
     except OSError:
         return "(no log)"
     tail = text.rstrip("\n").splitlines()[-lines:]
     return "\n".join("  " + line for line in tail) if tail else "  (nothing logged)"
+
+
+def _start_error(path: Path, offset: int) -> str | None:
+    """The one-line reason a controller logged for not starting (``CANNOT_START``)."""
+    try:
+        with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f:
+            f.seek(offset)
+            text = f.read()[-65536:].decode(errors="replace")
+    except OSError:
+        return None
+    for line in reversed(text.splitlines()):
+        at = line.find(CANNOT_START)
+        if at >= 0:
+            return line[at + len(CANNOT_START) :].strip() or None
+        if line.startswith("mnp: "):  # the command line's own one-line error
+            return line[len("mnp: ") :].strip() or None
+    return None
 
 
 def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -229,7 +249,10 @@ def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     if root.name not in ("site-packages", "dist-packages"):  # never ahead of the stdlib
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        fd = open_regular(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError as e:
+        raise InfraError(f"cannot write the controller's log {log_path}: {e.strerror}") from e
     try:
         return subprocess.Popen(
             cmd,
@@ -277,6 +300,9 @@ def start_background(
                 return int(ping.get("pid") or proc.pid)
             rc = proc.poll()
             if rc is not None and rc != 0:
+                why = _start_error(log_path, offset)
+                if why is not None:
+                    raise InfraError(f"the controller could not start: {why} (log: {log_path})")
                 raise InfraError(
                     f"the controller exited with code {rc} before answering; "
                     f"the end of {log_path}:\n{_log_tail(log_path, offset)}"
@@ -456,6 +482,9 @@ async def _serve(home: Path, make_handler: MakeHandler) -> int:
     log.info("controller pid %d starting for %s", pid, home)
     try:
         handler, shutdown = await make_handler(stop)
+    except MnpError as e:  # said in one line: what is wrong and what to do
+        log.error("%s%s", CANNOT_START, e)
+        return e.exit_code
     except Exception:
         log.exception("the controller failed to start")
         return 1

@@ -36,11 +36,13 @@ from typing import IO, Any
 from mnp.api import Handler, Responder
 from mnp.controller import Controller, Restored
 from mnp.errors import InfraError, JobRefused, MnpError, UsageError
+from mnp.files import open_regular
 from mnp.jobs import Attempt, Job, NodeRun, TaskRun
 from mnp.model import TERMINAL, Inventory, JobState
 from mnp.run import OutputPrinter, job_exit_code, transports_for
 from mnp.spec import definition_to_dict, parse_definition, unverified_warning
-from mnp.store import Store, codec
+from mnp.state import open_store
+from mnp.store import codec
 
 log = logging.getLogger("mnp")
 
@@ -58,7 +60,7 @@ class Service:
         self.home = home
         self.inventory = inventory
         self.inventory_key = inventory_key
-        self.store = Store(home / "mnp.db")
+        self.store, self._restorable, corrupt = open_store(home, EVENTS_NAME)
         self.events_path = home / EVENTS_NAME
         self._event_lines: list[tuple[str, str]] = []  # (root job id, line): not committed yet
         self._events_out = bytearray()  # committed, not yet in the events file
@@ -84,7 +86,8 @@ class Service:
         self._flush_handle: asyncio.TimerHandle | None = None
         self.started = time.time()
         warning = unverified_warning(inventory)
-        self.warnings = [warning] if warning else []  # told to every client that uses it
+        # told to every client that uses this controller
+        self.warnings = [w for w in (corrupt, warning) if w]
 
     # --- Recorder ---------------------------------------------------------
 
@@ -271,8 +274,8 @@ class Service:
         while self._events_out:
             try:
                 if self._events_fd is None:
-                    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-                    self._events_fd = os.open(self.events_path, flags, 0o600)
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                    self._events_fd = open_regular(self.events_path, flags, 0o600)
                 n = os.write(self._events_fd, self._events_out)
             except OSError as e:
                 return f"{self.events_path}: {e.strerror or e}"
@@ -321,7 +324,7 @@ class Service:
         self._catch_up_events()  # before anything new is committed
         await self.controller.start()
         self.controller.continue_numbering(self.store.max_job_seq())
-        rows = self.store.unfinished_jobs()
+        rows, self._restorable = self._restorable, []
         items = []
         for row in rows:
             definition = row.get("definition")
@@ -544,7 +547,7 @@ def _last_event_seq(path: Path) -> int | None:
     """The ``seq`` of the last whole line of ``events.jsonl`` (0 if none, None if it
     cannot be read); a torn last line (the controller died mid-write) is cut off."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f:
             end = f.seek(0, os.SEEK_END)
             start = max(0, end - 65536)
             f.seek(start)

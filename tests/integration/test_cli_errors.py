@@ -57,7 +57,7 @@ CASES = [
     (["run", "--", ""], "empty program name"),
     (["run", "--inventory", "/etc/passwd", "--", "true"], "invalid TOML"),
     (["validate", "/etc"], "is a directory"),
-    (["validate", "/dev/null"], "command: missing"),
+    (["validate", "/dev/null"], "is a character device"),
     (["describe", "'; DROP TABLE jobs; --"], "does not exist"),
     (["logs", "../../etc/passwd"], "does not exist"),
     (["events", "--since", "abc"], "--since"),
