@@ -7,6 +7,7 @@ Exit codes: 0 success; a job's own exit code (``mnp run``); 124 timed out;
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -19,6 +20,10 @@ from mnp import views
 from mnp.errors import InfraError, MnpError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+INT_MAX = 2**63 - 1
+"""The largest integer an option takes: SQLite's INTEGER (a job seq, an event seq, a
+count). Options the job definition bounds more tightly are checked there."""
 
 _STATES = ["SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED", "FAILED"]
 
@@ -390,7 +395,7 @@ LIST_FINISHED = 1000
 )
 @click.option(
     "--limit",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, INT_MAX),
     default=None,
     help="At most N jobs, the newest, finished or not.",
 )
@@ -580,6 +585,10 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
     import time
 
     s = _settings(ctx, **o)
+    store = _store(s)
+    if store is None:
+        raise UsageError(f"job {target} does not exist")
+    target = _known_target(store, target)
     root = target.split(":", 1)[0].split("#", 1)[0]
     folder = Path(s["home"]) / "logs" / root
     suffix = ".err" if stderr else ".out"
@@ -610,11 +619,9 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
                 sys.stdout.write(lines.rest(path, prefix))
         sys.stdout.flush()
 
-    store = _store(s)
-    if store is None or store.get_job(root) is None:
-        raise UsageError(f"job {root} does not exist")
     while True:
-        done = store.get_job(root)["state"] in ("SUCCEEDED", "FAILED")
+        job = store.get_job(root)
+        done = job is None or job["state"] in ("SUCCEEDED", "FAILED")  # None: purged meanwhile
         pump(final=done or not follow)
         if done or not follow:
             break
@@ -652,6 +659,61 @@ def terminate(ctx: click.Context, /, job_id: str, reason: str, **o: Any) -> None
     _end_job(ctx, "terminate", job_id, reason, o)
 
 
+_TARGET = re.compile(r"(\d{1,18})(?::(\d{1,9}))?(?:#(\d{1,9})(?:\.(\d{1,9}))?)?", re.A)
+
+
+def _known_target(store: Any, target: str) -> str:
+    """``JOB``, ``JOB:INDEX``, ``JOB#NODE`` or ``JOB#NODE.TASK`` (``JOB:INDEX#NODE`` too)
+    in its canonical spelling, once checked to exist; else a UsageError (exit 2) that
+    says what does exist."""
+    m = _TARGET.fullmatch(target)
+    if m is None:
+        raise UsageError(f"job {target} does not exist; name one as JOB, JOB:INDEX or JOB#NODE")
+    root = str(int(m.group(1)))
+    index, node, task = (None if g is None else int(g) for g in m.groups()[1:])
+    job = store.get_job(root)
+    if job is None:
+        raise UsageError(f"job {root} does not exist")
+    name = root
+    if index is not None:
+        size = job.get("array_size")
+        name = f"{root}:{index}"
+        if not size:
+            raise UsageError(f"job {name} does not exist: job {root} is not an array")
+        if index >= size:
+            raise UsageError(f"job {name} does not exist: children are {root}:0..{root}:{size - 1}")
+        job = store.get_job(name) or job
+    if node is not None:
+        nodes = job.get("num_nodes")
+        child = name
+        name = f"{child}#{node}"
+        if not nodes:
+            raise UsageError(f"node {name} does not exist: job {child} is not a multi-node job")
+        if node >= nodes:
+            raise UsageError(
+                f"node {name} does not exist: nodes are {child}#0..{child}#{nodes - 1}"
+            )
+        if task is not None:
+            slots = _tasks_per_node(job.get("definition"), node)
+            name = f"{name}.{task}"
+            if slots is not None and task >= slots:
+                which = f"tasks are {child}#{node}.0..{child}#{node}.{slots - 1}"
+                raise UsageError(f"task {name} does not exist: {which}")
+    return name
+
+
+def _tasks_per_node(definition: Any, node: int) -> int | None:
+    """How many tasks node ``node`` of a stored multi-node definition runs (None: unknown)."""
+    try:
+        for g in definition["multinode"]["groups"]:
+            start, _, end = str(g["target_nodes"]).partition(":")
+            if int(start) <= node <= int(end):
+                return int(g.get("tasks_per_node") or 1)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None
+
+
 def _end_job(ctx: click.Context, op: str, job_id: str, reason: str, o: dict[str, Any]) -> None:
     with _client(_settings(ctx, **o), start=False) as client:
         answer = client.request(op, job_id=job_id, reason=reason)
@@ -660,7 +722,9 @@ def _end_job(ctx: click.Context, op: str, job_id: str, reason: str, o: dict[str,
 
 @cli.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
-@click.option("--since", type=int, default=0, help="Only events after this seq.")
+@click.option(
+    "--since", type=click.IntRange(0, INT_MAX), default=0, help="Only events after this seq."
+)
 @click.option("--job", "job_id", help="Only this job (its children and nodes too).")
 @common_options
 @click.pass_context
@@ -675,7 +739,11 @@ def events(ctx: click.Context, /, follow: bool, since: int, job_id: str | None, 
     import time
 
     s = _settings(ctx, **o)
-    store = None
+    store = _store(s)
+    if job_id is not None:
+        if store is None:
+            raise UsageError(f"job {job_id} does not exist")
+        job_id = _known_target(store, job_id)
     while True:
         store = store or _store(s)
         if store is not None:
