@@ -808,6 +808,64 @@ def queues(ctx: click.Context, /, as_json: bool, **o: Any) -> None:
     click.echo(views.table(table, ["name", "priority", "state", "compute_environments", "jobs"]))
 
 
+@cli.command(
+    epilog="""\b
+Examples:
+  mnp purge --before 7d                 # jobs that ended more than 7 days ago
+  mnp purge --state SUCCEEDED           # every job that succeeded
+  mnp purge                             # every finished job
+"""
+)
+@click.option(
+    "--before",
+    "older_than",
+    metavar="DURATION",
+    help="Only jobs that ended more than DURATION ago (7d, 12h, 90m); default: any time.",
+)
+@click.option(
+    "--state",
+    type=click.Choice(["SUCCEEDED", "FAILED"], case_sensitive=False),
+    help="Only jobs that ended in this state (default: both).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: the purged ids.")
+@common_options
+@click.pass_context
+def purge(
+    ctx: click.Context, /, older_than: str | None, state: str | None, as_json: bool, **o: Any
+) -> None:
+    """Delete finished jobs: their records, array children, events and logs.
+
+    Unfinished jobs, and finished ones that an unfinished job depends on, are
+    kept. Job ids and event seq numbers go on from where they were. Works with
+    or without a running controller (without one, a controller that starts
+    meanwhile waits for the purge to end).
+    """
+    import json as jsonlib
+
+    from mnp import purge as purging
+    from mnp.spec import parse_duration
+
+    s = _settings(ctx, **o)
+    seconds = None
+    if older_than is not None:
+        try:
+            seconds = parse_duration(older_than)
+        except ValueError as e:
+            raise UsageError(f"--before: {e}") from None
+    home = Path(s["home"]).expanduser()
+    out = purging.purge(home, seconds, state.upper() if state else None)
+    ids, errors = out.job_ids, out.log_errors
+    for error in errors:
+        _warn(f"cannot remove {error}")
+    if as_json:
+        click.echo(jsonlib.dumps({"purged": len(ids), "job_ids": ids, "log_errors": errors}))
+    elif not ids:
+        click.echo("nothing to purge")
+    else:
+        few = ": " + " ".join(ids) if len(ids) <= 20 else ""
+        click.echo(f"purged {len(ids):,} job{'s' if len(ids) != 1 else ''}{few}")
+
+
 @cli.group()
 def controller() -> None:
     """The controller daemon: start, stop, status."""
@@ -815,30 +873,44 @@ def controller() -> None:
 
 @controller.command(name="start")
 @click.option("--foreground", is_flag=True, help="Run in this process (logs to stderr).")
+@click.option(
+    "--retention",
+    metavar="DURATION|never",
+    envvar="MNP_RETENTION",
+    help="Purge finished jobs this long after they end, e.g. 30d (env MNP_RETENTION; "
+    "default never).",
+)
 @common_options
 @click.pass_context
-def controller_start(ctx: click.Context, /, foreground: bool, **o: Any) -> None:
+def controller_start(
+    ctx: click.Context, /, foreground: bool, retention: str | None, **o: Any
+) -> None:
     """Start the controller for --home with --inventory (default: the local inventory).
 
     \b
-    Example:
+    Examples:
       mnp controller start --inventory cluster.toml
+      mnp controller start --retention 30d    # purge jobs 30 days after they end
     """
     from mnp import daemon
+    from mnp.purge import parse_retention
 
     s = _settings(ctx, **o)
     home = Path(s["home"]).expanduser()
+    keep_for = parse_retention(retention)
     if foreground:
         from mnp.service import make_handler_factory
         from mnp.spec import resolve_inventory
 
         inventory = resolve_inventory(s["inventory"], s["local_nodes"])
-        factory = make_handler_factory(home, inventory, inventory_key(s))
+        factory = make_handler_factory(home, inventory, inventory_key(s), keep_for)
         sys.exit(daemon.serve_forever(home, factory))
     extra = ["--local-nodes", str(s["local_nodes"])]
     if s.get("inventory"):
         _check_inventory(s)
         extra += ["--inventory", s["inventory"]]
+    if retention is not None:
+        extra += ["--retention", retention]
     pid = daemon.start_background(home, extra)
     click.echo(f"controller running (pid {pid}), home {home}")
     with _client(s, start=False) as client:

@@ -59,7 +59,7 @@ CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
     "garbage header": lambda b: os.urandom(100) + b[100:],
     "text file": lambda b: b"name = 'not a database'\n" * 100,
 }
-READERS = [["list"], ["describe", "1"], ["events"], ["logs", "1"], ["queues", "--json"]]
+READERS = [["list"], ["describe", "1"], ["events"], ["logs", "1"], ["queues", "--json"], ["purge"]]
 
 
 @pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
