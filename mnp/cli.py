@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import io
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -21,6 +22,10 @@ from mnp import views
 from mnp.errors import InfraError, MnpError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+INT_MAX = 2**63 - 1
+"""The largest integer an option takes: SQLite's INTEGER (a job seq, an event seq, a
+count). Options the job definition bounds more tightly are checked there."""
 
 _STATES = ["SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED", "FAILED"]
 
@@ -401,14 +406,26 @@ def _client(s: dict[str, Any], *, start: bool) -> Any:
 
     home = Path(s["home"])
     if start:
+        client = ApiClient.connect(home)
+        if client is not None:
+            return client
         extra = ["--local-nodes", str(s["local_nodes"])]
         if s.get("inventory"):
+            _check_inventory(s)
             extra += ["--inventory", s["inventory"]]
         return daemon.ensure_client(home, extra)
     client = ApiClient.connect(home)
     if client is None:
         raise InfraError(f"no controller runs for {home} (start one: mnp controller start)")
     return client
+
+
+def _check_inventory(s: dict[str, Any]) -> None:
+    """Read the inventory here before a controller is started with it: a bad one is
+    one line and exit 2 from this command, not a controller that fails to start."""
+    from mnp.spec import resolve_inventory
+
+    resolve_inventory(s["inventory"], s["local_nodes"])
 
 
 def _store(s: dict[str, Any]) -> Any:
@@ -437,7 +454,7 @@ LIST_FINISHED = 1000
 )
 @click.option(
     "--limit",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, INT_MAX),
     default=None,
     help="At most N jobs, the newest, finished or not.",
 )
@@ -640,8 +657,13 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
 
     s = _settings(ctx, **o)
     store = _store(s)
+    if store is None:
+        raise UsageError(f"job {jobref.split(target)[0]} does not exist")
     given = target
-    target = (store.resolve(given) if store is not None else None) or given
+    resolved = store.resolve(given)
+    if resolved is None:
+        raise UsageError(f"job {jobref.split(given)[0]} does not exist")
+    target = _known_target(store, resolved)
     root = jobref.split(target)[0]
     folder = Path(s["home"]) / "logs" / root
     suffix = ".err" if stderr else ".out"
@@ -659,7 +681,7 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
 
     def pump(final: bool) -> None:
         files = sorted(folder.glob("*" + suffix)) if folder.is_dir() else []
-        files = [p for p in files if matches(p.name)]
+        files = [p for p in files if matches(p.name) and p.is_file()]  # never a FIFO
         many = len(files) > 1 or (target == root and any(label(p) for p in files))
         for path in files:
             # bytes that are not UTF-8 come back as the same bytes on stdout
@@ -673,10 +695,9 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
                 sys.stdout.write(lines.rest(path, prefix))
         sys.stdout.flush()
 
-    if store is None or store.get_job(root) is None:
-        raise UsageError(f"job {jobref.split(given)[0]} does not exist")
     while True:
-        done = store.get_job(root)["state"] in ("SUCCEEDED", "FAILED")
+        job = store.get_job(root)
+        done = job is None or job["state"] in ("SUCCEEDED", "FAILED")  # None: purged meanwhile
         pump(final=done or not follow)
         if done or not follow:
             break
@@ -720,6 +741,61 @@ def terminate(ctx: click.Context, /, job_id: str, reason: str, as_json: bool, **
     _end_job(ctx, "terminate", job_id, reason, as_json, o)
 
 
+_TARGET = re.compile(r"(\d{1,18})(?::(\d{1,9}))?(?:#(\d{1,9})(?:\.(\d{1,9}))?)?", re.A)
+
+
+def _known_target(store: Any, target: str) -> str:
+    """``JOB``, ``JOB:INDEX``, ``JOB#NODE`` or ``JOB#NODE.TASK`` (``JOB:INDEX#NODE`` too)
+    in its canonical spelling, once checked to exist; else a UsageError (exit 2) that
+    says what does exist."""
+    m = _TARGET.fullmatch(target)
+    if m is None:
+        raise UsageError(f"job {target} does not exist; name one as JOB, JOB:INDEX or JOB#NODE")
+    root = str(int(m.group(1)))
+    index, node, task = (None if g is None else int(g) for g in m.groups()[1:])
+    job = store.get_job(root)
+    if job is None:
+        raise UsageError(f"job {root} does not exist")
+    name = root
+    if index is not None:
+        size = job.get("array_size")
+        name = f"{root}:{index}"
+        if not size:
+            raise UsageError(f"job {name} does not exist: job {root} is not an array")
+        if index >= size:
+            raise UsageError(f"job {name} does not exist: children are {root}:0..{root}:{size - 1}")
+        job = store.get_job(name) or job
+    if node is not None:
+        nodes = job.get("num_nodes")
+        child = name
+        name = f"{child}#{node}"
+        if not nodes:
+            raise UsageError(f"node {name} does not exist: job {child} is not a multi-node job")
+        if node >= nodes:
+            raise UsageError(
+                f"node {name} does not exist: nodes are {child}#0..{child}#{nodes - 1}"
+            )
+        if task is not None:
+            slots = _tasks_per_node(job.get("definition"), node)
+            name = f"{name}.{task}"
+            if slots is not None and task >= slots:
+                which = f"tasks are {child}#{node}.0..{child}#{node}.{slots - 1}"
+                raise UsageError(f"task {name} does not exist: {which}")
+    return name
+
+
+def _tasks_per_node(definition: Any, node: int) -> int | None:
+    """How many tasks node ``node`` of a stored multi-node definition runs (None: unknown)."""
+    try:
+        for g in definition["multinode"]["groups"]:
+            start, _, end = str(g["target_nodes"]).partition(":")
+            if int(start) <= node <= int(end):
+                return int(g.get("tasks_per_node") or 1)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None
+
+
 def _end_job(
     ctx: click.Context, op: str, job_id: str, reason: str, as_json: bool, o: dict[str, Any]
 ) -> None:
@@ -733,7 +809,9 @@ def _end_job(
 
 @cli.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
-@click.option("--since", type=int, default=0, help="Only events after this seq.")
+@click.option(
+    "--since", type=click.IntRange(0, INT_MAX), default=0, help="Only events after this seq."
+)
 @click.option("--job", "job_id", help="Only this job, by id or name (its children and nodes too).")
 @common_options
 @click.pass_context
@@ -747,12 +825,19 @@ def events(ctx: click.Context, /, follow: bool, since: int, job_id: str | None, 
     import json as jsonlib
     import time
 
+    from mnp import jobref
+
     s = _settings(ctx, **o)
-    store = None
+    store = _store(s)
+    if job_id is not None:
+        if store is None:
+            raise UsageError(f"job {job_id} does not exist")
+        resolved = store.resolve(job_id)  # a name: the newest job of that name
+        if resolved is None:
+            raise UsageError(f"job {jobref.split(job_id)[0]} does not exist")
+        job_id = _known_target(store, resolved)
     while True:
         store = store or _store(s)
-        if store is not None and job_id is not None:
-            job_id = store.resolve(job_id) or job_id  # a name: the newest job of that name
         if store is not None:
             for ev in store.events_since(since, job_id=job_id):
                 since = max(since, int(ev["seq"]))
@@ -815,6 +900,64 @@ def queues(ctx: click.Context, /, as_json: bool, **o: Any) -> None:
     click.echo(views.table(table, ["name", "priority", "state", "compute_environments", "jobs"]))
 
 
+@cli.command(
+    epilog="""\b
+Examples:
+  mnp purge --before 7d                 # jobs that ended more than 7 days ago
+  mnp purge --state SUCCEEDED           # every job that succeeded
+  mnp purge                             # every finished job
+"""
+)
+@click.option(
+    "--before",
+    "older_than",
+    metavar="DURATION",
+    help="Only jobs that ended more than DURATION ago (7d, 12h, 90m); default: any time.",
+)
+@click.option(
+    "--state",
+    type=click.Choice(["SUCCEEDED", "FAILED"], case_sensitive=False),
+    help="Only jobs that ended in this state (default: both).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: the purged ids.")
+@common_options
+@click.pass_context
+def purge(
+    ctx: click.Context, /, older_than: str | None, state: str | None, as_json: bool, **o: Any
+) -> None:
+    """Delete finished jobs: their records, array children, events and logs.
+
+    Unfinished jobs, and finished ones that an unfinished job depends on, are
+    kept. Job ids and event seq numbers go on from where they were. Works with
+    or without a running controller (without one, a controller that starts
+    meanwhile waits for the purge to end).
+    """
+    import json as jsonlib
+
+    from mnp import purge as purging
+    from mnp.spec import parse_duration
+
+    s = _settings(ctx, **o)
+    seconds = None
+    if older_than is not None:
+        try:
+            seconds = parse_duration(older_than)
+        except ValueError as e:
+            raise UsageError(f"--before: {e}") from None
+    home = Path(s["home"]).expanduser()
+    out = purging.purge(home, seconds, state.upper() if state else None)
+    ids, errors = out.job_ids, out.log_errors
+    for error in errors:
+        _warn(f"cannot remove {error}")
+    if as_json:
+        click.echo(jsonlib.dumps({"purged": len(ids), "job_ids": ids, "log_errors": errors}))
+    elif not ids:
+        click.echo("nothing to purge")
+    else:
+        few = ": " + " ".join(ids) if len(ids) <= 20 else ""
+        click.echo(f"purged {len(ids):,} job{'s' if len(ids) != 1 else ''}{few}")
+
+
 @cli.group()
 def controller() -> None:
     """The controller daemon: start, stop, status."""
@@ -822,29 +965,44 @@ def controller() -> None:
 
 @controller.command(name="start")
 @click.option("--foreground", is_flag=True, help="Run in this process (logs to stderr).")
+@click.option(
+    "--retention",
+    metavar="DURATION|never",
+    envvar="MNP_RETENTION",
+    help="Purge finished jobs this long after they end, e.g. 30d (env MNP_RETENTION; "
+    "default never).",
+)
 @common_options
 @click.pass_context
-def controller_start(ctx: click.Context, /, foreground: bool, **o: Any) -> None:
+def controller_start(
+    ctx: click.Context, /, foreground: bool, retention: str | None, **o: Any
+) -> None:
     """Start the controller for --home with --inventory (default: the local inventory).
 
     \b
-    Example:
+    Examples:
       mnp controller start --inventory cluster.toml
+      mnp controller start --retention 30d    # purge jobs 30 days after they end
     """
     from mnp import daemon
+    from mnp.purge import parse_retention
 
     s = _settings(ctx, **o)
     home = Path(s["home"]).expanduser()
+    keep_for = parse_retention(retention)
     if foreground:
         from mnp.service import make_handler_factory
         from mnp.spec import resolve_inventory
 
         inventory = resolve_inventory(s["inventory"], s["local_nodes"])
-        factory = make_handler_factory(home, inventory, inventory_key(s))
+        factory = make_handler_factory(home, inventory, inventory_key(s), keep_for)
         sys.exit(daemon.serve_forever(home, factory))
     extra = ["--local-nodes", str(s["local_nodes"])]
     if s.get("inventory"):
+        _check_inventory(s)
         extra += ["--inventory", s["inventory"]]
+    if retention is not None:
+        extra += ["--retention", retention]
     pid = daemon.start_background(home, extra)
     click.echo(f"controller running (pid {pid}), home {home}")
     with _client(s, start=False) as client:

@@ -1479,6 +1479,18 @@ class Controller:
             else:
                 del self._waiting_on[target]
 
+    def forget(self, job_ids: Sequence[str]) -> None:
+        """Drop finished top-level jobs (and their children) from memory: they were
+        purged from the store. A new job can no longer name them as a dependency.
+        Unfinished ones are kept (the store never purges them)."""
+        for job_id in job_ids:
+            job = self.jobs.get(job_id)
+            if job is None or not job.done or any(not c.done for c in job.children):
+                continue
+            for j in (*job.children, job):
+                self.jobs.pop(j.id, None)
+                self._waiting_on.pop(j.id, None)
+
     # --- waiting and closing ----------------------------------------------
 
     async def wait(self, job: Job) -> Job:

@@ -54,10 +54,17 @@ from typing import Any
 
 from mnp.api import ApiClient, ApiServer, Handler, Responder, socket_path
 from mnp.errors import InfraError, MnpError
+from mnp.files import open_regular
 
 log = logging.getLogger("mnp")
 
 LOCK_NAME = "controller.lock"
+CANNOT_START = "the controller cannot start: "
+"""How a controller logs an ``MnpError`` that kept it from starting (one line)."""
+PURGE_ROLE = "purge"
+"""The lock's role for ``mnp purge`` with no controller: a controller that starts waits."""
+PURGE_WAIT = 3600.0
+"""How long a starting controller waits for such a purge to end."""
 LOG_NAME = "controller.log"
 CONTROLLER_COMMAND: tuple[str, ...] = (
     sys.executable,
@@ -133,8 +140,11 @@ class Lock:
         """Whether this object holds the lock."""
         return self._fd is not None
 
-    def acquire(self, wait: float = 0.0) -> bool:
-        """Take the lock without blocking (retrying for ``wait`` seconds); False if taken."""
+    def acquire(self, wait: float = 0.0, role: str | None = None) -> bool:
+        """Take the lock without blocking (retrying for ``wait`` seconds); False if taken.
+
+        ``role`` is written after the pid when the holder is not a controller
+        (``PURGE_ROLE``: ``mnp purge`` working on the store with none running)."""
         if self._fd is not None:
             return True
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -150,7 +160,7 @@ class Lock:
                     return False
                 time.sleep(0.01)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()}{' ' + role if role else ''}\n".encode(), 0)
         self._fd = fd
         return True
 
@@ -168,8 +178,13 @@ class Lock:
         0 when it is held but the holder has not written its pid yet. Probing
         takes a shared lock for an instant; ``acquire(wait=...)`` absorbs that.
         """
+        found = self.holder_info()
+        return None if found is None else found[0]
+
+    def holder_info(self) -> tuple[int, str | None] | None:
+        """``(pid, role)`` of the holder (role ``None``: a controller), ``None`` if free."""
         if self._fd is not None:
-            return os.getpid()
+            return os.getpid(), None
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -179,15 +194,22 @@ class Lock:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 for _ in range(5):
-                    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                    if text.isdigit():
-                        return int(text)
+                    words = os.pread(fd, 64, 0).decode(errors="replace").split()
+                    if words and words[0].isdigit():
+                        return int(words[0]), (words[1] if len(words) > 1 else None)
                     time.sleep(0.01)
-                return 0
+                return 0, None
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None
         finally:
             os.close(fd)
+
+    def held_by_controller(self) -> int | None:
+        """``holder()``, but ``None`` when the holder is not a controller (``mnp purge``)."""
+        found = self.holder_info()
+        if found is None or found[1] is not None:
+            return None
+        return found[0]
 
     def __enter__(self) -> Lock:
         return self
@@ -213,13 +235,30 @@ def _ping(home: Path, timeout: float) -> dict[str, Any] | None:
 
 def _log_tail(path: Path, offset: int, lines: int = 20) -> str:
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f:
             f.seek(offset)
             text = f.read()[-16384:].decode(errors="replace")
     except OSError:
         return "(no log)"
     tail = text.rstrip("\n").splitlines()[-lines:]
     return "\n".join("  " + line for line in tail) if tail else "  (nothing logged)"
+
+
+def _start_error(path: Path, offset: int) -> str | None:
+    """The one-line reason a controller logged for not starting (``CANNOT_START``)."""
+    try:
+        with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f:
+            f.seek(offset)
+            text = f.read()[-65536:].decode(errors="replace")
+    except OSError:
+        return None
+    for line in reversed(text.splitlines()):
+        at = line.find(CANNOT_START)
+        if at >= 0:
+            return line[at + len(CANNOT_START) :].strip() or None
+        if line.startswith("mnp: "):  # the command line's own one-line error
+            return line[len("mnp: ") :].strip() or None
+    return None
 
 
 def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -229,7 +268,10 @@ def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     if root.name not in ("site-packages", "dist-packages"):  # never ahead of the stdlib
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        fd = open_regular(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError as e:
+        raise InfraError(f"cannot write the controller's log {log_path}: {e.strerror}") from e
     try:
         return subprocess.Popen(
             cmd,
@@ -277,6 +319,9 @@ def start_background(
                 return int(ping.get("pid") or proc.pid)
             rc = proc.poll()
             if rc is not None and rc != 0:
+                why = _start_error(log_path, offset)
+                if why is not None:
+                    raise InfraError(f"the controller could not start: {why} (log: {log_path})")
                 raise InfraError(
                     f"the controller exited with code {rc} before answering; "
                     f"the end of {log_path}:\n{_log_tail(log_path, offset)}"
@@ -333,7 +378,7 @@ def stop(home: Path | str, timeout: float = 30.0) -> bool:
     home = Path(home).expanduser()
     lock = Lock(home)
     deadline = time.monotonic() + timeout
-    pid = lock.holder()
+    pid = lock.held_by_controller()  # never an `mnp purge` working without a controller
     asked = signalled = False
     while True:
         if not asked:
@@ -351,7 +396,7 @@ def stop(home: Path | str, timeout: float = 30.0) -> bool:
                 signalled = True
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-        holder = lock.holder()
+        holder = lock.held_by_controller()
         if holder is None:
             return True
         pid = pid or holder
@@ -386,7 +431,7 @@ def status(home: Path | str) -> dict[str, Any]:
             if key in ping:
                 out[key] = ping[key]
         return out
-    pid = Lock(home).holder()
+    pid = Lock(home).held_by_controller()
     if pid is not None:
         out.update(running=True, pid=pid or None)
     return out
@@ -408,6 +453,24 @@ def _setup_logging() -> None:
         log.setLevel(logging.INFO)
 
 
+def _wait_for_purge(lock: Lock) -> bool:
+    """While ``mnp purge`` holds the lock (no controller ran when it began), wait for it
+    to end, then take the lock; False if a controller holds it, or the purge outlasts
+    ``PURGE_WAIT``."""
+    deadline = time.monotonic() + PURGE_WAIT
+    said = False
+    while time.monotonic() < deadline:
+        found = lock.holder_info()
+        if found is not None and found[1] != PURGE_ROLE:
+            return False
+        if found is not None and not said:
+            log.info("waiting for mnp purge (pid %d) to finish with the store", found[0])
+            said = True
+        if lock.acquire(wait=1.0):
+            return True
+    return False
+
+
 def serve_forever(home: Path | str, make_handler: MakeHandler) -> int:
     """Run the controller for ``home`` until stopped; the contract is in the module docstring."""
     _setup_logging()
@@ -418,7 +481,7 @@ def serve_forever(home: Path | str, make_handler: MakeHandler) -> int:
         return e.exit_code
     lock = Lock(home)
     # a short wait absorbs another process's momentary probe (Lock.holder)
-    if not lock.acquire(wait=0.2):
+    if not lock.acquire(wait=0.2) and not _wait_for_purge(lock):
         pid = lock.holder()
         print(f"mnp: a controller already runs for {home} (pid {pid or '?'})", file=sys.stderr)
         return 0
@@ -465,6 +528,9 @@ async def serve(
     log.info("controller pid %d starting for %s", pid, home)
     try:
         handler, shutdown = await make_handler(stop)
+    except MnpError as e:  # said in one line: what is wrong and what to do
+        log.error("%s%s", CANNOT_START, e)
+        return e.exit_code
     except Exception:
         log.exception("the controller failed to start")
         return 1

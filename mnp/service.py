@@ -37,10 +37,15 @@ from typing import IO, Any
 from mnp.api import Handler, Responder
 from mnp.controller import Controller, Restored
 from mnp.errors import InfraError, JobRefused, MnpError, UsageError
+from mnp.files import open_regular
 from mnp.jobs import Attempt, Job, NodeRun, TaskRun, job_exit_code, output_label
 from mnp.model import TERMINAL, Inventory, JobState
+from mnp.purge import EVENTS_NAME, remove_logs, retention_every, rewrite_events_file
 from mnp.spec import definition_to_dict, parse_definition, unverified_warning
+from mnp.spec.units import format_duration
+from mnp.state import open_store
 from mnp.store import Store, codec
+from mnp.store.db import PURGE_CHUNK, SWEEP_BUDGET
 from mnp.transport import transports_for
 
 log = logging.getLogger("mnp")
@@ -49,7 +54,6 @@ FLUSH_EVERY = 0.02  # seconds: the batching window for store and log writes
 DB_CHECK_EVERY = 2.0  # seconds: how often the state database's file is checked
 RUN_BUFFER = 4 << 20  # characters of output kept for one `mnp run` client that reads slowly
 RETRY_EVERY = 1.0  # seconds: how soon a write that failed (disk full, locked) is tried again
-EVENTS_NAME = "events.jsonl"
 
 
 def root_of(job_id: str) -> str:
@@ -57,12 +61,23 @@ def root_of(job_id: str) -> str:
 
 
 class Service:
-    def __init__(self, home: Path, inventory: Inventory, inventory_key: str = "") -> None:
+    def __init__(
+        self,
+        home: Path,
+        inventory: Inventory,
+        inventory_key: str = "",
+        *,
+        retention: float | None = None,
+    ) -> None:
         self.home = home
         self.inventory = inventory
         self.inventory_key = inventory_key
-        self.store = Store(home / "mnp.db")
+        self.retention = retention
+        self.store, self._restorable, corrupt = open_store(home, EVENTS_NAME)
         self.events_path = home / EVENTS_NAME
+        self._events_rewriting = False  # events.jsonl is being written anew: hold lines back
+        self._purging = asyncio.Lock()
+        self._housekeeping: asyncio.Task[None] | None = None
         self._event_lines: list[tuple[str, str]] = []  # (root job id, line): not committed yet
         self._events_out = bytearray()  # committed, not yet in the events file
         self._events_fd: int | None = None
@@ -89,7 +104,8 @@ class Service:
         self.db_lost: str | None = None  # why the state database's file is not ours any more
         self.started = time.time()
         warning = unverified_warning(inventory)
-        self.warnings = [warning] if warning else []  # told to every client that uses it
+        # told to every client that uses this controller
+        self.warnings = [w for w in (corrupt, warning) if w]
 
     # --- Recorder ---------------------------------------------------------
 
@@ -287,12 +303,15 @@ class Service:
         return failed
 
     def _write_events(self) -> str | None:
-        """Append what the store has committed to ``events.jsonl``; why not, if not all."""
+        """Append what the store has committed to ``events.jsonl``; why not, if not all.
+        While a purge writes the file anew, lines wait here."""
+        if self._events_rewriting:
+            return None
         while self._events_out:
             try:
                 if self._events_fd is None:
-                    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-                    self._events_fd = os.open(self.events_path, flags, 0o600)
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                    self._events_fd = open_regular(self.events_path, flags, 0o600)
                 n = os.write(self._events_fd, self._events_out)
             except OSError as e:
                 return f"{self.events_path}: {e.strerror or e}"
@@ -379,7 +398,7 @@ class Service:
             log.warning("%s", w)
         self._catch_up_events()  # before anything new is committed
         self.controller.continue_numbering(self.store.max_job_seq())
-        rows = self.store.unfinished_jobs() if restore else []
+        rows, self._restorable = (self._restorable if restore else []), []
         items = []
         for row in rows:
             definition = row.get("definition")
@@ -409,11 +428,23 @@ class Service:
         await self.controller.start(restored=items)
         self.flush()
         self._periodic_db_check()
+        if self.retention is not None:
+            log.info(
+                "retention: finished jobs are purged %s after they end (checked every %s)",
+                format_duration(self.retention),
+                format_duration(retention_every(self.retention)),
+            )
+        self._housekeeping = asyncio.ensure_future(self._keep_house())
 
     async def shutdown(self) -> None:
         if self._db_check is not None:
             self._db_check.cancel()
             self._db_check = None
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._housekeeping
+            self._housekeeping = None
         await self.controller.close()
         # `run` clients learn that their job was stopped, not failed, and goes on later
         for queues in self._subscribers.values():
@@ -438,6 +469,116 @@ class Service:
             self.store.close()
         except MnpError as e:
             log.error("store: %s (the last changes are lost)", e)
+
+    # --- purge and retention ----------------------------------------------
+
+    async def _keep_house(self) -> None:
+        """Finish a purge a previous controller left half done, then apply the retention
+        setting at start and every ``retention_every`` seconds."""
+        try:
+            if self.store.purge_pending() or self.store.events_file_stale():
+                await self.purge(None, None, select=False)
+        except MnpError as e:
+            log.error("purge: finishing an earlier purge: %s (tried again at the next)", e)
+        while self.retention is not None:
+            try:
+                ids, _ = await self.purge(time.time() - self.retention, None)
+            except MnpError as e:
+                log.error("retention: %s (tried again later)", e)
+            except Exception:  # a bug: said, and the controller goes on
+                log.exception("retention: purging finished jobs failed")
+            else:
+                if ids:
+                    log.info("retention: purged %d finished job(s)", len(ids))
+            await asyncio.sleep(retention_every(self.retention))
+
+    async def purge(
+        self, before: float | None, state: str | None, *, select: bool = True
+    ) -> tuple[list[str], list[str]]:
+        """Purge finished jobs (see ``mnp.purge``) in bounded steps, letting the loop run
+        between them: one transaction of at most ``PURGE_CHUNK`` jobs or about
+        ``SWEEP_BUDGET`` rows at a time, logs removed and ``events.jsonl`` written anew
+        in a thread. ``select=False``: only finish what earlier purges left."""
+        async with self._purging:
+            ids: list[str] = []
+            errors = await self._sweep()
+            while select:
+                failed = self.flush()
+                if failed is not None:
+                    raise InfraError(f"purge: {failed}")
+                chunk = self.store.purge(before, state=state, limit=PURGE_CHUNK)
+                self.controller.forget(chunk)
+                ids += chunk
+                errors += await self._sweep()
+                if len(chunk) < PURGE_CHUNK:
+                    break
+            for e in errors:
+                log.warning("purge: cannot remove %s", e)
+            if self.store.events_file_stale():
+                await self._rewrite_events()
+            return ids, errors
+
+    async def _sweep(self) -> list[str]:
+        """What purged jobs left, a bounded transaction at a time; their logs in a thread."""
+        loop = asyncio.get_running_loop()
+        errors: list[str] = []
+        while True:
+            await asyncio.sleep(0)  # the loop runs between steps
+            done, more = self.store.sweep_purged(SWEEP_BUDGET)
+            if done:
+                errors += await loop.run_in_executor(None, remove_logs, self.logs, done)
+                self.store.purge_done(done)
+            if not more:
+                return errors
+
+    async def _rewrite_events(self) -> None:
+        """Write ``events.jsonl`` anew from the store, in a thread: the purged jobs'
+        lines leave it. Lines committed meanwhile wait (``_write_events``) and follow."""
+        if self.flush() is not None:
+            return  # the store cannot commit now: the next purge tries again
+        upto = self.store.max_event_seq()
+        self._events_rewriting = True
+        self._events_out.clear()  # all committed, all up to `upto`: in the new file
+        done = False
+        try:
+            tmp = await asyncio.get_running_loop().run_in_executor(
+                None, self._rewrite_in_thread, upto
+            )
+            os.replace(tmp, self.events_path)  # here, not in the thread: nothing writes now
+            done = True
+        except (OSError, MnpError) as e:
+            why = e.strerror if isinstance(e, OSError) else str(e)
+            log.error("events: cannot write %s anew: %s (tried again later)", self.events_path, why)
+        finally:
+            self._events_rewriting = False
+            if done:
+                if self._events_fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(self._events_fd)
+                    self._events_fd = None  # the next write opens the new file
+                self.store.events_file_rewritten()
+            else:
+                self._catch_up_events()  # what the old file lacks
+            self._report("events", self._write_events())
+
+    def _rewrite_in_thread(self, upto: int) -> Path:
+        with Store(self.store.path, readonly=True) as reader:
+            return rewrite_events_file(reader, self.events_path, upto, rename=False)
+
+    async def op_purge(self, request: dict[str, Any], r: Responder) -> None:
+        older_than = request.get("older_than")
+        state = request.get("state")
+        if older_than is not None and (
+            isinstance(older_than, bool)
+            or not isinstance(older_than, int | float)
+            or not 0 <= older_than < float("inf")
+        ):
+            raise UsageError(f"purge: older_than {older_than!r} is not a number of seconds")
+        if state is not None and state not in ("SUCCEEDED", "FAILED"):
+            raise UsageError(f"purge: cannot purge {state!r} jobs; use SUCCEEDED or FAILED")
+        before = None if older_than is None else time.time() - float(older_than)
+        ids, errors = await self.purge(before, state)
+        await r.end({"ok": True, "job_ids": ids, "log_errors": errors})
 
     # --- requests ---------------------------------------------------------
 
@@ -699,7 +840,7 @@ def _events_tail(path: Path) -> tuple[int, int] | None:
     job id among its last lines ((0, 0) if none, None if it cannot be read); a torn last
     line (the controller died mid-write) is cut off."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f:
             end = f.seek(0, os.SEEK_END)
             start = max(0, end - 65536)
             f.seek(start)
@@ -729,12 +870,12 @@ def _events_tail(path: Path) -> tuple[int, int] | None:
 
 
 def make_handler_factory(
-    home: Path, inventory: Inventory, inventory_key: str = ""
+    home: Path, inventory: Inventory, inventory_key: str = "", retention: float | None = None
 ) -> Callable[[Callable[[], None]], Any]:
     """What ``daemon.serve_forever`` runs: build the service, then hand back its handler."""
 
     async def make_handler(stop: Callable[[], None]) -> tuple[Handler, Any]:
-        service = Service(home, inventory, inventory_key)
+        service = Service(home, inventory, inventory_key, retention=retention)
         try:
             await service.start()
         except BaseException:

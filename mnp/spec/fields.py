@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from mnp.errors import SpecError
+from mnp.files import NotARegularFile, read_regular
 
 T = TypeVar("T")
 
@@ -351,12 +352,11 @@ def read_toml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
     """Parse a TOML file: ``(data, source)``; any failure is a SpecError, never a traceback."""
     source = os.fspath(path)
     try:
-        with open(source, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
+        raw = read_regular(source, MAX_FILE_BYTES)
     except FileNotFoundError:
         fail(source, "", "no such file")
-    except IsADirectoryError:
-        fail(source, "", "is a directory; expected a TOML file")
+    except NotARegularFile as e:
+        fail(source, "", f"is {e.kind}; expected a TOML file")
     except PermissionError:
         fail(source, "", "permission denied")
     except OSError as e:

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 
+from mnp.files import NotARegularFile, read_regular
 from mnp.model import HostSpec, Inventory
 from mnp.spec.fields import fail, show
 from mnp.spec.inventory import (
@@ -128,12 +129,11 @@ def hostfile_inventory(path: str) -> Inventory:
 
 def _read_hostfile(path: str, *, pbs: bool) -> list[HostSpec]:
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_HOSTFILE_BYTES + 1)
+        raw = read_regular(path, MAX_HOSTFILE_BYTES)
     except FileNotFoundError:
         fail(path, "", "no such file")
-    except IsADirectoryError:
-        fail(path, "", "is a directory; expected a hostfile")
+    except NotARegularFile as e:
+        fail(path, "", f"is {e.kind}; expected a hostfile")
     except OSError as e:
         fail(path, "", f"cannot read: {e.strerror or e}")
     if len(raw) > MAX_HOSTFILE_BYTES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -16,6 +17,11 @@ from mnp.errors import InfraError
 from mnp.store import codec, reads
 from mnp.store.codec import Row
 from mnp.store.schema import connect, infra_error
+
+PURGE_CHUNK = 500
+"""Top-level jobs ``purge`` removes in one transaction."""
+SWEEP_BUDGET = 5000
+"""About how many rows (events, array children) ``sweep_purged`` deletes in one transaction."""
 
 JOB_ID_BLOCK = 100
 """Job ids reserved on disk ahead of use: a crash skips at most this many, reuses none."""
@@ -108,7 +114,7 @@ class Store:
     def _load_counters(self) -> None:
         conn = self.conn
         with self._guard("reading counters"):
-            self._event_seq = int(reads.scalar(conn, "SELECT max(seq) FROM events") or 0)
+            self._event_seq = reads.max_event_seq(conn)
             top = reads.scalar(
                 conn, "SELECT max(CAST(id AS INTEGER)) FROM jobs WHERE parent IS NULL"
             )
@@ -556,11 +562,21 @@ class Store:
         with self._guard("reading events"):
             return reads.events_since(self.conn, seq, job_id, limit)
 
+    def event_lines(self, after: int, upto: int, limit: int = 10_000) -> list[tuple[int, str]]:
+        """``(seq, body)`` of stored events with ``after < seq <= upto``, in order, at most
+        ``limit``: the lines of ``events.jsonl`` as the store has them."""
+        with self._guard("reading events"):
+            cursor = self.conn.execute(
+                "SELECT seq, body FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (after, upto, limit),
+            )
+            return [(int(seq), str(body)) for seq, body in cursor.fetchall()]
+
     def max_event_seq(self) -> int:
         """The last event seq stored (or assigned by this writer); 0 if none."""
         with self._guard("reading events"):
-            stored = reads.scalar(self.conn, "SELECT max(seq) FROM events") or 0
-        return max(int(stored), self._event_seq)
+            stored = reads.max_event_seq(self.conn)
+        return max(stored, self._event_seq)
 
     def max_job_seq(self) -> int:
         """The highest job ``seq`` ever stored (purged ones too) or buffered here,
@@ -581,46 +597,170 @@ class Store:
 
     # --- purge --------------------------------------------------------------
 
-    def purge(self, before: float) -> int:
-        """Delete SUCCEEDED/FAILED top-level jobs stopped before ``before`` (epoch
-        seconds), with their array children, attempts and nodes. Returns how many
-        top-level jobs went.
+    def purge(
+        self,
+        before: float | None = None,
+        *,
+        state: str | None = None,
+        limit: int = PURGE_CHUNK,
+    ) -> list[str]:
+        """Delete up to ``limit`` finished top-level jobs, oldest first, in one
+        transaction; return their ids. Flushes first.
 
-        Events stay: they are the history (also in ``events.jsonl``) and keep
-        ``seq`` monotonic. The highest job seq is kept in meta so that seq never
-        goes back after the newest jobs were purged. Flushes first.
+        Chosen: SUCCEEDED/FAILED (or only ``state``) jobs that stopped before
+        ``before`` (epoch seconds; ``None``: any time) and that no unfinished job
+        names in its ``depends_on`` (an array waiting on an ``N_TO_N`` dependency
+        still reads its children's states). Their rows and attempts and nodes go
+        now, so readers no longer see them; what else they left (array children,
+        events) is recorded in meta ``purge_pending`` and goes in bounded steps by
+        ``sweep_purged``. Job ids, job ``seq`` and event ``seq`` never go back:
+        the highest of each is kept in meta (``next_job_id``, ``job_seq_floor``,
+        ``event_seq_floor``).
         """
         self._writable()
+        if state is not None and state not in reads.FINISHED_STATES:
+            raise ValueError(f"cannot purge {state} jobs: only finished ones")
         self.flush()
         conn = self.conn
-        with self._guard("purging jobs"):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                floor = max(self.max_job_seq(), 0)
-                conn.execute(_SET_META, ("job_seq_floor", str(floor)))
-                conn.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (id TEXT PRIMARY KEY)")
-                conn.execute("DELETE FROM temp.doomed")
-                n = conn.execute(
-                    "INSERT INTO temp.doomed SELECT id FROM jobs WHERE parent IS NULL "
-                    f"AND state IN ({reads.TERMINAL_SQL}) AND stopped < ?",
-                    (before,),
+        with self._guard("purging jobs"), self._transaction(conn):
+            states = (state,) if state is not None else reads.FINISHED_STATES
+            needed = reads.dependency_roots(conn)
+            where = f"parent IS NULL AND state IN ({', '.join('?' * len(states))})"
+            params: list[Any] = list(states)
+            if before is not None:
+                where += " AND coalesce(stopped, created) < ?"
+                params.append(before)
+            ids: list[str] = []
+            # oldest first (jobs_top); past the needed ones, in steps of the limit
+            cursor = conn.execute(
+                f"SELECT id FROM jobs INDEXED BY jobs_top WHERE {where} ORDER BY seq", params
+            )
+            for (job_id,) in cursor:
+                if job_id not in needed:
+                    ids.append(job_id)
+                    if len(ids) >= limit:
+                        break
+            cursor.close()
+            if not ids:
+                return []
+            floors = {
+                "job_seq_floor": reads.max_job_seq(conn),
+                "event_seq_floor": max(self._event_seq, reads.max_event_seq(conn)),
+            }
+            conn.executemany(_SET_META, [(k, str(v)) for k, v in floors.items()])
+            pending = self._pending(conn)
+            known = set(pending)
+            pending.extend(i for i in ids if i not in known)
+            conn.execute(_SET_META, ("purge_pending", json.dumps(pending)))
+            conn.execute(_SET_META, ("events_file_stale", "1"))
+            keys = [(i,) for i in ids]
+            conn.executemany("DELETE FROM nodes WHERE job_id = ?", keys)
+            conn.executemany("DELETE FROM attempts WHERE job_id = ?", keys)
+            conn.executemany("DELETE FROM jobs WHERE id = ?", keys)
+        return ids
+
+    def purge_pending(self) -> list[str]:
+        """Purged top-level jobs whose children, events or logs may be left."""
+        with self._guard("reading meta"):
+            return self._pending(self.conn)
+
+    @staticmethod
+    def _pending(conn: sqlite3.Connection) -> list[str]:
+        text = reads.get_meta(conn, "purge_pending")
+        try:
+            found = json.loads(text) if text else []
+        except ValueError:
+            return []
+        return [str(i) for i in found] if isinstance(found, list) else []
+
+    def sweep_purged(self, budget: int = SWEEP_BUDGET) -> tuple[list[str], bool]:
+        """Delete, in one transaction, at most about ``budget`` rows that purged jobs left
+        (their events, their array children with theirs attempts and nodes).
+
+        Returns the purged jobs of which nothing is left in the database (the caller
+        removes their logs, then calls ``purge_done``), and whether rows are left for
+        another step.
+        """
+        self._writable()
+        conn = self.conn
+        finished: list[str] = []
+        with self._guard("purging jobs"), self._transaction(conn):
+            pending = self._pending(conn)
+            left = budget
+            for root in pending:
+                if left <= 0:
+                    break
+                left -= conn.execute(
+                    "DELETE FROM events WHERE seq IN "
+                    "(SELECT seq FROM events WHERE root = ? LIMIT ?)",
+                    (root, left),
                 ).rowcount
-                conn.execute(
-                    "INSERT INTO temp.doomed SELECT id FROM jobs "
-                    "WHERE parent IN (SELECT id FROM temp.doomed)"
-                )
+                if left <= 0:
+                    break
+                some = "SELECT id FROM jobs WHERE parent = ? ORDER BY array_index LIMIT ?"
                 for table in ("nodes", "attempts"):
-                    conn.execute(
-                        f"DELETE FROM {table} WHERE job_id IN (SELECT id FROM temp.doomed)"
-                    )
-                conn.execute("DELETE FROM jobs WHERE id IN (SELECT id FROM temp.doomed)")
-                conn.execute("DELETE FROM temp.doomed")
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        return int(n)
+                    conn.execute(f"DELETE FROM {table} WHERE job_id IN ({some})", (root, left))
+                kids = conn.execute(
+                    "DELETE FROM jobs WHERE seq IN "
+                    "(SELECT seq FROM jobs WHERE parent = ? ORDER BY array_index LIMIT ?)",
+                    (root, left),
+                ).rowcount
+                if kids >= left:
+                    break
+                left -= kids
+                finished.append(root)
+        return finished, len(finished) < len(pending)
+
+    def purge_done(self, job_ids: Collection[str]) -> None:
+        """Forget purged jobs of which nothing is left (``sweep_purged``), logs included."""
+        self._writable()
+        if not job_ids:
+            return
+        conn = self.conn
+        with self._guard("purging jobs"), self._transaction(conn):
+            done = set(job_ids)
+            pending = [i for i in self._pending(conn) if i not in done]
+            conn.execute(_SET_META, ("purge_pending", json.dumps(pending)))
+
+    def events_file_stale(self) -> bool:
+        """Whether a purge removed events that ``events.jsonl`` still has."""
+        return self.get_meta("events_file_stale") == "1"
+
+    def events_file_rewritten(self) -> None:
+        self._writable()
+        with self._guard("writing meta"):
+            self.conn.execute(_SET_META, ("events_file_stale", "0"))
+
+    def raise_floors(self, *, next_job_id: int = 0, event_seq: int = 0) -> None:
+        """Hand out no job id below ``next_job_id`` and no event seq up to ``event_seq``
+        from now on (a fresh database beside the history of an older one). Committed
+        at once."""
+        self._writable()
+        self.flush()
+        with self._guard("writing meta"), self._transaction(self.conn):
+            if next_job_id > self._next_id:
+                self._next_id = self._id_limit = next_job_id
+                self.conn.execute(_SET_META, ("next_job_id", str(next_job_id)))
+            if event_seq > self._event_seq:
+                self._event_seq = event_seq
+                self.conn.execute(_SET_META, ("event_seq_floor", str(event_seq)))
+
+    @contextmanager
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def abandon(self) -> None:
+        """Close without writing anything (a database found corrupt). Idempotent."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def _updates(items: Iterable[tuple[str, Row]]) -> dict[tuple[str, ...], list[tuple[Any, ...]]]:

@@ -112,6 +112,8 @@ def get_job(conn: sqlite3.Connection, job_id: str) -> Row | None:
         job = codec.decode_job(found[0])
         if job["definition"] is None and job["parent"] is not None:
             job["definition"] = _definition(conn, job["parent"])
+            if job["definition"] is None:
+                return None  # its parent was purged; Store.sweep_purged removes it next
         attempts = rows(
             conn.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY number", (job_id,))
         )
@@ -295,6 +297,26 @@ def max_job_seq(conn: sqlite3.Connection) -> int:
     stored = scalar(conn, "SELECT max(seq) FROM jobs") or 0
     floor = scalar(conn, "SELECT value FROM meta WHERE key = 'job_seq_floor'") or 0
     return max(int(stored), int(floor))
+
+
+def max_event_seq(conn: sqlite3.Connection) -> int:
+    """The highest event seq ever stored, purged events included."""
+    stored = scalar(conn, "SELECT max(seq) FROM events") or 0
+    floor = scalar(conn, "SELECT value FROM meta WHERE key = 'event_seq_floor'") or 0
+    return max(int(stored), int(floor))
+
+
+def dependency_roots(conn: sqlite3.Connection) -> set[str]:
+    """The top-level jobs that unfinished jobs name in their ``depends_on``."""
+    found: set[str] = set()
+    sql = (
+        f"SELECT depends_on FROM jobs WHERE state IN ({_UNFINISHED_SQL}) "
+        "AND parent IS NULL AND depends_on IS NOT NULL"
+    )
+    for (text,) in conn.execute(sql):
+        for dep in json.loads(text) or ():
+            found.add(str(dep).split(":", 1)[0].split("#", 1)[0])
+    return found
 
 
 def unfinished_jobs(conn: sqlite3.Connection) -> list[Row]:

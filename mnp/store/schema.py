@@ -15,6 +15,7 @@ import sqlite3
 from pathlib import Path
 
 from mnp.errors import InfraError
+from mnp.files import NotARegularFile, open_regular
 
 SCHEMA_VERSION = 2
 READS_FROM = 1
@@ -163,22 +164,38 @@ NODE_COLUMNS = (
     "stopped",
 )
 
+_SET_ASIDE = (
+    "it is damaged or not a database; (re)starting the controller (mnp controller stop; "
+    "mnp controller start) moves it aside as mnp.db.corrupt-TIME, kept, and starts an empty one"
+)
+_CORRUPT = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
+
 _HINTS = {
     "SQLITE_FULL": "free space on its disk",
     "SQLITE_READONLY": "it is read-only here (check the permissions of the file and its directory)",
     "SQLITE_READONLY_DIRECTORY": "its directory is not writable",
     "SQLITE_CANTOPEN": "it cannot be opened (does its directory exist and is it writable?)",
-    "SQLITE_NOTADB": "it is not an SQLite database",
-    "SQLITE_CORRUPT": "it is corrupt; move it aside to start afresh (the jobs in it are lost)",
+    "SQLITE_NOTADB": _SET_ASIDE,
+    "SQLITE_CORRUPT": _SET_ASIDE,
     "SQLITE_BUSY": "another process holds it locked (is a second controller running?)",
     "SQLITE_IOERR": "is it a regular file on a healthy local disk?",
 }
 
 
+class CorruptDatabase(InfraError):
+    """The file is not an SQLite database, or SQLite found it damaged. ``detail`` is
+    SQLite's own words (``file is not a database``)."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
 def infra_error(path: Path, doing: str, exc: BaseException) -> InfraError:
     """One line naming the file, what was being done, and what a person can do."""
     name = getattr(exc, "sqlite_errorname", "") or ""
-    hint = _HINTS.get(name) or _HINTS.get("_".join(name.split("_")[:2]))  # extended -> primary
+    primary = "_".join(name.split("_")[:2])  # extended -> primary
+    hint = _HINTS.get(name) or _HINTS.get(primary)
     if isinstance(exc, OSError):
         detail = exc.strerror or str(exc)
     else:
@@ -186,7 +203,10 @@ def infra_error(path: Path, doing: str, exc: BaseException) -> InfraError:
     text = f"state database {path}: {doing} failed: {detail}"
     if hint and hint not in text:
         text += f"; {hint}"
-    return InfraError(" ".join(text.split()))
+    text = " ".join(text.split())
+    if primary in _CORRUPT:
+        return CorruptDatabase(text, " ".join(detail.split()))
+    return InfraError(text)
 
 
 def connect(path: Path, readonly: bool) -> sqlite3.Connection:
@@ -195,7 +215,7 @@ def connect(path: Path, readonly: bool) -> sqlite3.Connection:
         return _connect_readonly(path)
     try:
         # created here, not by sqlite, so that it is born 0600 (-wal/-shm copy its mode)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.close(open_regular(path, os.O_RDWR | os.O_CREAT, 0o600))
     except OSError as e:
         raise infra_error(path, "opening for writing", e) from e
     try:
@@ -221,8 +241,16 @@ def connect(path: Path, readonly: bool) -> sqlite3.Connection:
 
 
 def _connect_readonly(path: Path) -> sqlite3.Connection:
-    if not path.exists():
-        raise InfraError(f"state database {path}: does not exist (no controller has used it yet)")
+    try:
+        os.close(open_regular(path, os.O_RDONLY))  # a FIFO would hang SQLite
+    except FileNotFoundError:
+        raise InfraError(
+            f"state database {path}: does not exist (no controller has used it yet)"
+        ) from None
+    except NotARegularFile as e:
+        raise infra_error(path, "opening read-only", e) from e
+    except OSError:
+        pass  # not readable: SQLite says why
     uri = path.absolute().as_uri() + "?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
@@ -268,6 +296,8 @@ def _prepare(conn: sqlite3.Connection, path: Path, readonly: bool) -> None:
             f"state database {path}: schema version {version} was written by a newer mnp "
             f"(this one reads up to {SCHEMA_VERSION}); upgrade mnp or use another --home"
         )
+    if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        raise _foreign(path)
     if readonly:
         what = "has no mnp schema yet" if version == 0 else f"has schema version {version}"
         raise InfraError(f"state database {path}: {what}; start the controller once to set it up")
@@ -276,10 +306,7 @@ def _prepare(conn: sqlite3.Connection, path: Path, readonly: bool) -> None:
         version = _version(conn)  # another process may have done it meanwhile
         if version == 0:
             if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-                raise InfraError(
-                    f"state database {path}: is an SQLite file that mnp did not create; "
-                    "use another --home"
-                )
+                raise _foreign(path)
             for statement in _SCHEMA:
                 conn.execute(statement)
         else:
@@ -292,6 +319,12 @@ def _prepare(conn: sqlite3.Connection, path: Path, readonly: bool) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _foreign(path: Path) -> InfraError:
+    return InfraError(
+        f"state database {path}: is an SQLite file that mnp did not create; use another --home"
+    )
 
 
 def _version(conn: sqlite3.Connection) -> int:

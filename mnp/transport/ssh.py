@@ -351,7 +351,7 @@ class SshTransport(Transport):
             if not os.path.isfile(f):
                 raise SshError(host.name, "config", f"ssh config file {f} does not exist")
         user = Path("~/.ssh/config").expanduser()
-        if os.access(user, os.R_OK):
+        if os.path.isfile(user) and os.access(user, os.R_OK):  # never a FIFO: it would block
             files.append(str(user))
         return files
 

@@ -61,7 +61,7 @@ CASES = [
     (["run", "--", ""], "empty program name"),
     (["run", "--inventory", "/etc/passwd", "--", "true"], "invalid TOML"),
     (["validate", "/etc"], "is a directory"),
-    (["validate", "/dev/null"], "command: missing"),
+    (["validate", "/dev/null"], "is a character device"),
     (["describe", "'; DROP TABLE jobs; --"], "does not exist"),
     (["logs", "../../etc/passwd"], "does not exist"),
     (["events", "--since", "abc"], "--since"),
@@ -150,3 +150,157 @@ def test_validate_json_lists_every_file(tmp_path: Path) -> None:
     reports = json.loads(r.stdout)
     assert [(x["file"], x["ok"]) for x in reports] == [(str(bad), False), (str(good), True)]
     assert reports[0]["error"] == r.stderr[len("mnp: ") : -1]
+
+
+# --- issue 12: every number a command line takes is bounded --------------------------
+
+
+def _number_options() -> list[tuple[list[str], str, list[str], str]]:
+    """(command path, number option, what the command needs besides, "int" or "float")
+    for every number option of every command, found by walking the click tree: an
+    option added later is covered without being listed here."""
+    import click
+
+    from mnp.cli import cli
+
+    found: list[tuple[list[str], str, list[str], str]] = []
+
+    def walk(cmd: click.Command, path: list[str]) -> None:
+        if isinstance(cmd, click.Group):
+            for name, sub in sorted(cmd.commands.items()):
+                walk(sub, [*path, name])
+            return
+        needed: list[str] = []
+        for p in cmd.params:
+            if isinstance(p, click.Argument) and p.required:
+                needed.append("1")
+            elif isinstance(p, click.Option) and p.required:
+                needed += [p.opts[-1], "x"]
+        if path[-1] in ("run", "submit"):
+            needed += ["--", "true"]
+        for p in cmd.params:
+            if not isinstance(p, click.Option) or p.is_flag:
+                continue
+            if isinstance(p.type, click.types.IntParamType):
+                found.append((path, max(p.opts, key=len), needed, "int"))
+            elif isinstance(p.type, click.types.FloatParamType):
+                found.append((path, max(p.opts, key=len), needed, "float"))
+
+    walk(cli, [])
+    return found
+
+
+NUMBER_OPTIONS = _number_options()
+HUGE = {"int": ["1" + "0" * 22, "-1" + "0" * 22], "float": ["1e999", "-1e999", "nan"]}
+NUMBER_CASES = [(p, o, n, v) for p, o, n, k in NUMBER_OPTIONS for v in HUGE[k]]
+
+
+def test_every_number_option_is_found() -> None:
+    names = {(" ".join(p), o) for p, o, _, _ in NUMBER_OPTIONS}
+    assert {("events", "--since"), ("list", "--limit"), ("run", "--array-size")} <= names
+    assert ("submit", "--vcpus") in names and ("controller start", "--local-nodes") in names
+
+
+@pytest.mark.parametrize(
+    ("path", "option", "needed", "value"),
+    NUMBER_CASES,
+    ids=[f"{' '.join(p)} {o} {v[:6]}" for p, o, _, v in NUMBER_CASES],
+)
+def test_out_of_range_numbers_are_one_line_and_exit_2(
+    path: list[str], option: str, needed: list[str], value: str, tmp_path: Path, ledger: Ledger
+) -> None:
+    """Huge and non-finite numbers never reach SQLite or Python arithmetic (OverflowError)."""
+    with ledger.tried("number out of range"):
+        r = mnp(*path, option, value, *needed, env={"MNP_HOME": str(tmp_path / "h")}, timeout=30)
+        assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+        assert r.stderr.startswith("mnp: ") and r.stderr.count("\n") == 1, r.stderr
+        assert option in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# --- issue 14: a node, child or task that does not exist is named as such -------------
+
+
+@pytest.fixture(scope="module")
+def jobs_home(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A store with 1 (single), 2 (an array of 3) and 3 (2 nodes, 2 tasks on node 1)."""
+    from mnp.store import Store
+
+    home = tmp_path_factory.mktemp("targets")
+    defn = {"name": "x", "command": ["true"]}
+    mn = {
+        "name": "m",
+        "command": ["true"],
+        "multinode": {
+            "num_nodes": 2,
+            "groups": [
+                {"target_nodes": "0:0", "tasks_per_node": 1},
+                {"target_nodes": "1:1", "tasks_per_node": 2},
+            ],
+        },
+    }
+    with Store(home / "mnp.db") as s:
+        s.add_job({"id": "1", "seq": 1, "state": "SUCCEEDED", "definition": defn})
+        s.add_job({"id": "2", "seq": 2, "state": "SUCCEEDED", "array_size": 3, "definition": defn})
+        s.add_jobs(
+            {"id": f"2:{i}", "seq": 3 + i, "parent": "2", "array_index": i, "state": "SUCCEEDED"}
+            for i in range(3)
+        )
+        s.add_job({"id": "3", "seq": 6, "state": "SUCCEEDED", "num_nodes": 2, "definition": mn})
+    for tid in ("1", "2:0", "2:1", "2:2", "3#0", "3#1.0", "3#1.1"):
+        folder = home / "logs" / tid.split(":")[0].split("#")[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{tid}.out").write_text(f"from {tid}\n")
+    return {"MNP_HOME": str(home)}
+
+
+MISSING_TARGETS = [
+    ("1:0", "1 is not an array"),
+    ("1#0", "1 is not a multi-node job"),
+    ("2:3", "children are 2:0..2:2"),
+    ("2:99999", "children are 2:0..2:2"),
+    ("2#0", "2 is not a multi-node job"),
+    ("2:1#0", "2:1 is not a multi-node job"),
+    ("3:0", "3 is not an array"),
+    ("3#2", "nodes are 3#0..3#1"),
+    ("3#99", "nodes are 3#0..3#1"),
+    ("3#1.2", "tasks are 3#1.0..3#1.1"),
+    ("3#0.1", "tasks are 3#0.0..3#0.0"),
+    ("4", "job 4 does not exist"),
+    ("4:0", "job 4 does not exist"),
+    ("4#0", "job 4 does not exist"),
+    ("3#", "does not exist"),
+    ("3#-1", "does not exist"),
+    ("2:-1", "does not exist"),
+    ("2:x", "does not exist"),
+    ("3#1.1.1", "does not exist"),
+    ("1" * 30, "does not exist"),
+]
+
+
+@pytest.mark.parametrize("command", ["logs", "events --job"])
+@pytest.mark.parametrize(("target", "needle"), MISSING_TARGETS)
+def test_a_missing_node_child_or_task_is_one_line_and_exit_2(
+    command: str, target: str, needle: str, jobs_home: dict[str, str], ledger: Ledger
+) -> None:
+    with ledger.tried("job reference"):
+        r = mnp(*command.split(), target, env=jobs_home, timeout=30)
+        assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+        assert r.stdout == "" and r.stderr.startswith("mnp: ") and r.stderr.count("\n") == 1
+        assert needle in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "out"),
+    [
+        ("1", "from 1\n"),
+        ("2:1", "from 2:1\n"),
+        ("2:01", "from 2:1\n"),
+        ("3#1", "1.0: from 3#1.0\n1.1: from 3#1.1\n"),
+        ("3#1.1", "from 3#1.1\n"),
+    ],
+)
+def test_existing_targets_still_print_their_logs(
+    target: str, out: str, jobs_home: dict[str, str]
+) -> None:
+    r = mnp("logs", target, env=jobs_home)
+    assert (r.returncode, r.stdout, r.stderr) == (0, out, "")

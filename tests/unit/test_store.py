@@ -926,7 +926,30 @@ def test_unfinished_jobs_for_recovery(store: Store) -> None:
     assert jobs[0]["attempts"] == [] and jobs[0]["nodes"] == []
 
 
-def test_purge_deletes_old_finished_jobs_keeps_events_and_seq(store: Store) -> None:
+def purge_all(store: Store, before: float | None = None, **kw: Any) -> list[str]:
+    """Store.purge in chunks, then sweep everything the purged jobs left."""
+    ids: list[str] = []
+    while True:
+        chunk = store.purge(before, **kw)
+        ids += chunk
+        if len(chunk) < kw.get("limit", 500):
+            break
+    while True:
+        done, more = store.sweep_purged()
+        store.purge_done(done)
+        if not more:
+            break
+    return ids
+
+
+def count(store: Store, table: str) -> int:
+    return int(store.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+@pytest.fixture
+def finished(store: Store) -> Store:
+    """1 SUCCEEDED and 2 (a FAILED array of 2) stopped at 10; 3 RUNNING; 4 SUCCEEDED at
+    99; 5 RUNNABLE (was FAILED at 10: changed in the unflushed batch); each with events."""
     store.add_job(job_row("1", 1, state="SUCCEEDED", stopped=10.0))
     store.add_job(job_row("2", 2, state="FAILED", stopped=10.0, array_size=2))
     store.add_jobs(array_rows("2", 3, 2, state="FAILED"))
@@ -934,18 +957,113 @@ def test_purge_deletes_old_finished_jobs_keeps_events_and_seq(store: Store) -> N
     store.add_job(job_row("4", 6, state="SUCCEEDED", stopped=99.0))
     store.add_job(job_row("5", 7, state="FAILED", stopped=10.0))
     store.upsert_attempt("1", 1, hosts=["a"])
+    store.upsert_attempt("2:0", 1, hosts=["a"])
     store.upsert_node("2:0", 1, 0, host="a")
-    store.append_event(event("1", "SUCCEEDED"))
+    for job_id in ("1", "2", "2:0", "2:1", "3", "4", "5"):
+        index = {"array_index": int(job_id[2:])} if ":" in job_id else {}
+        store.append_event(event(job_id, "SUCCEEDED", **index))
     store.update_job("5", state="RUNNABLE")  # buffered: flushed before purging, so kept
-    assert store.purge(before=50.0) == 2
+    return store
+
+
+def test_purge_deletes_old_finished_jobs_their_children_attempts_and_events(
+    finished: Store,
+) -> None:
+    store = finished
+    assert store.purge(before=50.0) == ["1", "2"]
+    # the top-level rows went at once; the rest is pending until swept
+    assert [j["id"] for j in store.list_jobs()] == ["3", "4", "5"]
+    assert store.get_job("2:0") is None  # a child of a purged job is gone for readers too
+    assert store.purge_pending() == ["1", "2"] and store.events_file_stale()
+    done, more = store.sweep_purged(budget=1)  # the one event of 1
+    assert (done, more) == ([], True)
+    done, more = store.sweep_purged(budget=2)  # 1 has nothing left; one of 2's events
+    assert (done, more) == (["1"], True)
+    done, more = store.sweep_purged()
+    assert (done, more) == (["1", "2"], False)  # 1 again: until purge_done, it is pending
+    store.purge_done(done)
+    assert store.purge_pending() == []
     assert [j["id"] for j in store.list_jobs(parents_only=False)] == ["3", "4", "5"]
-    assert store.conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0
-    assert store.conn.execute("SELECT count(*) FROM nodes").fetchone()[0] == 0
-    assert [e["job_id"] for e in store.events_since(0)] == ["1"]
-    assert store.purge(before=1000.0) == 1
-    assert store.purge(before=1000.0) == 0
-    store.conn.execute("DELETE FROM jobs")  # even with every row gone, seq does not go back
-    assert store.max_job_seq() == 7
+    assert count(store, "attempts") == count(store, "nodes") == 0
+    assert [e["job_id"] for e in store.events_since(0)] == ["3", "4", "5"]
+    assert purge_all(store, before=1000.0) == ["4"]
+    assert purge_all(store, before=1000.0) == []
+    store.events_file_rewritten()
+    assert not store.events_file_stale()
+
+
+def test_purge_by_state_and_without_a_time(finished: Store) -> None:
+    store = finished
+    with pytest.raises(ValueError, match="only finished"):
+        store.purge(state="RUNNING")
+    assert purge_all(store, state="FAILED") == ["2"]
+    assert purge_all(store, state="SUCCEEDED") == ["1", "4"]
+    assert [j["id"] for j in store.list_jobs(parents_only=False)] == ["3", "5"]
+    assert [e["job_id"] for e in store.events_since(0)] == ["3", "5"]
+
+
+def test_purge_never_takes_a_job_an_unfinished_one_depends_on(store: Store) -> None:
+    store.add_job(job_row("1", 1, state="FAILED", stopped=1.0, array_size=2))
+    store.add_jobs(array_rows("1", 2, 2, state="FAILED"))
+    store.add_job(job_row("2", 4, state="SUCCEEDED", stopped=1.0))
+    store.add_job(job_row("3", 5, state="SUCCEEDED", stopped=1.0))
+    # 4 waits on 1's children (N_TO_N), 5 on 2: both unfinished; 6 (finished) on 3
+    store.add_job(job_row("4", 6, state="PENDING", depends_on=["1:N_TO_N"], array_size=2))
+    store.add_job(job_row("5", 7, state="RUNNING", depends_on=["2"]))
+    store.add_job(job_row("6", 8, state="SUCCEEDED", stopped=1.0, depends_on=["3:afterany"]))
+    assert purge_all(store) == ["3", "6"]
+    assert store.get_job("1:1") is not None
+    store.update_job("4", state="FAILED", stopped=2.0)
+    store.update_job("5", state="SUCCEEDED", stopped=2.0)
+    assert purge_all(store) == ["1", "2", "4", "5"]
+    assert count(store, "jobs") == 0
+
+
+def test_purge_goes_in_chunks_and_bounded_sweeps(store: Store) -> None:
+    for i in range(1, 8):
+        store.add_job(job_row(str(i), i * 100, state="SUCCEEDED", stopped=1.0, array_size=50))
+        store.add_jobs(array_rows(str(i), i * 100 + 1, 50, state="SUCCEEDED"))
+        for c in range(50):
+            store.append_event(event(f"{i}:{c}", "SUCCEEDED", array_index=c))
+    assert store.purge(limit=3) == ["1", "2", "3"]
+    assert store.purge(limit=3) == ["4", "5", "6"]
+    steps = 0
+    while True:
+        done, more = store.sweep_purged(budget=40)
+        store.purge_done(done)
+        steps += 1
+        if not more:
+            break
+    assert steps >= 6 * 100 // 40  # 50 children and 50 events each, 40 rows a step
+    assert store.purge_pending() == []
+    assert [j["id"] for j in store.list_jobs()] == ["7"]
+    assert count(store, "jobs") == 51 and count(store, "events") == 50
+
+
+def test_ids_and_seqs_go_on_after_everything_is_purged(db: Path) -> None:
+    with Store(db) as s:
+        for _ in range(3):
+            job_id = str(s.next_job_id())
+            s.add_job(job_row(job_id, int(job_id), state="SUCCEEDED", stopped=1.0))
+            s.append_event(event(job_id, "SUCCEEDED"))
+        assert purge_all(s) == ["1", "2", "3"]
+        assert count(s, "jobs") == count(s, "events") == 0
+        assert s.max_event_seq() == 3 and s.max_job_seq() == 3
+    with Store(db) as s:  # reopened: the counters come from meta, not from rows
+        assert s.next_job_id() == 4
+        assert s.append_event(event("4")) == 4
+        assert s.max_job_seq() == 3
+    with Store(db, readonly=True) as r:
+        assert [e["seq"] for e in r.events_since(0)] == [4]
+
+
+def test_raise_floors(db: Path) -> None:
+    with Store(db) as s:
+        s.raise_floors(next_job_id=40, event_seq=700)
+        s.raise_floors(next_job_id=5, event_seq=5)  # never lowers
+        assert s.next_job_id() == 40 and s.append_event(event("40")) == 701
+    with Store(db) as s:
+        assert s.next_job_id() == 41
 
 
 # --- throughput ------------------------------------------------------------------
