@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
-import stat
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from mnp.files import read_regular
 
 T = TypeVar("T")
 
@@ -102,53 +103,13 @@ class FileRefused(Exception):
 
 
 def read_regular_file(path: str, limit: int) -> bytes:
-    """The bytes of the regular file ``path`` (``~`` expanded), at most ``limit`` of them.
-
-    Refused (``FileRefused``) without reading: what is not a regular file (FIFO,
-    device, socket, directory: a read of those can block or never end) and what
-    is larger than ``limit``. The file is opened non-blocking, then checked again
-    (it may have been replaced in between)."""
-    full = os.path.expanduser(path)
+    """The bytes of the regular file ``path`` (``~`` expanded), at most ``limit`` of them
+    (``mnp.files.read_regular``: what is not a regular file is refused without being
+    read). Anything refused or failing is a ``FileRefused`` saying why."""
     try:
-        st = os.stat(full)
-        _check(st, limit)
-        fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        out = read_regular(os.path.expanduser(path), limit)
     except OSError as e:
         raise FileRefused(e.strerror or str(e)) from None
-    try:
-        _check(os.fstat(fd), limit)
-        chunks: list[bytes] = []
-        left = limit + 1
-        while left > 0:
-            data = os.read(fd, min(left, 1 << 16))
-            if not data:
-                break
-            chunks.append(data)
-            left -= len(data)
-    except OSError as e:
-        raise FileRefused(e.strerror or str(e)) from None
-    finally:
-        os.close(fd)
-    out = b"".join(chunks)
     if len(out) > limit:
         raise FileRefused(f"larger than {limit:,} bytes")
     return out
-
-
-def _check(st: os.stat_result, limit: int) -> None:
-    mode = st.st_mode
-    if not stat.S_ISREG(mode):
-        kind = (
-            "a FIFO"
-            if stat.S_ISFIFO(mode)
-            else "a directory"
-            if stat.S_ISDIR(mode)
-            else "a socket"
-            if stat.S_ISSOCK(mode)
-            else "a device"
-            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "not a regular file"
-        )
-        raise FileRefused(f"{kind}, not a regular file")
-    if st.st_size > limit:
-        raise FileRefused(f"{st.st_size:,} bytes, larger than {limit:,}")

@@ -78,14 +78,15 @@ def job_id_of(conn: sqlite3.Connection, root: str) -> str | None:
     """The id of the top-level job ``root`` refers to: ``root`` itself when a job has
     that id, else the newest (highest seq) top-level job named ``root`` (the
     ``jobs_name`` index: a seek to the name's last entry), else None."""
-    if scalar(conn, "SELECT 1 FROM jobs WHERE id = ?", (root,)) is not None:
+    if scalar(conn, "SELECT 1 FROM jobs WHERE id = ?", (key(root),)) is not None:
         return root
     return newest_named(conn, root)
 
 
 def state_and_size(conn: sqlite3.Connection, job_id: str) -> tuple[str, int | None] | None:
     """A job's state and array size (None unless an array parent), or None."""
-    row = conn.execute("SELECT state, array_size FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    sql = "SELECT state, array_size FROM jobs WHERE id = ?"
+    row = conn.execute(sql, (key(job_id),)).fetchone()
     return None if row is None else (str(row[0]), row[1])
 
 
@@ -94,13 +95,13 @@ def newest_named(conn: sqlite3.Connection, name: str) -> str | None:
     found = scalar(
         conn,
         "SELECT id FROM jobs WHERE name = ? AND parent IS NULL ORDER BY seq DESC LIMIT 1",
-        (name,),
+        (key(name),),
     )
     return None if found is None else str(found)
 
 
 def _definition(conn: sqlite3.Connection, job_id: str) -> Any:
-    text = scalar(conn, "SELECT definition FROM jobs WHERE id = ?", (job_id,))
+    text = scalar(conn, "SELECT definition FROM jobs WHERE id = ?", (key(job_id),))
     return None if text is None else json.loads(text)
 
 

@@ -252,7 +252,7 @@ def test_full_state_disk_refuses_submit_and_keeps_the_store_consistent(
     for job_id in range(int(running) + 1, int(running) + 1 + len(tries)):
         # ... nor kept by the controller
         r = mnp("terminate", str(job_id), "--reason", "x", env=disk.env)
-        assert r.returncode == 2 and "not known" in r.stderr, r.stderr
+        assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
 
     filler.unlink()  # space back: what waited is written, new jobs are accepted
     d = wait_until(

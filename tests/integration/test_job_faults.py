@@ -503,8 +503,8 @@ def test_bytes_that_are_not_utf8_pass_end_to_end(
         (["logs", "4\udcff"], 2),
         (["cancel", "4\udcff", "--reason", "r"], 2),
         (["terminate", "4\udcff", "--reason", "r"], 2),
-        (["events", "--job", "4\udcff"], 0),
-        (["events", "--job", "4\udcff:1"], 0),
+        (["events", "--job", "4\udcff"], 2),
+        (["events", "--job", "4\udcff:1"], 2),
         (["list", "--queue", "q\udcff"], 0),
         (["run", "--queue", "q\udcff", "--", "true"], 2),
     ):
