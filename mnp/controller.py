@@ -23,19 +23,27 @@ from typing import Any, Protocol
 from mnp import jobref
 from mnp.errors import InfraError, JobRefused, MnpError
 from mnp.jobs import (
-    TIMEOUT_REASON,
     Attempt,
     Job,
     NodeRun,
     TaskRun,
     exit_status,
     printable,
-    should_retry,
 )
-from mnp.model import TERMINAL, Dependency, Inventory, JobDefinition, JobState, Resources
+from mnp.model import (
+    TERMINAL,
+    Dependency,
+    Grant,
+    Inventory,
+    JobDefinition,
+    JobState,
+    Request,
+    Resources,
+)
 from mnp.offloop import FileRefused, OffLoop, read_regular_file
-from mnp.sched.alloc import Grant, HostCapacity
-from mnp.sched.decide import Request, Start, could_ever_run, decide
+from mnp.sched import lifecycle
+from mnp.sched.alloc import HostCapacity
+from mnp.sched.decide import Start, could_ever_run, decide
 from mnp.sched.runqueue import RunQueue
 from mnp.spec.fields import MAX_ARG_BYTES
 from mnp.transport.base import UNRESPONSIVE, AgentConnection, Event, Transport
@@ -548,33 +556,17 @@ class Controller:
             return defn
         return replace(defn, depends_on=tuple(deps))
 
-    def _dependency_targets(self, job: Job) -> list[tuple[str, bool]]:
-        """(job id, any end will do) pairs: the parent (or a plain job) waits on its own
-        dependencies; array children on the matching child of N_TO_N ones."""
-        if job.parent is not None:
-            return [
-                (f"{d.job_id}:{job.array_index}", False)
-                for d in job.defn.depends_on
-                if d.type == "N_TO_N"
-            ]
-        return [(d.job_id, d.type == "afterany") for d in job.defn.depends_on if d.type != "N_TO_N"]
-
     def _release_if_ready(self, job: Job, now: float) -> None:
         """PENDING → RUNNABLE (or, for an array parent, admit its children) once every
-        dependency is met; FAILED as soon as one can never be."""
+        dependency is met; FAILED as soon as one can never be (``lifecycle.release``)."""
         if job.state is not JobState.PENDING:
             return
-        for target, any_end in self._dependency_targets(job):
-            state = self.state_of(target)
-            if state is None:
-                continue  # purged: it ended long ago
-            if state is JobState.FAILED and not any_end:
-                self._fail_pending(job, f"Dependent job {target} failed", now)
-                return
-            if state not in TERMINAL:
-                self._waiting_on.setdefault(target, []).append(job)
-                return
-        if job.children:
+        step = lifecycle.release(job, self.state_of)
+        if isinstance(step, lifecycle.Wait):
+            self._waiting_on.setdefault(step.target, []).append(job)
+        elif isinstance(step, lifecycle.Fail):
+            self._fail_pending(job, step.reason, now)
+        elif job.children:
             job.ready = True
             self._admit_children(job, now)
         else:
@@ -635,14 +627,9 @@ class Controller:
         self._kick()
 
     def _admit_children(self, parent: Job, now: float) -> None:
-        """Move array children from PENDING to RUNNABLE, in index order, as
-        ``parallelism`` (or SEQUENTIAL: one at a time) allows."""
-        arr = parent.defn.array
-        assert arr is not None
-        if not parent.ready:
-            return
-        limit = 1 if arr.sequential else (arr.parallelism or len(parent.children))
-        while parent.admitted < len(parent.children) and parent.admitted - parent.finished < limit:
+        """Release array children, in index order, as ``lifecycle.room`` allows (one at
+        a time: a child that fails at once makes room for the next)."""
+        while lifecycle.room(parent) > 0:
             child = parent.children[parent.admitted]
             parent.admitted += 1
             self._release_if_ready(child, now)
@@ -1182,21 +1169,15 @@ class Controller:
             self.on_output(job, task, 2, f"mnp: {task.tid}: {task.error}\n")
         if not job.is_multinode:
             attempt.main_exit_at = now
-            if not attempt.ending:
+            end = lifecycle.task_ended(job, attempt, task)
+            if end is not None:
                 attempt.exit_code, attempt.signal = task.exit_code, task.signal
-                ok = task.exit_code == 0
-                self._begin_end(
-                    job, attempt, JobState.SUCCEEDED if ok else JobState.FAILED, task.error, now
-                )
+                self._begin_end(job, attempt, end.final, end.reason, now)
             return
-        mn = job.defn.multinode
-        assert mn is not None
         node = attempt.nodes[task.node_index or 0]
         if not all(t.exited for t in node.tasks):
             return
-        failed = next((t for t in node.tasks if t.exit_code != 0), None)
-        node.exit_code = failed.exit_code if failed else 0
-        node.signal = failed.signal if failed else None
+        node.exit_code, node.signal, failed = lifecycle.node_result(node)
         code = exit_status(node.exit_code, node.signal)
         if attempt.ending:
             # torn down by us: the node ends as the job does
@@ -1207,38 +1188,26 @@ class Controller:
             now,
             failed.error if failed else None,
         )
-        if node.index == mn.main_node:
+        end = lifecycle.task_ended(job, attempt, task)
+        if end is not None:
             attempt.main_exit_at = now
             attempt.exit_code, attempt.signal = node.exit_code, node.signal
-            self._begin_end(
-                job, attempt, JobState.SUCCEEDED if code == 0 else JobState.FAILED, None, now
-            )
-        elif code != 0 and mn.on_child_failure == "terminate":
-            attempt.main_exit_at = now
-            attempt.exit_code, attempt.signal = node.exit_code, node.signal
-            self._begin_end(
-                job,
-                attempt,
-                JobState.FAILED,
-                f"Child node {node.index} exited with code {code}",
-                now,
-            )
+            self._begin_end(job, attempt, end.final, end.reason, now)
 
     # --- ending -----------------------------------------------------------
 
     def _arm_timeout(self, job: Job, attempt: Attempt) -> None:
-        limit = job.defn.timeout.attempt_duration
+        limit = lifecycle.time_limit(job)
         if limit is None:
             return
         loop = asyncio.get_running_loop()
 
         def fire() -> None:
             self._timers.pop(job.id, None)
-            if job.attempt is attempt and not attempt.ending:
+            end = lifecycle.timed_out(job, attempt)
+            if end is not None:
                 job.timed_out = True
-                self._begin_end(
-                    job, attempt, JobState.FAILED, TIMEOUT_REASON, time.time(), retry=False
-                )
+                self._begin_end(job, attempt, end.final, end.reason, time.time(), retry=end.retry)
 
         self._timers[job.id] = loop.call_later(limit, fire)
 
@@ -1351,29 +1320,16 @@ class Controller:
                 node.set_state(attempt.final or JobState.FAILED, now, attempt.reason)
         job.exit_code, job.signal = attempt.exit_code, attempt.signal
         self._record_attempt(job, attempt)
-        failed = attempt.final is not JobState.SUCCEEDED
-        if (
-            failed
-            and attempt.retryable
-            and not job.timed_out
-            and should_retry(
-                job.defn,
-                len(job.attempts) - job.bonus_attempts,
-                attempt.exit_code,
-                attempt.reason or "",
-            )
-        ):
-            job.set_state(JobState.RUNNABLE, now, attempt.reason)
+        step = lifecycle.after_attempt(job, attempt)
+        if isinstance(step, lifecycle.Retry):
+            job.set_state(JobState.RUNNABLE, now, step.reason)
             self._enqueue(job)
         else:
-            assert attempt.final is not None
-            self._finish(job, attempt.final, attempt.reason, now)
+            self._finish(job, step.state, step.reason, now)
         self._kick()
 
     def _finish(self, job: Job, state: JobState, reason: str | None, now: float) -> None:
-        if job.note is not None:
-            reason = f"{reason}; {job.note}" if reason else job.note
-        job.set_state(state, now, reason)
+        job.set_state(state, now, lifecycle.final_reason(reason, job.note))
         for fut in self._waiters.pop(job.id, []):
             if not fut.done():
                 fut.set_result(job)
@@ -1383,29 +1339,21 @@ class Controller:
         if parent is None or parent.done:
             return
         parent.finished += 1
-        arr = parent.defn.array
-        assert arr is not None
-        if arr.sequential and state is JobState.FAILED:
+        doomed = lifecycle.never_run(parent, state)
+        if doomed is not None:
             # the rest can never run: fail them here, without recursing per child
             why = f"Dependent job {job.id} failed"
-            for sib in parent.children[parent.admitted :]:
-                if sib.state is JobState.PENDING:
-                    sib.set_state(JobState.FAILED, now, why)
-                    parent.finished += 1
-                    if sib.id in self._waiting_on:
-                        self._wake(sib.id, now)
+            for sib in doomed:
+                sib.set_state(JobState.FAILED, now, why)
+                parent.finished += 1
+                if sib.id in self._waiting_on:
+                    self._wake(sib.id, now)
             parent.admitted = len(parent.children)
         self._admit_children(parent, now)
-        if parent.finished == len(parent.children):
-            first = next((c for c in parent.children if c.state is JobState.FAILED), None)
-            parent.exit_code = first.exit_code if first else 0
-            reason = None
-            if first is not None:
-                # a child that never ran failed for its parent's reason (cancel, dependency)
-                reason = first.reason if not first.attempts else f"Array child {first.id} failed"
-            self._finish(
-                parent, JobState.SUCCEEDED if first is None else JobState.FAILED, reason, now
-            )
+        outcome = lifecycle.array_outcome(parent)
+        if outcome is not None:
+            parent.exit_code = lifecycle.array_exit_code(parent)
+            self._finish(parent, outcome.state, outcome.reason, now)
 
     def cancel(self, job_id: str, reason: str) -> Job:
         """SUBMITTED/PENDING/RUNNABLE → FAILED; what already runs goes on (AWS Batch).
@@ -1414,16 +1362,12 @@ class Controller:
         if job is None:
             raise JobRefused(f"job {job_id} does not exist")
         now = time.time()
-        waiting = (JobState.SUBMITTED, JobState.PENDING, JobState.RUNNABLE)
         if job.children:
-            job.admitted = len(job.children)
-            for child in job.children:
-                if child.state in waiting:
-                    self._dequeue(child)
-                    self._finish(child, JobState.FAILED, reason, now)
-        elif job.state in waiting:
-            self._dequeue(job)
-            self._finish(job, JobState.FAILED, reason, now)
+            job.admitted = len(job.children)  # admit no more children
+        for j in lifecycle.cancelled(job):
+            if not j.done:
+                self._dequeue(j)
+                self._finish(j, JobState.FAILED, reason, now)
         return job
 
     def terminate(self, job_id: str, reason: str) -> Job:
@@ -1433,22 +1377,16 @@ class Controller:
             raise JobRefused(f"job {job_id} does not exist")
         now = time.time()
         job.admitted = len(job.children)  # admit no more children while cascading
-        for child in job.children:
-            self._terminate_one(child, reason, now)
-        self._terminate_one(job, reason, now)
+        for j, running in lifecycle.terminated(job):
+            if j.done:
+                continue
+            attempt = j.attempt
+            if running and attempt is not None:
+                self._begin_end(j, attempt, JobState.FAILED, reason, now, retry=False)
+            else:
+                self._dequeue(j)
+                self._finish(j, JobState.FAILED, reason, now)
         return job
-
-    def _terminate_one(self, job: Job, reason: str, now: float) -> None:
-        if job.done:
-            return
-        attempt = job.attempt
-        if job.state in (JobState.STARTING, JobState.RUNNING) and attempt is not None:
-            self._begin_end(job, attempt, JobState.FAILED, reason, now, retry=False)
-            return
-        if job.children:
-            return  # the parent ends when its children have
-        self._dequeue(job)
-        self._finish(job, JobState.FAILED, reason, now)
 
     def note(self, job: Job, text: str) -> None:
         """Add ``text`` to the job's final reason (after the reason itself, if any): for

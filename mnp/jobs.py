@@ -12,9 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mnp.model import TERMINAL, JobDefinition, JobState, JobType
-from mnp.sched.alloc import Grant
-from mnp.sched.decide import Request
+from mnp.model import TERMINAL, Grant, JobDefinition, JobState, JobType, Request
 from mnp.wiring import Launch
 
 Emit = Callable[[dict[str, Any]], None]

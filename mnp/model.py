@@ -215,3 +215,43 @@ class Inventory:
             if h.name == name:
                 return h
         raise KeyError(name)
+
+
+# --- what the scheduler places --------------------------------------------------
+
+_SIGNATURES: dict[tuple[str, tuple[Resources, ...], bool], int] = {}
+
+
+def _signature(queue: str, nodes: tuple[Resources, ...], exclusive: bool) -> int:
+    """A small int per distinct (queue, nodes, exclusive), so a pass compares ints."""
+    key = (queue, nodes, exclusive)
+    sig = _SIGNATURES.get(key)
+    if sig is None:
+        sig = _SIGNATURES[key] = len(_SIGNATURES)
+    return sig
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A runnable unit: a single job, an array child, or a whole multi-node job."""
+
+    key: str
+    queue: str
+    seq: int
+    nodes: tuple[Resources, ...]  # one entry per node; a single job has one
+    exclusive: bool = False
+    signature: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "signature", _signature(self.queue, self.nodes, self.exclusive))
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What one node or task holds on one host."""
+
+    host: str
+    vcpus: float
+    memory: int
+    gpus: tuple[int, ...]
+    exclusive: bool = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mnp.model import Resources
+from mnp.model import Grant, Resources
 
 
 @dataclass
@@ -75,14 +75,3 @@ class HostCapacity:
         self.free_gpus = sorted(set(self.free_gpus) | set(grant.gpus))
         if grant.exclusive:
             self.exclusive = False
-
-
-@dataclass(frozen=True)
-class Grant:
-    """What one node or task holds on one host."""
-
-    host: str
-    vcpus: float
-    memory: int
-    gpus: tuple[int, ...]
-    exclusive: bool = False

@@ -19,41 +19,15 @@ applies the same grants) and returns ``Start`` actions in decision order.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from mnp.model import ComputeEnvironment, Queue, Resources
-from mnp.sched.alloc import Grant, HostCapacity
+from mnp.model import ComputeEnvironment, Grant, Queue, Request, Resources
+from mnp.sched.alloc import HostCapacity
 
 MAX_RESERVATIONS = 16
 QUEUE_DEPTH = 256
 """Requests a pass may find blocked in one queue before it moves on (Slurm's
 ``default_queue_depth``): a 100,000-child array costs a pass what its head costs."""
-
-_SIGNATURES: dict[tuple[str, tuple[Resources, ...], bool], int] = {}
-
-
-def _signature(queue: str, nodes: tuple[Resources, ...], exclusive: bool) -> int:
-    """A small int per distinct (queue, nodes, exclusive), so a pass compares ints."""
-    key = (queue, nodes, exclusive)
-    sig = _SIGNATURES.get(key)
-    if sig is None:
-        sig = _SIGNATURES[key] = len(_SIGNATURES)
-    return sig
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """A runnable unit: a single job, an array child, or a whole multi-node job."""
-
-    key: str
-    queue: str
-    seq: int
-    nodes: tuple[Resources, ...]  # one entry per node; a single job has one
-    exclusive: bool = False
-    signature: int = field(init=False, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "signature", _signature(self.queue, self.nodes, self.exclusive))
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from mnp.sched.decide import Request
+from mnp.model import Request
 
 
 class RunQueue:

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from mnp.controller import TIMEOUT_REASON, Controller, ipv4_literal
+from mnp.controller import Controller, ipv4_literal
 from mnp.errors import JobRefused
-from mnp.jobs import Job
+from mnp.jobs import TIMEOUT_REASON, Job
 from mnp.model import JobState
 from mnp.spec import definition_from_command, definition_to_dict, local_inventory, parse_definition
 from mnp.transport.local import LocalTransport

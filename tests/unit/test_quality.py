@@ -29,3 +29,27 @@ def test_mypy_strict_is_clean() -> None:
         timeout=600,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+PURE = ("mnp/sched/lifecycle.py", "mnp/sched/decide.py", "mnp/wiring.py")
+"""Modules of decisions: they import nothing that does I/O and never read the clock."""
+
+
+def test_pure_modules_import_no_io_and_read_no_clock() -> None:
+    import ast
+
+    io = {"asyncio", "socket", "subprocess", "os", "time", "sqlite3", "asyncssh", "threading"}
+    for path in PURE:
+        tree = ast.parse((ROOT / path).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names = {(node.module or "").split(".")[0]}
+                if node.module and node.module.startswith("mnp."):
+                    assert node.module in ("mnp.model", "mnp.jobs", "mnp.wiring") or (
+                        node.module.startswith("mnp.sched")
+                    ), (path, node.module)
+            else:
+                continue
+            assert not names & io, (path, names & io)
