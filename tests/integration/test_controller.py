@@ -118,7 +118,7 @@ async def test_host_loads_asks_agents_that_serve_it(ctl: Controller) -> None:
     again = await ctl.host_loads()  # a sample younger than LOAD_FRESH is reused
     assert again["local-0"] is loads["local-0"]
     del ctl.agents["local-1"].facts["ops"]  # an older agent: no `load` op
-    ctl._loads.clear()
+    ctl.hosts.loads.clear()
     assert sorted(await ctl.host_loads()) == ["local-0"]
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from mnp import jobref
+from mnp.controller.hosts import LOAD_WITHIN, HostPool
 from mnp.errors import InfraError, JobRefused, MnpError
 from mnp.jobs import (
     Attempt,
@@ -42,11 +43,10 @@ from mnp.model import (
 )
 from mnp.offloop import FileRefused, OffLoop, read_regular_file
 from mnp.sched import lifecycle
-from mnp.sched.alloc import HostCapacity
 from mnp.sched.decide import Start, could_ever_run, decide
 from mnp.sched.runqueue import RunQueue
 from mnp.spec.fields import MAX_ARG_BYTES
-from mnp.transport.base import UNRESPONSIVE, AgentConnection, Event, Transport
+from mnp.transport.base import UNRESPONSIVE, Event, Transport
 from mnp.wiring import (
     Launch,
     NodePlacement,
@@ -94,8 +94,6 @@ EventSink = Callable[[dict[str, Any]], None]
 
 log = logging.getLogger("mnp")
 
-LOAD_WITHIN = 2.0  # seconds `mnp hosts` waits for the agents' load samples
-LOAD_FRESH = 1.0  # seconds a load sample is reused
 IPV4_WITHIN = 5.0  # seconds a main node's address may take to resolve
 IPV4_FRESH = 60.0  # seconds a resolved address is reused
 
@@ -110,30 +108,9 @@ def ipv4_literal(address: str) -> str | None:
 
 LOST_REASON = "Controller restarted: attempt lost"
 
-HEARTBEAT_INTERVAL = 3.0  # seconds between pings to each agent (MNP_HEARTBEAT_INTERVAL)
-HEARTBEAT_DEADLINE = 10.0  # an agent silent this long is given up on (MNP_HEARTBEAT_TIMEOUT)
 TEARDOWN_SLACK = 15.0
 """How long after ``kill_grace`` an ending attempt waits for its agents to confirm the
 teardown (their own give-up after SIGKILL is 5 s) before its hosts are given up on."""
-ABANDONED_KEPT = 64  # agent ids given up on, listed in every stale sweep
-
-
-def heartbeat_from_env(env: Mapping[str, str] | None = None) -> tuple[float, float]:
-    """(interval, deadline) of the agents' heartbeat: ``MNP_HEARTBEAT_INTERVAL`` and
-    ``MNP_HEARTBEAT_TIMEOUT`` (seconds) where set to positive numbers, else the defaults."""
-    env = os.environ if env is None else env
-
-    def num(name: str, default: float) -> float:
-        try:
-            value = float(env.get(name, ""))
-        except ValueError:
-            return default
-        return value if value > 0 else default
-
-    interval = num("MNP_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL)
-    return interval, max(num("MNP_HEARTBEAT_TIMEOUT", HEARTBEAT_DEADLINE), interval)
-
-
 SECRET_MAX_BYTES = MAX_ARG_BYTES
 """The largest secret: what one environment variable can hold (Linux MAX_ARG_STRLEN)."""
 SECRET_READ_TIMEOUT = 10.0
@@ -183,14 +160,23 @@ class Controller:
         self.on_task_end = on_task_end
         self.on_event = on_event
         self.agent_grace = agent_grace
-        self.connect_fanout = connect_fanout
         self.recorder = recorder
-        self.heartbeat = heartbeat if heartbeat is not None else heartbeat_from_env()
         self.teardown_slack = TEARDOWN_SLACK
-        self.abandoned_agents: list[str] = []  # agent ids given up on while they may still run
-        self.agents: dict[str, AgentConnection] = {}
-        self.capacity: dict[str, HostCapacity] = {}
-        self.host_errors: dict[str, str] = {}
+        self.hosts = HostPool(
+            inventory,
+            transports,
+            self.token,
+            on_event=self._on_agent_event_guarded,
+            on_lost=self._on_host_lost,
+            on_up=lambda _host: self._kick(),
+            stale=self._stale_sweep,
+            heartbeat=heartbeat,
+            connect_fanout=connect_fanout,
+        )
+        # the pool's, under the names the service and the tests read
+        self.agents = self.hosts.agents
+        self.capacity = self.hosts.capacity
+        self.host_errors = self.hosts.host_errors
         self.jobs: dict[str, Job] = {}
         self._named: dict[str, str] = {}  # name -> id of the newest top-level job held
         self.events: list[dict[str, Any]] = []
@@ -201,9 +187,6 @@ class Controller:
         self._runq = RunQueue()  # their requests, per queue in seq order
         self._tasks: dict[str, tuple[Job, Attempt, TaskRun]] = {}
         self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
-        self._pending_ports: dict[str, asyncio.Future[int]] = {}
-        self._pending_loads: dict[str, asyncio.Future[Event]] = {}
-        self._loads: dict[str, Event] = {}  # host -> its last `load` event (with "t")
         self._ipv4: dict[str, tuple[str | None, float]] = {}  # address -> (IPv4, when)
         self._waiting_on: dict[str, list[Job]] = {}  # job id → jobs waiting for it to end
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -214,11 +197,7 @@ class Controller:
         # while a scheduling pass runs: its spawns per host, sent as one write per host
         self._batch: dict[str, list[tuple[Event, TaskRun]]] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
-        self._closing: set[asyncio.Task[None]] = set()  # connections of lost hosts closing
         self._closed = False
-        # while start() connects and restores: new agents wait for their stale sweep
-        self._holding_stale = False
-        self._unswept: set[str] = set()
         # what may block (secret files) runs here, never on the loop
         self._offloop = OffLoop(4, "mnp-secrets")
 
@@ -230,75 +209,13 @@ class Controller:
         ``restored``: the unfinished jobs a previous controller left (``restore``). They
         are taken back once the hosts are connected and before any agent gets its
         ``stale`` sweep, so that no sweep judges their retries (same job ids) left over."""
-        sem = asyncio.Semaphore(self.connect_fanout)
-
-        async def one(name: str) -> None:
-            async with sem:
-                await self._connect(name)
-
-        self._holding_stale = True
         try:
-            await asyncio.gather(*(one(h.name) for h in self.inventory.hosts))
-            if not self.agents:
-                details = "; ".join(self.host_errors.values()) or "the inventory has no hosts"
-                raise InfraError(f"no host reachable: {details}")
+            await self.hosts.connect_all()
             if restored:
                 self.restore(restored, time.time())
         finally:
-            self._holding_stale = False
-        # before this returns, and so before any scheduling pass can send a spawn
-        for name in list(self._unswept):
-            conn = self.agents.get(name)
-            if conn is not None:
-                self._send_stale(conn)
-        self._unswept.clear()
-        for h in self.inventory.hosts:
-            if h.name not in self.agents:
-                self._spawn_bg(self._reconnect(h.name))
-
-    async def _connect(self, name: str) -> bool:
-        host = self.inventory.host(name)
-        transport = self.transports[host.transport]
-        try:
-            stream = await transport.open(host, ["--ctl", self.token])
-            conn = AgentConnection(host.name, stream)
-            facts = await conn.handshake(host.ssh.connect_timeout + 20)
-        except MnpError as e:
-            self.host_errors[host.name] = str(e)
-            return False
-        if self._closed:
-            await conn.close()
-            return False
-        conn.start(self._on_agent_event_guarded, self._on_host_lost, self.heartbeat)
-        if self._holding_stale:
-            self._unswept.add(host.name)  # swept once the jobs to keep are known (start)
-        else:
-            self._send_stale(conn)
-        self.agents[host.name] = conn
-        self.host_errors.pop(host.name, None)
-        gpus = tuple(int(g["index"]) for g in facts.get("gpus", []))
-        if host.gpus is not None:
-            gpus = tuple(range(host.gpus))
-        old = self.capacity.get(host.name)
-        if old is not None and old.tasks:
-            old.up = True  # grants from before the loss are returned as their attempts end
-        else:
-            self.capacity[host.name] = HostCapacity(
-                name=host.name,
-                vcpus=float(host.vcpus if host.vcpus is not None else facts.get("cores", 1)),
-                memory=int(host.memory if host.memory is not None else facts.get("memory", 0)),
-                gpus=gpus,
-            )
-        self._kick()
-        return True
-
-    def _send_stale(self, conn: AgentConnection) -> None:
-        """The first op on a connection: computed now, from every job this controller
-        holds (the agent also leaves alone whatever it spawns itself, before or after)."""
-        try:
-            conn.send(self._stale_sweep())
-        except MnpError:
-            pass  # the connection died already; the reader reports it
+            # before this returns, and so before any scheduling pass can send a spawn
+            self.hosts.release_stale()
 
     def _stale_sweep(self) -> Event:
         """What a new agent kills before it runs anything: processes of this controller
@@ -319,44 +236,14 @@ class Controller:
             elif job.id.isdigit():
                 below = min(below, int(job.id))
         live = sorted(j for j in placed if not (j.isdigit() and int(j) >= below))
-        msg: Event = {"op": "stale", "live": live, "below": below, "grace": self.agent_grace}
-        if self.abandoned_agents:
-            msg["abandoned"] = list(self.abandoned_agents)
-        return msg
+        return {"op": "stale", "live": live, "below": below, "grace": self.agent_grace}
 
-    async def _reconnect(self, name: str) -> None:
-        """Try again with exponential backoff (0.5 s doubling to 30 s) until the host is back."""
-        delay = 0.5
-        while not self._closed:
-            await asyncio.sleep(delay)
-            if self._closed or await self._connect(name):
-                return
-            delay = min(delay * 2, 30.0)
-
-    def _on_host_lost(self, host: str, why: str) -> None:
+    def _on_host_lost(self, host: str, reason: str) -> None:
+        """The pool lost ``host`` (``reason``: ``Host lost: NAME``...): what ran there
+        is gone, and the attempts it belonged to end (and may be retried elsewhere)."""
         if self._closed:
-            return  # we closed it (see close())
+            return
         now = time.time()
-        self.host_errors[host] = why
-        cap = self.capacity.get(host)
-        if cap is not None:
-            cap.up = False
-        lost = self.agents.pop(host, None)
-        reason = f"Host lost: {host}"
-        if lost is not None:
-            if lost.abandoned is not None:
-                # it may run again (SIGCONT): until it sees its stdin closed, its tasks
-                # are left over for the next agent's stale sweep, on any host
-                reason += f" ({UNRESPONSIVE})"
-                agent_id = str(lost.facts.get("agent_id") or "")
-                if agent_id and agent_id not in self.abandoned_agents:
-                    self.abandoned_agents.append(agent_id)
-                    del self.abandoned_agents[:-ABANDONED_KEPT]
-            closing = asyncio.get_running_loop().create_task(lost.close())
-            self._closing.add(closing)  # awaited by close(), never cancelled
-            closing.add_done_callback(self._closing.discard)
-        if not self._closed:
-            self._spawn_bg(self._reconnect(host))
         hit: dict[int, tuple[Job, Attempt]] = {}
         for tid, (job, attempt, task) in list(self._tasks.items()):
             if task.host != host or task.gone:
@@ -821,51 +708,9 @@ class Controller:
             out[name] = value
         return out
 
-    async def _free_port(self, host: str) -> int | None:
-        conn = self.agents.get(host)
-        if conn is None or not conn.alive:
-            return None
-        rid = pysecrets.token_hex(4)
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending_ports[rid] = fut
-        try:
-            conn.send({"op": "port", "id": rid})
-            return await asyncio.wait_for(fut, 10)
-        except (TimeoutError, MnpError):
-            return None
-        finally:
-            self._pending_ports.pop(rid, None)
-
     async def host_loads(self, within: float = LOAD_WITHIN) -> dict[str, Event]:
-        """Each connected host's load now: its agent's ``load`` event (``load``: the 1, 5
-        and 15-minute load averages, ``memory_used``: bytes), asked of every agent at
-        once. A sample younger than ``LOAD_FRESH`` seconds is reused; a host whose agent
-        does not answer within ``within`` seconds, or does not serve ``load`` (an
-        older agent: its ``ready`` lists the ``ops`` it serves), is left out."""
-        now = time.time()
-
-        async def one(host: str, conn: AgentConnection) -> None:
-            rid = pysecrets.token_hex(4)
-            fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
-            self._pending_loads[rid] = fut
-            try:
-                conn.send({"op": "load", "id": rid})
-                self._loads[host] = {**await asyncio.wait_for(fut, within), "at": time.time()}
-            except (TimeoutError, MnpError):
-                self._loads.pop(host, None)
-            finally:
-                self._pending_loads.pop(rid, None)
-
-        asking = [
-            one(host, conn)
-            for host, conn in self.agents.items()
-            if conn.alive
-            and "load" in (conn.facts.get("ops") or ())
-            and now - float(self._loads.get(host, {}).get("at", 0)) >= LOAD_FRESH
-        ]
-        if asking:
-            await asyncio.gather(*asking)
-        return {h: ev for h, ev in self._loads.items() if h in self.agents}
+        """Each connected host's load now (``HostPool.host_loads``)."""
+        return await self.hosts.host_loads(within)
 
     async def _ipv4_of(self, address: str) -> str | None:
         """``address`` as an IPv4 address (for AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS):
@@ -915,7 +760,7 @@ class Controller:
         # what each needs is asked for at once: neither waits for the other
         want_ipv4 = defn.aws_batch_env and mn.num_nodes > 1
         port, main_ipv4, secrets = await asyncio.gather(
-            self._free_port(main_host),
+            self.hosts.free_port(main_host),
             self._ipv4_of(self.inventory.host(main_host).address) if want_ipv4 else _none(),
             self._read_secrets(defn) if defn.secrets else _no_secrets(),
         )
@@ -1126,14 +971,6 @@ class Controller:
                     host, {"ev": "exited", "tid": msg["tid"], "code": 126, "error": why}
                 )
                 self._on_agent_event(host, {"ev": "gone", "tid": msg["tid"], "killed": 0})
-        elif ev == "port":
-            fut = self._pending_ports.get(str(msg.get("id")))
-            if fut is not None and not fut.done():
-                fut.set_result(int(msg["port"]))
-        elif ev == "load":
-            waiter = self._pending_loads.get(str(msg.get("id")))
-            if waiter is not None and not waiter.done():
-                waiter.set_result(msg)
 
     def _task_started(
         self, job: Job, attempt: Attempt, task: TaskRun, msg: Event, now: float
@@ -1293,14 +1130,7 @@ class Controller:
     def _send(self, host: str, msg: Event) -> bool:
         if self._batch is not None and host in self._batch:
             self._flush_spawns(host, self._batch)  # keep the host's messages in order
-        conn = self.agents.get(host)
-        if conn is None or not conn.alive:
-            return False
-        try:
-            conn.send(msg)
-        except MnpError:
-            return False
-        return True
+        return self.hosts.send(host, msg)
 
     def _maybe_finish(self, job: Job, attempt: Attempt, now: float) -> None:
         if not attempt.ending or attempt.stopped_at is not None:
@@ -1474,9 +1304,7 @@ class Controller:
             timer.cancel()
         if self._ending_timer is not None:
             self._ending_timer.cancel()
-        await asyncio.gather(
-            *(c.close() for c in self.agents.values()), *self._closing, return_exceptions=True
-        )
+        await self.hosts.close()
         for task in list(self._bg):
             task.cancel()
 
