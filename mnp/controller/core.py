@@ -9,12 +9,8 @@ sends spawn/kill/sweep messages and reacts to the agents' events.
 from __future__ import annotations
 
 import asyncio
-import functools
-import ipaddress
 import logging
-import os
 import secrets as pysecrets
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -22,11 +18,11 @@ from typing import Any, Protocol
 
 from mnp import jobref
 from mnp.controller.hosts import LOAD_WITHIN, HostPool
+from mnp.controller.launch import Launcher, LaunchError
 from mnp.errors import InfraError, JobRefused, MnpError
 from mnp.jobs import (
     Attempt,
     Job,
-    NodeRun,
     TaskRun,
     exit_status,
     printable,
@@ -41,22 +37,10 @@ from mnp.model import (
     Request,
     Resources,
 )
-from mnp.offloop import FileRefused, OffLoop, read_regular_file
 from mnp.sched import lifecycle
 from mnp.sched.decide import Start, could_ever_run, decide
 from mnp.sched.runqueue import RunQueue
-from mnp.spec.fields import MAX_ARG_BYTES
 from mnp.transport.base import UNRESPONSIVE, Event, Transport
-from mnp.wiring import (
-    Launch,
-    NodePlacement,
-    hostfile_mpich,
-    hostfile_ompi,
-    node_command,
-    substitute,
-    task_environment,
-    task_id,
-)
 
 
 class Recorder(Protocol):
@@ -94,33 +78,11 @@ EventSink = Callable[[dict[str, Any]], None]
 
 log = logging.getLogger("mnp")
 
-IPV4_WITHIN = 5.0  # seconds a main node's address may take to resolve
-IPV4_FRESH = 60.0  # seconds a resolved address is reused
-
-
-def ipv4_literal(address: str) -> str | None:
-    """``address`` if it is an IPv4 address as written (``10.0.0.1``), else None."""
-    try:
-        return str(ipaddress.IPv4Address(address))
-    except ValueError:
-        return None
-
-
 LOST_REASON = "Controller restarted: attempt lost"
 
 TEARDOWN_SLACK = 15.0
 """How long after ``kill_grace`` an ending attempt waits for its agents to confirm the
 teardown (their own give-up after SIGKILL is 5 s) before its hosts are given up on."""
-SECRET_MAX_BYTES = MAX_ARG_BYTES
-"""The largest secret: what one environment variable can hold (Linux MAX_ARG_STRLEN)."""
-SECRET_READ_TIMEOUT = 10.0
-"""Seconds a secret file may take to read (off the loop) before its job fails."""
-
-
-class LaunchError(Exception):
-    """An attempt cannot start: its message is the reason it fails with."""
-
-
 @dataclass(frozen=True)
 class Restored:
     """A job as a previous controller left it in the store."""
@@ -187,7 +149,6 @@ class Controller:
         self._runq = RunQueue()  # their requests, per queue in seq order
         self._tasks: dict[str, tuple[Job, Attempt, TaskRun]] = {}
         self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
-        self._ipv4: dict[str, tuple[str | None, float]] = {}  # address -> (IPv4, when)
         self._waiting_on: dict[str, list[Job]] = {}  # job id → jobs waiting for it to end
         self._timers: dict[str, asyncio.TimerHandle] = {}
         # attempts ending, waiting for their agents: id → (deadline, job, attempt)
@@ -198,8 +159,7 @@ class Controller:
         self._batch: dict[str, list[tuple[Event, TaskRun]]] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
         self._closed = False
-        # what may block (secret files) runs here, never on the loop
-        self._offloop = OffLoop(4, "mnp-secrets")
+        self.launcher = Launcher(inventory, self.hosts)
 
     # --- hosts ------------------------------------------------------------
 
@@ -576,25 +536,8 @@ class Controller:
         if job.is_multinode:
             self._spawn_bg(self._launch_multinode(job, attempt))
             return
-        grant = start.grants[0]
+        task, argv, env, _ = self.launcher.single(job, attempt, start.grants[0])
         defn = job.defn
-        parent = job.parent
-        launch = Launch(
-            job_id=job.id,
-            job_name=defn.name,
-            attempt=attempt.number,
-            queue=defn.queue,
-            ce=start.ce,
-            array_index=job.array_index,
-            array_size=defn.array.size if defn.array is not None and parent is not None else None,
-            host=grant.host,
-            gpus=grant.gpus,
-            host_has_gpus=bool(self.capacity[grant.host].gpus),
-        )
-        attempt.launch = launch
-        env = task_environment(defn, launch)
-        argv = substitute(defn.command, defn.parameters, keep=defn.secrets)
-        task = TaskRun(launch.job_id, grant.host)
         if defn.secrets:  # read off the loop first; the task starts once they are here
             self._spawn_bg(self._launch_with_secrets(job, attempt, task, argv, env))
             return
@@ -604,7 +547,7 @@ class Controller:
         self, job: Job, attempt: Attempt, task: TaskRun, argv: list[str], env: dict[str, str]
     ) -> None:
         try:
-            attempt.secrets = await self._read_secrets(job.defn)
+            attempt.secrets = await self.launcher.secrets(job.defn)
             if attempt.ending or job.attempt is not attempt:
                 return  # terminated while the secrets were read
             self._spawn(job, attempt, task, argv, env)
@@ -658,93 +601,9 @@ class Controller:
         )
         self._on_agent_event(task.host, {"ev": "gone", "tid": task.tid, "killed": 0})
 
-    async def _read_secrets(self, defn: JobDefinition) -> dict[str, str]:
-        """The values of the job's ``[secrets]``, read now (at each launch), off the loop.
-
-        ``LaunchError`` names the secret and its file or variable, never its value:
-        a file that is not a regular file (a FIFO would block), larger than an
-        environment variable can hold, not UTF-8 text, holding a NUL, or that takes
-        longer than ``SECRET_READ_TIMEOUT`` to read."""
-        out: dict[str, str] = {}
-        for name, ref in defn.secrets.items():
-            if ref.file is not None:
-                path = ref.file
-                where = f"secret {name}: file {path}"
-                try:
-                    data = await self._offloop.run(
-                        functools.partial(read_regular_file, path, SECRET_MAX_BYTES),
-                        SECRET_READ_TIMEOUT,
-                    )
-                except FileRefused as e:
-                    raise LaunchError(f"{where}: cannot be read: {e}") from None
-                except TimeoutError:
-                    raise LaunchError(
-                        f"{where}: not read within {SECRET_READ_TIMEOUT:g}s"
-                    ) from None
-                try:
-                    value = data.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise LaunchError(
-                        f"{where}: not UTF-8 text; a secret must be UTF-8 text"
-                    ) from None
-                value = value.rstrip("\n")
-            elif ref.env is not None:
-                where = f"secret {name}: ${ref.env}"
-                if ref.env not in os.environ:
-                    raise LaunchError(f"{where} is not set for the controller")
-                value = os.environ[ref.env]
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise LaunchError(
-                        f"{where}: not UTF-8 text; a secret must be UTF-8 text"
-                    ) from None
-            else:
-                continue
-            if "\0" in value:
-                raise LaunchError(
-                    f"{where}: holds a NUL byte, which no environment variable can hold"
-                )
-            out[name] = value
-        return out
-
     async def host_loads(self, within: float = LOAD_WITHIN) -> dict[str, Event]:
         """Each connected host's load now (``HostPool.host_loads``)."""
         return await self.hosts.host_loads(within)
-
-    async def _ipv4_of(self, address: str) -> str | None:
-        """``address`` as an IPv4 address (for AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS):
-        itself if it is one, else the first IPv4 address the controller's resolver gives
-        (``loop.getaddrinfo``: the loop is not blocked), remembered for ``IPV4_FRESH``
-        seconds. None (and a warning, once per address) when there is none within
-        ``IPV4_WITHIN`` seconds: the task then gets the address as written."""
-        found = ipv4_literal(address)
-        if found is not None:
-            return found
-        now = time.monotonic()
-        cached = self._ipv4.get(address)
-        if cached is not None and now - cached[1] < IPV4_FRESH:
-            return cached[0]
-        try:
-            infos = await asyncio.wait_for(
-                asyncio.get_running_loop().getaddrinfo(
-                    address, None, family=socket.AF_INET, type=socket.SOCK_STREAM
-                ),
-                IPV4_WITHIN,
-            )
-            found = str(infos[0][4][0]) if infos else None
-            why = "no IPv4 address"
-        except (OSError, TimeoutError, UnicodeError) as e:
-            why = f"{e.__class__.__name__}: {e}"
-        if found is None and address not in self._ipv4:
-            log.warning(
-                "%s: cannot resolve to an IPv4 address (%s); "
-                "AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS gets it as written",
-                address,
-                why,
-            )
-        self._ipv4[address] = (found, now)
-        return found
 
     async def _launch_multinode(self, job: Job, attempt: Attempt) -> None:
         try:
@@ -753,85 +612,23 @@ class Controller:
             self._abort(job, e)
 
     async def _launch_nodes(self, job: Job, attempt: Attempt) -> None:
-        defn = job.defn
-        mn = defn.multinode
-        assert mn is not None
-        main_host = attempt.grants[mn.main_node].host
-        # what each needs is asked for at once: neither waits for the other
-        want_ipv4 = defn.aws_batch_env and mn.num_nodes > 1
-        port, main_ipv4, secrets = await asyncio.gather(
-            self.hosts.free_port(main_host),
-            self._ipv4_of(self.inventory.host(main_host).address) if want_ipv4 else _none(),
-            self._read_secrets(defn) if defn.secrets else _no_secrets(),
-        )
-        attempt.secrets = secrets
-        if attempt.ending or job.attempt is not attempt:
+        """The main node first (SPEC §6); the others once it runs (``_on_main_running``)."""
+        if not await self.launcher.nodes(job, attempt):
             return
-        placements = []
-        for i, grant in enumerate(attempt.grants):
-            gi, group = mn.group_of(i)
-            spec = self.inventory.host(grant.host)
-            placements.append(
-                NodePlacement(
-                    index=i,
-                    host=grant.host,
-                    address=spec.address,
-                    slots=group.tasks_per_node,
-                    group=gi,
-                    gpus=grant.gpus,
-                    host_has_gpus=bool(self.capacity[grant.host].gpus),
-                )
-            )
-        launch = Launch(
-            job_id=job.id,
-            job_name=defn.name,
-            attempt=attempt.number,
-            queue=defn.queue,
-            ce=attempt.ce,
-            nodes=tuple(placements),
-            main_node=mn.main_node,
-            main_ipv4=main_ipv4,
-            master_port=port,
-        )
-        attempt.launch = launch
-        for p in placements:
-            group = mn.groups[p.group]
-            held = node_command(defn, group, p.index) is None
-            attempt.nodes.append(NodeRun(job, p.index, p.host, p.group, held))
-        hostfiles = (hostfile_mpich(placements), hostfile_ompi(placements))
-        self._start_node(job, attempt, mn.main_node, hostfiles)
+        mn = job.defn.multinode
+        assert mn is not None
+        self._start_node(job, attempt, mn.main_node)
         if attempt.nodes[mn.main_node].held:
             self._on_main_running(job, attempt, time.time())
 
-    def _start_node(
-        self, job: Job, attempt: Attempt, index: int, hostfiles: tuple[str, str]
-    ) -> None:
-        defn = job.defn
-        mn = defn.multinode
-        assert mn is not None and attempt.launch is not None
+    def _start_node(self, job: Job, attempt: Attempt, index: int) -> None:
         node = attempt.nodes[index]
-        now = time.time()
         if node.held:
-            node.set_state(JobState.RUNNING, now)
+            node.set_state(JobState.RUNNING, time.time())
             return
-        group = mn.groups[node.group]
-        argv = node_command(defn, group, index)
-        assert argv is not None
-        rundir = str(self.agents[node.host].facts.get("rundir") or "/tmp")
-        base = f"{rundir}/{job.id}.{attempt.number}"
-        launch = replace(
-            attempt.launch, hostfile=f"{base}/hostfile", hostfile_ompi=f"{base}/hostfile.ompi"
-        )
-        files = [
-            {"path": launch.hostfile, "data": hostfiles[0]},
-            {"path": launch.hostfile_ompi, "data": hostfiles[1]},
-        ]
-        for t in range(group.tasks_per_node):
-            env = task_environment(defn, launch, index, t)
-            tid = task_id(launch, index, t, group.tasks_per_node)
-            task = TaskRun(tid, node.host, node_index=index, task_index=t)
+        for task, argv, env, files in self.launcher.node(job, attempt, node):
             node.tasks.append(task)
-            if not self._spawn(job, attempt, task, list(argv), env, files if t == 0 else None):
+            if not self._spawn(job, attempt, task, argv, env, files):
                 return
 
     def _on_main_running(self, job: Job, attempt: Attempt, now: float) -> None:
@@ -839,12 +636,11 @@ class Controller:
         assert mn is not None and attempt.launch is not None
         job.set_state(JobState.RUNNING, now)
         self._arm_timeout(job, attempt)
-        hostfiles = (hostfile_mpich(attempt.launch.nodes), hostfile_ompi(attempt.launch.nodes))
         for node in attempt.nodes:
             if attempt.ending:
                 return
             if node.index != mn.main_node:
-                self._start_node(job, attempt, node.index, hostfiles)
+                self._start_node(job, attempt, node.index)
         self._check_all_running(attempt, now)
 
     def _check_all_running(self, attempt: Attempt, now: float) -> None:
@@ -1299,7 +1095,7 @@ class Controller:
                 for t in attempt.tasks.values():
                     t.gone = True
                 self._maybe_finish(job, attempt, now)
-        self._offloop.close()
+        self.launcher.close()
         for timer in self._timers.values():
             timer.cancel()
         if self._ending_timer is not None:
@@ -1307,14 +1103,6 @@ class Controller:
         await self.hosts.close()
         for task in list(self._bg):
             task.cancel()
-
-
-async def _none() -> None:
-    return None
-
-
-async def _no_secrets() -> dict[str, str]:
-    return {}
 
 
 def _describe_request(req: Request) -> str:

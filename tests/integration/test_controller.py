@@ -141,15 +141,15 @@ async def test_ipv4_of_resolves_names_and_falls_back(
 ) -> None:
     assert ipv4_literal("10.0.0.1") == "10.0.0.1" and ipv4_literal("node01") is None
     assert ipv4_literal("::1") is None
-    assert await ctl._ipv4_of("192.168.1.20") == "192.168.1.20"
-    assert await ctl._ipv4_of("localhost") == "127.0.0.1"
+    assert await ctl.launcher.ipv4_of("192.168.1.20") == "192.168.1.20"
+    assert await ctl.launcher.ipv4_of("localhost") == "127.0.0.1"
 
     async def fails(*args: object, **kw: object) -> object:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", fails)
-    assert await ctl._ipv4_of("no-such-host.invalid") is None
-    assert await ctl._ipv4_of("localhost") == "127.0.0.1"  # remembered
+    assert await ctl.launcher.ipv4_of("no-such-host.invalid") is None
+    assert await ctl.launcher.ipv4_of("localhost") == "127.0.0.1"  # remembered
 
 
 async def test_n_to_n_child_waits_for_its_own_counterpart(ctl: Controller, tmp_path: Path) -> None:

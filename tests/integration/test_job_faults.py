@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-import mnp.controller.core as controller_mod
+import mnp.controller.launch as controller_mod
 from mnp import offloop, wiring
 from mnp.controller import Controller
 from mnp.jobs import Job, TaskRun
