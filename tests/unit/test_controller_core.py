@@ -22,6 +22,7 @@ exit code, attempts), on the events the controller emitted (``ctl.events``, or
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
@@ -710,3 +711,100 @@ async def test_on_event_gets_every_state_change_once_in_seq_order(fake: FakeTran
     # the fake's main node exits at once: the child, spawned once the main node ran, is
     # torn down before it is RUNNING and ends as the job does
     assert nodes == [(0, "RUNNING"), (0, "SUCCEEDED"), (1, "SUCCEEDED")]
+
+
+# --- more multi-node and restore cases ----------------------------------------------
+
+
+async def test_a_main_node_other_than_zero_is_spawned_first(
+    ctl: Controller, fake: FakeTransport
+) -> None:
+    fake.handler = fakemod.hold
+    job = ctl.submit(multinode(3, main_node=2))
+    await settle()
+    assert [tid for _, tid in fake.spawned()] == [f"{job.id}#{i}" for i in (2, 0, 1)]
+    fake.exit(f"{job.id}#2", 0)
+    await done(ctl, job)
+    assert job.state is S
+
+
+async def test_a_retried_multinode_job_restarts_every_node(
+    ctl: Controller, fake: FakeTransport
+) -> None:
+    fake.handler = fakemod.hold
+    base = multinode(3)
+    job = ctl.submit(replace(base, retry=replace(base.retry, attempts=2)))
+    await settle()
+    fake.exit(f"{job.id}#0", 1)
+    await settle()
+    assert len(job.attempts) == 2 and job.state is RUN
+    tids = [tid for _, tid in fake.spawned()]
+    assert tids == [f"{job.id}#{i}" for i in (0, 1, 2)] * 2
+    assert [m["env"]["MNP_JOB_ATTEMPT"] for m in fake.ops(op="spawn")] == ["1"] * 3 + ["2"] * 3
+    fake.exit(f"{job.id}#0", 0)
+    await done(ctl, job)
+    assert (job.state, job.exit_code) == (S, 0)
+
+
+async def test_a_multinode_job_never_holds_part_of_the_cluster(
+    ctl: Controller, fake: FakeTransport
+) -> None:
+    fake.handler = fakemod.hold
+    single = ctl.submit(cmd())
+    job = ctl.submit(multinode(3))  # needs every host, one is busy
+    await settle()
+    assert job.state is R and [tid for _, tid in fake.spawned()] == [single.id]
+    assert fake.ops(op="port") == []
+    fake.exit(single.id, 0)
+    await settle()
+    assert job.state is RUN
+    assert [tid for _, tid in fake.spawned()][1:] == [f"{job.id}#{i}" for i in range(3)]
+
+
+async def test_restore_of_an_array_retries_the_lost_child_and_admits_the_rest(
+    fake: FakeTransport,
+) -> None:
+    import time
+
+    arr = cmd(array_size=3, array_parallelism=2)
+    now = time.time()
+    items = [
+        Restored(id="10", defn=arr, seq=10, state=P, created=now),
+        Restored("10:0", arr, 11, S, now, parent="10", array_index=0, attempts=1),
+        Restored("10:1", arr, 12, RUN, now, parent="10", array_index=1, attempts=1),
+        Restored("10:2", arr, 13, P, now, parent="10", array_index=2),
+    ]
+    c = Controller(inventory(), {"fake": fake}, heartbeat=(3600.0, 7200.0))
+    await c.start(restored=items)
+    try:
+        parent = c.jobs["10"]
+        await done(c, parent)
+        assert [tid for _, tid in fake.spawned()] == ["10:1", "10:2"]
+        assert parent.state is S
+        assert [len(ch.attempts) for ch in parent.children] == [1, 2, 1]
+        assert all(fake.ops(h)[0] == {**fake.ops(h)[0], "live": ["10"]} for h in HOSTS)
+    finally:
+        await c.close()
+
+
+# --- the fake itself --------------------------------------------------------------
+
+
+async def test_the_fake_is_registered_by_name_and_speaks_the_protocol() -> None:
+    from mnp.transport import transports_for
+
+    fake = transports_for(inventory())["fake"]
+    assert isinstance(fake, FakeTransport)
+    agent = await fake.open(inventory().host("h0"), ["--ctl", "x"])
+    assert isinstance(agent, fakemod.FakeAgent)
+    assert (await agent.readline()).startswith(b'{"ev":"ready"')
+    fake.handler = fakemod.hold
+    agent.write(b'{"op":"spawn","tid":"5:1"}\n{"op":"kill","tid":"nope"}\n')
+    assert b'"ev":"started"' in await agent.readline()
+    agent.write(b'{"op":"sweep","job":"5","grace":1}\n')
+    lines = [json.loads(await agent.readline()) for _ in range(3)]
+    assert [e["ev"] for e in lines] == ["exited", "gone", "swept"]
+    assert lines[0]["signal"] == fakemod.SIGTERM
+    assert fake.ops("h0", "kill") == [{"op": "kill", "tid": "nope"}] and agent.tasks == {}
+    fake.lose("h0")
+    assert await agent.readline() == b""
