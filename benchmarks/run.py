@@ -965,10 +965,10 @@ class Bench:
         )
 
     async def _fake_run(self, with_store: bool) -> tuple[int, float]:
-        from benchmarks.fake import FakeTransport
         from mnp.controller import Controller
         from mnp.model import ComputeEnvironment, HostSpec, Inventory, Queue
         from mnp.spec import definition_from_command
+        from mnp.transport.fake import FakeTransport
 
         hosts = tuple(
             HostSpec(

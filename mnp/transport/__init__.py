@@ -1,7 +1,8 @@
 """Byte streams to node agents, one module a transport, registered by name.
 
 ``mnp.transport.<name>`` defines ``make(inventory) -> Transport``; an inventory host's
-``transport`` names the module (``local``: a subprocess, ``ssh``: asyncssh). Nothing
+``transport`` names the module (``local``: a subprocess, ``ssh``: asyncssh; ``fake``:
+agents answered from memory, for tests and benchmarks, not offered in inventory files). Nothing
 above this package knows which transports exist, and a transport's module (asyncssh for
 ``ssh``) is imported only when an inventory uses it.
 """
