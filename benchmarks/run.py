@@ -996,7 +996,7 @@ class Bench:
 
             home = prepare_home(tempfile.mkdtemp(dir=self.root, prefix="fake-home-"))
             service = Service(home, inventory)
-            service.controller.transports = {"fake": transport}
+            service.controller.hosts.transports = {"fake": transport}
             await service.start()
             controller = service.controller
         else:

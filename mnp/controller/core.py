@@ -115,7 +115,6 @@ class Controller:
         heartbeat: tuple[float, float] | None = None,
     ) -> None:
         self.inventory = inventory
-        self.transports = transports
         self.token = token or pysecrets.token_hex(8)
         self.on_output = on_output
         self.on_task_start = on_task_start
