@@ -19,6 +19,7 @@ import click
 
 from mnp import views
 from mnp.errors import InfraError, MnpError, UsageError
+from mnp.overrides import OVERRIDES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -131,38 +132,10 @@ def _kv(pairs: tuple[str, ...], option: str) -> dict[str, str]:
 
 
 def submit_options(f: F) -> F:
-    """The options that override a definition (SPEC §2), shared by run and submit."""
-    opts: list[Callable[[F], F]] = [
-        click.option("--name", help="Job name."),
-        click.option("--queue", help="Queue to submit to."),
-        click.option("--param", "params", multiple=True, metavar="K=V", help="Set a parameter."),
-        click.option("--env", "envs", multiple=True, metavar="K=V", help="Set a variable."),
-        click.option(
-            "--export", "export_env", is_flag=True, help="Forward this shell's environment."
-        ),
-        click.option("--array-size", type=int, help="Make an array of N children."),
-        click.option("--array-parallelism", type=int, help="At most N children running."),
-        click.option("--sequential", is_flag=True, help="Array children run one after another."),
-        click.option(
-            "--depends-on", multiple=True, metavar="JOB[:TYPE]", help="N_TO_N or afterany."
-        ),
-        click.option("--nodes", type=int, help="Multi-node: number of nodes."),
-        click.option("--vcpus", type=float, help="vCPUs per task (per node for multinode)."),
-        click.option("--memory", help="Memory per task, e.g. 512MiB."),
-        click.option("--gpus", type=int, help="GPUs per task (per node for multinode)."),
-        click.option("--attempts", type=int, help="Attempts (1..10)."),
-        click.option("--timeout", help="Per-attempt time limit, e.g. 90s, 2h."),
-        click.option("--tasks-per-node", type=int, help="Multi-node: tasks per node."),
-        click.option("--cwd", help="Working directory on the nodes (default: here)."),
-        click.option(
-            "--python-env",
-            metavar="PATH|none",
-            help="Python environment whose bin/ tasks find first on PATH "
-            "(default: the active venv/conda environment; none: the hosts' own PATH).",
-        ),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
+    """The options that override a definition (SPEC §2), shared by run and submit:
+    generated from the one table, ``mnp.overrides.OVERRIDES``."""
+    for opt in reversed(OVERRIDES):
+        f = click.option(opt.flag, opt.name, **opt.click_kwargs())(f)
     return f
 
 
@@ -170,26 +143,15 @@ def build_definition(ctx: click.Context, args: tuple[str, ...], o: dict[str, Any
     from mnp import spec
 
     command = ctx.meta.get("mnp.command")
-    overrides = dict(
-        name=o["name"],
-        queue=o["queue"],
-        params=_kv(o["params"], "--param"),
-        env=_kv(o["envs"], "--env"),
-        array_size=o["array_size"],
-        array_parallelism=o["array_parallelism"],
-        sequential=o["sequential"],
-        depends_on=list(o["depends_on"]),
-        nodes=o["nodes"],
-        vcpus=o["vcpus"],
-        memory=o["memory"],
-        gpus=o["gpus"],
-        attempts=o["attempts"],
-        timeout=o["timeout"],
-        tasks_per_node=o["tasks_per_node"],
-        cwd=_absolute(o["cwd"], "--cwd"),
-        python_env=o["python_env"],
-        export_env=o["export_env"],
-    )
+    overrides: dict[str, Any] = {}
+    for opt in OVERRIDES:
+        value = o[opt.name]
+        if opt.pairs:
+            value = _kv(value, opt.flag)
+        elif opt.multiple:
+            value = list(value)
+        overrides[opt.name] = value
+    overrides["cwd"] = _absolute(overrides["cwd"], "--cwd")
     if command is not None and not args:
         if not command:
             raise UsageError("nothing after '--': give the command to run")
