@@ -9,7 +9,6 @@ from __future__ import annotations
 import codecs
 import io
 import os
-import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import click
 
 from mnp import views
 from mnp.errors import InfraError, MnpError, UsageError
+from mnp.overrides import OVERRIDES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -132,38 +132,10 @@ def _kv(pairs: tuple[str, ...], option: str) -> dict[str, str]:
 
 
 def submit_options(f: F) -> F:
-    """The options that override a definition (SPEC §2), shared by run and submit."""
-    opts: list[Callable[[F], F]] = [
-        click.option("--name", help="Job name."),
-        click.option("--queue", help="Queue to submit to."),
-        click.option("--param", "params", multiple=True, metavar="K=V", help="Set a parameter."),
-        click.option("--env", "envs", multiple=True, metavar="K=V", help="Set a variable."),
-        click.option(
-            "--export", "export_env", is_flag=True, help="Forward this shell's environment."
-        ),
-        click.option("--array-size", type=int, help="Make an array of N children."),
-        click.option("--array-parallelism", type=int, help="At most N children running."),
-        click.option("--sequential", is_flag=True, help="Array children run one after another."),
-        click.option(
-            "--depends-on", multiple=True, metavar="JOB[:TYPE]", help="N_TO_N or afterany."
-        ),
-        click.option("--nodes", type=int, help="Multi-node: number of nodes."),
-        click.option("--vcpus", type=float, help="vCPUs per task (per node for multinode)."),
-        click.option("--memory", help="Memory per task, e.g. 512MiB."),
-        click.option("--gpus", type=int, help="GPUs per task (per node for multinode)."),
-        click.option("--attempts", type=int, help="Attempts (1..10)."),
-        click.option("--timeout", help="Per-attempt time limit, e.g. 90s, 2h."),
-        click.option("--tasks-per-node", type=int, help="Multi-node: tasks per node."),
-        click.option("--cwd", help="Working directory on the nodes (default: here)."),
-        click.option(
-            "--python-env",
-            metavar="PATH|none",
-            help="Python environment whose bin/ tasks find first on PATH "
-            "(default: the active venv/conda environment; none: the hosts' own PATH).",
-        ),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
+    """The options that override a definition (SPEC §2), shared by run and submit:
+    generated from the one table, ``mnp.overrides.OVERRIDES``."""
+    for opt in reversed(OVERRIDES):
+        f = click.option(opt.flag, opt.name, **opt.click_kwargs())(f)
     return f
 
 
@@ -171,26 +143,15 @@ def build_definition(ctx: click.Context, args: tuple[str, ...], o: dict[str, Any
     from mnp import spec
 
     command = ctx.meta.get("mnp.command")
-    overrides = dict(
-        name=o["name"],
-        queue=o["queue"],
-        params=_kv(o["params"], "--param"),
-        env=_kv(o["envs"], "--env"),
-        array_size=o["array_size"],
-        array_parallelism=o["array_parallelism"],
-        sequential=o["sequential"],
-        depends_on=list(o["depends_on"]),
-        nodes=o["nodes"],
-        vcpus=o["vcpus"],
-        memory=o["memory"],
-        gpus=o["gpus"],
-        attempts=o["attempts"],
-        timeout=o["timeout"],
-        tasks_per_node=o["tasks_per_node"],
-        cwd=_absolute(o["cwd"], "--cwd"),
-        python_env=o["python_env"],
-        export_env=o["export_env"],
-    )
+    overrides: dict[str, Any] = {}
+    for opt in OVERRIDES:
+        value = o[opt.name]
+        if opt.pairs:
+            value = _kv(value, opt.flag)
+        elif opt.multiple:
+            value = list(value)
+        overrides[opt.name] = value
+    overrides["cwd"] = _absolute(overrides["cwd"], "--cwd")
     if command is not None and not args:
         if not command:
             raise UsageError("nothing after '--': give the command to run")
@@ -654,6 +615,7 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
     import time
 
     from mnp import jobref
+    from mnp.jobid import JobId
 
     s = _settings(ctx, **o)
     store = _store(s)
@@ -664,15 +626,19 @@ def logs(ctx: click.Context, /, target: str, follow: bool, stderr: bool, **o: An
     if resolved is None:
         raise UsageError(f"job {jobref.split(given)[0]} does not exist")
     target = _known_target(store, resolved)
-    root = jobref.split(target)[0]
+    wanted = JobId.parse(target)
+    root = wanted.top
     folder = Path(s["home"]) / "logs" / root
     suffix = ".err" if stderr else ".out"
     offsets: dict[Path, int] = {}
     lines = views.PrefixedLines()
 
     def matches(name: str) -> bool:
-        tid = name[: -len(suffix)]
-        return tid == target or (target == root or tid.startswith((target + ".", target + "#")))
+        if target == root:
+            return True
+        raw = name[: -len(suffix)]
+        tid = JobId.parse_or_none(raw)
+        return tid is not None and str(tid) == raw and tid.within(wanted)
 
     def label(path: Path) -> str:
         tid = path.name[: -len(suffix)]
@@ -741,47 +707,46 @@ def terminate(ctx: click.Context, /, job_id: str, reason: str, as_json: bool, **
     _end_job(ctx, "terminate", job_id, reason, as_json, o)
 
 
-_TARGET = re.compile(r"(\d{1,18})(?::(\d{1,9}))?(?:#(\d{1,9})(?:\.(\d{1,9}))?)?", re.A)
-
-
 def _known_target(store: Any, target: str) -> str:
     """``JOB``, ``JOB:INDEX``, ``JOB#NODE`` or ``JOB#NODE.TASK`` (``JOB:INDEX#NODE`` too)
     in its canonical spelling, once checked to exist; else a UsageError (exit 2) that
     says what does exist."""
-    m = _TARGET.fullmatch(target)
-    if m is None:
+    from mnp.jobid import JobId
+
+    given = JobId.parse_or_none(target)
+    if given is None:
         raise UsageError(f"job {target} does not exist; name one as JOB, JOB:INDEX or JOB#NODE")
-    root = str(int(m.group(1)))
-    index, node, task = (None if g is None else int(g) for g in m.groups()[1:])
+    top = JobId(given.root)
+    root = top.top
     job = store.get_job(root)
     if job is None:
         raise UsageError(f"job {root} does not exist")
-    name = root
-    if index is not None:
+    name = top
+    if given.index is not None:
         size = job.get("array_size")
-        name = f"{root}:{index}"
+        name = top.child(given.index)
         if not size:
             raise UsageError(f"job {name} does not exist: job {root} is not an array")
-        if index >= size:
-            raise UsageError(f"job {name} does not exist: children are {root}:0..{root}:{size - 1}")
-        job = store.get_job(name) or job
-    if node is not None:
+        if given.index >= size:
+            last = top.child(size - 1)
+            raise UsageError(f"job {name} does not exist: children are {top.child(0)}..{last}")
+        job = store.get_job(str(name)) or job
+    if given.node is not None:
         nodes = job.get("num_nodes")
         child = name
-        name = f"{child}#{node}"
+        name = child.at_node(given.node)
         if not nodes:
             raise UsageError(f"node {name} does not exist: job {child} is not a multi-node job")
-        if node >= nodes:
-            raise UsageError(
-                f"node {name} does not exist: nodes are {child}#0..{child}#{nodes - 1}"
-            )
-        if task is not None:
-            slots = _tasks_per_node(job.get("definition"), node)
-            name = f"{name}.{task}"
-            if slots is not None and task >= slots:
-                which = f"tasks are {child}#{node}.0..{child}#{node}.{slots - 1}"
-                raise UsageError(f"task {name} does not exist: {which}")
-    return name
+        if given.node >= nodes:
+            last = child.at_node(nodes - 1)
+            raise UsageError(f"node {name} does not exist: nodes are {child.at_node(0)}..{last}")
+        if given.task is not None:
+            slots = _tasks_per_node(job.get("definition"), given.node)
+            name = name.at_task(given.task)
+            if slots is not None and given.task >= slots:
+                first, last = name.job.at_node(given.node).at_task(0), name.at_task(slots - 1)
+                raise UsageError(f"task {name} does not exist: tasks are {first}..{last}")
+    return str(name)
 
 
 def _tasks_per_node(definition: Any, node: int) -> int | None:

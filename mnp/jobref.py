@@ -10,16 +10,14 @@ controller's memory and store, or the CLI's read-only store).
 
 from __future__ import annotations
 
-import re
-
-_SUFFIX = re.compile(r"[:#]")
+from mnp import jobid
 
 
 def split(ref: str) -> tuple[str, str]:
-    """``("train", ":7")`` for ``train:7``: the top-level part, and the rest as written.
-    Names and ids hold neither ``:`` nor ``#``, so the first of them starts the rest."""
-    m = _SUFFIX.search(ref)
-    return (ref, "") if m is None else (ref[: m.start()], ref[m.start() :])
+    """``("train", ":7")`` for ``train:7``: the top-level part, and the rest as written
+    (``mnp.jobid``'s grammar: names and ids hold no separator, so the first one starts
+    the rest)."""
+    return jobid.split(ref)
 
 
 def id_order(job_id: str) -> tuple[int, str]:

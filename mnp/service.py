@@ -38,6 +38,7 @@ from mnp.api import Handler, Responder
 from mnp.controller import Controller, Restored
 from mnp.errors import InfraError, JobRefused, MnpError, UsageError
 from mnp.files import open_regular
+from mnp.jobid import top_of
 from mnp.jobs import Attempt, Job, NodeRun, TaskRun, job_exit_code, output_label
 from mnp.model import TERMINAL, Inventory, JobState
 from mnp.purge import EVENTS_NAME, remove_logs, retention_every, rewrite_events_file
@@ -54,10 +55,6 @@ FLUSH_EVERY = 0.02  # seconds: the batching window for store and log writes
 DB_CHECK_EVERY = 2.0  # seconds: how often the state database's file is checked
 RUN_BUFFER = 4 << 20  # characters of output kept for one `mnp run` client that reads slowly
 RETRY_EVERY = 1.0  # seconds: how soon a write that failed (disk full, locked) is tried again
-
-
-def root_of(job_id: str) -> str:
-    return job_id.split(":", 1)[0].split("#", 1)[0]
 
 
 class Service:
@@ -148,9 +145,9 @@ class Service:
     def event(self, event: dict[str, Any]) -> int:
         seq, body = self.store.add_event(event)
         job_id = str(event["job_id"])
-        self._event_lines.append((root_of(job_id), body + "\n"))
+        self._event_lines.append((top_of(job_id), body + "\n"))
         if "node_index" in event:
-            job = self.controller.jobs.get(root_of(job_id))
+            job = self.controller.jobs.get(top_of(job_id))
             if job is not None and job.attempt is not None:
                 self._record_node(job, job.attempt, job.attempt.nodes[int(event["node_index"])])
         else:
@@ -223,7 +220,7 @@ class Service:
     # --- output -----------------------------------------------------------
 
     def _log(self, job: Job, task: TaskRun, fd: int) -> _Log:
-        path = self.logs / root_of(job.id) / f"{task.tid}.{'out' if fd == 1 else 'err'}"
+        path = self.logs / top_of(job.id) / f"{task.tid}.{'out' if fd == 1 else 'err'}"
         log_file = self._files[(task.tid, fd)] = _Log(job, path)
         return log_file
 
@@ -231,7 +228,7 @@ class Service:
         """Check that the task's log folder takes files before it starts; if not, why not.
         The files themselves are made at the first output (a task that says nothing
         leaves none)."""
-        folder = self.logs / root_of(job.id)
+        folder = self.logs / top_of(job.id)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -251,7 +248,7 @@ class Service:
             self._lost(log_file, log_file.error)
         self._lost(log_file, log_file.write(data))
         self._dirty()
-        root = root_of(job.id)
+        root = top_of(job.id)
         if root in self._subscribers:
             label = output_label(job, task)
             self._publish(job, {"out": data, "fd": fd, "tid": task.tid, "label": label})
@@ -269,7 +266,7 @@ class Service:
             self.controller.note(log_file.job, f"Output lost: {error}")
 
     def _publish(self, job: Job, msg: dict[str, Any]) -> None:
-        for feed in self._subscribers.get(root_of(job.id), ()):
+        for feed in self._subscribers.get(top_of(job.id), ()):
             feed.put(msg)
 
     # --- batching ---------------------------------------------------------
@@ -863,7 +860,7 @@ def _events_tail(path: Path) -> tuple[int, int] | None:
             event = json.loads(line)
             if last is None:
                 last = int(event["seq"])
-            root = root_of(str(event["job_id"]))
+            root = top_of(str(event["job_id"]))
             if root.isdigit():
                 top = max(top, int(root))
     return last or 0, top

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mnp.jobid import top_of
 from mnp.store import Store
 from mnp.store.codec import Row
 from mnp.store.schema import CorruptDatabase
@@ -96,7 +97,7 @@ def _highest_job_id(logs: Path, events: Path) -> int:
             if entry.name.isdigit():
                 best = max(best, int(entry.name))
     for event in _tail_events(events):
-        root = str(event.get("job_id", "")).split(":", 1)[0].split("#", 1)[0]
+        root = top_of(str(event.get("job_id", "")))
         if root.isdigit():
             best = max(best, int(root))
     return best

@@ -13,6 +13,7 @@ import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+from mnp.jobid import JobId
 from mnp.model import JobDefinition, JobType, NodeGroup
 
 _REF = re.compile(r"Ref::([A-Za-z0-9_]+)")
@@ -196,7 +197,7 @@ def task_environment(
                 AWS_BATCH_JOB_NUM_NODES=str(len(launch.nodes)),
                 AWS_BATCH_JOB_MAIN_NODE_INDEX=str(launch.main_node),
             )
-            aws["AWS_BATCH_JOB_ID"] = f"{launch.job_id}#{node_index}"
+            aws["AWS_BATCH_JOB_ID"] = str(JobId.parse(launch.job_id).at_node(node_index))
             if node_index != launch.main_node:  # as AWS does: children only
                 # an IPv4 address, as AWS promises (scripts compare it with `hostname -I`);
                 # the address as written when the controller could not resolve one
@@ -219,5 +220,5 @@ def task_id(launch: Launch, node_index: int | None, task_index: int, slots: int)
     """The agent-side task id, equal to the task's ``MNP_JOB_ID``."""
     if node_index is None:
         return launch.job_id
-    tid = f"{launch.job_id}#{node_index}"
-    return f"{tid}.{task_index}" if slots > 1 else tid
+    node = JobId.parse(launch.job_id).at_node(node_index)
+    return str(node.at_task(task_index) if slots > 1 else node)

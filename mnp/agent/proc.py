@@ -11,6 +11,8 @@ import os
 import signal
 import time
 
+from .jobid import top_of
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
     from typing import Dict, Iterable, List, Optional, Set
@@ -85,13 +87,8 @@ def read_stat(pid: int) -> Optional[Proc]:
 
 
 def job_part(tid: str) -> str:
-    """`42` for `42`, `42:7`, `42#3` and `42#3.1`: the text before the first `:`, `#`, `.`."""
-    end = len(tid)
-    for sep in ":#.":
-        i = tid.find(sep)
-        if 0 <= i < end:
-            end = i
-    return tid[:end]
+    """`42` for `42`, `42:7`, `42#3` and `42#3.1`: the top of the id (`jobid.top_of`)."""
+    return top_of(tid)
 
 
 class Tagger:

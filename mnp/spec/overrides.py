@@ -17,6 +17,7 @@ from typing import Any
 
 from mnp.errors import SpecError
 from mnp.model import JobDefinition, JobType, Resources
+from mnp.overrides import BY_NAME, OVERRIDES
 from mnp.spec.definition import MAX_NODES, parse_definition, refs_used, sanitize_name
 from mnp.spec.fields import ENV_NAME_RE, MAX_ARG_BYTES, RESERVED_ENV_PREFIXES, fail, show
 from mnp.spec.units import format_memory
@@ -124,28 +125,7 @@ def _resources_dict(r: Resources) -> dict[str, Any]:
     return {"vcpus": r.vcpus, "memory": format_memory(r.memory), "gpus": r.gpus}
 
 
-def apply_overrides(
-    defn: JobDefinition,
-    *,
-    name: str | None = None,
-    queue: str | None = None,
-    params: Mapping[str, str] | None = None,
-    env: Mapping[str, str] | None = None,
-    array_size: int | str | None = None,
-    array_parallelism: int | str | None = None,
-    sequential: bool = False,
-    depends_on: Sequence[str] = (),
-    nodes: int | str | None = None,
-    vcpus: float | str | None = None,
-    memory: int | str | None = None,
-    gpus: int | str | None = None,
-    attempts: int | str | None = None,
-    timeout: float | str | None = None,
-    tasks_per_node: int | str | None = None,
-    cwd: str | None = None,
-    python_env: str | None = None,
-    export_env: bool = False,
-) -> JobDefinition:
+def apply_overrides(defn: JobDefinition, **overrides: Any) -> JobDefinition:
     """A new definition: ``defn`` with the submit/run options applied and validated again.
 
     ``--nodes N`` on a multinode job sets ``num_nodes`` and stretches every
@@ -160,15 +140,12 @@ def apply_overrides(
     ``Ref::K`` must have a value afterwards, and a ``K`` that no ``Ref::K`` of
     the job's commands names is an error (a typo would otherwise go unnoticed).
     """
+    _check_names(overrides)
     raw = definition_to_dict(defn)
-    given = _apply(
-        raw, name=name, queue=queue, params=params, env=env, array_size=array_size,
-        array_parallelism=array_parallelism, sequential=sequential, depends_on=depends_on,
-        nodes=nodes, vcpus=vcpus, memory=memory, gpus=gpus, attempts=attempts, timeout=timeout,
-        tasks_per_node=tasks_per_node, cwd=cwd, python_env=python_env,
-    )  # fmt: skip
-    result = _reparse(raw, defn.source, given, export_env or defn.export_env)
-    _check_params_used(result, params)
+    given = _apply(raw, overrides)
+    export_env = bool(overrides.get("export_env")) or defn.export_env
+    result = _reparse(raw, defn.source, given, export_env)
+    _check_params_used(result, overrides.get("params"))
     return result
 
 
@@ -182,11 +159,19 @@ def definition_from_command(argv: Sequence[str], **overrides: Any) -> JobDefinit
         "name": sanitize_name(os.path.basename(program.rstrip("/"))),
         "command": list(argv),
     }
-    export_env = bool(overrides.pop("export_env", False))
-    given = _apply(raw, **overrides)
-    result = _reparse(raw, COMMAND_LINE, given, export_env)
+    _check_names(overrides)
+    given = _apply(raw, overrides)
+    result = _reparse(raw, COMMAND_LINE, given, bool(overrides.get("export_env")))
     _check_params_used(result, overrides.get("params"))
     return result
+
+
+def _check_names(overrides: Mapping[str, Any]) -> None:
+    """A keyword that is not an override is refused, naming every one that is."""
+    unknown = sorted(set(overrides) - set(BY_NAME))
+    if unknown:
+        valid = ", ".join(o.name for o in OVERRIDES)
+        raise TypeError(f"unknown override {', '.join(unknown)}; the overrides are: {valid}")
 
 
 def _check_params_used(defn: JobDefinition, params: Mapping[str, str] | None) -> None:
@@ -240,97 +225,53 @@ def exported(defn: JobDefinition, environ: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def _apply(
-    raw: dict[str, Any],
-    *,
-    name: str | None = None,
-    queue: str | None = None,
-    params: Mapping[str, str] | None = None,
-    env: Mapping[str, str] | None = None,
-    array_size: int | str | None = None,
-    array_parallelism: int | str | None = None,
-    sequential: bool = False,
-    depends_on: Sequence[str] = (),
-    nodes: int | str | None = None,
-    vcpus: float | str | None = None,
-    memory: int | str | None = None,
-    gpus: int | str | None = None,
-    attempts: int | str | None = None,
-    timeout: float | str | None = None,
-    tasks_per_node: int | str | None = None,
-    cwd: str | None = None,
-    python_env: str | None = None,
-) -> set[str]:
-    """Edit ``raw`` in place; return the options that were given."""
+def _apply(raw: dict[str, Any], overrides: Mapping[str, Any]) -> set[str]:
+    """Edit ``raw`` in place as the table ``OVERRIDES`` says, ``--nodes`` first (it
+    makes the groups the others then edit); return the flags of the options given."""
     given: set[str] = set()
     groups: list[dict[str, Any]] = raw.get("multinode", {}).get("groups", [])
-
-    def every(section: str, key: str, value: object) -> None:
-        raw.setdefault(section, {})[key] = value
-        for g in groups:
-            g.setdefault(section, {})[key] = value
-
-    if name is not None:
-        given.add("--name")
-        raw["name"] = name
-    if queue is not None:
-        given.add("--queue")
-        raw["queue"] = queue
-    if params:
-        given.add("--param")
-        raw["parameters"] = {**raw.get("parameters", {}), **params}
-    if env:
-        given.add("--env")
-        raw["environment"] = {**raw.get("environment", {}), **env}
-        for g in groups:
-            g["environment"] = {k: env.get(k, v) for k, v in g.get("environment", {}).items()}
-    if nodes is not None:
-        given.add("--nodes")
-        groups = _set_nodes(raw, _whole("--nodes", nodes))
-    if array_size is not None:
-        given.add("--array-size")
-        raw.setdefault("array", {})["size"] = _whole("--array-size", array_size)
-    if array_parallelism is not None:
-        given.add("--array-parallelism")
-        _array_of(raw, "--array-parallelism")["parallelism"] = _whole(
-            "--array-parallelism", array_parallelism
-        )
-    if sequential:
-        given.add("--sequential")
-        _array_of(raw, "--sequential")["sequential"] = True
-    if depends_on:
-        given.add("--depends-on")
-        if isinstance(depends_on, str):
-            depends_on = [depends_on]
-        raw["depends_on"] = [*raw.get("depends_on", []), *depends_on]
-    if vcpus is not None:
-        given.add("--vcpus")
-        every("resources", "vcpus", _number("--vcpus", vcpus))
-    if memory is not None:
-        given.add("--memory")
-        every("resources", "memory", memory)
-    if gpus is not None:
-        given.add("--gpus")
-        every("resources", "gpus", _whole("--gpus", gpus))
-    if attempts is not None:
-        given.add("--attempts")
-        raw.setdefault("retry", {})["attempts"] = _whole("--attempts", attempts)
-    if timeout is not None:
-        given.add("--timeout")
-        raw.setdefault("timeout", {})["attempt_duration"] = timeout
-    if tasks_per_node is not None:
-        given.add("--tasks-per-node")
-        n = _whole("--tasks-per-node", tasks_per_node)
-        raw["tasks_per_node"] = n
-        for g in groups:
-            g["tasks_per_node"] = n
-    if cwd is not None:
-        given.add("--cwd")
-        raw["cwd"] = cwd
-    if python_env is not None:
-        given.add("--python-env")
-        raw["python_env"] = python_env
+    ordered = sorted(OVERRIDES, key=lambda o: o.edit != "nodes")  # stable: table order
+    for opt in ordered:
+        value: Any = overrides.get(opt.name)
+        if not opt.edit or not opt.given(value):
+            continue
+        given.add(opt.flag)
+        if opt.is_flag:
+            value = True
+        elif opt.value == "whole":
+            value = _whole(opt.flag, value)
+        elif opt.value == "number":
+            value = _number(opt.flag, value)
+        if opt.edit == "nodes":
+            groups = _set_nodes(raw, value)
+        elif opt.edit == "set":
+            _put(raw, opt.path, value)
+        elif opt.edit == "every":
+            for table in (raw, *groups):
+                _put(table, opt.path, value)
+        elif opt.edit == "array":
+            _array_of(raw, opt.flag)[opt.path] = value
+        elif opt.edit == "append":
+            items = [value] if isinstance(value, str) else list(value)
+            raw[opt.path] = [*raw.get(opt.path, []), *items]
+        elif opt.edit == "merge":
+            raw[opt.path] = {**raw.get(opt.path, {}), **value}
+        elif opt.edit == "env":
+            raw["environment"] = {**raw.get("environment", {}), **value}
+            for g in groups:  # --env K=V wins over a group's own K
+                if "environment" in g:
+                    g["environment"] = {k: value.get(k, v) for k, v in g["environment"].items()}
+        else:  # pragma: no cover - the table is checked by the tests
+            raise AssertionError(f"{opt.flag}: unknown edit {opt.edit!r}")
     return given
+
+
+def _put(table: dict[str, Any], path: str, value: object) -> None:
+    """``table[a][b] = value`` for the dotted path ``a.b``, making the tables on the way."""
+    *outer, last = path.split(".")
+    for key in outer:
+        table = table.setdefault(key, {})
+    table[last] = value
 
 
 def submitter_python_env(environ: Mapping[str, str], prefix: str, base_prefix: str) -> str | None:

@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from mnp.jobid import JobId, JobIdError, top_of
 from mnp.store.schema import ATTEMPT_COLUMNS, JOB_COLUMNS, NODE_COLUMNS
 
 Row = dict[str, Any]
@@ -149,11 +150,16 @@ def event_key(event: Mapping[str, Any]) -> tuple[str | None, str | None]:
     if job_id is None:
         return None, None
     key = str(job_id)
-    head, sep, node = key.partition("#")
+    subject = JobId.parse_or_none(key)
+    if subject is None:  # not an id mnp gives out: filed as written
+        return key, top_of(key)
     array_index = event.get("array_index")
-    if array_index is not None and ":" not in head:
-        head = f"{head}:{array_index}"
     node_index = event.get("node_index")
-    if node_index is not None and not sep:
-        sep, node = "#", str(node_index)
-    return head + sep + node, head.partition(":")[0]
+    try:
+        if array_index is not None and subject.index is None:
+            subject = JobId(subject.root, int(array_index), subject.node, subject.task)
+        if node_index is not None and subject.node is None:
+            subject = subject.at_node(int(node_index))
+    except (JobIdError, TypeError, ValueError):  # not an index mnp gives out: as written
+        pass
+    return str(subject), subject.top

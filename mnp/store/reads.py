@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from mnp.jobid import split, top_of
 from mnp.store import codec
 from mnp.store.codec import Row
 from mnp.store.schema import JOB_COLUMNS, SUMMARY_COLUMNS
@@ -280,7 +281,7 @@ def events_since(
     params: list[Any] = [seq]
     sql = "SELECT body FROM events WHERE seq > ?"
     if job_id is not None:
-        if ":" in job_id or "#" in job_id:
+        if split(job_id)[1]:
             # ids are digits, ':' and '#': [X, X + '$') holds X and X#n, not X0 or X:n
             sql += " AND job_id >= ? AND job_id < ?"
             params += [key(job_id), key(job_id + "$")]
@@ -316,7 +317,7 @@ def dependency_roots(conn: sqlite3.Connection) -> set[str]:
     )
     for (text,) in conn.execute(sql):
         for dep in json.loads(text) or ():
-            found.add(str(dep).split(":", 1)[0].split("#", 1)[0])
+            found.add(top_of(str(dep)))
     return found
 
 
