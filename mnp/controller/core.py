@@ -83,6 +83,8 @@ LOST_REASON = "Controller restarted: attempt lost"
 TEARDOWN_SLACK = 15.0
 """How long after ``kill_grace`` an ending attempt waits for its agents to confirm the
 teardown (their own give-up after SIGKILL is 5 s) before its hosts are given up on."""
+
+
 @dataclass(frozen=True)
 class Restored:
     """A job as a previous controller left it in the store."""

@@ -47,7 +47,7 @@ def test_pure_modules_import_no_io_and_read_no_clock() -> None:
             elif isinstance(node, ast.ImportFrom):
                 names = {(node.module or "").split(".")[0]}
                 if node.module and node.module.startswith("mnp."):
-                    assert node.module in ("mnp.model", "mnp.jobs", "mnp.wiring") or (
+                    assert node.module in ("mnp.model", "mnp.jobs", "mnp.wiring", "mnp.jobid") or (
                         node.module.startswith("mnp.sched")
                     ), (path, node.module)
             else:
