@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -65,3 +66,22 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float, every: float
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout}s")
         time.sleep(every)
+
+
+def submit(env: dict[str, str], *args: str) -> str:
+    """``mnp submit ARGS`` with ``env``; the job id it printed."""
+    r = mnp("submit", *args, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def describe(env: dict[str, str], job: str) -> dict[str, Any]:
+    """``mnp describe JOB --json`` with ``env``."""
+    r = mnp("describe", job, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def controller_pid(env: dict[str, str]) -> int:
+    st = json.loads(mnp("controller", "status", "--json", env=env).stdout)
+    return int(st["pid"])

@@ -1,9 +1,10 @@
-"""The controller: one asyncio loop that applies scheduling decisions through agents.
+"""The controller's core: one asyncio loop that applies decisions through the agents.
 
-It holds one ``AgentConnection`` per inventory host, the runtime job records
-(``mnp.jobs``) and each host's free capacity (``mnp.sched.alloc``). Pure
-decisions come from ``mnp.sched.decide`` and ``mnp.wiring``; this module only
-sends spawn/kill/sweep messages and reacts to the agents' events.
+It holds the runtime job records (``mnp.jobs``) and the run queue. Where a job
+starts comes from ``mnp.sched.decide``, what happens next to it from
+``mnp.sched.lifecycle``, what its tasks are sent from the ``Launcher``; the
+agents are reached through the ``HostPool``. This module applies those answers:
+state changes, spawn/kill/sweep messages, and the reactions to the agents' events.
 """
 
 from __future__ import annotations

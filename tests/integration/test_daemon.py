@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import mnp, wait_no_procs, wait_until
+from tests.helpers import describe, mnp, submit, wait_no_procs, wait_until
 from tests.ledger import Ledger
 
 
@@ -24,18 +24,6 @@ def home(tmp_path: Path) -> Iterator[dict[str, str]]:
     env = {"MNP_HOME": str(tmp_path / "home")}
     yield env
     mnp("controller", "stop", env=env)
-
-
-def submit(env: dict[str, str], *args: str) -> str:
-    r = mnp("submit", *args, env=env)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
-
-
-def describe(env: dict[str, str], job: str) -> dict[str, object]:
-    r = mnp("describe", job, "--json", env=env)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 
 def wait_state(env: dict[str, str], job: str, timeout: float = 30) -> dict[str, object]:

@@ -27,7 +27,16 @@ import pytest
 
 from mnp.api import ApiClient
 from mnp.spec import definition_to_dict, parse_definition
-from tests.helpers import ROOT, mnp, procs_with_env, wait_no_procs, wait_until
+from tests.helpers import (
+    ROOT,
+    controller_pid,
+    describe,
+    mnp,
+    procs_with_env,
+    submit,
+    wait_no_procs,
+    wait_until,
+)
 from tests.integration.sshd import SshdCluster
 from tests.ledger import Ledger
 
@@ -44,23 +53,6 @@ def daemon(sshd_hosts: SshdCluster, tmp_path: Path) -> Iterator[dict[str, str]]:
     assert r.returncode == 0, r.stderr
     yield env
     mnp("controller", "stop", env=env)
-
-
-def submit(env: dict[str, str], *args: str) -> str:
-    r = mnp("submit", *args, env=env)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
-
-
-def describe(env: dict[str, str], job: str) -> dict[str, Any]:
-    r = mnp("describe", job, "--json", env=env)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
-
-
-def controller_pid(env: dict[str, str]) -> int:
-    st = json.loads(mnp("controller", "status", "--json", env=env).stdout)
-    return int(st["pid"])
 
 
 def terminal_counts(env: dict[str, str]) -> Counter[str]:

@@ -20,7 +20,15 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.helpers import mnp, procs_with_env, wait_no_procs, wait_until
+from tests.helpers import (
+    controller_pid,
+    describe,
+    mnp,
+    procs_with_env,
+    submit,
+    wait_no_procs,
+    wait_until,
+)
 from tests.integration.sshd import SshdCluster
 from tests.ledger import Ledger
 
@@ -53,23 +61,6 @@ def start_daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Dae
     yield start
     for env in started:
         mnp("controller", "stop", env=env)
-
-
-def submit(env: dict[str, str], *args: str) -> str:
-    r = mnp("submit", *args, env=env)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
-
-
-def describe(env: dict[str, str], job: str) -> dict[str, Any]:
-    r = mnp("describe", job, "--json", env=env)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
-
-
-def controller_pid(env: dict[str, str]) -> int:
-    st = json.loads(mnp("controller", "status", "--json", env=env).stdout)
-    return int(st["pid"])
 
 
 def hosts_of(env: dict[str, str]) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from mnp.jobs import Job, TaskRun
 from mnp.model import JobState
 from mnp.spec import definition_from_command, local_inventory, parse_definition
 from mnp.transport.local import LocalTransport
-from tests.helpers import ROOT, mnp, wait_until
+from tests.helpers import ROOT, describe, mnp, submit, wait_until
 from tests.ledger import Ledger
 
 pytestmark = pytest.mark.faults
@@ -58,12 +58,6 @@ def mnp_bytes(
     )
 
 
-def describe(env: dict[str, str], job: str) -> dict[str, Any]:
-    r = mnp("describe", job, "--json", env=env)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
-
-
 def wait_end(env: dict[str, str], job: str, timeout: float = 30) -> dict[str, Any]:
     return wait_until(  # type: ignore[no-any-return]
         f"job {job} ends",
@@ -71,12 +65,6 @@ def wait_end(env: dict[str, str], job: str, timeout: float = 30) -> dict[str, An
         timeout,
         every=0.2,
     )
-
-
-def submit(env: dict[str, str], *args: str) -> str:
-    r = mnp("submit", *args, env=env)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
 
 
 def everything_stored(env: dict[str, str]) -> bytes:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mnp.daemon import PURGE_ROLE, Lock
-from tests.helpers import ROOT, mnp, wait_until
+from tests.helpers import ROOT, mnp, submit, wait_until
 
 DAY = 86400.0
 
@@ -26,12 +26,6 @@ def home(tmp_path: Path) -> Iterator[dict[str, str]]:
     env = {"MNP_HOME": str(tmp_path / "home")}
     yield env
     mnp("controller", "stop", env=env)
-
-
-def submit(env: dict[str, str], *args: str) -> str:
-    r = mnp("submit", *args, env=env)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
 
 
 def state(env: dict[str, str], job: str) -> str | None:
