@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 
 # in dependency order: each module imports only those before it
-MODULES = ("jobid", "expand", "proc", "loop", "facts", "spawn", "tasks", "agent", "main")
+MODULES = (
+    "jobid", "expand", "proc", "loop", "facts", "spawn", "tasks", "container", "containers",
+    "agent", "main",
+)  # fmt: skip
 
 # plain enough for any python to run: an old one says what is wrong (exit 1)
 _VERSION_CHECK = """\

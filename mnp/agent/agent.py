@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 
+from .containers import Containers
 from .expand import expand
 from .facts import collect, load, make_rundir
 from .loop import Feeder, LineReader, Loop, Output, Stream
@@ -91,6 +92,7 @@ class Agent:
         self.signals: List[int] = []
         self.ports_given: List[int] = []
         self.rundir = ""
+        self.containers = Containers(ctl, self.identity)  # issue 14: containers
         self.ops: Dict[str, Callable[[Dict[str, Any]], None]] = {
             "spawn": self.op_spawn,
             "signal": self.op_signal,
@@ -117,6 +119,7 @@ class Agent:
             signal.signal(sig, self._on_signal)
         self.loop.add_reader(wake_r, self._on_wakeup)
         self.rundir = make_rundir(self.ctl)
+        self.containers.rundir = self.rundir  # issue 14: containers
         self.out.emit(dict(ev="ready", **self._facts()))
         self.out.flush()
 
@@ -233,6 +236,10 @@ class Agent:
         do_expand = _opt(msg, "expand", bool)
         stdin = _opt(msg, "stdin", str)
         files = _files(msg)
+        try:  # issue 14: containers
+            container = self.containers.check(msg.get("container"))
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
         if tid in self.tasks:
             raise BadRequest("task %s is already on this agent" % tid)
         stale = self.teardowns.get("t:" + tid)
@@ -254,6 +261,10 @@ class Agent:
                     feed_r, feed_w = os.pipe()
                 if files:
                     write_files(files)
+                if container is not None:  # issue 14: run it in its container
+                    argv, env = self.containers.wrap_spawn(
+                        container, tid, argv, env, changes, cwd, data is not None
+                    )
                 born_ticks = now_ticks()
                 pid, out_fd, err_fd = self.spawner.spawn(
                     argv, env, cwd, feed_r if feed_r >= 0 else None
@@ -264,6 +275,7 @@ class Agent:
                 if feed_r >= 0:
                     os.close(feed_r)
         except SpawnError as e:
+            self.containers.task_gone(tid, False)  # issue 14: containers
             if feed_w >= 0:
                 os.close(feed_w)
             self.out.emit(
@@ -371,6 +383,7 @@ class Agent:
         rule = StaleRule(set(live), below, here, self.tagger, self.identity, set(abandoned))
         self._teardown("stale", "stale", "", None, grace)
         self.teardowns["stale"].rule = rule
+        self.containers.stale(rule)  # issue 14: containers
 
     def op_ping(self, msg: Dict[str, Any]) -> None:
         self.out.emit({"ev": "pong", "id": msg.get("id"), "t": _now()})
@@ -437,6 +450,7 @@ class Agent:
                 break
             task = self.by_pid.pop(pid, None)
             if task is None:
+                self.containers.reaped(pid)  # issue 14: an `rm -f` of ours
                 self.orphans.pop(pid, None)
                 reaped = True  # perhaps something a teardown waits for
             else:
@@ -520,8 +534,8 @@ class Agent:
                 return True
             pids = [int(x) for x in data.split()]
         for pid in pids:
-            if pid in self.by_pid or pid in self.orphans:
-                continue
+            if pid in self.by_pid or pid in self.orphans or pid in self.containers.helpers:
+                continue  # (issue 14: helpers are the containers' `rm -f`s)
             p = snap.procs.get(pid) if snap is not None else read_stat(pid)
             if p is None or p.dead:
                 continue
@@ -579,6 +593,7 @@ class Agent:
             task.feeder.close()
         if self.tasks.get(task.tid) is task:
             del self.tasks[task.tid]
+        self.containers.task_gone(task.tid, task.termed or killed > 0)  # issue 14
         self.out.emit({"ev": "gone", "tid": task.tid, "t": _now(), "killed": killed})
 
     # ---------------------------------------------------------------- teardown
@@ -715,7 +730,10 @@ class Agent:
             p = snap.procs.get(o.pid) if o is not None else None
             if o is not None and p is not None and p.start == o.start and not o.owners:
                 extra = (o.pid,)
-        return targets(td, snap, self.pid, self.tasks.values(), self.all_tids, extra)
+        found = targets(td, snap, self.pid, self.tasks.values(), self.all_tids, extra)
+        for pid in self.containers.helpers:  # issue 14: a container's `rm -f`, ours
+            found.pop(pid, None)
+        return found
 
     def _drop_tag_sweep(self, td: Teardown) -> None:
         """SIGKILL at once what a tag sweep found, and forget it: a new task of that tid

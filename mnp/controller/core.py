@@ -583,6 +583,9 @@ class Controller:
             msg["pyenv"] = job.defn.python_env
         if files:
             msg["files"] = files
+        container = self.launcher.container(job, task, env)  # issue 14: containers
+        if container is not None:
+            msg["container"] = container
         # registered only now: nothing above may leave a task that was never sent
         attempt.tasks[task.tid] = task
         self._tasks[task.tid] = (job, attempt, task)

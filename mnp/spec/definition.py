@@ -42,6 +42,7 @@ from mnp.model import (
     SecretRef,
     Timeout,
 )
+from mnp.spec.container import parse_container
 from mnp.spec.fields import (
     ENV_NAME_RE,
     MAX_ARGV_BYTES,
@@ -64,7 +65,7 @@ from mnp.spec.units import parse_duration, parse_memory
 TOP_FIELDS = (
     "name", "type", "command", "queue", "parameters", "environment", "secrets", "resources",
     "retry", "timeout", "array", "multinode", "depends_on", "aws_batch_env", "cwd", "python_env",
-    "tasks_per_node", "gpu_bind",
+    "tasks_per_node", "gpu_bind", "container",
 )  # fmt: skip
 RESOURCE_FIELDS = ("vcpus", "memory", "gpus")
 RETRY_FIELDS = ("attempts", "evaluate_on_exit")
@@ -72,7 +73,10 @@ RULE_FIELDS = ("on_exit_code", "on_reason", "action")
 TIMEOUT_FIELDS = ("attempt_duration", "kill_grace")
 ARRAY_FIELDS = ("size", "parallelism", "sequential")
 MULTINODE_FIELDS = ("num_nodes", "main_node", "exclusive", "on_child_failure", "groups")
-GROUP_FIELDS = ("target_nodes", "command", "tasks_per_node", "resources", "environment", "gpu_bind")
+GROUP_FIELDS = (
+    "target_nodes", "command", "tasks_per_node", "resources", "environment", "gpu_bind",
+    "container",
+)  # fmt: skip
 DEPENDENCY_FIELDS = ("job_id", "type")
 SECRET_FIELDS = ("file", "env")
 
@@ -214,6 +218,9 @@ def parse_definition(
         cwd=cwd,
         python_env=python_env,
         source=source,
+        container=parse_container(source, "container", t.get("container"))
+        if "container" in t
+        else None,
     )
 
 
@@ -434,6 +441,9 @@ def _group(
         resources=_resources(gt.table("resources", RESOURCE_FIELDS), resources),
         environment=env,
         gpu_bind=gt.choice("gpu_bind", gpu_bind, GPU_BINDS),
+        container=parse_container(gt.source, gt.field("container"), gt.get("container"))
+        if "container" in gt
+        else None,
     )
 
 

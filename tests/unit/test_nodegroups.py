@@ -32,6 +32,9 @@ RUN_BY: dict[str, list[str]] = {
         "tests/integration/test_torch.py::test_ddp_on_four_local_nodes",
         "tests/integration/test_torch.py::test_ddp_on_four_sshd_hosts",
     ],
+    "container-hello.toml": [
+        "tests/integration/test_containers.py::test_container_hello_on_four_local_nodes",
+    ],
     "hetero.toml": [
         "tests/integration/test_mpi.py::test_heterogeneous_job_on_local_nodes",
         "tests/integration/test_mpi.py::test_heterogeneous_job_across_sshd_hosts",

@@ -9,7 +9,7 @@ from mnp.cli import run, submit
 from mnp.overrides import OVERRIDES
 from mnp.spec import apply_overrides, definition_from_command
 
-EDITS = {"set", "every", "array", "append", "merge", "env", "nodes", ""}
+EDITS = {"set", "every", "array", "append", "merge", "env", "nodes", "container", ""}
 
 
 def test_table_is_well_formed() -> None:
