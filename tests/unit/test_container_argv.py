@@ -16,6 +16,9 @@ from mnp.agent.container import (
     forwarded,
     wrap,
 )
+from mnp.agent.containers import Containers
+from mnp.agent.proc import Tagger, agent_identity, read_stat
+from mnp.agent.tasks import StaleRule
 from mnp.errors import SpecError
 from mnp.model import Container, Mount
 from mnp.spec import (
@@ -186,3 +189,77 @@ def test_mount_without_container_is_refused() -> None:
         definition_from_command(["true"], mounts=("/a:/b",))
     with pytest.raises(SpecError, match=r"^<command line>:--mount: .*not absolute"):
         definition_from_command(["true"], image="x", mounts=("a:/b",))
+
+
+# --- the agent's bookkeeping: markers, `rm -f` after an abnormal end, the stale sweep ---
+
+
+def _fake_runtime(tmp_path: Path) -> tuple[Path, Path]:
+    """A `podman` that only records its arguments (one line a call)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "calls"
+    exe = bindir / "podman"
+    exe.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    exe.chmod(0o755)
+    return bindir, log
+
+
+def _wait_helpers(c: Containers) -> None:
+    for pid in list(c.helpers):
+        os.waitpid(pid, 0)
+        assert c.reaped(pid)
+
+
+def test_container_removed_after_an_abnormal_end_only(tmp_path: Path) -> None:
+    bindir, log = _fake_runtime(tmp_path)
+    me = agent_identity()
+    c = Containers("tok", me)
+    c.rundir = str(tmp_path / "run")
+    env = {"PATH": str(bindir), "MNP_JOB_ID": "7"}
+    spec = Spec(image="img", runtime="podman")
+    argv, _ = c.wrap_spawn(spec, "7", ["true"], env, {}, None, False)
+    assert argv[:2] == [str(bindir / "podman"), "run"]
+    markers = tmp_path / "run" / "containers"
+    assert [p.name for p in markers.iterdir()] == ["mnp-tok-7"]
+    c.task_gone("7", abnormal=False)  # ended by itself: --rm did it
+    assert not list(markers.iterdir()) and not c.helpers and not log.exists()
+    c.wrap_spawn(spec, "7", ["true"], env, {}, None, False)
+    c.task_gone("7", abnormal=True)  # killed: its record may be left
+    _wait_helpers(c)
+    assert log.read_text() == "rm -f --time 0 mnp-tok-7\n"
+    assert not list(markers.iterdir())
+
+
+def test_stale_removes_containers_of_dead_agents_and_finished_jobs(tmp_path: Path) -> None:
+    bindir, log = _fake_runtime(tmp_path)
+    me = agent_identity()
+    here = me.split(":", 1)[0]
+    dead = f"{here}:999999999:1"  # no such process
+    env = {"PATH": str(bindir)}
+    spec = Spec(image="img", runtime="podman")
+    rundir = str(tmp_path / "run")
+    for agent, tids in ((dead, ["3"]), (me, ["4"])):
+        other = Containers("tok", agent)
+        other.rundir = rundir
+        for tid in tids:
+            other.wrap_spawn(spec, tid, ["true"], {**env, "MNP_JOB_ID": tid}, {}, None, False)
+    live = Containers("tok", f"{here}:{os.getppid()}:{_start_of_parent()}")  # a live agent
+    live.rundir = rundir
+    live.wrap_spawn(spec, "5", ["true"], env, {}, None, False)  # job 5 still runs
+    live.wrap_spawn(spec, "2", ["true"], env, {}, None, False)  # job 2 is over
+    sweeper = Containers("tok", me)
+    sweeper.rundir = rundir
+    rule = StaleRule({"5"}, 10, here, Tagger("tok"), me)
+    # its own (4) stays; 3's agent is dead; 2's job is over; 5 runs under a live agent
+    assert sweeper.stale(rule) == 2
+    _wait_helpers(sweeper)
+    assert sorted(log.read_text().split()[4:]) == ["mnp-tok-2", "mnp-tok-3"]
+    left = sorted(p.name for p in (tmp_path / "run" / "containers").iterdir())
+    assert left == ["mnp-tok-4", "mnp-tok-5"]
+
+
+def _start_of_parent() -> int:
+    p = read_stat(os.getppid())
+    assert p is not None
+    return p.start
