@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from tests.helpers import ROOT, describe, mnp, submit, wait_until
+from tests.integration.sshd import SshdCluster
 
 pytestmark = pytest.mark.containers
 
@@ -178,6 +179,17 @@ def test_missing_image_fails_the_job(tmp_path: Path) -> None:
     assert "localhost/mnp-no-such-image:x" in r.stderr  # its message, on the task's stderr
 
 
+def test_runtime_missing_on_the_node_fails_the_task(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(  # the runtime is looked up on the task's PATH, which finds none
+        'name = "c"\ncommand = ["true"]\n[environment]\nPATH = "/nonexistent"\n'
+        f'[container]\nimage = "{MAIN}"\nruntime = "podman"\n'
+    )
+    r = mnp("run", str(path))
+    assert r.returncode == 127, r.stderr
+    assert "podman: container runtime not found on PATH" in r.stderr
+
+
 def test_timeout_leaves_no_container(tmp_path: Path) -> None:
     path, label = job_file(
         tmp_path, ["sleep", "60"], '[timeout]\nattempt_duration = "2s"\nkill_grace = "3s"\n'
@@ -248,3 +260,28 @@ def test_stale_sweep_removes_the_containers_of_killed_agents(
     assert r.returncode == 0, r.stderr
     assert none_left(label, 30)
     assert describe(home, job)["state"] in ("RUNNABLE", "STARTING", "RUNNING", "FAILED")
+
+
+@pytest.mark.ssh
+def test_container_hello_across_sshd_hosts(sshd_hosts: SshdCluster, tmp_path: Path) -> None:
+    """The same definition on four sshd hosts. The hosts' podman reads the tests'
+    containers.conf: the agents' python is a wrapper that sets CONTAINERS_CONF (on a
+    real cluster the hosts have their own configuration)."""
+    python = tmp_path / "python-containers"
+    python.write_text(
+        f"#!/bin/sh\nCONTAINERS_CONF='{os.environ['CONTAINERS_CONF']}' "
+        f"exec '{sshd_hosts.python_mnp}' \"$@\"\n"
+    )
+    python.chmod(0o755)
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text(
+        sshd_hosts.toml().replace(f'python = "{sshd_hosts.python_mnp}"', f'python = "{python}"')
+    )
+    r = mnp("run", "--inventory", str(inventory), "nodegroups/container-hello.toml", timeout=110)
+    assert r.returncode == 0, r.stderr
+    lines = sorted(r.stdout.splitlines())
+    assert lines == [
+        f"{i}: node {i} of 4: {MAIN if i == 0 else WORKER} in container, rank {i} of 4, 4 hosts"
+        for i in range(4)
+    ]
+    assert none_left("mnp.job=1")

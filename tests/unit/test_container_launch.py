@@ -17,9 +17,9 @@ from mnp.transport.fake import FakeTransport, started
 HOSTS = ("h0", "h1", "h2")
 
 
-def inventory() -> Inventory:
+def inventory(gpus: int = 0) -> Inventory:
     specs = tuple(
-        HostSpec(name=h, address=h, vcpus=2, memory=1 << 33, gpus=0, transport="fake")
+        HostSpec(name=h, address=h, vcpus=2, memory=1 << 33, gpus=gpus, transport="fake")
         for h in HOSTS
     )
     return Inventory(
@@ -108,3 +108,28 @@ async def test_each_node_gets_its_groups_image_and_the_hostfile_folder(
         assert c["runtime"] == ("auto" if i == 0 else "podman")
         folder = msg["env"]["MNP_HOSTFILE"].rsplit("/", 1)[0]
         assert c["mounts"] == [f"{folder}:{folder}:ro"]
+
+
+async def test_gpus_are_the_tasks_host_indices(fake: FakeTransport) -> None:
+    c = Controller(inventory(gpus=4), {"fake": fake}, heartbeat=(3600.0, 7200.0))
+    await c.start()
+    try:
+        fake.handler = fakemod.hold
+        c.submit(definition_from_command(["true"], image="img", gpus=2))
+        c.submit(definition_from_command(["true"], image="img", gpus=2))
+        c.submit(definition_from_command(["true"], image="img", gpus=1))
+        await settle()
+        spawns = fake.ops(op="spawn")
+        assert len(spawns) == 3
+        for msg in spawns:
+            visible = msg["env"]["CUDA_VISIBLE_DEVICES"]
+            assert msg["container"]["gpus"] == [int(g) for g in visible.split(",")]
+        # two jobs on one host never share a GPU
+        by_host: dict[str, list[int]] = {}
+        for msg in spawns:
+            host = fake.host_of(msg["tid"])
+            by_host.setdefault(host, []).extend(msg["container"]["gpus"])
+        for held in by_host.values():
+            assert len(held) == len(set(held))
+    finally:
+        await c.close()

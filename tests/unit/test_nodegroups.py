@@ -34,6 +34,7 @@ RUN_BY: dict[str, list[str]] = {
     ],
     "container-hello.toml": [
         "tests/integration/test_containers.py::test_container_hello_on_four_local_nodes",
+        "tests/integration/test_containers.py::test_container_hello_across_sshd_hosts",
     ],
     "hetero.toml": [
         "tests/integration/test_mpi.py::test_heterogeneous_job_on_local_nodes",
