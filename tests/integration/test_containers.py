@@ -106,10 +106,12 @@ def test_single_job_runs_in_its_container(tmp_path: Path) -> None:
     script = (
         "test -f /run/.containerenv && echo in-container; cat /etc/mnp-image; "
         'echo "job=$MNP_JOB_ID name=$MNP_JOB_NAME secret=$TOKEN host=$(hostname)"; '
-        "pwd; echo written > inside.txt"
+        'echo "aws=$AWS_BATCH_JOB_ID home=${HOME:-unset}"; pwd; echo written > inside.txt'
     )
     path, label = job_file(
-        tmp_path, ["sh", "-c", script], '[secrets]\nTOKEN = { env = "G_TEST_SECRET" }\n'
+        tmp_path,
+        ["sh", "-c", script],
+        'aws_batch_env = true\n[secrets]\nTOKEN = { env = "G_TEST_SECRET" }\n',
     )
     r = mnp("run", "--cwd", str(tmp_path), str(path), env={"G_TEST_SECRET": "hunter2"})
     assert r.returncode == 0, r.stderr
@@ -117,7 +119,9 @@ def test_single_job_runs_in_its_container(tmp_path: Path) -> None:
     assert lines[:2] == ["in-container", MAIN]
     # SPEC §5 inside, the secret too; host networking: the host's own hostname
     assert lines[2] == f"job=1 name=c secret=hunter2 host={os.uname().nodename}"
-    assert lines[3] == str(tmp_path)  # its working directory, mounted at the same path
+    # the variables mnp sets, not the host's own (HOME is the image's)
+    assert lines[3] == "aws=1 home=/"
+    assert lines[4] == str(tmp_path)  # its working directory, mounted at the same path
     assert (tmp_path / "inside.txt").read_text() == "written\n"
     assert containers(label) == []  # --rm: nothing of it is left
 
@@ -210,9 +214,22 @@ def home(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 def test_terminate_leaves_no_container(tmp_path: Path, home: dict[str, str]) -> None:
-    path, label = job_file(tmp_path, ["sleep", "60"])
-    job = submit(home, str(path))
+    secret = uuid.uuid4().hex
+    path, label = job_file(
+        tmp_path,
+        # $$: the shell inside expands it, not the agent (that would put it in argv)
+        ["sh", "-c", 'test "$TOKEN" = "$$EXPECTED" && exec sleep 60'],
+        f'[environment]\nEXPECTED = "{secret}"\n[secrets]\nTOKEN = {{ env = "G_SECRET" }}\n',
+    )
+    job = submit({**home, "G_SECRET": secret}, str(path))  # the controller reads it
     wait_until("the container runs", lambda: containers(label), 30)
+    wait_until("the task passed its check", lambda: describe(home, job)["state"] == "RUNNING", 30)
+    time.sleep(0.5)  # `test` ran (else the task would have ended)
+    assert describe(home, job)["state"] == "RUNNING"
+    # the secret reached the task inside, and no command line holds it (the runtime's
+    # --env NAME reads the value from its environment)
+    for p in psutil.process_iter(["cmdline"]):
+        assert secret not in " ".join(p.info["cmdline"] or []), p.info["cmdline"]
     # labelled with the job and the agent that started it
     names = containers(f"mnp.job={job}")
     assert set(containers(label)) <= set(names)
