@@ -637,7 +637,8 @@ class Agent:
     def _term_group(self, task: Task) -> None:
         """SIGTERM the task's process group, once; no teardown signals its members again."""
         if not task.termed:
-            send_group(task.pid, signal.SIGTERM)
+            if task.tid not in self.containers.running:  # issue 14: see Containers.spare
+                send_group(task.pid, signal.SIGTERM)
             task.termed = True
             for td in self.teardowns.values():
                 td.quiet.add(task.pid)
@@ -731,8 +732,7 @@ class Agent:
             if o is not None and p is not None and p.start == o.start and not o.owners:
                 extra = (o.pid,)
         found = targets(td, snap, self.pid, self.tasks.values(), self.all_tids, extra)
-        for pid in self.containers.helpers:  # issue 14: a container's `rm -f`, ours
-            found.pop(pid, None)
+        self.containers.spare(found, td.kill_at > time.monotonic(), snap.tags)  # issue 14
         return found
 
     def _drop_tag_sweep(self, td: Teardown) -> None:

@@ -10,7 +10,8 @@ the runtime's command line (a secret would show in `ps`): podman and docker are 
 `APPTAINERENV_NAME`.
 
 podman and docker run the container with `--rm` and `--init` (so SIGTERM reaches the
-task, not a PID 1 that ignores it), named `mnp-<controller>-<tid>` and labelled with
+task, not a PID 1 that ignores it; the agent signals the container's processes, not the
+client: see `containers.Containers.spare`), named `mnp-<controller>-<tid>` and labelled with
 the job, task, controller and agent: a teardown removes it by name (`rm -f`), a later
 agent by its marker in the run directory (see `Containers`). apptainer runs the task
 as a child process, which the agent's own teardown covers.

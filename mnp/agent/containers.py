@@ -24,7 +24,7 @@ import os
 import signal
 
 from .container import ContainerError, Spec, container_name, find_runtime, forwarded, marker, wrap
-from .proc import agent_alive, job_part, read_stat
+from .proc import agent_alive, job_part, read_file, read_stat
 from .spawn import SpawnError
 
 TYPE_CHECKING = False
@@ -106,6 +106,29 @@ class Containers:
                 self._remove(exe, names)
         return sum(len(n) for n in found.values())
 
+    def spare(self, found: Dict[int, Any], terming: bool, tagged: Mapping[int, str]) -> None:
+        """Take out of a teardown's targets `found` what it must not signal: our `rm -f`
+        processes, and while it only SIGTERMs (`terming`), the runtime's client (the
+        task's main process) and monitor (conmon) of our containers. The container's own
+        processes carry the task's tags: they get the SIGTERM, and the container exits;
+        its monitor records that and removes it (`--rm`), and the client then exits with
+        the container's status. A client signalled while the container starts hangs
+        (podman 4.3) and a monitor killed first leaves the client waiting, both until
+        SIGKILL; so neither is signalled before SIGKILL time (the agent does not SIGTERM
+        a container task's process group either)."""
+        for pid in self.helpers:
+            found.pop(pid, None)
+        if not terming or not self.running:
+            return
+        names = {entry[0] for entry in self.running.values()}
+        spared = {pid for pid in found if _runtime_process_of(pid) in names}
+        # with what they started (the monitor's `podman container cleanup`), except the
+        # container's processes (tagged)
+        while spared:
+            for pid in spared:
+                del found[pid]
+            spared = {pid for pid, p in found.items() if p.ppid in spared and pid not in tagged}
+
     def reaped(self, pid: int) -> bool:
         """Whether `pid` was one of ours (a `rm -f`)."""
         if pid in self.helpers:
@@ -176,6 +199,26 @@ class Containers:
             pass
         finally:
             os.close(devnull)
+
+
+def _runtime_process_of(pid: int) -> Optional[str]:
+    """The container a runtime client (`podman run ... --name NAME`) or monitor (`conmon
+    ... -n NAME`) process is for, or None."""
+    data = read_file("/proc/%d/cmdline" % pid, 1 << 16)
+    if not data:
+        return None
+    argv = data.split(b"\0")
+    prog = os.path.basename(argv[0])
+    if prog == b"conmon":
+        flags: Tuple[bytes, ...] = (b"-n", b"--name")
+    elif prog in (b"podman", b"docker") and argv[1:2] == [b"run"]:
+        flags = (b"--name",)
+    else:
+        return None
+    for i, arg in enumerate(argv[:-1]):
+        if arg in flags:
+            return argv[i + 1].decode("utf-8", "surrogateescape")
+    return None
 
 
 def _agent_dead(identity: str, here: str) -> bool:
