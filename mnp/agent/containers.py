@@ -8,6 +8,9 @@ container's record, which `--rm` removes unless its monitor was killed first. So
 
 - each container has a marker file in the run directory (`containers/NAME`) while its
   task is on this agent;
+- until SIGKILL time a teardown signals only the container's processes, never the
+  runtime's client or monitor (`Containers.spare`): the monitor records the exit and
+  removes the container, the client then exits with the container's status;
 - a task that ends otherwise than by itself (a `kill`, `sweep`, shutdown, or a
   teardown that had to kill something) has its container removed (`RUNTIME rm -f`);
 - a later agent's `stale` removes the containers whose markers name a dead or abandoned
