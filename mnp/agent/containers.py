@@ -37,6 +37,9 @@ if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are string
     from .tasks import StaleRule
 
 
+RM_TRIES = 5
+
+
 class Containers:
     def __init__(self, ctl: str, identity: str) -> None:
         self.ctl = ctl
@@ -179,10 +182,16 @@ class Containers:
         return out
 
     def _remove(self, exe: str, names: List[str]) -> None:
-        argv = [exe, "rm", "-f"]
-        if os.path.basename(exe) == "podman":
-            argv += ["--time", "0"]  # no stop timeout: its processes are being killed
-        argv += names
+        """`exe rm -f NAMES`, tried up to RM_TRIES times a second apart: a first try that
+        races the container's own teardown (its client's and monitor's `--rm`) can leave it
+        "Stopping" (podman 4.3), and the next one removes it. `rm -f` of a container that
+        is not there succeeds."""
+        opts = "--time 0 " if os.path.basename(exe) == "podman" else ""  # no stop timeout
+        script = 'for i in %s; do "$0" rm -f %s"$@" && exit 0; sleep 1; done; exit 1' % (
+            " ".join(str(i) for i in range(RM_TRIES)),
+            opts,
+        )
+        argv = ["/bin/sh", "-c", script, exe] + names
         try:
             devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
@@ -190,7 +199,7 @@ class Containers:
         try:
             actions = [(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)]
             pid = os.posix_spawn(
-                exe,
+                argv[0],
                 argv,
                 dict(os.environ),
                 file_actions=actions,
