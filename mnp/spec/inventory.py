@@ -44,7 +44,7 @@ HOST_FIELDS = ("names", "vcpus", "memory", "gpus", "labels", "address", "transpo
 CE_FIELDS = ("hosts", "labels", "state")
 QUEUE_FIELDS = ("priority", "compute_environments", "state")
 STATES = ("ENABLED", "DISABLED")
-TRANSPORTS = ("ssh", "local")
+TRANSPORTS = ("ssh", "local", "srun")
 
 MAX_HOSTS = 10_000
 MAX_LOCAL_NODES = 1000

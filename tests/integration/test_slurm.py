@@ -1,0 +1,120 @@
+"""mnp inside a real Slurm allocation (the 4-node cluster of slurm.py): ``--inventory
+slurm`` starts its agents as job steps with ``srun``, no SSH involved.
+
+Every job here is an ``sbatch`` script that runs ``python -m mnp`` (this test's
+interpreter, as a submission script activating its venv would) and prints what came
+back; the test reads the script's output file. Proof that srun carried an agent:
+its tasks see ``SLURM_STEP_ID`` (only a job step has one) and ``SLURMD_NODENAME`` of
+the node the step runs on, while the batch script itself runs on the first node only.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.slurm import SlurmCluster
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _batch(cluster: SlurmCluster, tmp_path: Path, body: str, nodes: int = 2) -> str:
+    """Run ``body`` (bash, ``$MNP`` = this interpreter's mnp) as ``sbatch -N nodes``;
+    its output once the job has left the queue."""
+    script = tmp_path / "job.sh"
+    out = tmp_path / "job.out"
+    mnp = f"{shlex.quote(sys.executable)} -m mnp"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"export MNP_HOME={shlex.quote(str(tmp_path / 'home'))}\n"
+        f"MNP={shlex.quote(mnp)}\n"
+        f"{body}\n"
+    )
+    job = cluster.sbatch(
+        f"-N{nodes}", "--exclusive", f"--output={out}", f"--chdir={tmp_path}", str(script)
+    )
+    state = cluster.wait_job(job, timeout=240)
+    text = out.read_text() if out.exists() else ""
+    assert state == "COMPLETED", f"slurm job {job}: {state}\n{text}\n{cluster.logs()}"
+    return text
+
+
+def test_cluster_runs_steps_on_four_nodes(slurm_cluster: SlurmCluster) -> None:
+    r = slurm_cluster.run("srun", "-N4", "-l", "sh", "-c", "echo $SLURMD_NODENAME")
+    assert sorted(r.stdout.split()[1::2]) == ["n1", "n2", "n3", "n4"], r.stdout + r.stderr
+
+
+def test_inventory_inside_allocation_is_srun(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    out = _batch(
+        slurm_cluster,
+        tmp_path,
+        "$MNP hosts --inventory slurm --json > hosts.json\n"
+        "MNP_SLURM_TRANSPORT=ssh $MNP hosts --inventory slurm --json > hosts-ssh.json",
+    )
+    hosts = json.loads((tmp_path / "hosts.json").read_text())
+    assert [(h["name"], h["vcpus"], h["transport"]) for h in hosts] == [
+        ("n1", 2, "srun"),
+        ("n2", 2, "srun"),
+    ], out
+    kept = json.loads((tmp_path / "hosts-ssh.json").read_text())
+    assert [h["transport"] for h in kept] == ["ssh", "ssh"], out
+
+
+def test_multinode_job_over_srun(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """A 2-node job: each node's task runs under its own slurmd as a step, output and
+    exit codes come back; a failing main node's exit code is mnp run's."""
+    out = _batch(
+        slurm_cluster,
+        tmp_path,
+        "$MNP run --inventory slurm --nodes 2 -- sh -c "
+        "'echo \"node=$MNP_NODE_INDEX of $MNP_NUM_NODES on=$SLURMD_NODENAME "
+        "step=${SLURM_STEP_ID:-none} py=$(command -v python3)\"'\n"
+        'echo "ok-rc=$?"\n'
+        "$MNP run --inventory slurm --nodes 2 -- sh -c 'exit $((3 + MNP_NODE_INDEX))'\n"
+        'echo "fail-rc=$?"\n'
+        "$MNP run --inventory slurm -- sh -c 'echo single on $SLURMD_NODENAME; exit 9'\n"
+        'echo "single-rc=$?"\n',
+    )
+    lines = out.splitlines()
+    venv_bin = str(Path(sys.executable).parent)
+    for index, node in ((0, "n1"), (1, "n2")):
+        mine = [ln for ln in lines if f"node={index} of 2 on={node} step=" in ln]
+        assert len(mine) == 1, out
+        assert "step=none" not in mine[0], out  # the agent ran as a Slurm job step
+        assert f"py={venv_bin}/python3" in mine[0], out  # the submitter's environment
+    assert "ok-rc=0" in lines, out
+    assert "fail-rc=3" in lines, out
+    assert "single-rc=9" in lines and any("single on n" in ln for ln in lines), out
+
+
+def test_agent_shipped_to_python_without_mnp(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """A node Python that cannot import mnp (``MNP_SRUN_PYTHON``) gets the agent's source
+    over srun's stdin, as over SSH."""
+    bare = "/usr/bin/python3"
+    assert Path(bare).exists()
+    out = _batch(
+        slurm_cluster,
+        tmp_path,
+        f"export MNP_SRUN_PYTHON={bare}\n"
+        f"{bare} -c 'import mnp' 2>/dev/null && echo 'bare python imports mnp'\n"
+        "$MNP run --inventory slurm --nodes 2 --python-env none -- "
+        "sh -c 'echo shipped-$MNP_NODE_INDEX-$SLURMD_NODENAME'\n"
+        'echo "rc=$?"',
+    )
+    assert "bare python imports mnp" not in out
+    assert "shipped-0-n1" in out and "shipped-1-n2" in out and "rc=0" in out, out
+
+
+def test_srun_outside_allocation_is_refused(tmp_path: Path) -> None:
+    """``MNP_SLURM_TRANSPORT=srun`` without an allocation: one line, exit 2."""
+    from tests.helpers import mnp
+
+    env = {"SLURM_JOB_NODELIST": "n[1-2]", "MNP_SLURM_TRANSPORT": "srun", "SLURM_JOB_ID": ""}
+    r = mnp("hosts", "--inventory", "slurm", "--json", env=env, timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0
+    assert r.stderr.startswith("mnp: slurm:MNP_SLURM_TRANSPORT: srun needs"), r.stderr
