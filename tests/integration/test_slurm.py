@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,10 @@ pytestmark = pytest.mark.timeout(300)
 def _batch(cluster: SlurmCluster, tmp_path: Path, body: str, nodes: int = 2) -> str:
     """Run ``body`` (bash, ``$MNP`` = this interpreter's mnp) as ``sbatch -N nodes``;
     its output once the job has left the queue."""
+    return _finish(cluster, tmp_path, _submit(cluster, tmp_path, body, nodes))
+
+
+def _submit(cluster: SlurmCluster, tmp_path: Path, body: str, nodes: int) -> str:
     script = tmp_path / "job.sh"
     out = tmp_path / "job.out"
     mnp = f"{shlex.quote(sys.executable)} -m mnp"
@@ -34,9 +39,13 @@ def _batch(cluster: SlurmCluster, tmp_path: Path, body: str, nodes: int = 2) -> 
         f"MNP={shlex.quote(mnp)}\n"
         f"{body}\n"
     )
-    job = cluster.sbatch(
+    return cluster.sbatch(
         f"-N{nodes}", "--exclusive", f"--output={out}", f"--chdir={tmp_path}", str(script)
     )
+
+
+def _finish(cluster: SlurmCluster, tmp_path: Path, job: str) -> str:
+    out = tmp_path / "job.out"
     state = cluster.wait_job(job, timeout=240)
     text = out.read_text() if out.exists() else ""
     assert state == "COMPLETED", f"slurm job {job}: {state}\n{text}\n{cluster.logs()}"
@@ -89,6 +98,35 @@ def test_multinode_job_over_srun(slurm_cluster: SlurmCluster, tmp_path: Path) ->
     assert "ok-rc=0" in lines, out
     assert "fail-rc=3" in lines, out
     assert "single-rc=9" in lines and any("single on n" in ln for ln in lines), out
+
+
+def test_cancelled_agent_step_is_host_lost(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """``scancel`` of the step that carries node 1's agent: ``Host lost: NODE``, and the
+    job's second attempt runs on the allocation's spare node."""
+    job = _submit(
+        slurm_cluster,
+        tmp_path,
+        "$MNP run -v --inventory slurm --nodes 2 --attempts 2 -- sh -c "
+        "'echo $SLURMD_NODENAME > started-$MNP_NODE_INDEX-$MNP_JOB_ATTEMPT; sleep 6; "
+        'echo "done $MNP_NODE_INDEX on $SLURMD_NODENAME"\'\n'
+        'echo "rc=$?"',
+        nodes=3,
+    )
+    marker = tmp_path / "started-1-1"
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), _finish(slurm_cluster, tmp_path, job)
+    victim = marker.read_text().strip()
+    steps = slurm_cluster.run("squeue", "-s", "-h", "-j", job, "-o", "%i %j %N").stdout.split("\n")
+    step = [ln.split()[0] for ln in steps if ln.split()[1:] == ["mnp-agent", victim]]
+    assert len(step) == 1, steps
+    slurm_cluster.run("scancel", step[0])
+    out = _finish(slurm_cluster, tmp_path, job)
+    assert f"Host lost: {victim}" in out, out
+    assert "rc=0" in out.splitlines(), out
+    retried = {(tmp_path / f"started-{i}-2").read_text().strip() for i in (0, 1)}
+    assert victim not in retried and len(retried) == 2, (retried, out)
 
 
 def test_agent_shipped_to_python_without_mnp(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
