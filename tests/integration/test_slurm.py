@@ -62,6 +62,7 @@ def test_inventory_inside_allocation_is_srun(slurm_cluster: SlurmCluster, tmp_pa
         slurm_cluster,
         tmp_path,
         "$MNP hosts --inventory slurm --json > hosts.json\n"
+        "$MNP hosts --inventory slurm --check --json > check.json\n"
         "MNP_SLURM_TRANSPORT=ssh $MNP hosts --inventory slurm --json > hosts-ssh.json",
     )
     hosts = json.loads((tmp_path / "hosts.json").read_text())
@@ -69,6 +70,8 @@ def test_inventory_inside_allocation_is_srun(slurm_cluster: SlurmCluster, tmp_pa
         ("n1", 2, "srun"),
         ("n2", 2, "srun"),
     ], out
+    checked = json.loads((tmp_path / "check.json").read_text())
+    assert [(r["name"], r["ok"]) for r in checked] == [("n1", True), ("n2", True)], out
     kept = json.loads((tmp_path / "hosts-ssh.json").read_text())
     assert [h["transport"] for h in kept] == ["ssh", "ssh"], out
 
