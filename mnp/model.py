@@ -188,10 +188,29 @@ class HostSpec:
 
 
 @dataclass(frozen=True)
+class ManagedSpec:
+    """How a MANAGED compute environment acquires capacity (issue 15; parsed, not yet
+    used by the controller). vCPU counts are whole numbers, as in AWS Batch."""
+
+    provider: str  # "slurm" | "pbs" | "command"
+    max_vcpus: int
+    min_vcpus: int = 0
+    desired_vcpus: int = 0
+    idle_timeout: float = 300.0  # seconds idle before capacity above the floor is given back
+    nodes: int = 1  # nodes per allocation (a multi-node job gets at least its gang)
+    time_limit: float | None = None  # seconds; None = the scheduler's default
+    vcpus_per_node: int | None = None  # None = learned from the first allocation
+    options: tuple[str, ...] = ()  # passed to sbatch / qsub as given
+    start: tuple[str, ...] = ()  # provider "command": argv that brings hosts up
+    stop: tuple[str, ...] = ()  # provider "command": argv that takes hosts down
+
+
+@dataclass(frozen=True)
 class ComputeEnvironment:
     name: str
     hosts: tuple[str, ...]  # host names, in inventory order
     state: str = "ENABLED"  # "ENABLED" | "DISABLED"
+    managed: ManagedSpec | None = None  # None = UNMANAGED: the hosts listed
 
 
 @dataclass(frozen=True)
