@@ -136,13 +136,20 @@ class SrunTransport(Transport):
 
     name = "srun"
 
-    def __init__(self, job_id: str, python: str | None = None, srun: str = "srun") -> None:
+    def __init__(
+        self,
+        job_id: str,
+        python: str | None = None,
+        srun: str = "srun",
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.job_id = job_id
         self.python = python or sys.executable
         self.srun = srun
+        self.environ = environ  # srun's environment; None = this process's at each open
 
     async def open(self, host: HostSpec, agent_args: list[str]) -> AgentStream:
-        env = dict(os.environ)
+        env = dict(os.environ if self.environ is None else self.environ)
         bindir = os.path.dirname(self.python)
         path = env.get("PATH", "")
         if bindir and bindir not in path.split(os.pathsep):
