@@ -103,6 +103,21 @@ def test_multinode_job_over_srun(slurm_cluster: SlurmCluster, tmp_path: Path) ->
     assert "single-rc=9" in lines and any("single on n" in ln for ln in lines), out
 
 
+def test_mpi_hello_over_srun(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """nodegroups/mpi-hello.toml on 2 nodes of the allocation: mpiexec (MPICH's hydra) sees
+    the Slurm job in its environment and starts its ranks with srun too; no SSH anywhere."""
+    root = shlex.quote(str(Path(__file__).resolve().parents[2]))
+    out = _batch(
+        slurm_cluster,
+        tmp_path,
+        f'cd {root}\n$MNP run --inventory slurm --nodes 2 nodegroups/mpi-hello.toml\necho "rc=$?"',
+    )
+    assert "rc=0" in out.splitlines(), out
+    assert "hello from rank 0 of 2 on node 0 (n1)" in out, out
+    assert "hello from rank 1 of 2 on node 1 (n2)" in out, out
+    assert "allreduce ok: sum of ranks = 1; 2 distinct nodes" in out, out
+
+
 def test_cancelled_agent_step_is_host_lost(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """``scancel`` of the step that carries node 1's agent: ``Host lost: NODE``, and the
     job's second attempt runs on the allocation's spare node."""
@@ -130,6 +145,31 @@ def test_cancelled_agent_step_is_host_lost(slurm_cluster: SlurmCluster, tmp_path
     assert "rc=0" in out.splitlines(), out
     retried = {(tmp_path / f"started-{i}-2").read_text().strip() for i in (0, 1)}
     assert victim not in retried and len(retried) == 2, (retried, out)
+
+
+def test_killed_mnp_leaves_no_step_or_task(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """SIGKILL of ``mnp run``: srun's stdin closes, each agent kills its tasks and exits,
+    and the steps end; nothing of the job is left on any node."""
+    job = _submit(
+        slurm_cluster,
+        tmp_path,
+        "$MNP run --inventory slurm --nodes 2 -- sh -c "
+        "'echo $$ > task-$MNP_NODE_INDEX.pid; exec sleep 300' &\n"
+        "echo $! > mnp.pid\n"
+        "while [ ! -s task-0.pid ] || [ ! -s task-1.pid ]; do sleep 0.2; done\n"
+        "sleep 0.5\n"
+        "kill -9 $(cat mnp.pid)\n"
+        "for i in $(seq 100); do\n"
+        "  squeue -s -h -j $SLURM_JOB_ID -o %j | grep -q mnp-agent || break; sleep 0.2\n"
+        "done\n"
+        "squeue -s -h -j $SLURM_JOB_ID -o 'left %j %N'\n"
+        "for f in task-*.pid; do kill -0 $(cat $f) 2>/dev/null && echo alive $f; done\n"
+        "echo finished",
+        nodes=2,
+    )
+    out = _finish(slurm_cluster, tmp_path, job)
+    assert "finished" in out, out
+    assert "left mnp-agent" not in out and "alive" not in out, out
 
 
 def test_agent_shipped_to_python_without_mnp(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
