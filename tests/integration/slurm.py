@@ -3,7 +3,7 @@
 ``SlurmCluster.start(root)`` runs, all under ``root`` and in the foreground (so the
 test session owns every daemon by its pid):
 
-- ``munged -F --force`` on its own socket with a key made for it (``mungekey -c``),
+- ``munged -F --force`` on its own socket with a key made for it (1024 random bytes),
   so the machine's own munged (if any) and other test sessions are untouched;
 - ``slurmctld -D`` with ``SLURM_CONF=root/slurm.conf``: ``ClusterName`` unique to this
   process, ports found free at start, state, spool, logs and pid files under ``root``,
@@ -74,7 +74,7 @@ class SlurmCluster:
 
     @classmethod
     def start(cls, root: Path, nodes: int = NODES) -> SlurmCluster:
-        progs = {n: _which(n) for n in ("munged", "mungekey", "slurmctld", "slurmd", "sinfo")}
+        progs = {n: _which(n) for n in ("munged", "slurmctld", "slurmd", "sinfo", "srun")}
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o755)  # munged wants its socket's folders searchable by all
         names = [f"n{i}" for i in range(1, nodes + 1)]
@@ -85,9 +85,10 @@ class SlurmCluster:
         if len(str(sock)) > 100:
             raise SlurmUnavailable(f"{root}: path too long for a unix socket")
         key = root / "munge.key"
-        subprocess.run(
-            [progs["mungekey"], "-c", "-k", str(key)], check=True, capture_output=True, timeout=30
-        )
+        # a munge key is random bytes (mungekey -c writes 1024 of them); no tool needed
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(1024))
         ctld_port, *node_ports = _free_ports(1 + nodes)
         conf = root / "slurm.conf"
         conf.write_text(_slurm_conf(root, sock, ctld_port, names, node_ports))
@@ -142,6 +143,10 @@ class SlurmCluster:
                 return
             time.sleep(0.2)
         raise RuntimeError(f"{what} within {timeout:g}s: {self.logs()}")
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until every node is idle again (what earlier tests held is given back)."""
+        self._wait(self._all_idle, timeout, "nodes did not all become idle")
 
     def _all_idle(self) -> bool:
         out = self.run("sinfo", "-N", "-h", "-o", "%N %t", check=False).stdout

@@ -30,6 +30,7 @@ def _batch(cluster: SlurmCluster, tmp_path: Path, body: str, nodes: int = 2) -> 
 
 
 def _submit(cluster: SlurmCluster, tmp_path: Path, body: str, nodes: int) -> str:
+    cluster.wait_idle()  # so that the job gets n1, n2, ... whatever ran before
     script = tmp_path / "job.sh"
     out = tmp_path / "job.out"
     mnp = f"{shlex.quote(sys.executable)} -m mnp"

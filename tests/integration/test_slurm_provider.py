@@ -30,6 +30,7 @@ async def _until(
 
 
 def test_allocation_lifecycle_with_an_agent_over_srun(slurm_cluster: SlurmCluster) -> None:
+    slurm_cluster.wait_idle()
     provider = SlurmProvider(options=["--partition=debug"], environ=slurm_cluster.env)
 
     async def scenario() -> None:
@@ -72,6 +73,7 @@ def test_allocation_lifecycle_with_an_agent_over_srun(slurm_cluster: SlurmCluste
         assert gone["999999"].state == "GONE"
 
     asyncio.run(scenario())
+    slurm_cluster.wait_idle()
 
 
 def test_slurm_refusal_is_a_provider_error(slurm_cluster: SlurmCluster) -> None:
