@@ -3,7 +3,7 @@
 Inside a Slurm allocation (``SLURM_JOB_ID`` set) the agent on node NODE is started with::
 
     srun --jobid=JOB --nodelist=NODE --nodes=1 --ntasks=1 --overlap --cpu-bind=none
-         [--cpus-per-task=VCPUS] --kill-on-bad-exit=1 --unbuffered --quiet
+         [--cpus-per-task=VCPUS] --unbuffered --quiet
          --job-name=mnp-agent <python> -c BOOTSTRAP --parent-death --ctl TOKEN
 
 and speaks the agent protocol over srun's stdin/stdout: no SSH, no sshd on the nodes.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import sys
 from collections.abc import Mapping
@@ -39,6 +40,7 @@ from mnp.transport.bootstrap import BOOTSTRAP, SOURCE_REQUEST, agent_blob
 
 STDERR_TAIL = 4096
 CLOSE_WAIT = 10.0  # seconds the agent gets to tear down after its stdin closes
+_SRUN_EXIT = re.compile(r"srun: error: \S+: task \d+: (Exited with exit code|Killed)")
 
 
 def srun_argv(
@@ -53,7 +55,6 @@ def srun_argv(
         "--ntasks=1",
         "--overlap",
         "--cpu-bind=none",
-        "--kill-on-bad-exit=1",
         "--unbuffered",
         "--quiet",
         "--job-name=mnp-agent",
@@ -84,7 +85,11 @@ class _SrunStream(AgentStream):
                 del self._stderr[:-STDERR_TAIL]
 
     def stderr_tail(self) -> str:
-        return self._stderr.decode(errors="replace")
+        """What srun and the agent said; srun's own "task 0: Exited with exit code N"
+        line is left out when something else says why (execve's error, a traceback)."""
+        lines = self._stderr.decode(errors="replace").strip().splitlines()
+        said = [ln for ln in lines if not _SRUN_EXIT.match(ln)]
+        return "\n".join(said or lines)
 
     async def readline(self) -> bytes:
         line = await self._stdout.readline()

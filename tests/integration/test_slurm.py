@@ -200,3 +200,19 @@ def test_srun_outside_allocation_is_refused(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0
     assert r.stderr.startswith("mnp: slurm:MNP_SLURM_TRANSPORT: srun needs"), r.stderr
+
+
+def test_missing_python_on_the_nodes_says_so(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    out = _batch(
+        slurm_cluster,
+        tmp_path,
+        "MNP_SRUN_PYTHON=/nonexistent/python3 $MNP run --inventory slurm --nodes 2 -- true\n"
+        'echo "rc=$?"',
+    )
+    assert "rc=3" in out.splitlines(), out
+    assert "mnp: no host reachable: " in out, out
+    for node in ("n1", "n2"):  # in either order; each with the reason, not srun's exit code
+        assert (
+            f"{node}: agent exited before it was ready (slurmstepd-{node}: error: execve(): "
+            "/nonexistent/python3: No such file or directory)"
+        ) in out, out
