@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mnp.errors import InfraError
+from mnp.sched.autoscale import Allocation
 from mnp.spec.nodeset import expand_nodeset
 from mnp.spec.units import parse_duration
 
@@ -44,6 +45,7 @@ class AllocationStatus:
     nodes: tuple[str, ...] = ()
     reason: str = ""  # why it is pending, or how it ended
     time_left: float | None = None  # seconds, running only; None = unlimited or unknown
+    node_count: int = 0  # nodes asked (pending) or held (running)
 
     @property
     def phase(self) -> str:
@@ -53,6 +55,22 @@ class AllocationStatus:
         if self.state in RUNNING_STATES:
             return "RUNNING"
         return "ENDED"
+
+
+def as_allocation(
+    status: AllocationStatus,
+    now: float,
+    used: tuple[float, ...] = (),
+    idle_since: float | None = None,
+) -> Allocation | None:
+    """What ``autoscale.decide`` needs of a polled allocation (None once it has ended).
+    ``used``/``idle_since`` are the controller's: what its jobs hold on the nodes."""
+    if status.phase == "ENDED":
+        return None
+    if status.phase == "PENDING":
+        return Allocation(status.alloc_id, status.node_count or len(status.nodes), "PENDING")
+    ends = None if status.time_left is None else now + status.time_left
+    return Allocation(status.alloc_id, len(status.nodes), "RUNNING", used, idle_since, ends)
 
 
 def submit_argv(
@@ -65,7 +83,7 @@ def submit_argv(
     return [*argv, "--output=/dev/null", "--error=/dev/null", *options, "--wrap", HOLD]
 
 
-SQUEUE_FORMAT = "%i|%T|%N|%r|%L"
+SQUEUE_FORMAT = "%i|%T|%N|%r|%L|%D"
 
 
 def parse_squeue(text: str) -> dict[str, AllocationStatus]:
@@ -73,9 +91,9 @@ def parse_squeue(text: str) -> dict[str, AllocationStatus]:
     out: dict[str, AllocationStatus] = {}
     for line in text.splitlines():
         parts = line.strip().split("|")
-        if len(parts) != 5 or not parts[0]:
+        if len(parts) != 6 or not parts[0]:
             continue
-        job, state, nodelist, reason, left = parts
+        job, state, nodelist, reason, left, count = parts
         try:
             names = tuple(expand_nodeset(nodelist)) if nodelist.strip() else ()
         except ValueError:
@@ -86,6 +104,7 @@ def parse_squeue(text: str) -> dict[str, AllocationStatus]:
             nodes=names,
             reason="" if reason in ("None", "(null)") else reason,
             time_left=_time_left(left),
+            node_count=int(count) if count.isdigit() else len(names),
         )
     return out
 

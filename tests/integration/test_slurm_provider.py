@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
-from mnp.model import HostSpec
-from mnp.provider.slurm import AllocationStatus, ProviderError, SlurmProvider
+from mnp.model import HostSpec, ManagedSpec
+from mnp.provider.slurm import AllocationStatus, ProviderError, SlurmProvider, as_allocation
+from mnp.sched.autoscale import Action, Allocation, Cancel, Need, Submit, decide
 from mnp.transport.base import AgentConnection
 from mnp.transport.srun import SrunTransport
 from tests.integration.slurm import SlurmCluster
@@ -92,3 +94,63 @@ def test_slurm_refusal_is_a_provider_error(slurm_cluster: SlurmCluster) -> None:
 
     status = asyncio.run(pending_forever())
     assert status.phase == "PENDING" and status.reason.startswith("Partition"), status
+
+
+def test_decisions_applied_to_slurm_scale_up_and_back_to_zero(
+    slurm_cluster: SlurmCluster,
+) -> None:
+    """``autoscale.decide`` driving the real provider (as the controller will): a 2-node
+    MPI job and 2 array children on an empty environment (nodes of 2 vCPUs, allocations
+    of 1 node, max 8) get allocations; once they run and the work is done, idle past
+    idle_timeout, everything is given back. ``now`` is a counter the test moves."""
+    slurm_cluster.wait_idle()
+    spec = ManagedSpec(provider="slurm", max_vcpus=8, nodes=1, idle_timeout=300.0)
+    provider = SlurmProvider(environ=slurm_cluster.env)
+    needs = [Need("mpi", nodes=2, vcpus=2), Need("arr:0"), Need("arr:1")]
+
+    async def apply(actions: list[Action], held: list[str]) -> None:
+        for act in actions:
+            if isinstance(act, Submit):
+                held.append(await provider.submit(act.nodes, act.time_limit, "mnp-auto"))
+            elif isinstance(act, Cancel):
+                await provider.cancel(act.alloc_id)
+                held.remove(act.alloc_id)
+
+    async def allocations(held: list[str], now: float, **kw: Any) -> list[Allocation]:
+        polled = await provider.poll(held)
+        return [a for s in polled.values() if (a := as_allocation(s, now, **kw))]
+
+    async def scenario() -> None:
+        held: list[str] = []
+        first = decide(spec, 2, needs, [], 0.0)
+        assert first == [Submit(2, None, ("mpi",)), Submit(1, None, ("arr:0",))]
+        await apply(first, held)
+        # what is pending or running covers the work: nothing more is submitted
+        assert decide(spec, 2, needs, await allocations(held, 1.0), 1.0) == []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            polled = await provider.poll(held)
+            if all(s.phase == "RUNNING" for s in polled.values()):
+                break
+            await asyncio.sleep(0.3)
+        nodes = sorted(n for s in polled.values() for n in s.nodes)
+        assert len(nodes) == 3 and set(nodes) <= set(slurm_cluster.nodes), polled
+        # the work ran and ended at t=10: idle, but not for long enough
+        idle = await allocations(held, 100.0, idle_since=10.0)
+        assert [a.state for a in idle] == ["RUNNING", "RUNNING"]
+        assert decide(spec, 2, [], idle, 100.0) == []
+        # idle past idle_timeout: given back, down to zero
+        late = decide(spec, 2, [], idle, 400.0)
+        assert sorted(a.alloc_id for a in late if isinstance(a, Cancel)) == sorted(held)
+        gone = list(held)
+        await apply(late, held)
+        assert held == []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if all(s.phase == "ENDED" for s in (await provider.poll(gone)).values()):
+                break
+            await asyncio.sleep(0.3)
+        assert await allocations(gone, 500.0) == []
+
+    asyncio.run(scenario())
+    slurm_cluster.wait_idle()
