@@ -6,9 +6,10 @@ recorded in ``mnp.db`` with its attempts, events (``events.jsonl``) and logs, an
 on from the last job -- and serves the control socket meanwhile, so ``mnp list``,
 ``describe``, ``logs``, and other ``mnp run``/``submit`` in the same home (a submission
 script's background runs) work as with a daemon. Its own job streams to this process's
-terminal through the socket's op table (``run``), exactly as a socket client's would. It stops once
-its job and every job it accepted meanwhile have ended. It does not take back jobs an
-earlier daemon left unfinished: the next daemon does.
+terminal through the socket's op table (its ``run`` op, ``mnp.daemon.dispatch``), exactly
+as a socket client's would. It stops once its job and every job it accepted meanwhile
+have ended. It does not take back jobs an earlier daemon left unfinished: the next
+daemon does.
 
 Signals: the first SIGINT/SIGTERM/SIGHUP terminates every job it holds (``mnp run``'s
 Ctrl-C); another one stops at once (the agents kill what is left). ``mnp controller

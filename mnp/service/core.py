@@ -80,10 +80,6 @@ class Service:
         """Write what the recording holds now (see ``Recording.flush``)."""
         return self.recording.flush()
 
-    @property
-    def db_lost(self) -> str | None:
-        return self.recording.db_lost
-
     async def start(self, *, restore: bool = True) -> None:
         """Connect to the hosts and take back the unfinished jobs of an earlier controller
         (``restore``; ``mnp run`` hosting its own controller leaves them to the next
