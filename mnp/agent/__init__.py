@@ -12,7 +12,21 @@ from __future__ import annotations
 import os
 
 # in dependency order: each module imports only those before it
-MODULES = ("jobid", "expand", "proc", "loop", "facts", "spawn", "tasks", "agent", "main")
+MODULES = (
+    "jobid",
+    "expand",
+    "proc",
+    "loop",
+    "facts",
+    "request",
+    "tasks",
+    "spawn",
+    "teardown",
+    "sweep",
+    "ops",
+    "agent",
+    "main",
+)
 
 # plain enough for any python to run: an old one says what is wrong (exit 1)
 _VERSION_CHECK = """\
