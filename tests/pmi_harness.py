@@ -1,0 +1,130 @@
+"""A direct MPI launch in one process, for the tests: ranks on fake nodes, real MPICH.
+
+Each fake node is one ``AsyncNode`` (the agent's PMI server) serving its ranks
+through ``PMI_FD`` socketpairs; an in-process ``Exchange`` stands in for the
+controller. Like ``srun --kill-on-bad-exit``, an abort or a rank lost before
+``finalize`` kills the other ranks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from mnp.agent.pmi import AsyncNode
+from mnp.model import NodeGroup
+from mnp.pmi.exchange import Complete, Exchange, Rejected
+from mnp.pmi.layout import job_attributes, layout, rank_env
+
+
+@dataclass
+class World:
+    """What a launch left: each rank's output and exit status, and the PMI events."""
+
+    output: dict[int, str] = field(default_factory=dict)
+    returncodes: dict[int, int] = field(default_factory=dict)
+    aborts: list[tuple[int, int, str]] = field(default_factory=list)
+    lost: list[tuple[int, str]] = field(default_factory=list)
+    barriers: int = 0
+    exchanged_keys: int = 0
+
+
+class _Controller:
+    """The controller's part: one Exchange, a future per barrier epoch."""
+
+    def __init__(self, nodes: Sequence[int], world: World) -> None:
+        self.exchange = Exchange.of(nodes)
+        self.done: dict[int, asyncio.Future[Mapping[str, str]]] = {}
+        self.world = world
+
+    async def arrive(self, node: int, epoch: int, puts: dict[str, str]) -> Mapping[str, str]:
+        fut = self.done.setdefault(epoch, asyncio.get_running_loop().create_future())
+        result = self.exchange.arrive(node, epoch, puts)
+        if isinstance(result, Rejected):
+            raise RuntimeError(result.reason)
+        if isinstance(result, Complete):
+            self.world.barriers += 1
+            self.world.exchanged_keys += len(result.kvs)
+            fut.set_result(result.kvs)
+        return await fut
+
+
+async def launch(
+    groups: Sequence[NodeGroup],
+    argv: Sequence[Sequence[str]],
+    *,
+    within: float = 60.0,
+    kvsname: str = "mnp-test-1",
+) -> World:
+    """Run ``argv[i]`` as the ranks of ``groups[i]`` (taken in node order) and wait for all."""
+    lay = layout(groups)
+    by_start = sorted(range(len(groups)), key=lambda i: groups[i].start)
+    world = World()
+    ctl = _Controller(lay.nodes, world)
+    procs: dict[int, asyncio.subprocess.Process] = {}
+
+    def kill_all() -> None:
+        for p in procs.values():
+            if p.returncode is None:
+                p.kill()
+
+    def on_abort(rank: int, code: int, msg: str) -> None:
+        world.aborts.append((rank, code, msg))
+        kill_all()
+
+    def on_lost(rank: int, phase: str) -> None:
+        world.lost.append((rank, phase))
+        kill_all()
+
+    servers: list[asyncio.Task[None]] = []
+    for node in lay.nodes:
+        here = lay.on_node(node)
+
+        async def exchange(epoch: int, puts: dict[str, str], node: int = node) -> Mapping[str, str]:
+            return await ctl.arrive(node, epoch, puts)
+
+        server = AsyncNode(
+            kvsname,
+            lay.size,
+            {r.rank: r.appnum for r in here},
+            job_attributes(lay),
+            exchange,
+            on_abort,
+            on_lost,
+        )
+        for r in here:
+            ours, theirs = socket.socketpair()
+            env = dict(os.environ, **rank_env(lay, r.rank, fd=theirs.fileno()))
+            procs[r.rank] = await asyncio.create_subprocess_exec(
+                *argv[by_start[r.appnum]],
+                env=env,
+                pass_fds=[theirs.fileno()],
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            theirs.close()
+            reader, writer = await asyncio.open_connection(sock=ours)
+            servers.append(asyncio.ensure_future(server.serve(reader, writer, r.rank)))
+
+    async def collect(rank: int, p: asyncio.subprocess.Process) -> None:
+        assert p.stdout is not None
+        out = await p.stdout.read()
+        world.output[rank] = out.decode(errors="replace")
+        world.returncodes[rank] = await p.wait()
+
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(*(collect(r, p) for r, p in procs.items()), *servers), within
+        )
+    finally:
+        kill_all()
+    return world
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
