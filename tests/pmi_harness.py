@@ -59,8 +59,14 @@ async def launch(
     *,
     within: float = 60.0,
     kvsname: str = "mnp-test-1",
+    via: str = "fd",
 ) -> World:
-    """Run ``argv[i]`` as the ranks of ``groups[i]`` (taken in node order) and wait for all."""
+    """Run ``argv[i]`` as the ranks of ``groups[i]`` (taken in node order) and wait for all.
+
+    ``via="fd"``: each rank inherits its end of a socketpair (``PMI_FD``);
+    ``via="port"``: each node listens on loopback and ranks connect
+    (``PMI_PORT``/``PMI_ID``), as ranks in a container would.
+    """
     lay = layout(groups)
     by_start = sorted(range(len(groups)), key=lambda i: groups[i].start)
     world = World()
@@ -81,6 +87,8 @@ async def launch(
         kill_all()
 
     servers: list[asyncio.Task[None]] = []
+    listeners: list[asyncio.Server] = []
+    handlers: list[asyncio.Task[None]] = []
     for node in lay.nodes:
         here = lay.on_node(node)
 
@@ -96,17 +104,30 @@ async def launch(
             on_abort,
             on_lost,
         )
+        address = ""
+        if via == "port":
+
+            async def accept(
+                reader: asyncio.StreamReader,
+                writer: asyncio.StreamWriter,
+                server: AsyncNode = server,
+            ) -> None:
+                task = asyncio.current_task()
+                assert task is not None
+                handlers.append(task)
+                await server.serve(reader, writer)
+
+            listeners.append(await asyncio.start_server(accept, "127.0.0.1", 0))
+            address = f"127.0.0.1:{listeners[-1].sockets[0].getsockname()[1]}"
         for r in here:
+            if via == "port":
+                procs[r.rank] = await _start(
+                    argv[by_start[r.appnum]], rank_env(lay, r.rank, port=address)
+                )
+                continue
             ours, theirs = socket.socketpair()
-            env = dict(os.environ, **rank_env(lay, r.rank, fd=theirs.fileno()))
-            procs[r.rank] = await asyncio.create_subprocess_exec(
-                *argv[by_start[r.appnum]],
-                env=env,
-                pass_fds=[theirs.fileno()],
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-            )
+            env = rank_env(lay, r.rank, fd=theirs.fileno())
+            procs[r.rank] = await _start(argv[by_start[r.appnum]], env, theirs.fileno())
             theirs.close()
             reader, writer = await asyncio.open_connection(sock=ours)
             servers.append(asyncio.ensure_future(server.serve(reader, writer, r.rank)))
@@ -117,13 +138,30 @@ async def launch(
         world.output[rank] = out.decode(errors="replace")
         world.returncodes[rank] = await p.wait()
 
+    async def everything() -> None:
+        await asyncio.gather(*(collect(r, p) for r, p in procs.items()), *servers)
+        await asyncio.gather(*handlers)  # every rank has exited: its connection is closed
+
     try:
-        await asyncio.wait_for(
-            asyncio.gather(*(collect(r, p) for r, p in procs.items()), *servers), within
-        )
+        await asyncio.wait_for(everything(), within)
     finally:
         kill_all()
+        for listener in listeners:
+            listener.close()
     return world
+
+
+async def _start(
+    argv: Sequence[str], pmi_env: Mapping[str, str], fd: int | None = None
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        env={**os.environ, **pmi_env},
+        pass_fds=[] if fd is None else [fd],
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
 
 
 def python(*args: str) -> list[str]:

@@ -34,14 +34,33 @@ def ranks_said_hello(output: dict[int, str], size: int) -> None:
         assert (int(m[1]), int(m[2])) == (rank, size)
 
 
-async def test_helloworld_on_two_nodes_by_two_ranks() -> None:
+@pytest.mark.parametrize(
+    ("nodes", "per_node", "via"),
+    [(2, 2, "fd"), (4, 2, "fd"), (2, 2, "port")],
+)
+async def test_helloworld(nodes: int, per_node: int, via: str) -> None:
     world = await launch(
-        [NodeGroup(0, 1, tasks_per_node=2)], [python("-m", "mpi4py.bench", "helloworld")]
+        [NodeGroup(0, nodes - 1, tasks_per_node=per_node)],
+        [python("-m", "mpi4py.bench", "helloworld")],
+        via=via,
     )
-    ranks_said_hello(world.output, 4)
-    assert world.returncodes == {r: 0 for r in range(4)}
+    size = nodes * per_node
+    ranks_said_hello(world.output, size)
+    assert world.returncodes == {r: 0 for r in range(size)}
     assert world.aborts == world.lost == []
-    assert world.barriers >= 1 and world.exchanged_keys >= 4  # every rank's card went round
+    assert world.barriers >= 1 and world.exchanged_keys >= size  # every rank's card went round
+
+
+async def test_pingpong_between_two_nodes() -> None:
+    world = await launch(
+        [NodeGroup(0, 1, tasks_per_node=1)],
+        [python("-m", "mpi4py.bench", "pingpong", "-m", "1", "-n", "4096", "-l", "10")],
+    )
+    assert world.returncodes == {0: 0, 1: 0}
+    lines = world.output[0].splitlines()
+    assert lines[0] == "# MPI PingPong Test", world.output
+    sizes = [int(line.split()[0]) for line in lines if not line.startswith("#")]
+    assert sizes == [2**i for i in range(13)]  # 1 B .. 4 KiB, each measured
 
 
 async def test_ringtest_completes_across_nodes() -> None:
