@@ -3,19 +3,23 @@
 Each fake node is one ``AsyncNode`` (the agent's PMI server) serving its ranks
 through ``PMI_FD`` socketpairs; an in-process ``Exchange`` stands in for the
 controller. Like ``srun --kill-on-bad-exit``, an abort or a rank lost before
-``finalize`` kills the other ranks.
+``finalize`` kills the other ranks; then, like mnp's teardown will, the
+harness removes the shared memory MPICH's killed ranks left in ``/dev/shm``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import socket
 import sys
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mnp.agent.pmi import AsyncNode
+from mnp.agent.pmi import AsyncNode, shm_leftovers
 from mnp.model import NodeGroup
 from mnp.pmi.exchange import Complete, Exchange, Rejected
 from mnp.pmi.layout import job_attributes, layout, rank_env
@@ -31,6 +35,7 @@ class World:
     lost: list[tuple[int, str]] = field(default_factory=list)
     barriers: int = 0
     exchanged_keys: int = 0
+    leftovers: list[str] = field(default_factory=list)  # /dev/shm names removed after
 
 
 class _Controller:
@@ -58,7 +63,7 @@ async def launch(
     argv: Sequence[Sequence[str]],
     *,
     within: float = 60.0,
-    kvsname: str = "mnp-test-1",
+    kvsname: str | None = None,
     via: str = "fd",
 ) -> World:
     """Run ``argv[i]`` as the ranks of ``groups[i]`` (taken in node order) and wait for all.
@@ -67,6 +72,7 @@ async def launch(
     ``via="port"``: each node listens on loopback and ranks connect
     (``PMI_PORT``/``PMI_ID``), as ranks in a container would.
     """
+    kvsname = kvsname or f"mnp-test-{uuid.uuid4().hex[:12]}"
     lay = layout(groups)
     by_start = sorted(range(len(groups)), key=lambda i: groups[i].start)
     world = World()
@@ -76,7 +82,10 @@ async def launch(
     def kill_all() -> None:
         for p in procs.values():
             if p.returncode is None:
-                p.kill()
+                # not p.kill(): Popen.send_signal polls first and may reap the
+                # child under asyncio's watcher, which then reports 255
+                with contextlib.suppress(ProcessLookupError):  # reaped, not yet noted
+                    os.kill(p.pid, signal.SIGKILL)
 
     def on_abort(rank: int, code: int, msg: str) -> None:
         world.aborts.append((rank, code, msg))
@@ -148,7 +157,21 @@ async def launch(
         kill_all()
         for listener in listeners:
             listener.close()
+    world.leftovers = remove_leftovers(kvsname, len(lay.nodes))
     return world
+
+
+def remove_leftovers(kvsname: str, nodes: int) -> list[str]:
+    """Remove MPICH's shared memory of a launch; return what was there."""
+    found = []
+    for node_id in range(nodes):
+        for path in shm_leftovers(kvsname, node_id):
+            try:
+                os.unlink(path)
+                found.append(path)
+            except FileNotFoundError:
+                pass
+    return found
 
 
 async def _start(

@@ -314,6 +314,28 @@ def _word(a: Dict[str, str], key: str, limit: int) -> str:
     return a[key]
 
 
+def fnv1a(text: str) -> int:
+    """32-bit FNV-1a, MPICH's ``HASH_FNV``."""
+    h = 2166136261
+    for b in text.encode():
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    return h
+
+
+def shm_leftovers(kvsname: str, node_id: int) -> List[str]:
+    """The ``/dev/shm`` names MPICH's ranks on one node share, which a killed rank leaves behind.
+
+    MPICH names them after a hash of the key-value space name (its world id)
+    and the node id of ``PMI_process_mapping``; a later job with the same
+    kvsname would attach to a stale segment of another size and fail in
+    ``MPI_Init`` ("Out of memory"). So a kvsname must be unique per launch, and
+    teardown removes these. The ``mpich`` wheel (5.0) hashes the kvsname alone;
+    MPICH's main branch hashes ``kvsname-1`` (the init count): both are listed.
+    """
+    ids = (fnv1a(kvsname), fnv1a(kvsname + "-1"))
+    return ["/dev/shm/mpich_%s_%x_%d" % (kind, i, node_id) for i in ids for kind in ("shm", "vci")]
+
+
 class AsyncNode:
     """``NodeServer`` over asyncio sockets, with an awaitable barrier exchange.
 

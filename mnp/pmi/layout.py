@@ -13,6 +13,9 @@ client only with ``PMI_FD``; they are set either way, as Hydra does. MPICH asks
 the rest over the wire: its application number (``get_appnum``) and which
 ranks share a node, from the job attribute ``PMI_process_mapping``, which
 ``process_mapping`` writes in MPICH's ``(vector,(node,count,ranks),...)``.
+
+The key-value space name must be unique per launch: MPICH names its shared
+memory segments after it (``mnp.agent.pmi.shm_leftovers``).
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ class Layout:
         for r in self.ranks:
             seen.setdefault(r.node, None)
         return tuple(seen)
+
+    def node_id(self, node: int) -> int:
+        """MPICH's id of a job node: its position among the nodes that run ranks."""
+        return self.nodes.index(node)
 
     def on_node(self, node: int) -> tuple[Rank, ...]:
         return tuple(r for r in self.ranks if r.node == node)

@@ -87,3 +87,4 @@ def test_nodes_and_ranks_on_a_node() -> None:
     assert [r.rank for r in lay.on_node(0)] == [0, 1]
     assert [r.rank for r in lay.on_node(4)] == [3]
     assert lay.on_node(1) == ()
+    assert [lay.node_id(n) for n in lay.nodes] == [0, 1, 2]

@@ -11,7 +11,7 @@ from collections.abc import Hashable
 
 import pytest
 
-from mnp.agent.pmi import NodeServer
+from mnp.agent.pmi import NodeServer, shm_leftovers
 
 MAPPING = "(vector,(0,2,2))"
 
@@ -293,3 +293,13 @@ def test_a_rank_closing_before_finalize_is_reported(lines: str, phase: str | Non
     node.ask("a", lines)
     node.s.closed("a")
     assert node.lost == ([] if phase is None else [(0, phase)])
+
+
+def test_shm_leftovers_are_named_as_mpich_names_them() -> None:
+    # observed: ranks of kvsname mnp-68923164 killed on node id 1 left mpich_shm_4c071192_1
+    assert shm_leftovers("mnp-68923164", 1) == [
+        "/dev/shm/mpich_shm_4c071192_1",
+        "/dev/shm/mpich_vci_4c071192_1",
+        "/dev/shm/mpich_shm_f9d93294_1",
+        "/dev/shm/mpich_vci_f9d93294_1",
+    ]
