@@ -16,10 +16,10 @@ import signal
 import socket
 import sys
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mnp.agent.pmi import AsyncNode, shm_leftovers
+from mnp.agent.pmi import NodeServer, shm_leftovers
 from mnp.model import NodeGroup
 from mnp.pmi.exchange import Complete, Exchange, Rejected
 from mnp.pmi.layout import job_attributes, layout, rank_env
@@ -185,6 +185,67 @@ async def _start(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+
+
+class AsyncNode:
+    """``NodeServer`` over asyncio sockets, with an awaitable barrier exchange.
+
+    ``exchange(epoch, puts)`` returns the merged key-value space of that barrier
+    (the agent will ask the controller); raising fails the barrier.
+    """
+
+    def __init__(
+        self,
+        kvsname: str,
+        size: int,
+        appnums: Mapping[int, int],
+        jobattrs: Mapping[str, str],
+        exchange: Callable[[int, dict[str, str]], Awaitable[Mapping[str, str]]],
+        on_abort: Callable[[int, int, str], None],
+        on_lost: Callable[[int, str], None],
+    ) -> None:
+        self.exchange = exchange
+        self.writers: dict[Hashable, asyncio.StreamWriter] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+        self.server = NodeServer(
+            kvsname, size, appnums, jobattrs, self._send, self._barrier, on_abort, on_lost
+        )
+
+    def _send(self, conn: Hashable, data: bytes) -> None:
+        w = self.writers.get(conn)
+        if w is not None and not w.is_closing():
+            w.write(data)
+
+    def _barrier(self, epoch: int, puts: dict[str, str]) -> None:
+        self.tasks.append(asyncio.ensure_future(self._exchange(epoch, puts)))
+
+    async def _exchange(self, epoch: int, puts: dict[str, str]) -> None:
+        try:
+            kvs: Mapping[str, str] | None = await self.exchange(epoch, puts)
+        except Exception:
+            kvs = None
+        self.server.release(epoch, kvs)
+
+    async def serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rank: int | None = None
+    ) -> None:
+        """One rank's connection, until it closes."""
+        conn = object()
+        self.writers[conn] = writer
+        self.server.attach(conn, rank)
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                self.server.feed(conn, data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            self.writers.pop(conn, None)
+            self.server.closed(conn)
+            writer.close()
 
 
 def python(*args: str) -> list[str]:

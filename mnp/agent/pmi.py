@@ -7,9 +7,10 @@ so the client keeps to plain ``barrier_in`` (no 1.2 group barriers, no
 threading). PMI-2's wire protocol is refused at ``init`` with an error.
 
 ``NodeServer`` is sans-I/O: its owner feeds it the bytes each rank wrote and
-gives it a ``send`` for the answers, so it fits the agent's epoll loop as well
-as asyncio (``AsyncNode`` below, used by the tests). One instance serves the
-ranks of one job on one node:
+gives it a ``send`` for the answers, so the agent's epoll loop drives it
+without asyncio, whose import alone would cost the agent's start tens of
+milliseconds (the tests drive it with asyncio: ``tests/pmi_harness.py``). One
+instance serves the ranks of one job on one node:
 
 - puts are collected on the node; when every local rank is in ``barrier_in``,
   ``on_barrier(epoch, puts)`` hands them over (the agent sends them to the
@@ -26,11 +27,9 @@ can never read another job's keys.
 
 from __future__ import annotations
 
-import asyncio
-
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
-    from typing import Any, Awaitable, Callable, Dict, Hashable, List, Mapping, Optional, Set
+    from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Set
 
 KVSNAME_MAX = 256  # Hydra's limits; MPICH sizes its buffers from `get_maxes`
 KEYLEN_MAX = 64
@@ -165,6 +164,10 @@ class NodeServer:
         if len(c.buf) > LINE_MAX:
             c.buf = b""
             self.send(conn, line("error", rc=-1, msg="line-too-long"))
+
+    def not_initialized(self) -> List[int]:
+        """Local ranks that have not sent ``init`` yet (the agent bounds how long they may take)."""
+        return sorted(r for r, p in self.phase.items() if p == NEW)
 
     # ---- queries ---------------------------------------------------------
 
@@ -334,64 +337,3 @@ def shm_leftovers(kvsname: str, node_id: int) -> List[str]:
     """
     ids = (fnv1a(kvsname), fnv1a(kvsname + "-1"))
     return ["/dev/shm/mpich_%s_%x_%d" % (kind, i, node_id) for i in ids for kind in ("shm", "vci")]
-
-
-class AsyncNode:
-    """``NodeServer`` over asyncio sockets, with an awaitable barrier exchange.
-
-    ``exchange(epoch, puts)`` returns the merged key-value space of that barrier
-    (the agent will ask the controller); raising fails the barrier.
-    """
-
-    def __init__(
-        self,
-        kvsname: str,
-        size: int,
-        appnums: Mapping[int, int],
-        jobattrs: Mapping[str, str],
-        exchange: Callable[[int, Dict[str, str]], Awaitable[Mapping[str, str]]],
-        on_abort: Callable[[int, int, str], None],
-        on_lost: Callable[[int, str], None],
-    ) -> None:
-        self.exchange = exchange
-        self.writers: Dict[Hashable, asyncio.StreamWriter] = {}
-        self.tasks: List[asyncio.Task[None]] = []
-        self.server = NodeServer(
-            kvsname, size, appnums, jobattrs, self._send, self._barrier, on_abort, on_lost
-        )
-
-    def _send(self, conn: Hashable, data: bytes) -> None:
-        w = self.writers.get(conn)
-        if w is not None and not w.is_closing():
-            w.write(data)
-
-    def _barrier(self, epoch: int, puts: Dict[str, str]) -> None:
-        self.tasks.append(asyncio.ensure_future(self._exchange(epoch, puts)))
-
-    async def _exchange(self, epoch: int, puts: Dict[str, str]) -> None:
-        try:
-            kvs: Optional[Mapping[str, str]] = await self.exchange(epoch, puts)
-        except Exception:
-            kvs = None
-        self.server.release(epoch, kvs)
-
-    async def serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rank: Optional[int] = None
-    ) -> None:
-        """One rank's connection, until it closes."""
-        conn = object()
-        self.writers[conn] = writer
-        self.server.attach(conn, rank)
-        try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    break
-                self.server.feed(conn, data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            self.writers.pop(conn, None)
-            self.server.closed(conn)
-            writer.close()

@@ -126,6 +126,15 @@ def test_a_finalized_rank_does_not_hold_up_the_barrier_of_the_others() -> None:
     assert node.barriers == [(0, {})]
 
 
+def test_ranks_not_yet_initialized_are_known() -> None:
+    node = Node({4: 0, 5: 0, 6: 0}, size=7)
+    node.s.attach("a", 4)
+    node.s.attach("b", 5)
+    assert node.s.not_initialized() == [4, 5, 6]
+    node.init("b")
+    assert node.s.not_initialized() == [4, 6]
+
+
 def test_a_failed_barrier_answers_an_error() -> None:
     node = Node({0: 0}, size=1)
     node.s.attach("a", 0)
