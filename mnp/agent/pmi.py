@@ -135,7 +135,10 @@ class NodeServer:
     def attach(self, conn: Hashable, rank: Optional[int] = None) -> None:
         """A rank's connection: with its rank (``PMI_FD``) or not yet known (``PMI_PORT``)."""
         if rank is not None:
-            self._bind(rank, conn)
+            try:
+                self._bind(rank, conn)
+            except ProtocolError as e:
+                raise ValueError(str(e)) from None
         self.conns[conn] = _Conn(rank)
 
     def _bind(self, rank: int, conn: Hashable) -> None:
@@ -185,7 +188,15 @@ class NodeServer:
                 text = raw.decode("ascii")
             except UnicodeDecodeError:
                 raise ProtocolError("not-ascii") from None
-            attrs = parse(text.rstrip("\r"))
+            text = text.rstrip("\r")
+            if text.startswith("cmd=abort "):
+                # MPICH writes its abort message unescaped, spaces and all: an
+                # abort must be reported whatever it says
+                head, _, message = text.partition(" message=")
+                attrs = parse(head)
+                attrs["message"] = message
+            else:
+                attrs = parse(text)
             if "mcmd" in attrs:
                 c.in_mcmd = True
                 return

@@ -157,6 +157,12 @@ def test_lines_may_arrive_split_and_batched() -> None:
     ]
 
 
+def test_attaching_a_rank_of_another_node_is_a_bug_of_the_caller() -> None:
+    node = Node({0: 0}, size=2)
+    with pytest.raises(ValueError, match="rank-1-is-not-on-this-node"):
+        node.s.attach("a", 1)
+
+
 def test_pmi_port_identifies_the_rank_by_initack() -> None:
     node = Node({1: 0}, size=2)
     node.s.attach("c")
@@ -273,6 +279,14 @@ def test_spawn_is_refused_after_its_endcmd() -> None:
     [
         ("cmd=abort exitcode=7", 7, ""),
         ("cmd=abort exitcode=7 message=oops", 7, "oops"),
+        # recorded: what mpi4py's MPI.COMM_WORLD.Abort(7) sends
+        ("cmd=abort exitcode=7 message=abort", 7, "abort"),
+        # MPICH does not escape the message of PMI_Abort
+        (
+            "cmd=abort exitcode=15 message=Fatal error in internal_Init_thread: x=1",
+            15,
+            "Fatal error in internal_Init_thread: x=1",
+        ),
         ("cmd=abort exit_code=3", 3, ""),
         ("cmd=abort", 1, ""),
         ("cmd=abort exitcode=nan", 1, ""),
