@@ -12,7 +12,21 @@ from __future__ import annotations
 import os
 
 # in dependency order: each module imports only those before it
-MODULES = ("jobid", "expand", "proc", "loop", "facts", "spawn", "tasks", "agent", "main")
+MODULES = (
+    "jobid",
+    "expand",
+    "proc",
+    "loop",
+    "facts",
+    "request",
+    "tasks",
+    "spawn",
+    "teardown",
+    "sweep",
+    "ops",
+    "agent",
+    "main",
+)
 
 # plain enough for any python to run: an old one says what is wrong (exit 1)
 _VERSION_CHECK = """\
@@ -42,7 +56,7 @@ def bundle_source(compress: bool = True) -> str:
     """A self-contained Python script that runs the agent, for `python3 -c SCRIPT --ctl T`.
 
     Its modules become the package `_mnp_agent`, so it cannot clash with an mnp
-    installed on the node. Compressed (zlib + base85) it is about 15 KB, well under
+    installed on the node. Compressed (zlib + base85) it is about 35 KB, well under
     the 128 KiB a single argument may take on Linux; `compress=False` gives a
     readable script.
     """

@@ -1,4 +1,5 @@
-"""The database layout, its version, and opening a connection to it.
+"""The database layout, its version, and the connection: opening it, its
+transactions (``transaction``), its errors as one line (``guard``), its statistics.
 
 ``PRAGMA user_version`` holds :data:`SCHEMA_VERSION`. A fresh file gets the
 schema on first open; an older one is migrated step by step (``_MIGRATIONS``)
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mnp.errors import InfraError
@@ -24,6 +27,7 @@ changes tables or columns (not with one that only adds an index)."""
 BUSY_TIMEOUT_MS = 5000
 CACHE_KIB = 65536  # a ceiling, allocated as pages are read: a 100k-row `mnp list` fits
 WRITER_CACHE_KIB = 8192  # the controller writes and reads back little: 64 MiB cost 60 MB RSS
+ANALYSIS_LIMIT = 1000  # rows ANALYZE samples per index
 
 # a job referred to by name is the newest top-level job of that name: the index
 # carries the rowid (seq), so the newest is the last entry of the name (version 2)
@@ -238,6 +242,44 @@ def connect(path: Path, readonly: bool) -> sqlite3.Connection:
             raise infra_error(path, "opening", e) from e
         raise
     return conn
+
+
+@contextmanager
+def guard(path: Path, doing: str) -> Iterator[None]:
+    """sqlite3 errors become one-line InfraErrors naming ``path`` and what was being
+    done; constraint violations (bugs, not the disk) become ValueErrors."""
+    try:
+        yield
+    except sqlite3.IntegrityError as e:
+        raise ValueError(f"state database {path}: {doing}: {e}") from e
+    except sqlite3.Error as e:
+        raise infra_error(path, doing, e) from e
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction (``BEGIN IMMEDIATE``): committed, or rolled back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def analyze(conn: sqlite3.Connection) -> None:
+    """Refresh the planner's statistics (sampled: milliseconds at any size).
+
+    Whether walking the table or the parents-only index lists parents faster
+    depends on how many array children there are; the statistics tell.
+    """
+    try:
+        conn.execute(f"PRAGMA analysis_limit = {ANALYSIS_LIMIT}")
+        conn.execute("ANALYZE")
+    except sqlite3.Error:
+        pass  # an optimisation: a full disk must not keep the store from opening or closing
 
 
 def _connect_readonly(path: Path) -> sqlite3.Connection:

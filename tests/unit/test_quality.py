@@ -31,7 +31,14 @@ def test_mypy_strict_is_clean() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-PURE = ("mnp/sched/lifecycle.py", "mnp/sched/decide.py", "mnp/sched/autoscale.py", "mnp/wiring.py")
+PURE = (
+    "mnp/sched/lifecycle.py",
+    "mnp/sched/decide.py",
+    "mnp/sched/autoscale.py",
+    "mnp/wiring.py",
+    "mnp/pmi/layout.py",
+    "mnp/pmi/exchange.py",
+)
 """Modules of decisions: they import nothing that does I/O and never read the clock."""
 
 
