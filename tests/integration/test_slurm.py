@@ -20,7 +20,7 @@ import pytest
 
 from tests.integration.slurm import SlurmCluster
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
 
 def _batch(cluster: SlurmCluster, tmp_path: Path, body: str, nodes: int = 2) -> str:

@@ -17,7 +17,7 @@ from mnp.transport.base import AgentConnection
 from mnp.transport.srun import SrunTransport
 from tests.integration.slurm import SlurmCluster
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(240)]
 
 
 async def _until(
