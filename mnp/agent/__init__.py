@@ -19,6 +19,7 @@ MODULES = (
     "loop",
     "facts",
     "request",
+    "pmi",
     "tasks",
     "spawn",
     "teardown",
