@@ -24,7 +24,7 @@ use, so ``import mnp.api`` costs no more than the client.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mnp.api.client import MAX_LINE, SOCKET_NAME, ApiClient, error_from_response, socket_path
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 _SERVER_NAMES = frozenset({"MAX_IN_FLIGHT", "ApiServer", "Handler", "Responder"})
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     """The server's names, imported when first asked for (PEP 562)."""
     if name in _SERVER_NAMES:
         from mnp.api import server
