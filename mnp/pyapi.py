@@ -25,6 +25,8 @@ from typing import Any
 from mnp import client as layer
 from mnp.errors import InfraError
 
+_WIRE = ("ok", "id", "end")  # the socket protocol's own fields
+
 
 class Client:
     """The controller of ``home`` (``$MNP_HOME``, else ``~/.local/state/mnp``), started
@@ -118,7 +120,7 @@ class Client:
                 if isinstance(e.__cause__, TimeoutError):
                     raise TimeoutError(f"job {job} did not end within {timeout:g}s") from None
                 raise
-        return {"job_id": job, **{k: v for k, v in outcome.items() if k not in ("ok", "id")}}
+        return {"job_id": job, **{k: v for k, v in outcome.items() if k not in _WIRE}}
 
     def logs(self, job: str, stream: str = "stdout") -> str:
         """What ``mnp logs JOB`` prints so far (``stream="stderr"``: ``--stderr``)."""
