@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from mnp import errors  # the API's errors, cheap: MnpError and its subclasses
+
 __version__ = "0.1.0"
-__all__ = ["Client", "__version__"]
+__all__ = ["Client", "__version__", "errors"]
 
 if TYPE_CHECKING:
     from mnp.pyapi import Client

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,3 +153,44 @@ def test_malformed_notifications_are_one_line_exit_2(
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"mnp: {inv}:"), r.stderr
     assert message in r.stderr, r.stderr
+
+
+def test_webhook_gets_the_event_posted(tmp_path: Path, home: dict[str, str]) -> None:
+    got: list[dict[str, object]] = []
+    fails = [1]  # the first POST is answered 500: tried again
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if fails:
+                fails.pop()
+                self.send_response(500)
+            else:
+                got.append(json.loads(body))
+                self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        inv = _inventory(
+            tmp_path,
+            f"""
+[[notifications]]
+url = "http://127.0.0.1:{server.server_port}/mnp"
+states = ["SUCCEEDED"]
+queues = ["default"]
+""",
+        )
+        env = {**home, "MNP_INVENTORY": inv}
+        r = mnp("submit", "--wait", "--", "true", env=env)
+        assert r.returncode == 0, r.stderr
+        wait_until("the POST", lambda: got, 15)
+        assert [(e["job_id"], e["status"]) for e in got] == [(r.stdout.strip(), "SUCCEEDED")]
+        assert "HTTP 500" in (Path(home["MNP_HOME"]) / "controller.log").read_text()
+    finally:
+        server.shutdown()
+        server.server_close()
