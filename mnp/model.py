@@ -222,12 +222,27 @@ class Queue:
 
 
 @dataclass(frozen=True)
+class Notification:
+    """An inventory ``[[notifications]]`` hook: ``command`` (the event's JSON on its
+    stdin) or ``url`` (the JSON POSTed), for the events whose ``status`` is in
+    ``states``, ``queue`` in ``queues`` and ``name`` matches the glob ``job_name``
+    (None: any)."""
+
+    command: tuple[str, ...] | None = None
+    url: str | None = None
+    states: tuple[str, ...] | None = None
+    queues: tuple[str, ...] | None = None
+    job_name: str | None = None
+
+
+@dataclass(frozen=True)
 class Inventory:
     source: str  # file path, "local", "slurm", "pbs", "hostfile:PATH"
     hosts: tuple[HostSpec, ...]
     compute_environments: Mapping[str, ComputeEnvironment]
     queues: Mapping[str, Queue]
     ssh: SshOptions = field(default_factory=SshOptions)
+    notifications: tuple[Notification, ...] = ()
 
     def host(self, name: str) -> HostSpec:
         for h in self.hosts:

@@ -1,16 +1,18 @@
 """The controller daemon: a ``Controller`` recorded in the store, served on the socket.
 
 Rooms: ``recording`` (the controller's ``Recorder``: store, ``events.jsonl``,
-``logs/``), ``purging`` (purges and retention), ``ops`` (the socket's op table and
-handlers), ``feeds`` (what ``mnp run`` clients are streamed), ``core`` (``Service``,
-which puts them together).
+``logs/``), ``hooks`` (event hooks), ``purging`` (purges and retention), ``ops``
+(the socket's op table and handlers), ``feeds`` (what ``mnp run`` clients are
+streamed), ``core`` (``Service``, which puts them together).
 
 Every job the service accepts is written to SQLite (``mnp.store``), every state
 change appended to the store and to ``$MNP_HOME/events.jsonl``, every task's output
 to ``$MNP_HOME/logs/JOB/TID.out|err``. Writes are batched and flushed every
 ``FLUSH_EVERY`` seconds, and at once before ``submit`` answers (an accepted job is
 durable). Reads (``list``, ``describe``, ``events``, ``logs``) do not go through
-here: the CLI opens the store read-only and the log files directly.
+here: the CLI and ``mnp.Client`` (``mnp.client``) open the store read-only and the
+log files directly. The inventory's ``[[notifications]]`` hooks are given each event
+once committed (``hooks``).
 
 Disk and permission faults never raise into the controller's loop:
 

@@ -19,6 +19,7 @@ from mnp.errors import MnpError
 from mnp.model import Inventory, JobState
 from mnp.purge import EVENTS_NAME, retention_every
 from mnp.service.feeds import Feeds
+from mnp.service.hooks import Hooks
 from mnp.service.ops import Handlers, socket_ops
 from mnp.service.purging import Housekeeping
 from mnp.service.recording import Recording
@@ -49,6 +50,8 @@ class Service:
         self.store, self._restorable, corrupt = open_store(home, EVENTS_NAME)
         self.feeds = Feeds()
         self.recording = Recording(home, self.store, self.feeds)
+        self.hooks = Hooks(home, inventory.notifications, self.store)
+        self.recording.on_committed = self.hooks.committed
         token = self.store.get_meta("controller_token")
         if token is None:
             token = secrets.token_hex(8)
@@ -87,6 +90,7 @@ class Service:
         for w in self.warnings:
             log.warning("%s", w)
         self.recording.catch_up_events()  # before anything new is committed
+        self.hooks.start()  # re-queues what an earlier controller left undelivered
         self.controller.continue_numbering(self.store.max_job_seq())
         rows, self._restorable = (self._restorable if restore else []), []
         items = []
@@ -141,6 +145,7 @@ class Service:
                 break
             await asyncio.sleep(0.01)
         self.recording.close()
+        await self.hooks.close()  # last: they had the shutdown's time to start on the last events
 
 
 def make_handler_factory(

@@ -149,6 +149,7 @@ class Handlers:
     async def wait(self, request: dict[str, Any], r: Responder) -> None:
         job = self._job(request)
         await self.controller.wait(job)
+        self.recording.flush()  # what a client reads next (describe, list) shows the end
         await r.end(self._outcome(job))
 
     async def cancel(self, request: dict[str, Any], r: Responder) -> None:

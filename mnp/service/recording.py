@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,8 @@ class Recording:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._db_check: asyncio.TimerHandle | None = None
         self.db_lost: str | None = None  # why the state database's file is not ours any more
+        # told the JSON lines of the events each flush commits (the hooks: mnp.service.hooks)
+        self.on_committed: Callable[[list[str]], None] | None = None
 
     def bind(self, controller: Controller) -> None:
         self.controller = controller
@@ -251,8 +253,11 @@ class Recording:
             failed: str | None = str(e)
         else:
             failed = None
-            self._events_out += "".join(line for _, line in self._event_lines).encode()
+            committed = [line for _, line in self._event_lines]
+            self._events_out += "".join(committed).encode()
             self._event_lines.clear()
+            if committed and self.on_committed is not None:
+                self.on_committed(committed)
         self._report("store", failed)
         self._report("events", self._write_events())
         for log_file in self._files.values():

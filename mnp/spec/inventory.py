@@ -23,7 +23,16 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from mnp.model import ComputeEnvironment, HostSpec, Inventory, ManagedSpec, Queue, SshOptions
+from mnp.model import (
+    ComputeEnvironment,
+    HostSpec,
+    Inventory,
+    JobState,
+    ManagedSpec,
+    Notification,
+    Queue,
+    SshOptions,
+)
 from mnp.spec.fields import (
     NAME_RE,
     Table,
@@ -38,7 +47,8 @@ from mnp.spec.fields import (
 from mnp.spec.nodeset import expand_nodeset, fold_nodeset
 from mnp.spec.units import parse_duration, parse_memory
 
-INVENTORY_FIELDS = ("ssh", "hosts", "compute_environments", "queues")
+INVENTORY_FIELDS = ("ssh", "hosts", "compute_environments", "queues", "notifications")
+NOTIFICATION_FIELDS = ("command", "url", "states", "queues", "job_name")
 SSH_FIELDS = ("user", "port", "known_hosts", "identity", "connect_timeout", "python", "config")
 HOST_FIELDS = ("names", "vcpus", "memory", "gpus", "labels", "address", "transport", "ssh")
 CE_FIELDS = (
@@ -150,8 +160,52 @@ def parse_inventory(data: dict[str, Any], source: str) -> Inventory:
             ht.fail("names", f"more than {MAX_HOSTS} hosts in the inventory; allowed {MAX_HOSTS}")
     ces = _compute_environments(t, hosts)
     return Inventory(
-        source=source, hosts=tuple(hosts), compute_environments=ces, queues=_queues(t, ces), ssh=ssh
+        source=source,
+        hosts=tuple(hosts),
+        compute_environments=ces,
+        queues=_queues(t, ces),
+        ssh=ssh,
+        notifications=_notifications(t),
     )
+
+
+def _notifications(t: Table) -> tuple[Notification, ...]:
+    """``[[notifications]]``: each a ``command`` (argv) or a ``url`` (http/https), and
+    optional ``states``, ``queues`` and ``job_name`` (a glob) filters."""
+    if "notifications" not in t:
+        return ()
+    items = array_of(
+        t.source, "notifications", t.get("notifications"), "an array of tables ([[notifications]])"
+    )
+    out = []
+    states = [s.value for s in JobState]
+    for i, item in enumerate(items):
+        nt = Table(t.source, index_path("notifications", i), item, NOTIFICATION_FIELDS)
+        command = nt.strings("command")
+        url = nt.string("url", None)
+        if (command is None) == (url is None):
+            nt.fail("command", 'give either command = ["prog", "arg"] or url = "https://..."')
+        if command is not None and not command:
+            nt.fail("command", 'empty; give the program and its arguments, e.g. ["notify-send"]')
+        if url is not None and not url.startswith(("http://", "https://")):
+            nt.fail("url", f"{show(url)} is not allowed; give an http:// or https:// URL")
+        wanted = nt.strings("states", single_ok=True)
+        if wanted is not None:
+            for j, st in enumerate(wanted):
+                if st.upper() not in states:
+                    f = index_path(nt.field("states"), j)
+                    fail(t.source, f, f"{show(st)} is not a state; allowed: {', '.join(states)}")
+            wanted = tuple(st.upper() for st in wanted)
+        out.append(
+            Notification(
+                command=command,
+                url=url,
+                states=wanted,
+                queues=nt.strings("queues", single_ok=True),
+                job_name=nt.string("job_name", None),
+            )
+        )
+    return tuple(out)
 
 
 def parse_ssh(st: Table, base: SshOptions) -> SshOptions:
