@@ -11,7 +11,12 @@ never import this module:
   placed attempt's spawns (the ``Launcher``'s messages), the multi-node start order;
 - ``attempts``: ``Attempts`` -- the agents' events about running tasks, timeouts,
   teardown, retry or finish (``mnp.sched.lifecycle``), one job's failure kept its own;
+- ``launch``: ``Launcher`` -- a placement into each task's argv, environment, files;
 - ``hosts``: ``HostPool`` -- the agents, reached by host; it knows no jobs.
+
+Decisions come from the pure modules (``mnp.sched.decide``: where; ``lifecycle``:
+what next); the rooms read the clock where something happens (``Shared.clock``) and
+pass ``now`` on.
 """
 
 from __future__ import annotations

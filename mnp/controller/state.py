@@ -56,6 +56,8 @@ EventSink = Callable[[dict[str, Any]], None]
 
 @dataclass(eq=False)
 class Shared:
+    """The records and the means every room of the controller works with."""
+
     inventory: Inventory
     hosts: HostPool
     recorder: Recorder | None
@@ -75,7 +77,7 @@ class Shared:
     closed: bool = False
     schedule_pass: Callable[[], None] | None = None
     """The scheduling pass (``Starter.schedule_pass``) that ``request_schedule`` runs."""
-    _schedule_requested: bool = False
+    _schedule_requested: bool = field(default=False, init=False)
     bg: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def enqueue(self, job: Job) -> None:
