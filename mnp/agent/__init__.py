@@ -22,6 +22,7 @@ MODULES = (
     "tasks",
     "spawn",
     "teardown",
+    "limits",
     "sweep",
     "ops",
     "agent",

@@ -800,6 +800,7 @@ class Controller:
         task.exit_code = msg.get("code")
         task.signal = msg.get("signal")
         task.error = msg.get("error")
+        task.usage = msg.get("usage")  # issue 14 hook: what the task used (PROTOCOL.md)
         if task.error and self.on_output is not None:
             self.on_output(job, task, 2, f"mnp: {task.tid}: {task.error}\n")
         if not job.is_multinode:
