@@ -115,3 +115,12 @@ def test_cores_are_bound_without_overlap(home: dict[str, str], tmp_path: Path) -
     (a, a0, a1), (b, b0, b1) = seen
     assert a0 < b1 and b0 < a1  # they ran at the same time
     assert not set(a) & set(b)
+
+
+def test_multinode_main_node_killed_for_memory(home: dict[str, str]) -> None:
+    job = submit(home, "--nodes", "2", "--memory", "64MiB", "--", "python3", "-c", ALLOC)
+    d = _ended(home, job)
+    assert d["state"] == "FAILED"
+    assert str(d["reason"]).startswith("OutOfMemoryError: Container killed"), d["reason"]
+    usage = d["attempts"][0]["usage"]  # type: ignore[index]
+    assert set(usage) == {f"{job}#0", f"{job}#1"}
