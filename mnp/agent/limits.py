@@ -136,6 +136,10 @@ class TaskLimits:
 class Limits:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        # an agent started from inside a task inherits that task's limits: they are
+        # not its tasks' (a task gets its own from its spawn, or none)
+        for name in (MEMORY_VAR, CPUS_VAR):
+            agent.env.pop(name, None)
         mode = os.environ.get(MODE_VAR, "auto")
         self.sample_only = mode == "sample"
         self.parent: Optional[str] = None  # this agent's directory of task cgroups

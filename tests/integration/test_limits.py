@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mnp.agent.limits import memory_cgroup_dir
+from mnp.agent.limits import MODE_VAR, memory_cgroup_dir
 from tests.helpers import describe, mnp, submit, wait_until
+from tests.integration.test_agent_driver import Agent
 
 
 def _cgroups_here() -> bool:
@@ -124,3 +126,61 @@ def test_multinode_main_node_killed_for_memory(home: dict[str, str]) -> None:
     assert str(d["reason"]).startswith("OutOfMemoryError: Container killed"), d["reason"]
     usage = d["attempts"][0]["usage"]  # type: ignore[index]
     assert set(usage) == {f"{job}#0", f"{job}#1"}
+
+
+# ---------------------------------------------------------------- the agent alone
+
+
+def _agent(mode: str, **env: str) -> Agent:
+    os.environ[MODE_VAR] = mode  # agent_env() copies os.environ
+    os.environ.update(env)
+    try:
+        return Agent()
+    finally:
+        for name in (MODE_VAR, *env):
+            os.environ.pop(name, None)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_agent_limits_only_what_the_spawn_asks(mode: str) -> None:
+    """The agent's own MNP_MEMORY_LIMIT / MNP_CPUS (it runs inside a task) are not its
+    tasks': a spawn without them runs unlimited and unbound, and does not see them."""
+    a = _agent(mode, MNP_MEMORY_LIMIT=str(32 << 20), MNP_CPUS="0")
+    try:
+        script = "import os; b = bytearray(100 << 20); print(len(os.sched_getaffinity(0)), "
+        script += "os.environ.get('MNP_MEMORY_LIMIT'), os.environ.get('MNP_CPUS'))"
+        exited, _ = a.run("1", ["python3", "-c", script])
+        assert exited["code"] == 0 and "error" not in exited, exited
+        assert a.output("1") == f"{len(os.sched_getaffinity(0))} None None\n"
+        assert "memory_limit" not in exited["usage"] and "cpus" not in exited["usage"]
+        exited, _ = a.run("2", ["python3", "-c", ALLOC], env={"MNP_MEMORY_LIMIT": str(64 << 20)})
+        assert exited["signal"] == signal.SIGKILL
+        assert exited["error"].startswith("OutOfMemoryError: ")
+        assert exited["usage"]["enforced"] == mode
+    finally:
+        a.close()
+
+
+@pytest.mark.skipif("cgroup" not in MODES, reason="the agent cannot make cgroups here")
+def test_cgroups_are_removed_after_tasks_and_after_a_sigkilled_agent() -> None:
+    own = memory_cgroup_dir()
+    assert own is not None
+    a = _agent("cgroup")
+    mine = Path(own, f"mnp-agent.{a.proc.pid}")
+    try:
+        a.run("1", ["true"], env={"MNP_MEMORY_LIMIT": str(64 << 20)})
+        assert mine.is_dir() and not Path(mine, "1").exists()  # removed once it is gone
+        a.send(op="spawn", tid="9", argv=["sleep", "100"], env={"MNP_MEMORY_LIMIT": "99999999"})
+        a.expect("started", "9")
+        assert Path(mine, "9").is_dir()
+        a.proc.kill()
+    finally:
+        a.close()
+    b = Agent()
+    try:
+        b.send(op="stale", live=[], below=100, grace=1)
+        assert b.expect("stale", timeout=10)["killed"] == 1
+        assert not mine.exists()
+    finally:
+        b.close()
+    assert not Path(own, f"mnp-agent.{b.proc.pid}").exists()  # made only when needed
