@@ -50,8 +50,9 @@ class Resources:
     """Per task (single/array) or per node (multinode)."""
 
     vcpus: float = 1.0
-    memory: int = 0  # bytes; 0 = not accounted
+    memory: int = 0  # bytes; 0 = not accounted; enforced per task (agent/limits.py)
     gpus: int = 0
+    cpu_bind: str = "none"  # "none" | "cores": pinned to ceil(vcpus) cores of its own
 
 
 @dataclass(frozen=True)
@@ -289,3 +290,4 @@ class Grant:
     memory: int
     gpus: tuple[int, ...]
     exclusive: bool = False
+    cpus: tuple[int, ...] = ()  # CPU ids it is pinned to (cpu_bind = "cores"); () = unbound

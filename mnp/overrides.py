@@ -153,6 +153,14 @@ OVERRIDES: tuple[Override, ...] = (
         cli_type=int,
     ),
     Override(
+        "cpu_bind",
+        "--cpu-bind",
+        "CPU binding: cores (each task pinned to ceil(vcpus) cores of its own) or none (default).",
+        edit="every",
+        path="resources.cpu_bind",
+        metavar="cores|none",
+    ),
+    Override(
         "attempts",
         "--attempts",
         "Attempts (1..10).",

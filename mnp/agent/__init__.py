@@ -23,6 +23,7 @@ MODULES = (
     "tasks",
     "spawn",
     "teardown",
+    "limits",
     "sweep",
     "ops",
     "agent",

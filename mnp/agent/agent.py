@@ -21,6 +21,7 @@ import sys
 import time
 
 from .facts import collect, make_rundir
+from .limits import CgroupStep, Limits
 from .loop import LineReader, Loop, Output
 from .ops import OPS
 from .proc import (
@@ -75,6 +76,8 @@ class Agent:
         self.orphans: Dict[int, Orphan] = {}  # adopted, until reaped
         self.poll_timer: Optional[Timer] = None
         self.teardowns = Teardowns(self)
+        self.limits = Limits(self)  # memory limits, CPU binding, usage (limits.py)
+        self.teardowns.steps.append(CgroupStep(self.limits))
         self.unchecked: List[Task] = []  # exited, waiting for the orphan check
         self.check_timer: Optional[Timer] = None
         self.input: Optional[LineReader] = None
@@ -114,6 +117,7 @@ class Agent:
             self._emergency()
             raise
         finally:
+            self.limits.close()
             self.out.close()
         return 0
 
@@ -213,7 +217,7 @@ class Agent:
         reaped = False
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, rusage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
@@ -227,11 +231,11 @@ class Agent:
                 waited = task.teardown is not None or task.termed or task.deadline < INF
                 reaped = reaped or waited
                 if not task.gone:
-                    self._exited(task, status)
+                    self._exited(task, status, rusage)
         if reaped:
             self.teardowns.reaped()
 
-    def _exited(self, task: Task, status: int) -> None:
+    def _exited(self, task: Task, status: int, rusage: Any = None) -> None:
         task.reaped = True
         if task.feeder is not None:
             task.feeder.close()
@@ -244,7 +248,13 @@ class Agent:
         else:
             code = os.WEXITSTATUS(status)
         now = time.time()
-        self.out.emit({"ev": "exited", "tid": task.tid, "code": code, "signal": sig, "t": now})
+        usage, error = self.limits.exit_report(task, rusage, code, sig)
+        event: Dict[str, Any] = {"ev": "exited", "tid": task.tid, "code": code, "signal": sig}
+        event["t"] = now
+        event["usage"] = usage
+        if error is not None:
+            event["error"] = error
+        self.out.emit(event)
         if task.teardown is not None:
             return
         if group_exists(task.pid):
@@ -359,4 +369,5 @@ class Agent:
             task.feeder.close()
         if self.tasks.get(task.tid) is task:
             del self.tasks[task.tid]
+        self.limits.release(task)
         self.out.emit({"ev": "gone", "tid": task.tid, "t": time.time(), "killed": killed})

@@ -285,9 +285,13 @@ def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
             if files:
                 write_files(files)
             born_ticks = now_ticks()
-            pid, out_fd, err_fd = agent.spawner.spawn(
-                argv, env, cwd, feed_r if feed_r >= 0 else None
-            )
+            limits = agent.limits.before(tid, changes)  # its cgroup and CPUs, inherited
+            try:
+                pid, out_fd, err_fd = agent.spawner.spawn(
+                    argv, env, cwd, feed_r if feed_r >= 0 else None
+                )
+            finally:
+                agent.limits.after(limits)
         except ValueError as e:  # text the OS cannot take (a lone surrogate, ...)
             raise SpawnError(126, "%s: %s" % (argv[0], e)) from None
         finally:
@@ -319,7 +323,10 @@ def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
             pipes.add(os.fstat(fd).st_ino)
         except OSError:
             pass
-    agent.add(Task(tid, pid, streams, feeder, time.monotonic(), born_ticks, pipes))
+    task = Task(tid, pid, streams, feeder, time.monotonic(), born_ticks, pipes)
+    task.limits = limits
+    agent.add(task)
+    agent.limits.started(task)
 
 
 def _base_env(agent: Agent, pyenv: Optional[str]) -> Dict[str, str]:

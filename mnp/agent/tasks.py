@@ -8,6 +8,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
     from typing import Collection, Dict, Iterable, List, Optional, Set, Tuple
 
+    from .limits import TaskLimits
     from .loop import Feeder, Stream
     from .proc import Proc, Snapshot
     from .sweep import StaleRule
@@ -32,6 +33,7 @@ class Task:
         "born",
         "born_ticks",
         "pipes",
+        "limits",
     )
 
     def __init__(
@@ -56,6 +58,7 @@ class Task:
         self.gone = False
         self.termed = False  # its process group was sent SIGTERM (a `kill` or `sweep`)
         self.deadline = INF  # a sweep's: SIGKILL what is left of it by then
+        self.limits: Optional[TaskLimits] = None  # its memory limit and CPUs (limits.py)
 
 
 class Orphan:

@@ -200,6 +200,7 @@ class Attempts:
         task.exit_code = msg.get("code")
         task.signal = msg.get("signal")
         task.error = msg.get("error")
+        task.usage = msg.get("usage")  # what the task used (PROTOCOL.md: exited)
         if task.error and self.s.on_output is not None:
             self.s.on_output(job, task, 2, f"mnp: {task.tid}: {task.error}\n")
         if not job.is_multinode:

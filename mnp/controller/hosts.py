@@ -177,6 +177,7 @@ class HostPool:
                 vcpus=float(host.vcpus if host.vcpus is not None else facts.get("cores", 1)),
                 memory=int(host.memory if host.memory is not None else facts.get("memory", 0)),
                 gpus=gpus,
+                cpus=tuple(int(c) for c in facts.get("cpus", ())),
             )
         self.on_up(host.name)
         return True

@@ -88,6 +88,7 @@ class Launcher:
             host=grant.host,
             gpus=grant.gpus,
             host_has_gpus=bool(self.hosts.capacity[grant.host].gpus),
+            cpus=grant.cpus,
         )
         attempt.launch = launch
         env = task_environment(defn, launch)
@@ -123,6 +124,7 @@ class Launcher:
                     group=gi,
                     gpus=grant.gpus,
                     host_has_gpus=bool(self.hosts.capacity[grant.host].gpus),
+                    cpus=grant.cpus,
                 )
             )
         attempt.launch = Launch(

@@ -147,6 +147,7 @@ class Recording:
             signal=attempt.signal,
             reason=attempt.reason,
             final_state=attempt.final.value if attempt.final and attempt.stopped_at else None,
+            usage=attempt.usage(),
         )
         for node in attempt.nodes:
             self._record_node(job, attempt, node)

@@ -20,7 +20,7 @@ from pathlib import Path
 from mnp.errors import InfraError
 from mnp.files import NotARegularFile, open_regular
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 READS_FROM = 1
 """The oldest version a reader takes as it is: raise it with a migration that
 changes tables or columns (not with one that only adds an index)."""
@@ -80,6 +80,7 @@ _SCHEMA: tuple[str, ...] = (
         signal INTEGER,
         reason TEXT,
         final_state TEXT,
+        usage TEXT,  -- JSON: tid -> {max_rss_bytes, cpu_seconds, ...} (version 3)
         PRIMARY KEY (job_id, number)
     ) WITHOUT ROWID""",
     """CREATE TABLE nodes (
@@ -114,6 +115,9 @@ _SCHEMA: tuple[str, ...] = (
 # version N -> statements that turn it into N + 1
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (_JOBS_NAME,),  # jobs by name (mnp describe NAME, --depends-on NAME)
+    # what each task used. Readers of version 1 and 2 go on: they read attempts with
+    # SELECT * and take a missing usage as none (codec.decode_attempt)
+    2: ("ALTER TABLE attempts ADD COLUMN usage TEXT",),
 }
 
 JOB_COLUMNS = (
@@ -153,6 +157,7 @@ ATTEMPT_COLUMNS = (
     "signal",
     "reason",
     "final_state",
+    "usage",
 )
 NODE_COLUMNS = (
     "job_id",
