@@ -1,31 +1,35 @@
 """The controller process's lifecycle: state directory, one-per-home lock, start, stop.
 
-No controller logic lives here: ``serve_forever`` runs whatever ``make_handler``
+No controller logic lives here: ``serve_forever`` serves whatever ``make_handler``
 builds. The contract, for ``mnp controller start --foreground``::
 
-    async def make_handler(stop: Callable[[], None]) -> tuple[Handler, ShutdownFn]:
+    async def make_handler(daemon: Daemon) -> tuple[Ops | Handler, ShutdownFn]:
         controller = await Controller.open(home)        # your setup; the socket is not up yet
 
-        async def handle(request: dict[str, Any], r: Responder) -> None:
-            if request["op"] == "submit":
-                await r.end({"job_id": await controller.submit(request)})
-            else:
-                raise UsageError(f"unknown op {request['op']!r}")   # -> error response, exit 2
+        async def submit(request: dict[str, Any], r: Responder) -> None:
+            await r.end({"job_id": await controller.submit(request)})
 
-        return handle, controller.shutdown            # awaited once, after a stop
+        ops = {"ping": daemon.ping, "shutdown": daemon.shutdown, "submit": submit}
+        return ops, controller.shutdown              # awaited once, after a stop
 
     sys.exit(serve_forever(home, make_handler))
 
-- ``serve_forever`` prepares ``home`` (0700), takes ``controller.lock`` (if another
-  process holds it: prints ``mnp: a controller already runs for HOME (pid N)``
-  and returns 0), runs an asyncio loop, awaits ``make_handler(stop)``, then
-  serves the handler on ``controller.sock`` until ``stop()`` is called, or
-  SIGTERM/SIGINT arrives, or a client sends ``{"op": "shutdown"}``.
-- It answers two ops itself, never passing them to the handler:
+- A protocol's ops are one table (``Ops``: op name → handler), and ``dispatch`` is the
+  one way a request reaches its handler: an op the table does not name is an error
+  (``unknown request 'NAME'``, exit 2). mnp's own table is
+  ``mnp.service.ops.socket_ops``.
+- The daemon's own ops, whose handlers ``Daemon`` holds for the table:
   ``ping`` → ``{"ok": true, "pid", "started" (unix time), "uptime" (s), "home"}``
   (a ping answered means ``make_handler`` is done; once stopping, ping is an
   error), and ``shutdown`` → removes the socket file, stops, and answers
-  ``{"ok": true, "pid", "stopping": true}``.
+  ``{"ok": true, "pid", "stopping": true}``. ``make_handler`` may instead return
+  a single handler function: then the daemon dispatches ``ping`` and ``shutdown``
+  itself and every other op to that function.
+- ``serve_forever`` prepares ``home`` (0700), takes ``controller.lock`` (if another
+  process holds it: prints ``mnp: a controller already runs for HOME (pid N)``
+  and returns 0), runs an asyncio loop, awaits ``make_handler(daemon)``, then
+  serves the ops on ``controller.sock`` until ``daemon.stop()`` (or ``daemon()``)
+  is called, or SIGTERM/SIGINT arrives, or a client sends ``{"op": "shutdown"}``.
 - ``stop()`` is thread-safe and idempotent; handlers may call it too.
 - Stopping: the socket file goes first (new clients see no controller, and a
   new ``start_background`` waits for this one's lock), then the shutdown
@@ -48,12 +52,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mnp.api import ApiClient, ApiServer, Handler, Responder, socket_path
-from mnp.errors import InfraError, MnpError
+from mnp.errors import InfraError, MnpError, UsageError
+
+if TYPE_CHECKING:
+    import asyncio
 from mnp.files import open_regular
 
 log = logging.getLogger("mnp")
@@ -78,7 +85,23 @@ CONTROLLER_COMMAND: tuple[str, ...] = (
 
 StopFn = Callable[[], None]
 ShutdownFn = Callable[[], Awaitable[None]]
-MakeHandler = Callable[[StopFn], Awaitable[tuple[Handler, ShutdownFn]]]
+Ops = Mapping[str, Handler]
+"""A protocol's op table: op name → handler."""
+MakeHandler = Callable[["Daemon"], Awaitable[tuple[Ops | Handler, ShutdownFn]]]
+
+
+def dispatch(ops: Ops) -> Handler:
+    """The handler that answers each request with its op's handler in ``ops``; an op
+    that ``ops`` does not name is an error (exit 2)."""
+
+    async def handle(request: dict[str, Any], r: Responder) -> None:
+        op = request.get("op")
+        fn = ops.get(op) if isinstance(op, str) else None
+        if fn is None:
+            raise UsageError(f"unknown request {op!r}")
+        await fn(request, r)
+
+    return handle
 
 
 # --------------------------------------------------------------------------- state directory
@@ -471,6 +494,69 @@ def _wait_for_purge(lock: Lock) -> bool:
     return False
 
 
+class Daemon:
+    """What ``serve`` gives ``make_handler``: ``stop`` (``daemon()`` too: the ``stop``
+    of earlier contracts) and the handlers of the daemon's own ops, ``ping`` and
+    ``shutdown``, for the controller's op table."""
+
+    def __init__(self, home: Path, loop: asyncio.AbstractEventLoop) -> None:
+        import asyncio
+
+        self.home = home
+        self.pid = os.getpid()
+        self.started = time.time()
+        self.stopping = asyncio.Event()
+        self.server: ApiServer | None = None  # set once serving
+        self._loop = loop
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self.stopping.set)
+
+    __call__ = stop
+
+    def ops(self) -> dict[str, Handler]:
+        return {"ping": self.ping, "shutdown": self.shutdown}
+
+    async def ping(self, request: dict[str, Any], r: Responder) -> None:
+        if self.stopping.is_set():
+            raise InfraError("the controller is stopping")
+        now = time.time()
+        await r.end(
+            {
+                "pid": self.pid,
+                "started": self.started,
+                "uptime": now - self.started,
+                "home": str(self.home),
+            }
+        )
+
+    async def shutdown(self, request: dict[str, Any], r: Responder) -> None:
+        log.info("shutdown requested over the socket")
+        self.stopping.set()
+        # gone from the socket before the answer, so no later ping finds a stopping controller
+        if self.server is not None:
+            await self.server.stop_accepting()
+        await r.end({"pid": self.pid, "stopping": True})
+
+
+class _OneHandler(Mapping[str, Handler]):
+    """The op table of a controller given as one handler function: the daemon's own
+    ops, and that function for every other op (it answers unknown ones itself)."""
+
+    def __init__(self, own: dict[str, Handler], rest: Handler) -> None:
+        self.own = own
+        self.rest = rest
+
+    def __getitem__(self, op: str) -> Handler:
+        return self.own.get(op, self.rest)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.own)
+
+    def __len__(self) -> int:
+        return len(self.own)
+
+
 def serve_forever(home: Path | str, make_handler: MakeHandler) -> int:
     """Run the controller for ``home`` until stopped; the contract is in the module docstring."""
     _setup_logging()
@@ -502,13 +588,9 @@ async def serve(
     import asyncio
 
     loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
+    daemon = Daemon(home, loop)
+    stopping = daemon.stopping
     shutdown_task: asyncio.Task[None] | None = None
-    started = time.time()
-    pid = os.getpid()
-
-    def stop() -> None:
-        loop.call_soon_threadsafe(stopping.set)
 
     def stop_on_signal(signame: str) -> None:
         if stopping.is_set() and shutdown_task is not None and not shutdown_task.done():
@@ -525,34 +607,22 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop_on_signal, sig.name)
 
+    pid = daemon.pid
     log.info("controller pid %d starting for %s", pid, home)
     try:
-        handler, shutdown = await make_handler(stop)
+        handler, shutdown = await make_handler(daemon)
     except MnpError as e:  # said in one line: what is wrong and what to do
         log.error("%s%s", CANNOT_START, e)
         return e.exit_code
     except Exception:
         log.exception("the controller failed to start")
         return 1
+    if isinstance(handler, Mapping):
+        served = dispatch(handler)
+    else:  # one function for the controller's ops: the daemon's own are dispatched here
+        served = dispatch(_OneHandler(daemon.ops(), handler))
 
-    async def lifecycle(request: dict[str, Any], r: Responder) -> None:
-        op = request["op"]
-        if op == "ping":
-            if stopping.is_set():
-                raise InfraError("the controller is stopping")
-            await r.end(
-                {"pid": pid, "started": started, "uptime": time.time() - started, "home": str(home)}
-            )
-        elif op == "shutdown":
-            log.info("shutdown requested over the socket")
-            stopping.set()
-            # gone from the socket before the answer, so no later ping finds a stopping controller
-            await server.stop_accepting()
-            await r.end({"pid": pid, "stopping": True})
-        else:
-            await handler(request, r)
-
-    server = ApiServer(home, lifecycle)
+    server = daemon.server = ApiServer(home, served)
     code = 0
     try:
         try:
@@ -580,10 +650,13 @@ async def serve(
 
 __all__ = [
     "CONTROLLER_COMMAND",
+    "Daemon",
     "Lock",
     "MakeHandler",
+    "Ops",
     "ShutdownFn",
     "StopFn",
+    "dispatch",
     "ensure_client",
     "prepare_home",
     "serve",

@@ -11,7 +11,7 @@
         └── HostKeyError     a host's SSH key is unknown or changed
 
 Library exceptions (OSError, asyncssh.Error, tomllib errors) are converted at
-the boundary where they happen; ``cli.py`` is the one place that turns an
+the boundary where they happen; ``mnp.cli.main`` is the one place that turns an
 ``MnpError`` into ``mnp: <message>`` on stderr and its ``exit_code``.
 """
 

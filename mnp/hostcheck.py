@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mnp.controller.hosts import connect_agent
 from mnp.errors import HostKeyError, MnpError
 from mnp.model import HostSpec, Inventory
 from mnp.transport.base import AgentConnection, Transport
@@ -69,25 +70,30 @@ async def check_host(
     if transport is None:
         return _failed(report, "config", f"no {host.transport!r} transport")
     t0 = time.monotonic()
+    opened: list[tuple[float, AgentConnection]] = []  # (when, connection) once open
     try:
-        stream = await asyncio.wait_for(
-            transport.open(host, ["--ctl", token]), host.ssh.connect_timeout + 10
+        _, facts = await connect_agent(
+            host,
+            transport,
+            token,
+            ready_within=agent_timeout,
+            open_within=host.ssh.connect_timeout + 10,
+            on_open=lambda conn: opened.append((time.monotonic(), conn)),
         )
-    except TimeoutError:
-        return _failed(report, "timeout", f"{host.name}: no connection within the time allowed")
     except Exception as e:  # one bad host must not end the check of the others
-        return _failed(report, error_category(e), str(e) or type(e).__name__)
-    t1 = time.monotonic()
-    report.connect_s = t1 - t0
-    conn = AgentConnection(host.name, stream)
-    try:
-        facts = await conn.handshake(agent_timeout)
-    except Exception as e:
+        if not opened:  # the transport did not open
+            if isinstance(e, TimeoutError):
+                error = f"{host.name}: no connection within the time allowed"
+                return _failed(report, "timeout", error)
+            return _failed(report, error_category(e), str(e) or type(e).__name__)
         category = error_category(e)
         return _failed(report, "agent" if category == "error" else category, str(e))
     finally:
-        report.agent_s = time.monotonic() - t1
-        await _close(conn)
+        if opened:
+            t1, conn = opened[0]
+            report.connect_s = t1 - t0
+            report.agent_s = time.monotonic() - t1
+            await _close(conn)
     report.ok = True
     report.python = _str(facts.get("python"))
     report.hostname = _str(facts.get("hostname"))

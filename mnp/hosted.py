@@ -6,9 +6,10 @@ recorded in ``mnp.db`` with its attempts, events (``events.jsonl``) and logs, an
 on from the last job -- and serves the control socket meanwhile, so ``mnp list``,
 ``describe``, ``logs``, and other ``mnp run``/``submit`` in the same home (a submission
 script's background runs) work as with a daemon. Its own job streams to this process's
-terminal through ``Service.op_run``, exactly as a socket client's would. It stops once
-its job and every job it accepted meanwhile have ended. It does not take back jobs an
-earlier daemon left unfinished: the next daemon does.
+terminal through the socket's op table (its ``run`` op, ``mnp.daemon.dispatch``), exactly
+as a socket client's would. It stops once its job and every job it accepted meanwhile
+have ended. It does not take back jobs an earlier daemon left unfinished: the next
+daemon does.
 
 Signals: the first SIGINT/SIGTERM/SIGHUP terminates every job it holds (``mnp run``'s
 Ctrl-C); another one stops at once (the agents kill what is left). ``mnp controller
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from mnp.api import Responder
-from mnp.daemon import Lock, prepare_home, serve
+from mnp.daemon import Daemon, Lock, Ops, ShutdownFn, dispatch, prepare_home, serve
 from mnp.errors import InfraError, MnpError
 from mnp.model import Inventory, JobDefinition
 from mnp.sink import INTERRUPTED, STDOUT_CLOSED, RunStream
@@ -108,10 +109,11 @@ async def _host(
         elif stop_serving is not None:
             stop_serving()
 
-    async def make_handler(stop: Any) -> tuple[Any, Any]:
+    async def make_handler(daemon: Daemon) -> tuple[Ops, ShutdownFn]:
         nonlocal service, stop_serving
-        stop_serving = stop
+        stop = stop_serving = daemon.stop
         service = Service(home, inventory, inventory_key)
+        ops = service.ops(daemon)
         t0 = time.monotonic()
         if verbose:  # state changes as they happen, as the bare in-process controller does
             service.controller.on_event = lambda e: view.sink.write(2, f"mnp: {json.dumps(e)}\n")
@@ -121,14 +123,14 @@ async def _host(
             terminal.error = e
             await service.shutdown()
             stop()
-            return service.handle, _nothing
+            return ops, _nothing
         for host, err in service.controller.host_errors.items():
             view.sink.write(2, f"mnp: host {host} unusable: {err}\n")
         if verbose:
             n, took = len(service.controller.agents), time.monotonic() - t0
             view.sink.write(2, f"mnp: {n} agent(s) ready in {took:.3f}s\n")
         request = {"op": "run", "definition": definition_to_dict(defn), "source": defn.source}
-        own = asyncio.ensure_future(service.op_run(request, cast(Responder, terminal)))
+        own = asyncio.ensure_future(dispatch(ops)(request, cast(Responder, terminal)))
 
         async def until_idle() -> None:
             try:
@@ -151,7 +153,7 @@ async def _host(
             await service.shutdown()
             await asyncio.wait([own, watcher], timeout=5)
 
-        return service.handle, shutdown
+        return ops, shutdown
 
     code = await serve(home, make_handler, on_signal=on_signal)
     if terminal.error is not None:

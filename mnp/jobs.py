@@ -52,6 +52,8 @@ class TaskRun:
     signal: int | None = None
     error: str | None = None
     gone: bool = False
+    # what it used, from the agent's `exited` (PROTOCOL.md): max_rss_bytes, cpu_seconds
+    usage: dict[str, Any] | None = None
 
     @property
     def exited(self) -> bool:
@@ -112,6 +114,12 @@ class Attempt:
     @property
     def ending(self) -> bool:
         return self.final is not None
+
+    def usage(self) -> dict[str, dict[str, Any]] | None:
+        """What each task of the attempt used (by tid), as its agent reported at its
+        exit; None before any task exited."""
+        out = {tid: t.usage for tid, t in self.tasks.items() if t.usage is not None}
+        return out or None
 
     def timings(self) -> dict[str, float | None]:
         def delta(a: float | None, b: float | None) -> float | None:
@@ -202,6 +210,10 @@ class Job:
             event["node_index"] = node_index
         if self.array_index is not None:
             event["array_index"] = self.array_index
+        if state in TERMINAL and node_index is None and self.attempts:
+            usage = self.attempts[-1].usage()
+            if usage is not None:
+                event["usage"] = usage
         self.emit(event)
 
 

@@ -50,8 +50,9 @@ class Resources:
     """Per task (single/array) or per node (multinode)."""
 
     vcpus: float = 1.0
-    memory: int = 0  # bytes; 0 = not accounted
+    memory: int = 0  # bytes; 0 = not accounted; enforced per task (agent/limits.py)
     gpus: int = 0
+    cpu_bind: str = "none"  # "none" | "cores": pinned to ceil(vcpus) cores of its own
 
 
 @dataclass(frozen=True)
@@ -227,10 +228,29 @@ class HostSpec:
 
 
 @dataclass(frozen=True)
+class ManagedSpec:
+    """How a MANAGED compute environment acquires capacity (issue 15; parsed, not yet
+    used by the controller). vCPU counts are whole numbers, as in AWS Batch."""
+
+    provider: str  # "slurm" | "pbs" | "command"
+    max_vcpus: int
+    min_vcpus: int = 0
+    desired_vcpus: int = 0
+    idle_timeout: float = 300.0  # seconds idle before capacity above the floor is given back
+    nodes: int = 1  # nodes per allocation (a multi-node job gets at least its gang)
+    time_limit: float | None = None  # seconds; None = the scheduler's default
+    vcpus_per_node: int | None = None  # None = learned from the first allocation
+    options: tuple[str, ...] = ()  # passed to sbatch / qsub as given
+    start: tuple[str, ...] = ()  # provider "command": argv that brings hosts up
+    stop: tuple[str, ...] = ()  # provider "command": argv that takes hosts down
+
+
+@dataclass(frozen=True)
 class ComputeEnvironment:
     name: str
     hosts: tuple[str, ...]  # host names, in inventory order
     state: str = "ENABLED"  # "ENABLED" | "DISABLED"
+    managed: ManagedSpec | None = None  # None = UNMANAGED: the hosts listed
 
 
 @dataclass(frozen=True)
@@ -242,12 +262,27 @@ class Queue:
 
 
 @dataclass(frozen=True)
+class Notification:
+    """An inventory ``[[notifications]]`` hook: ``command`` (the event's JSON on its
+    stdin) or ``url`` (the JSON POSTed), for the events whose ``status`` is in
+    ``states``, ``queue`` in ``queues`` and ``name`` matches the glob ``job_name``
+    (None: any)."""
+
+    command: tuple[str, ...] | None = None
+    url: str | None = None
+    states: tuple[str, ...] | None = None
+    queues: tuple[str, ...] | None = None
+    job_name: str | None = None
+
+
+@dataclass(frozen=True)
 class Inventory:
     source: str  # file path, "local", "slurm", "pbs", "hostfile:PATH"
     hosts: tuple[HostSpec, ...]
     compute_environments: Mapping[str, ComputeEnvironment]
     queues: Mapping[str, Queue]
     ssh: SshOptions = field(default_factory=SshOptions)
+    notifications: tuple[Notification, ...] = ()
 
     def host(self, name: str) -> HostSpec:
         for h in self.hosts:
@@ -294,3 +329,4 @@ class Grant:
     memory: int
     gpus: tuple[int, ...]
     exclusive: bool = False
+    cpus: tuple[int, ...] = ()  # CPU ids it is pinned to (cpu_bind = "cores"); () = unbound

@@ -2,7 +2,7 @@
 
 Each row says once what an option is called (its keyword and its flag), how the
 command line takes it (type, metavar, repeatable, flag) with its help text, and
-how it edits the definition's TOML-shaped dictionary. ``mnp.cli.submit_options``
+how it edits the definition's TOML-shaped dictionary. ``mnp.cli.jobs.submit_options``
 generates the click options of ``mnp run`` and ``mnp submit`` from it, and
 ``mnp.spec.overrides`` (``apply_overrides``, ``definition_from_command``) applies
 it, so an override is added in one place.
@@ -153,6 +153,14 @@ OVERRIDES: tuple[Override, ...] = (
         path="resources.gpus",
         value="whole",
         cli_type=int,
+    ),
+    Override(
+        "cpu_bind",
+        "--cpu-bind",
+        "CPU binding: cores (each task pinned to ceil(vcpus) cores of its own) or none (default).",
+        edit="every",
+        path="resources.cpu_bind",
+        metavar="cores|none",
     ),
     Override(
         "attempts",

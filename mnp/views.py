@@ -66,6 +66,16 @@ def root_cause(job: dict[str, Any]) -> str | None:
     return what + (f": {job['reason']}" if job.get("reason") else "")
 
 
+def usage_text(u: dict[str, Any]) -> str:
+    """One task's usage: ``peak 103.2 MiB  cpu 1.02s`` (and its limit and CPUs)."""
+    text = f"peak {u.get('max_rss_bytes', 0) / 1048576:.1f} MiB  cpu {u.get('cpu_seconds', 0):.2f}s"
+    if u.get("memory_limit"):
+        text += f"  limit {u['memory_limit'] / 1048576:.1f} MiB ({u.get('enforced')})"
+    if u.get("cpus"):
+        text += "  cpus " + ",".join(str(c) for c in u["cpus"])
+    return text
+
+
 def describe_text(job: dict[str, Any]) -> str:
     def t(v: Any) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v)) if v else "-"
@@ -100,6 +110,8 @@ def describe_text(job: dict[str, Any]) -> str:
                     else ""
                 )
             )
+        for tid, u in sorted((a.get("usage") or {}).items()):
+            lines.append(f"             {tid}: {usage_text(u)}")
     for n in job.get("nodes") or []:
         lines.append(
             f"node {n['node_index']}:     {n.get('state')} on {n.get('host')} group {n.get('grp')}"

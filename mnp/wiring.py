@@ -32,6 +32,7 @@ class NodePlacement:
     group: int
     gpus: tuple[int, ...] = ()  # allocated GPU indices on its host
     host_has_gpus: bool = False
+    cpus: tuple[int, ...] = ()  # CPU ids it is pinned to (cpu_bind = "cores")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Launch:
     host: str = ""  # single/array: where it runs
     gpus: tuple[int, ...] = ()  # single/array: allocated GPU indices
     host_has_gpus: bool = False
+    cpus: tuple[int, ...] = ()  # single/array: CPU ids it is pinned to (cpu_bind = "cores")
 
 
 def substitute(
@@ -191,6 +193,7 @@ def task_environment(
                 group.gpu_bind == "per-task",
             )
         )
+        env.update(_limit_env(group.resources.memory // max(1, node.slots), node.cpus))
         if aws:
             aws.update(
                 AWS_BATCH_JOB_NODE_INDEX=str(node_index),
@@ -212,7 +215,20 @@ def task_environment(
             if aws:
                 aws["AWS_BATCH_JOB_ARRAY_INDEX"] = str(launch.array_index)
         env.update(_gpu_env(launch.gpus, launch.host_has_gpus, 0, 1, False))
+        env.update(_limit_env(defn.resources.memory, launch.cpus))
     env.update(aws)
+    return env
+
+
+def _limit_env(memory: int, cpus: Sequence[int]) -> dict[str, str]:
+    """``MNP_MEMORY_LIMIT`` (bytes, the task's own: a node's memory split between its
+    tasks) and ``MNP_CPUS`` (the CPU ids it is pinned to): the agent enforces both
+    (mnp/agent/limits.py). Absent when there is no limit or binding."""
+    env: dict[str, str] = {}
+    if memory > 0:
+        env["MNP_MEMORY_LIMIT"] = str(memory)
+    if cpus:
+        env["MNP_CPUS"] = ",".join(str(c) for c in cpus)
     return env
 
 

@@ -13,9 +13,24 @@ import os
 
 # in dependency order: each module imports only those before it
 MODULES = (
-    "jobid", "expand", "proc", "loop", "facts", "spawn", "tasks", "container", "containers",
-    "agent", "main",
-)  # fmt: skip
+    "jobid",
+    "expand",
+    "proc",
+    "loop",
+    "facts",
+    "request",
+    "pmi",
+    "tasks",
+    "spawn",
+    "teardown",
+    "limits",
+    "container",
+    "containers",
+    "sweep",
+    "ops",
+    "agent",
+    "main",
+)
 
 # plain enough for any python to run: an old one says what is wrong (exit 1)
 _VERSION_CHECK = """\
@@ -45,9 +60,9 @@ def bundle_source(compress: bool = True) -> str:
     """A self-contained Python script that runs the agent, for `python3 -c SCRIPT --ctl T`.
 
     Its modules become the package `_mnp_agent`, so it cannot clash with an mnp
-    installed on the node. Compressed (zlib + base85) it is about 15 KB, well under
+    installed on the node. Compressed (zlib + base85) it is about 55 KB, well under
     the 128 KiB a single argument may take on Linux; `compress=False` gives a
-    readable script.
+    readable script (over 128 KiB: run it from a file, not with `-c`).
     """
     import base64  # here, not at the top: `python -m mnp.agent` imports this package
     import zlib

@@ -34,6 +34,8 @@ RUNTIMES = ("podman", "docker", "apptainer")
 """What `auto` looks for, in this order."""
 TAGS = ("MNP_JOB_ID", "MNP_CONTROLLER_ID", "MNP_AGENT_ID")
 """Always passed in: they tag the container's processes for the agent's sweeps."""
+MEMORY_VAR = "MNP_MEMORY_LIMIT"  # as limits.py: the task's memory limit, bytes
+CPUS_VAR = "MNP_CPUS"  # as limits.py: the CPUs it is pinned to ("0,3")
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -157,6 +159,11 @@ def wrap(
     `env` is the task's environment on the host (what a bare task would get); `names`
     the variables passed in (values through the runtime's environment, never argv);
     `cwd` the working directory, bind-mounted at the same path (unless it is `/`).
+
+    podman and docker enforce the task's `MNP_MEMORY_LIMIT` and `MNP_CPUS` themselves
+    (`--memory`, `--memory-swap`, `--cpuset-cpus`): the container's processes are the
+    runtime's, outside the cgroup and affinity the agent gives the task's client.
+    apptainer's are the task's own, and inherit those (limits.py).
     """
     if kind == "apptainer":
         return _apptainer(exe, spec, argv, env, names, cwd)
@@ -174,6 +181,12 @@ def wrap(
         cmd += ["--env", n]
     for m in _mounts(spec.mounts, cwd):
         cmd += ["-v", m]
+    memory = env.get(MEMORY_VAR, "")
+    if memory.isdigit() and int(memory) > 0:
+        cmd += ["--memory", memory, "--memory-swap", memory]  # no swapping around it
+    cpus = env.get(CPUS_VAR, "")
+    if cpus and all(c.strip().isdigit() for c in cpus.split(",")):
+        cmd += ["--cpuset-cpus", cpus]
     if spec.gpus:
         if kind == "podman":
             for g in spec.gpus:

@@ -18,6 +18,10 @@ container's record, which `--rm` removes unless its monitor was killed first. So
 
 `rm -f` runs in a process of its own (a new session), never waited for by the loop;
 the agent remembers its pid so its orphan logic leaves it alone.
+
+The teardowns reach this through `ContainerStep` (teardown.py's `Step`): what a teardown
+spares, the group SIGTERM a container task does not get, and the `stale` removal. The
+spawn (spawn.py) wraps the argv with `wrap_spawn`; the agent's `gone` calls `task_gone`.
 """
 
 from __future__ import annotations
@@ -26,15 +30,27 @@ import json
 import os
 import signal
 
-from .container import ContainerError, Spec, container_name, find_runtime, forwarded, marker, wrap
+from .container import (
+    MEMORY_VAR,
+    ContainerError,
+    Spec,
+    container_name,
+    find_runtime,
+    forwarded,
+    marker,
+    wrap,
+)
 from .proc import agent_alive, job_part, read_file, read_stat
 from .spawn import SpawnError
+from .teardown import Step
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
     from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
-    from .tasks import StaleRule
+    from .proc import Proc, Snapshot
+    from .sweep import StaleRule
+    from .tasks import Task, Teardown
 
 
 RM_TRIES = 5
@@ -82,6 +98,17 @@ class Containers:
             self._write_marker(name, marker(name, kind, exe, tid, self.identity))
         return out
 
+    def limited(
+        self, tid: str, changes: Mapping[str, Optional[str]]
+    ) -> Mapping[str, Optional[str]]:
+        """The spawn `env` the agent's own limits (limits.py) read for `tid`: without
+        `MNP_MEMORY_LIMIT` when its podman/docker container enforces it (`wrap`): the
+        container's processes are not in the cgroup the agent would make, and the
+        runtime's client alone (some 40 MB) must not be held to the task's limit."""
+        if tid not in self.running or MEMORY_VAR not in changes:
+            return changes
+        return {k: v for k, v in changes.items() if k != MEMORY_VAR}
+
     def task_gone(self, tid: str, abnormal: bool) -> None:
         """The task `tid` is over: remove its container if it may be left over."""
         entry = self.running.pop(tid, None)
@@ -112,7 +139,7 @@ class Containers:
                 self._remove(exe, names)
         return sum(len(n) for n in found.values())
 
-    def spare(self, found: Dict[int, Any], terming: bool, tagged: Mapping[int, str]) -> None:
+    def spare(self, found: Dict[int, Proc], terming: bool, tagged: Mapping[int, str]) -> None:
         """Take out of a teardown's targets `found` what it must not signal: our `rm -f`
         processes, and while it only SIGTERMs (`terming`), the runtime's client (the
         task's main process) and monitor (conmon) of our containers. The container's own
@@ -250,3 +277,24 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+class ContainerStep(Step):
+    """The teardowns' part of containers: a teardown spares our `rm -f`s and, until
+    SIGKILL time, the runtime's client and monitor (`Containers.spare`), a container
+    task's process group gets no SIGTERM, and `stale` removes the containers that other
+    agents left (their count is not in the reply's `killed`: containers, not processes,
+    as before)."""
+
+    def __init__(self, containers: Containers) -> None:
+        self.containers = containers
+
+    def begin(self, td: Teardown) -> None:
+        if td.kind == "stale" and td.rule is not None:
+            self.containers.stale(td.rule)
+
+    def spare(self, td: Teardown, found: Dict[int, Proc], snap: Snapshot, killing: bool) -> None:
+        self.containers.spare(found, not killing, snap.tags)
+
+    def spares_group(self, task: Task) -> bool:
+        return task.tid in self.containers.running

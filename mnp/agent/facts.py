@@ -25,6 +25,15 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def cpus() -> List[int]:
+    """The CPU ids the agent (and so its tasks) may run on: what `cpu_bind = "cores"`
+    chooses from."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
 def _cgroup_memory_limit() -> Optional[int]:
     """memory.max of the agent's cgroup (v2), when it is a number."""
     try:
@@ -179,6 +188,7 @@ def collect(started: float, rundir: str = "") -> Dict[str, Any]:
         "python": "%d.%d.%d" % sys.version_info[:3],
         "pid": os.getpid(),
         "cores": cores(),
+        "cpus": cpus(),
         "memory": memory(),
         "gpus": gpu_list,
         "started": started,

@@ -1,4 +1,6 @@
-"""Starting a task: environment, program lookup, and the fork/exec itself.
+"""What happens on `spawn`: the op's fields checked (`op_spawn`), the task's
+environment, program lookup, the fork/exec itself, and the new `Task` handed to the
+agent (which reaps it; teardown.py ends what it leaves).
 
 `os.posix_spawn` (glibc: clone(CLONE_VFORK) + exec, reporting exec errors to the
 parent and reaping a child that failed) is the fast path: it starts a process in
@@ -14,12 +16,19 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 
-from .proc import default_signals
+from .expand import expand
+from .loop import Feeder, Stream
+from .proc import default_signals, now_ticks
+from .request import BadRequest, env_entry, files_of, optional, tid_of
+from .tasks import Task
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
-    from typing import Dict, List, Mapping, Optional, Tuple
+    from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+    from .agent import Agent
 
 
 EXIT_NOT_FOUND = 127
@@ -230,3 +239,112 @@ class Spawner:
         # the agent reaps with waitpid(-1); keep Popen from ever waiting for or warning about it
         p.returncode = 0
         return p.pid
+
+
+# ---------------------------------------------------------------- the `spawn` op
+
+
+def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
+    tid = tid_of(msg)
+    argv = msg.get("argv")
+    if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+        raise BadRequest("argv must be a non-empty list of strings")
+    if not argv[0] or any("\0" in a for a in argv):
+        raise BadRequest("argv[0] must not be empty and no argument may hold a NUL")
+    changes = msg.get("env")
+    if changes is None:
+        changes = {}
+    if not isinstance(changes, dict) or not all(env_entry(k, v) for k, v in changes.items()):
+        raise BadRequest("env must map names (no '=', no NUL) to strings or null")
+    cwd = optional(msg, "cwd", str)
+    if cwd is not None and (not cwd or "\0" in cwd):
+        raise BadRequest("cwd must be a non-empty path")
+    pyenv = optional(msg, "pyenv", str)
+    do_expand = optional(msg, "expand", bool)
+    stdin = optional(msg, "stdin", str)
+    files = files_of(msg)
+    try:
+        container = agent.containers.check(msg.get("container"))
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    if tid in agent.tasks:
+        raise BadRequest("task %s is already on this agent" % tid)
+    stale = agent.teardowns.active.get("t:" + tid)
+    if stale is not None:  # a `kill` of its previous run still sweeping the tag
+        agent.teardowns.drop(stale)
+    if agent.stopping:
+        raise BadRequest("the agent is shutting down")
+
+    env = task_env(_base_env(agent, pyenv), changes, tid, agent.ctl, agent.identity)
+    if cwd is not None and "PWD" not in changes:
+        env["PWD"] = cwd  # as a shell's cd would: the login shell's PWD is wrong here
+    if do_expand is not False:
+        argv = [expand(a, env) for a in argv]
+    feed_r = feed_w = -1
+    try:
+        try:
+            data = None if stdin is None else stdin.encode("utf-8", "surrogateescape")
+            if data is not None:
+                feed_r, feed_w = os.pipe()
+            if files:
+                write_files(files)
+            if container is not None:  # the runtime's argv and environment run it
+                argv, env = agent.containers.wrap_spawn(
+                    container, tid, argv, env, changes, cwd, data is not None
+                )
+            born_ticks = now_ticks()
+            # its cgroup and CPUs, inherited (a container's runtime enforces its memory)
+            limits = agent.limits.before(tid, agent.containers.limited(tid, changes))
+            try:
+                pid, out_fd, err_fd = agent.spawner.spawn(
+                    argv, env, cwd, feed_r if feed_r >= 0 else None
+                )
+            finally:
+                agent.limits.after(limits)
+        except ValueError as e:  # text the OS cannot take (a lone surrogate, ...)
+            raise SpawnError(126, "%s: %s" % (argv[0], e)) from None
+        finally:
+            if feed_r >= 0:
+                os.close(feed_r)
+    except SpawnError as e:
+        agent.containers.task_gone(tid, False)
+        if feed_w >= 0:
+            os.close(feed_w)
+        agent.out.emit(
+            {
+                "ev": "exited",
+                "tid": tid,
+                "code": e.code,
+                "signal": None,
+                "t": time.time(),
+                "error": e.msg,
+            }
+        )
+        agent.out.emit({"ev": "gone", "tid": tid, "t": time.time(), "killed": 0})
+        return
+    streams = [
+        Stream(agent.loop, agent.out, tid, out_fd, 1),
+        Stream(agent.loop, agent.out, tid, err_fd, 2),
+    ]
+    feeder = None if data is None else Feeder(agent.loop, feed_w, data)
+    pipes = set()
+    for fd in (out_fd, err_fd):
+        try:
+            pipes.add(os.fstat(fd).st_ino)
+        except OSError:
+            pass
+    task = Task(tid, pid, streams, feeder, time.monotonic(), born_ticks, pipes)
+    task.limits = limits
+    agent.add(task)
+    agent.limits.started(task)
+
+
+def _base_env(agent: Agent, pyenv: Optional[str]) -> Dict[str, str]:
+    """The agent's environment, with the Python environment `pyenv` activated when it
+    exists on this host (checked once per agent and environment)."""
+    if not pyenv:
+        return agent.env
+    env = agent.envs.get(pyenv)
+    if env is None:
+        env = agent.envs[pyenv] = with_python_env(agent.env, pyenv)
+    return env

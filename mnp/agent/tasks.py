@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from .proc import agent_alive, job_part
+from .proc import job_part
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
     from typing import Collection, Dict, Iterable, List, Optional, Set, Tuple
 
+    from .limits import TaskLimits
     from .loop import Feeder, Stream
-    from .proc import Proc, Snapshot, Tagger
+    from .proc import Proc, Snapshot
+    from .sweep import StaleRule
 
 
 FIRST_CHECK = 0.005  # a teardown looks again after this, doubling up to MAX_CHECK
@@ -31,6 +33,7 @@ class Task:
         "born",
         "born_ticks",
         "pipes",
+        "limits",
     )
 
     def __init__(
@@ -55,6 +58,7 @@ class Task:
         self.gone = False
         self.termed = False  # its process group was sent SIGTERM (a `kill` or `sweep`)
         self.deadline = INF  # a sweep's: SIGKILL what is left of it by then
+        self.limits: Optional[TaskLimits] = None  # its memory limit and CPUs (limits.py)
 
 
 class Orphan:
@@ -100,55 +104,6 @@ class Teardown:
         self.next_check = 0.0
         self.steps = 0
         self.rule: Optional[StaleRule] = None  # kind "stale" only
-
-
-class StaleRule:
-    """Which processes carrying this controller's token a new agent sweeps at start:
-    those of a job the controller no longer runs (a number below `below` that is not in
-    `live`), those whose agent (`MNP_AGENT_ID`) was `here` (this agent's boot and pid
-    namespace) and is gone, and those whose agent is in `abandoned` (agents the
-    controller gave up on: hung, not answering). Never a process this agent started
-    (`me`, its own identity), nor one in the session of a task of this agent: whatever
-    `live` says, what the agent spawned -- before or after the `stale` -- is an attempt
-    the controller started."""
-
-    def __init__(
-        self,
-        live: Set[str],
-        below: int,
-        here: str,
-        tagger: Tagger,
-        me: str = "",
-        abandoned: Optional[Set[str]] = None,
-    ) -> None:
-        self.live = live
-        self.below = below
-        self.here = here
-        self.tagger = tagger
-        self.me = me
-        self.abandoned = abandoned or set()
-        self.agents: Dict[Tuple[int, int], Optional[str]] = {}  # (pid, start) → its agent
-
-    def agent_of(self, p: Proc) -> Optional[str]:
-        key = (p.pid, p.start)
-        if key not in self.agents:
-            self.agents[key] = self.tagger.value(p.pid, "MNP_AGENT_ID")
-        return self.agents[key]
-
-    def stale(self, p: Proc, tag: str, snap: Snapshot, own: Collection[int] = ()) -> bool:
-        if p.sid in own:
-            return False  # a task of this agent (or what it started in its session)
-        agent = self.agent_of(p)
-        if agent is not None and self.me and agent == self.me:
-            return False
-        job = job_part(tag)
-        if job not in self.live and job.isdigit() and int(job) < self.below:
-            return True
-        if agent is None:
-            return False
-        if agent in self.abandoned:
-            return True
-        return agent_alive(agent, self.here, snap.procs) is False
 
 
 def targets(

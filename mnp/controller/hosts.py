@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mnp.errors import InfraError, MnpError
-from mnp.model import Inventory
+from mnp.model import HostSpec, Inventory
 from mnp.sched.alloc import HostCapacity
 from mnp.transport.base import UNRESPONSIVE, AgentConnection, Event, Transport
 
@@ -50,6 +50,33 @@ def heartbeat_from_env(env: Mapping[str, str] | None = None) -> tuple[float, flo
 
     interval = num("MNP_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL)
     return interval, max(num("MNP_HEARTBEAT_TIMEOUT", HEARTBEAT_DEADLINE), interval)
+
+
+async def connect_agent(
+    host: HostSpec,
+    transport: Transport,
+    token: str,
+    *,
+    ready_within: float,
+    open_within: float | None = None,
+    on_open: Callable[[AgentConnection], None] | None = None,
+) -> tuple[AgentConnection, Event]:
+    """The one way to reach an agent: open ``host``'s transport with the controller's
+    token (for SSH: TCP, key exchange, host key check, authentication, exec request),
+    then wait up to ``ready_within`` seconds for the agent's ``ready`` line. Returns the
+    connection (not yet reading events: ``AgentConnection.start``) and its facts.
+
+    ``open_within``: seconds the transport may take to open (``TimeoutError`` after).
+    ``on_open`` is called with the connection once the stream is open, before the
+    handshake: ``mnp hosts check`` times the two steps apart, tells their failures
+    apart and closes the connection whatever happens. Errors leave as raised.
+    """
+    opening = transport.open(host, ["--ctl", token])
+    stream = await (opening if open_within is None else asyncio.wait_for(opening, open_within))
+    conn = AgentConnection(host.name, stream)
+    if on_open is not None:
+        on_open(conn)
+    return conn, await conn.handshake(ready_within)
 
 
 class HostPool:
@@ -122,9 +149,9 @@ class HostPool:
         host = self.inventory.host(name)
         transport = self.transports[host.transport]
         try:
-            stream = await transport.open(host, ["--ctl", self.token])
-            conn = AgentConnection(host.name, stream)
-            facts = await conn.handshake(host.ssh.connect_timeout + 20)
+            conn, facts = await connect_agent(
+                host, transport, self.token, ready_within=host.ssh.connect_timeout + 20
+            )
         except MnpError as e:
             self.host_errors[host.name] = str(e)
             return False
@@ -150,6 +177,7 @@ class HostPool:
                 vcpus=float(host.vcpus if host.vcpus is not None else facts.get("cores", 1)),
                 memory=int(host.memory if host.memory is not None else facts.get("memory", 0)),
                 gpus=gpus,
+                cpus=tuple(int(c) for c in facts.get("cpus", ())),
             )
         self.on_up(host.name)
         return True

@@ -5,7 +5,7 @@ environment and files -- the pure wiring of ``mnp.wiring`` -- and asks for what 
 wiring needs beforehand, all off the event loop or by message: the job's secrets
 (read on threads of their own, bounded in size and time), the main node's free port
 (its agent, through the ``HostPool``) and its IPv4 address (the resolver). It starts
-nothing: the controller's core registers each task and sends its spawn.
+nothing: the ``Starter`` (``starting``) registers each task and sends its spawn.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ class Launcher:
             host=grant.host,
             gpus=grant.gpus,
             host_has_gpus=bool(self.hosts.capacity[grant.host].gpus),
+            cpus=grant.cpus,
         )
         attempt.launch = launch
         env = task_environment(defn, launch)
@@ -123,6 +124,7 @@ class Launcher:
                     group=gi,
                     gpus=grant.gpus,
                     host_has_gpus=bool(self.hosts.capacity[grant.host].gpus),
+                    cpus=grant.cpus,
                 )
             )
         attempt.launch = Launch(

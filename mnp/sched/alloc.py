@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mnp.model import Grant, Resources
@@ -21,6 +23,8 @@ class HostCapacity:
     free_gpus: list[int] = field(default_factory=list)
     exclusive: bool = False  # held whole by one multi-node job
     tasks: int = 0
+    cpus: tuple[int, ...] = ()  # the CPU ids tasks may be pinned to (the agent's affinity)
+    cpu_use: dict[int, int] = field(default_factory=dict)  # CPU id -> grants pinned to it
 
     def __post_init__(self) -> None:
         if self.free_vcpus < 0:
@@ -56,12 +60,17 @@ class HostCapacity:
     def take(self, res: Resources, exclusive: bool) -> Grant:
         """Allocate; the caller checked ``fits``."""
         gpus = tuple(self.free_gpus[: res.gpus]) if not exclusive else tuple(self.gpus)
+        cpus: tuple[int, ...] = ()
+        if res.cpu_bind == "cores" and self.cpus:
+            cpus = choose_cores(self.cpus, self.cpu_use, math.ceil(res.vcpus - 1e-9))
+            for c in cpus:
+                self.cpu_use[c] = self.cpu_use.get(c, 0) + 1
         if exclusive:
             self.exclusive = True
-            grant = Grant(self.name, self.free_vcpus, self.free_memory, gpus, True)
+            grant = Grant(self.name, self.free_vcpus, self.free_memory, gpus, True, cpus)
             self.free_vcpus, self.free_memory, self.free_gpus = 0.0, 0, []
         else:
-            grant = Grant(self.name, res.vcpus, res.memory if self.memory else 0, gpus, False)
+            grant = Grant(self.name, res.vcpus, res.memory if self.memory else 0, gpus, False, cpus)
             self.free_vcpus -= res.vcpus
             self.free_memory -= grant.memory
             del self.free_gpus[: res.gpus]
@@ -73,5 +82,23 @@ class HostCapacity:
         self.free_vcpus += grant.vcpus
         self.free_memory += grant.memory
         self.free_gpus = sorted(set(self.free_gpus) | set(grant.gpus))
+        for c in grant.cpus:
+            left = self.cpu_use.get(c, 0) - 1
+            if left > 0:
+                self.cpu_use[c] = left
+            else:
+                self.cpu_use.pop(c, None)
         if grant.exclusive:
             self.exclusive = False
+
+
+def choose_cores(cpus: Sequence[int], use: Mapping[int, int], n: int) -> tuple[int, ...]:
+    """The ``n`` CPUs (at least one) of ``cpus`` a task is pinned to: the least used
+    ones (``use``: CPU id -> running tasks pinned to it), free ones first, so that two
+    running tasks share no core while the host has enough; among equals, in the
+    order of ``cpus``. All of ``cpus`` when ``n`` is more than there are."""
+    n = max(1, n)
+    if n >= len(cpus):
+        return tuple(cpus)
+    order = sorted(range(len(cpus)), key=lambda i: (use.get(cpus[i], 0), i))
+    return tuple(sorted(cpus[i] for i in order[:n]))

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from mnp.jobs import TIMEOUT_REASON, Attempt, Job, NodeRun, TaskRun, exit_status, should_retry
 from mnp.model import TERMINAL, JobState
 
+OOM_PREFIX = "OutOfMemoryError:"
+"""How the reason of a task killed for its memory starts (mnp/agent/limits.py)."""
+
 StateOf = Callable[[str], JobState | None]
 """A job's state by id, or None when no such job is known (purged: it ended long ago)."""
 
@@ -172,10 +175,13 @@ def task_ended(job: Job, attempt: Attempt, task: TaskRun) -> End | None:
     node = attempt.nodes[task.node_index or 0]
     if not all(t.exited for t in node.tasks):
         return None
-    code, signal, _failed = node_result(node)
+    code, signal, failed = node_result(node)
     status = exit_status(code, signal)
     if node.index == mn.main_node:
-        return End(JobState.SUCCEEDED if status == 0 else JobState.FAILED)
+        # a task killed for its memory says so, as AWS Batch does; other failures of
+        # the main node give no reason (its exit code says it)
+        oom = failed.error if failed and (failed.error or "").startswith(OOM_PREFIX) else None
+        return End(JobState.SUCCEEDED if status == 0 else JobState.FAILED, oom)
     if status != 0 and mn.on_child_failure == "terminate":
         return End(JobState.FAILED, f"Child node {node.index} exited with code {status}")
     return None

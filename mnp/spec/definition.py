@@ -67,7 +67,7 @@ TOP_FIELDS = (
     "retry", "timeout", "array", "multinode", "depends_on", "aws_batch_env", "cwd", "python_env",
     "tasks_per_node", "gpu_bind", "container",
 )  # fmt: skip
-RESOURCE_FIELDS = ("vcpus", "memory", "gpus")
+RESOURCE_FIELDS = ("vcpus", "memory", "gpus", "cpu_bind")
 RETRY_FIELDS = ("attempts", "evaluate_on_exit")
 RULE_FIELDS = ("on_exit_code", "on_reason", "action")
 TIMEOUT_FIELDS = ("attempt_duration", "kill_grace")
@@ -90,6 +90,7 @@ MAX_TASKS_PER_NODE = 1024
 MAX_VCPUS = 100_000.0
 MAX_GPUS = 1024
 GPU_BINDS = ("per-node", "per-task")
+CPU_BINDS = ("none", "cores")  # default none: tasks float over the host's CPUs
 
 NAME_RULE = "use 1 to 128 letters, digits, - and _"
 REF_PATTERN = re.compile(r"Ref::([A-Za-z0-9_]+)")
@@ -313,6 +314,7 @@ def _resources(rt: Table | None, base: Resources) -> Resources:
         vcpus=rt.number("vcpus", base.vcpus, 0, MAX_VCPUS, lo_open=True),
         memory=rt.convert("memory", base.memory, parse_memory),
         gpus=rt.integer("gpus", base.gpus, 0, MAX_GPUS),
+        cpu_bind=rt.choice("cpu_bind", base.cpu_bind, CPU_BINDS),
     )
 
 

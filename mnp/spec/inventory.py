@@ -23,7 +23,16 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from mnp.model import ComputeEnvironment, HostSpec, Inventory, Queue, SshOptions
+from mnp.model import (
+    ComputeEnvironment,
+    HostSpec,
+    Inventory,
+    JobState,
+    ManagedSpec,
+    Notification,
+    Queue,
+    SshOptions,
+)
 from mnp.spec.fields import (
     NAME_RE,
     Table,
@@ -38,13 +47,23 @@ from mnp.spec.fields import (
 from mnp.spec.nodeset import expand_nodeset, fold_nodeset
 from mnp.spec.units import parse_duration, parse_memory
 
-INVENTORY_FIELDS = ("ssh", "hosts", "compute_environments", "queues")
+INVENTORY_FIELDS = ("ssh", "hosts", "compute_environments", "queues", "notifications")
+NOTIFICATION_FIELDS = ("command", "url", "states", "queues", "job_name")
 SSH_FIELDS = ("user", "port", "known_hosts", "identity", "connect_timeout", "python", "config")
 HOST_FIELDS = ("names", "vcpus", "memory", "gpus", "labels", "address", "transport", "ssh")
-CE_FIELDS = ("hosts", "labels", "state")
+CE_FIELDS = (
+    "type", "hosts", "labels", "state", "provider", "min_vcpus", "max_vcpus", "desired_vcpus",
+    "idle_timeout", "allocation", "start", "stop",
+)  # fmt: skip
+MANAGED_FIELDS = CE_FIELDS[4:]
+ALLOCATION_FIELDS = ("nodes", "time_limit", "vcpus_per_node", "options")
+CE_TYPES = ("UNMANAGED", "MANAGED")
+PROVIDERS = ("slurm", "pbs", "command")
+MAX_MANAGED_VCPUS = 10_000_000
+DEFAULT_IDLE_TIMEOUT = 300.0
 QUEUE_FIELDS = ("priority", "compute_environments", "state")
 STATES = ("ENABLED", "DISABLED")
-TRANSPORTS = ("ssh", "local")
+TRANSPORTS = ("ssh", "local", "srun")
 
 MAX_HOSTS = 10_000
 MAX_LOCAL_NODES = 1000
@@ -141,8 +160,52 @@ def parse_inventory(data: dict[str, Any], source: str) -> Inventory:
             ht.fail("names", f"more than {MAX_HOSTS} hosts in the inventory; allowed {MAX_HOSTS}")
     ces = _compute_environments(t, hosts)
     return Inventory(
-        source=source, hosts=tuple(hosts), compute_environments=ces, queues=_queues(t, ces), ssh=ssh
+        source=source,
+        hosts=tuple(hosts),
+        compute_environments=ces,
+        queues=_queues(t, ces),
+        ssh=ssh,
+        notifications=_notifications(t),
     )
+
+
+def _notifications(t: Table) -> tuple[Notification, ...]:
+    """``[[notifications]]``: each a ``command`` (argv) or a ``url`` (http/https), and
+    optional ``states``, ``queues`` and ``job_name`` (a glob) filters."""
+    if "notifications" not in t:
+        return ()
+    items = array_of(
+        t.source, "notifications", t.get("notifications"), "an array of tables ([[notifications]])"
+    )
+    out = []
+    states = [s.value for s in JobState]
+    for i, item in enumerate(items):
+        nt = Table(t.source, index_path("notifications", i), item, NOTIFICATION_FIELDS)
+        command = nt.strings("command")
+        url = nt.string("url", None)
+        if (command is None) == (url is None):
+            nt.fail("command", 'give either command = ["prog", "arg"] or url = "https://..."')
+        if command is not None and not command:
+            nt.fail("command", 'empty; give the program and its arguments, e.g. ["notify-send"]')
+        if url is not None and not url.startswith(("http://", "https://")):
+            nt.fail("url", f"{show(url)} is not allowed; give an http:// or https:// URL")
+        wanted = nt.strings("states", single_ok=True)
+        if wanted is not None:
+            for j, st in enumerate(wanted):
+                if st.upper() not in states:
+                    f = index_path(nt.field("states"), j)
+                    fail(t.source, f, f"{show(st)} is not a state; allowed: {', '.join(states)}")
+            wanted = tuple(st.upper() for st in wanted)
+        out.append(
+            Notification(
+                command=command,
+                url=url,
+                states=wanted,
+                queues=nt.strings("queues", single_ok=True),
+                job_name=nt.string("job_name", None),
+            )
+        )
+    return tuple(out)
 
 
 def parse_ssh(st: Table, base: SshOptions) -> SshOptions:
@@ -289,6 +352,13 @@ def _compute_environments(t: Table, hosts: list[HostSpec]) -> dict[str, ComputeE
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             fail(t.source, field, f"not a valid compute environment name; {NAME_RULE}")
         ct = Table(t.source, field, value, CE_FIELDS)
+        if ct.choice("type", "UNMANAGED", CE_TYPES) == "MANAGED":
+            state = ct.choice("state", "ENABLED", STATES)
+            out[name] = ComputeEnvironment(name=name, hosts=(), state=state, managed=_managed(ct))
+            continue
+        for key in MANAGED_FIELDS:
+            if key in ct:
+                ct.fail(key, 'only for type = "MANAGED"; an UNMANAGED environment has its hosts')
         if "hosts" not in ct and "labels" not in ct:
             fail(t.source, field, "give hosts (a nodeset) or labels (a list), or both")
         chosen: set[str] = set()
@@ -319,6 +389,77 @@ def _compute_environments(t: Table, hosts: list[HostSpec]) -> dict[str, ComputeE
             name=name, hosts=members, state=ct.choice("state", "ENABLED", STATES)
         )
     return out
+
+
+def _managed(ct: Table) -> ManagedSpec:
+    """The fields of a ``type = "MANAGED"`` compute environment (README "Managed")."""
+    for key in ("hosts", "labels"):
+        if key in ct:
+            ct.fail(
+                key,
+                "a MANAGED compute environment gets its hosts from its provider; leave "
+                f'{key} out, or use type = "UNMANAGED"',
+            )
+    if "provider" not in ct:
+        ct.fail("provider", f"missing; a MANAGED compute environment needs one of {_or(PROVIDERS)}")
+    provider = ct.choice("provider", "", PROVIDERS)
+    if "max_vcpus" not in ct:
+        ct.fail("max_vcpus", "missing; give the most vCPUs it may acquire, e.g. 64")
+    top = ct.integer("max_vcpus", 0, 1, MAX_MANAGED_VCPUS)
+    low = ct.integer("min_vcpus", 0, 0, MAX_MANAGED_VCPUS)
+    if low > top:
+        ct.fail("min_vcpus", f"{low} is more than max_vcpus ({top}); allowed 0..{top}")
+    desired = ct.integer("desired_vcpus", low, 0, MAX_MANAGED_VCPUS)
+    if not low <= desired <= top:
+        ct.fail("desired_vcpus", f"{desired} is out of range; allowed {low}..{top} (min..max)")
+    idle = ct.convert("idle_timeout", DEFAULT_IDLE_TIMEOUT, parse_duration)
+    at = ct.table("allocation", ALLOCATION_FIELDS)
+    nodes, time_limit, per_node = 1, None, None
+    options: tuple[str, ...] = ()
+    if at is not None:
+        nodes = at.integer("nodes", 1, 1, MAX_HOSTS)
+        time_limit = at.convert("time_limit", None, parse_duration)
+        if time_limit is not None and time_limit < 60:
+            at.fail("time_limit", "less than 1m; Slurm and PBS count whole minutes, e.g. 1h")
+        per_node = at.integer("vcpus_per_node", None, 1, MAX_HOST_VCPUS)
+        options = at.strings("options") or ()
+        for j, opt in enumerate(options):
+            if not opt.strip() or not opt.isprintable():
+                fail(ct.source, index_path(at.field("options"), j), "empty or not printable")
+        if per_node is not None and nodes * per_node > top:
+            at.fail(
+                "nodes",
+                f"{nodes} nodes of {per_node} vCPUs is more than max_vcpus ({top}); "
+                f"allowed at most {max(top // per_node, 1)} nodes",
+            )
+    programs: dict[str, tuple[str, ...]] = {}
+    for key in ("start", "stop"):
+        argv = ct.strings(key)
+        if provider != "command":
+            if argv is not None:
+                ct.fail(key, f'only for provider = "command"; {provider} needs no program')
+            continue
+        if not argv or not argv[0].strip():
+            ct.fail(key, f'missing or empty; provider = "command" needs the {key} program as '
+                    'an array, e.g. ["/usr/local/bin/nodes-up"]')  # fmt: skip
+        programs[key] = argv
+    return ManagedSpec(
+        provider=provider,
+        max_vcpus=top,
+        min_vcpus=low,
+        desired_vcpus=desired,
+        idle_timeout=idle,
+        nodes=nodes,
+        time_limit=time_limit,
+        vcpus_per_node=per_node,
+        options=options,
+        start=programs.get("start", ()),
+        stop=programs.get("stop", ()),
+    )
+
+
+def _or(choices: Sequence[str]) -> str:
+    return ", ".join(f'"{c}"' for c in choices[:-1]) + f' or "{choices[-1]}"'
 
 
 def _few(names: Sequence[str]) -> str:

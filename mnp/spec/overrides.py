@@ -42,6 +42,7 @@ _BLAME: list[tuple[re.Pattern[str], tuple[str, ...]]] = [
         (_GROUP + r"resources\.vcpus$", ("--vcpus",)),
         (_GROUP + r"resources\.memory$", ("--memory",)),
         (_GROUP + r"resources\.gpus$", ("--gpus",)),
+        (_GROUP + r"resources\.cpu_bind$", ("--cpu-bind",)),
         (_GROUP + r"tasks_per_node$", ("--tasks-per-node", "--nodes")),
         (r"retry\.attempts$", ("--attempts",)),
         (r"timeout\.attempt_duration$", ("--timeout",)),
@@ -129,7 +130,10 @@ def definition_to_dict(defn: JobDefinition) -> dict[str, Any]:
 
 
 def _resources_dict(r: Resources) -> dict[str, Any]:
-    return {"vcpus": r.vcpus, "memory": format_memory(r.memory), "gpus": r.gpus}
+    d: dict[str, Any] = {"vcpus": r.vcpus, "memory": format_memory(r.memory), "gpus": r.gpus}
+    if r.cpu_bind != "none":
+        d["cpu_bind"] = r.cpu_bind
+    return d
 
 
 def apply_overrides(defn: JobDefinition, **overrides: Any) -> JobDefinition:

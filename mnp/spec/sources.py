@@ -2,9 +2,11 @@
 
 ``--inventory`` takes ``local`` (the default), a TOML file, ``slurm``,
 ``pbs``, ``hostfile:PATH`` or ``auto`` (slurm, then pbs, then the file or
-source named by ``MNP_INVENTORY``, then local). Hosts found this way use the
-ssh transport with default options, one compute environment ``default`` and
-one queue ``default``. Environment variables are read from ``environ`` so
+source named by ``MNP_INVENTORY``, then local). Hosts found this way are in one
+compute environment ``default`` and one queue ``default``; they use the ssh
+transport with default options, except the nodes of a Slurm allocation mnp runs
+in (``SLURM_JOB_ID`` set), which use ``srun`` (job steps, no SSH) unless
+``MNP_SLURM_TRANSPORT=ssh``. Environment variables are read from ``environ`` so
 tests can pass a dict.
 """
 
@@ -66,6 +68,8 @@ def slurm_inventory(environ: Mapping[str, str] = os.environ) -> Inventory:
     ``SLURM_JOB_CPUS_PER_NODE`` their vcpus, ``SLURM_GPUS_ON_NODE`` their GPUs
     (Slurm only tells it for this node; it is assumed for all) and
     ``SLURM_MEM_PER_NODE`` (MiB) their memory. Anything missing is ``auto``.
+    The transport is ``srun`` when mnp runs inside that allocation (``SLURM_JOB_ID``), else
+    ``ssh``; ``MNP_SLURM_TRANSPORT`` (``srun`` or ``ssh``) chooses it.
     """
     var = "SLURM_JOB_NODELIST" if environ.get("SLURM_JOB_NODELIST") else "SLURM_NODELIST"
     nodelist = environ.get(var, "")
@@ -93,6 +97,7 @@ def slurm_inventory(environ: Mapping[str, str] = os.environ) -> Inventory:
         cpus = list(counts)
     gpus = _env_int(environ, "SLURM_GPUS_ON_NODE", 0, MAX_HOST_GPUS)
     mem_mib = _env_int(environ, "SLURM_MEM_PER_NODE", 1, 1 << 40)
+    transport = _slurm_transport(environ)
     hosts = [
         HostSpec(
             name=n,
@@ -100,10 +105,27 @@ def slurm_inventory(environ: Mapping[str, str] = os.environ) -> Inventory:
             vcpus=c,
             gpus=gpus,
             memory=mem_mib << 20 if mem_mib is not None else None,
+            transport=transport,
         )
         for n, c in zip(names, cpus, strict=True)
     ]
     return simple_inventory("slurm", hosts)
+
+
+def _slurm_transport(environ: Mapping[str, str]) -> str:
+    chosen = environ.get("MNP_SLURM_TRANSPORT", "").strip()
+    inside = bool((environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID") or "").strip())
+    if not chosen:
+        return "srun" if inside else "ssh"
+    if chosen not in ("srun", "ssh"):
+        fail("slurm", "MNP_SLURM_TRANSPORT", f"{show(chosen)} is not allowed; use srun or ssh")
+    if chosen == "srun" and not inside:
+        fail(
+            "slurm",
+            "MNP_SLURM_TRANSPORT",
+            "srun needs the allocation's SLURM_JOB_ID, which is not set; use ssh",
+        )
+    return chosen
 
 
 def pbs_inventory(environ: Mapping[str, str] = os.environ) -> Inventory:

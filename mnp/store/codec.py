@@ -2,7 +2,8 @@
 
 JSON columns: ``jobs.definition`` (an object; NULL for array children, which
 share their parent's), ``jobs.depends_on`` (a list; NULL when empty, read back
-as ``[]``), ``attempts.hosts`` (a list). ``timed_out`` reads back as a bool.
+as ``[]``), ``attempts.hosts`` (a list), ``attempts.usage`` (an object by tid, or
+NULL). ``timed_out`` reads back as a bool.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def encode_attempt(fields: Row) -> Row:
     _check_fields("attempt", fields, _ATTEMPT_FIELDS)
     if fields.get("hosts") is not None:
         fields["hosts"] = dumps(list(fields["hosts"]))
+    if fields.get("usage") is not None:
+        fields["usage"] = dumps(fields["usage"])
     return fields
 
 
@@ -136,6 +139,8 @@ def decode_job(row: Row) -> Row:
 def decode_attempt(row: Row) -> Row:
     hosts = row["hosts"]
     row["hosts"] = json.loads(hosts) if hosts else []
+    usage = row.get("usage")  # absent in a file of version 2 or older
+    row["usage"] = json.loads(usage) if usage else None
     return row
 
 

@@ -1,66 +1,36 @@
-"""The ``Store``: write-behind batches for the controller, plain reads for everyone."""
+"""The ``Store``: write-behind batches for the controller, plain reads for everyone.
+
+It owns the connection and the counters (job ids, event seqs) and hands the
+rest to its rooms: ``writes.Batch`` buffers, ``reads`` queries, ``purges``
+deletes, ``schema`` opens and guards the connection.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from operator import itemgetter
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from mnp import jobref
 from mnp.errors import InfraError
-from mnp.store import codec, reads
-from mnp.store.codec import Row
-from mnp.store.schema import connect, infra_error
+from mnp.store import purges, reads
+from mnp.store.purges import PURGE_CHUNK, SWEEP_BUDGET
+from mnp.store.reads import ReadApi
+from mnp.store.schema import analyze, connect, transaction
+from mnp.store.writes import SET_META, Batch
 
-PURGE_CHUNK = 500
-"""Top-level jobs ``purge`` removes in one transaction."""
-SWEEP_BUDGET = 5000
-"""About how many rows (events, array children) ``sweep_purged`` deletes in one transaction."""
+__all__ = ["ANALYZE_AFTER", "JOB_ID_BLOCK", "PURGE_CHUNK", "SWEEP_BUDGET", "Store"]
 
 JOB_ID_BLOCK = 100
 """Job ids reserved on disk ahead of use: a crash skips at most this many, reuses none."""
 
 ANALYZE_AFTER = 10_000
 """A flush that inserts this many jobs (an array) refreshes the planner's statistics."""
-ANALYSIS_LIMIT = 1000
-
-_INSERT_EVENT = "INSERT INTO events (seq, time, job_id, root, body) VALUES (?, ?, ?, ?, ?)"
-_SET_META = (
-    "INSERT INTO meta (key, value) VALUES (?, ?) "
-    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
-)
-_JSON_FIELDS = frozenset({"definition", "depends_on"})
 
 
-class _Shape:
-    """How rows with one tuple of keys are inserted: one executemany per shape."""
-
-    def __init__(self, keys: tuple[str, ...]) -> None:
-        codec.check_job_fields(keys)
-        self.keys = keys
-        self.sql = f"INSERT INTO jobs ({', '.join(keys)}) VALUES ({', '.join('?' * len(keys))})"
-        self.values: Callable[[Mapping[str, Any]], tuple[Any, ...]]
-        if len(keys) == 1:
-            self.values = lambda row: (row[keys[0]],)
-        else:
-            self.values = itemgetter(*keys)
-        self.encode = not _JSON_FIELDS.isdisjoint(keys)
-        self.seq_at = keys.index("seq") if "seq" in keys else None
-        self.rows: list[tuple[Any, ...]] = []
-
-    def max_seq(self) -> int:
-        if self.seq_at is None:
-            return 0
-        return max((r[self.seq_at] or 0 for r in self.rows), default=0)
-
-
-class Store:
+class Store(ReadApi):
     """The state database (``MNP_HOME/mnp.db``): jobs, attempts, nodes, events, meta.
 
     The controller keeps live state in memory and writes through to a writer
@@ -88,15 +58,7 @@ class Store:
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
-        self._shapes: dict[tuple[str, ...], _Shape] = {}
-        self._new_ids: set[str] = set()
-        self._job_updates: dict[str, Row] = {}
-        self._attempts: dict[tuple[str, int], Row] = {}
-        self._nodes: dict[tuple[str, int, int], Row] = {}
-        self._events: list[tuple[int, Any, str | None, str | None, str]] = []
-        self._meta: dict[str, str] = {}
-        self._dirty = False
-        self._sql: dict[tuple[str, tuple[str, ...]], str] = {}
+        self._batch = Batch()
         self._conn: sqlite3.Connection | None = connect(self.path, readonly)
         self._event_seq = 0
         self._next_id = self._id_limit = 1
@@ -155,8 +117,7 @@ class Store:
             return
         try:
             if not self.readonly:
-                self._meta["next_job_id"] = str(self._next_id)
-                self._dirty = True
+                self._batch.set_meta("next_job_id", str(self._next_id))
                 self.flush()
                 self._analyze()
         finally:
@@ -174,33 +135,8 @@ class Store:
     ) -> None:
         self.close()
 
-    @property
-    def conn(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise InfraError(f"state database {self.path}: already closed")
-        return self._conn
-
-    @contextmanager
-    def _guard(self, doing: str) -> Iterator[None]:
-        """sqlite3 errors become one-line InfraErrors; constraint violations are bugs."""
-        try:
-            yield
-        except sqlite3.IntegrityError as e:
-            raise ValueError(f"state database {self.path}: {doing}: {e}") from e
-        except sqlite3.Error as e:
-            raise infra_error(self.path, doing, e) from e
-
     def _analyze(self) -> None:
-        """Refresh the planner's statistics (sampled: milliseconds at any size).
-
-        Whether walking the table or the parents-only index lists parents faster
-        depends on how many array children there are; the statistics tell.
-        """
-        try:
-            self.conn.execute(f"PRAGMA analysis_limit = {ANALYSIS_LIMIT}")
-            self.conn.execute("ANALYZE")
-        except sqlite3.Error:
-            pass  # an optimisation: a full disk must not keep the store from opening or closing
+        analyze(self.conn)
 
     def _writable(self) -> None:
         if self.readonly:
@@ -226,7 +162,7 @@ class Store:
         if self._next_id >= self._id_limit:
             limit = self._next_id + JOB_ID_BLOCK
             with self._guard("reserving job ids"):
-                self.conn.execute(_SET_META, ("next_job_id", str(limit)))
+                self.conn.execute(SET_META, ("next_job_id", str(limit)))
             self._id_limit = limit
         n = self._next_id
         self._next_id += 1
@@ -245,52 +181,23 @@ class Store:
         """``add_job`` for many (an array's children): rows of the same keys are
         checked once and inserted by one executemany."""
         self._writable()
-        shapes, new_ids = self._shapes, self._new_ids
-        sizes = {keys: len(shape.rows) for keys, shape in shapes.items()}
-        added: list[Any] = []
-        try:
-            for row in rows:
-                keys = tuple(row)
-                shape = shapes.get(keys)
-                if shape is None:
-                    shape = shapes[keys] = _Shape(keys)
-                job_id = row["id"]
-                if job_id in new_ids:
-                    raise ValueError(f"job {job_id} added twice")
-                shape.rows.append(shape.values(codec.encode_job(row) if shape.encode else row))
-                new_ids.add(job_id)
-                added.append(job_id)
-        except BaseException:  # all or nothing: forget this call's rows
-            for keys, shape in shapes.items():
-                del shape.rows[sizes.get(keys, 0) :]
-            new_ids.difference_update(added)
-            raise
-        self._dirty = True
+        self._batch.add_jobs(rows)
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         """Buffer changed columns of a job; within a batch, the last value of a field
         wins and the job gets one UPDATE. An id that is not stored changes nothing."""
         self._writable()
-        enc = codec.encode_job_update(fields)
-        pending = self._job_updates.get(job_id)
-        if pending is None:
-            self._job_updates[job_id] = enc
-        else:
-            pending.update(enc)
-        self._dirty = True
+        self._batch.update_job(job_id, fields)
 
     def upsert_attempt(self, job_id: str, number: int, **fields: Any) -> None:
         """Create attempt ``number`` (from 1) of a job, or change its columns."""
         self._writable()
-        self._attempts.setdefault((job_id, number), {}).update(codec.encode_attempt(fields))
-        self._dirty = True
+        self._batch.upsert_attempt(job_id, number, fields)
 
     def upsert_node(self, job_id: str, attempt: int, node_index: int, **fields: Any) -> None:
         """Create node ``node_index`` of an attempt of a multi-node job, or change it."""
         self._writable()
-        key = (job_id, attempt, node_index)
-        self._nodes.setdefault(key, {}).update(codec.encode_node(fields))
-        self._dirty = True
+        self._batch.upsert_node(job_id, attempt, node_index, fields)
 
     def append_event(self, event: Mapping[str, Any]) -> int:
         """Buffer an event and return its ``seq``: one more than the last, across restarts."""
@@ -303,17 +210,11 @@ class Store:
         ``events_since(job_id=...)`` (``codec.event_key``)."""
         self._writable()
         self._event_seq += 1
-        seq = self._event_seq
-        body = codec.dumps({"seq": seq, **event} if "seq" not in event else {**event, "seq": seq})
-        key, root = codec.event_key(event)
-        self._events.append((seq, event.get("time"), key, root, body))
-        self._dirty = True
-        return seq, body
+        return self._event_seq, self._batch.add_event(self._event_seq, event)
 
     def set_meta(self, key: str, value: str) -> None:
         self._writable()
-        self._meta[key] = value
-        self._dirty = True
+        self._batch.set_meta(key, value)
 
     def flush(self) -> None:
         """Commit everything buffered in one transaction; nothing buffered costs nothing.
@@ -324,25 +225,19 @@ class Store:
         stored twice) is a bug that no retry can mend, so the batch is dropped
         rather than block every later write.
         """
-        if not self._dirty:
+        batch = self._batch
+        if not batch.dirty:
             return
         self._writable()
         conn = self.conn
         try:
-            with self._guard("writing"):
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    self._write_batch(conn)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
+            with self._guard("writing"), transaction(conn):
+                batch.write(conn)
         except ValueError:
-            self._forget()
+            batch.clear()
             raise
-        inserted = sum(len(shape.rows) for shape in self._shapes.values())
-        self._forget()
+        inserted = batch.inserted()
+        batch.clear()
         if inserted >= ANALYZE_AFTER:
             self._analyze()
 
@@ -354,223 +249,16 @@ class Store:
         been, while the rest of the batch stays buffered for the next ``flush()``.
         Nothing already flushed changes.
         """
-        if not job_ids:
-            return
-        ids = set(job_ids)
-        for shape in self._shapes.values():
-            at = shape.keys.index("id")
-            shape.rows[:] = [r for r in shape.rows if r[at] not in ids]
-        self._new_ids.difference_update(ids)
-        for job_id in ids:
-            self._job_updates.pop(job_id, None)
-        self._attempts = {k: v for k, v in self._attempts.items() if k[0] not in ids}
-        self._nodes = {k: v for k, v in self._nodes.items() if k[0] not in ids}
-        self._events = [e for e in self._events if e[2] not in ids and e[3] not in ids]
-        self._dirty = bool(
-            self._meta
-            or self._new_ids
-            or self._job_updates
-            or self._attempts
-            or self._nodes
-            or self._events
-        )
-
-    def _forget(self) -> None:
-        for shape in self._shapes.values():
-            shape.rows.clear()
-        self._new_ids.clear()
-        self._job_updates.clear()
-        self._attempts.clear()
-        self._nodes.clear()
-        self._events.clear()
-        self._meta.clear()
-        self._dirty = False
-
-    def _write_batch(self, conn: sqlite3.Connection) -> None:
-        if self._meta:
-            conn.executemany(_SET_META, self._meta.items())
-        for shape in self._shapes.values():
-            if shape.rows:
-                conn.executemany(shape.sql, shape.rows)
-        for cols, params in _updates(self._job_updates.items()).items():
-            conn.executemany(self._update_sql(cols), params)
-        for cols, params in _upserts(self._attempts.items()).items():
-            conn.executemany(self._upsert_sql("attempts", ("job_id", "number"), cols), params)
-        for cols, params in _upserts(self._nodes.items()).items():
-            keys = ("job_id", "attempt", "node_index")
-            conn.executemany(self._upsert_sql("nodes", keys, cols), params)
-        if self._events:
-            conn.executemany(_INSERT_EVENT, self._events)
-
-    def _update_sql(self, cols: tuple[str, ...]) -> str:
-        sql = self._sql.get(("jobs", cols))
-        if sql is None:
-            sets = ", ".join(f"{c} = ?" for c in cols)
-            sql = self._sql[("jobs", cols)] = f"UPDATE jobs SET {sets} WHERE id = ?"
-        return sql
-
-    def _upsert_sql(self, table: str, keys: tuple[str, ...], cols: tuple[str, ...]) -> str:
-        sql = self._sql.get((table, cols))
-        if sql is None:
-            names = ", ".join(keys + cols)
-            marks = ", ".join("?" * (len(keys) + len(cols)))
-            sets = ", ".join(f"{c} = excluded.{c}" for c in cols)
-            action = f"DO UPDATE SET {sets}" if cols else "DO NOTHING"
-            sql = f"INSERT INTO {table} ({names}) VALUES ({marks}) "
-            sql += f"ON CONFLICT ({', '.join(keys)}) {action}"
-            self._sql[(table, cols)] = sql
-        return sql
+        self._batch.discard(job_ids)
 
     # --- reads (see what has been flushed) ---------------------------------
 
     def get_meta(self, key: str) -> str | None:
         """The value stored for ``key`` (this writer's unflushed value first)."""
-        if key in self._meta:
-            return self._meta[key]
+        if key in self._batch.meta:
+            return self._batch.meta[key]
         with self._guard("reading meta"):
             return reads.get_meta(self.conn, key)
-
-    def get_job(self, job_id: str) -> Row | None:
-        """Every column of a job, plus ``attempts`` (by number), ``nodes`` of the
-        latest attempt (by index) and, for an array parent, ``children_counts``
-        (state -> n). An array child carries its parent's ``definition``."""
-        with self._guard("reading a job"):
-            return reads.get_job(self.conn, job_id)
-
-    def resolve(self, ref: str) -> str | None:
-        """The job id ``ref`` refers to (``mnp.jobref``): an id, or a name for the newest
-        top-level job of that name, either with a ``:INDEX`` or ``#NODE`` suffix, which
-        is kept (not checked); None when no job has that id or name."""
-        root, suffix = jobref.split(ref)
-        with self._guard("finding a job"):
-            job_id = reads.job_id_of(self.conn, root)
-        return None if job_id is None else job_id + suffix
-
-    def newest_named(self, name: str) -> str | None:
-        """The id of the newest top-level job called ``name`` (stored), or None."""
-        with self._guard("finding a job"):
-            return reads.newest_named(self.conn, name)
-
-    def state_and_size(self, job_id: str) -> tuple[str, int | None] | None:
-        """A stored job's state and array size (an array parent's), or None."""
-        with self._guard("reading a job"):
-            return reads.state_and_size(self.conn, job_id)
-
-    def list_jobs(
-        self,
-        *,
-        queue: str | None = None,
-        state: str | None = None,
-        parents_only: bool = True,
-        limit: int | None = None,
-        after_seq: int | None = None,
-    ) -> list[Row]:
-        """Jobs in submission (seq) order, without ``definition`` (``get_job`` has it).
-
-        Array children are left out unless ``parents_only=False``; ``after_seq``
-        and ``limit`` page through.
-        """
-        where, params = reads.job_filter(parents_only, queue, state)
-        if after_seq is not None:
-            where.append("seq > ?")
-            params.append(after_seq)
-        with self._guard("listing jobs"):
-            return reads.summaries(self.conn, where, params, "seq", limit)
-
-    def list_page(
-        self,
-        *,
-        queue: str | None = None,
-        state: str | None = None,
-        parents_only: bool = True,
-        newest: int | None = None,
-        finished: int | None = None,
-    ) -> tuple[list[Row], int]:
-        """``mnp list --json``: ``list_jobs`` rows of one page, and how many matching
-        jobs it leaves out. ``newest``: the newest N jobs; ``finished``: every
-        unfinished job and the newest N finished ones (see ``reads.page``)."""
-        found, left_out = self._page(
-            reads.SUMMARY_SELECT, queue, state, parents_only, newest, finished
-        )
-        return reads.as_summaries(found), left_out
-
-    def table_page(
-        self,
-        *,
-        queue: str | None = None,
-        state: str | None = None,
-        parents_only: bool = True,
-        newest: int | None = None,
-        finished: int | None = None,
-    ) -> tuple[list[tuple[Any, ...]], int]:
-        """``mnp list``'s table: ``list_page``'s jobs as tuples of
-        ``reads.TABLE_COLUMNS`` (no dicts, nothing to decode), and the left-out count."""
-        return self._page(reads.TABLE_SELECT, queue, state, parents_only, newest, finished)
-
-    def _page(
-        self,
-        select: str,
-        queue: str | None,
-        state: str | None,
-        parents_only: bool,
-        newest: int | None,
-        finished: int | None,
-    ) -> tuple[list[tuple[Any, ...]], int]:
-        with self._guard("listing jobs"):
-            return reads.page(
-                self.conn,
-                select,
-                queue=queue,
-                state=state,
-                parents_only=parents_only,
-                newest=newest,
-                finished=finished,
-            )
-
-    def children(
-        self, parent_id: str, *, state: str | None = None, limit: int | None = None
-    ) -> list[Row]:
-        """An array's children in index order, as ``list_jobs`` rows."""
-        where, params = ["parent = ?"], [reads.key(parent_id)]
-        if state is not None:
-            where.append("state = ?")
-            params.append(reads.key(str(state)))
-        with self._guard("listing children"):
-            return reads.summaries(self.conn, where, list(params), "array_index", limit)
-
-    def counts_by_queue_state(self) -> dict[str, dict[str, int]]:
-        """queue -> state -> number of units of work (``mnp queues``).
-
-        A unit is what the scheduler places: a job that is not an array, or one
-        array child. Array parents (containers, PENDING while children run) are
-        not counted, so an array of 1,000 running 10 at a time shows as 990
-        RUNNABLE and 10 RUNNING.
-        """
-        with self._guard("counting jobs"):
-            return reads.counts_by_queue_state(self.conn)
-
-    def events_since(
-        self, seq: int, *, job_id: str | None = None, limit: int | None = None
-    ) -> list[Row]:
-        """Events with a ``seq`` above ``seq``, in order, as their JSON bodies.
-
-        ``job_id`` selects an event subject and everything under it: ``42``
-        matches ``42``, its children ``42:i`` and its nodes ``42#n`` (by the
-        indexed ``root`` column); ``42:7`` matches ``42:7`` and ``42:7#n``;
-        ``42#3`` matches that node only (by the indexed ``job_id`` column).
-        """
-        with self._guard("reading events"):
-            return reads.events_since(self.conn, seq, job_id, limit)
-
-    def event_lines(self, after: int, upto: int, limit: int = 10_000) -> list[tuple[int, str]]:
-        """``(seq, body)`` of stored events with ``after < seq <= upto``, in order, at most
-        ``limit``: the lines of ``events.jsonl`` as the store has them."""
-        with self._guard("reading events"):
-            cursor = self.conn.execute(
-                "SELECT seq, body FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-                (after, upto, limit),
-            )
-            return [(int(seq), str(body)) for seq, body in cursor.fetchall()]
 
     def max_event_seq(self) -> int:
         """The last event seq stored (or assigned by this writer); 0 if none."""
@@ -583,17 +271,7 @@ class Store:
         for the controller to continue from after a restart; 0 if none."""
         with self._guard("reading jobs"):
             stored = reads.max_job_seq(self.conn)
-        return max([stored, *(shape.max_seq() for shape in self._shapes.values())])
-
-    def unfinished_jobs(self) -> list[Row]:
-        """Every job not SUCCEEDED or FAILED, in seq order, for recovery after a restart.
-
-        Rows are shaped like ``get_job``'s (without ``children_counts``). Array
-        children carry their parent's decoded ``definition`` -- one dict shared
-        by all children of a parent: do not mutate it.
-        """
-        with self._guard("reading unfinished jobs"):
-            return reads.unfinished_jobs(self.conn)
+        return max(stored, self._batch.max_seq())
 
     # --- purge --------------------------------------------------------------
 
@@ -622,56 +300,14 @@ class Store:
             raise ValueError(f"cannot purge {state} jobs: only finished ones")
         self.flush()
         conn = self.conn
-        with self._guard("purging jobs"), self._transaction(conn):
-            states = (state,) if state is not None else reads.FINISHED_STATES
-            needed = reads.dependency_roots(conn)
-            where = f"parent IS NULL AND state IN ({', '.join('?' * len(states))})"
-            params: list[Any] = list(states)
-            if before is not None:
-                where += " AND coalesce(stopped, created) < ?"
-                params.append(before)
-            ids: list[str] = []
-            # oldest first (jobs_top); past the needed ones, in steps of the limit
-            cursor = conn.execute(
-                f"SELECT id FROM jobs INDEXED BY jobs_top WHERE {where} ORDER BY seq", params
-            )
-            for (job_id,) in cursor:
-                if job_id not in needed:
-                    ids.append(job_id)
-                    if len(ids) >= limit:
-                        break
-            cursor.close()
-            if not ids:
-                return []
-            floors = {
-                "job_seq_floor": reads.max_job_seq(conn),
-                "event_seq_floor": max(self._event_seq, reads.max_event_seq(conn)),
-            }
-            conn.executemany(_SET_META, [(k, str(v)) for k, v in floors.items()])
-            pending = self._pending(conn)
-            known = set(pending)
-            pending.extend(i for i in ids if i not in known)
-            conn.execute(_SET_META, ("purge_pending", json.dumps(pending)))
-            conn.execute(_SET_META, ("events_file_stale", "1"))
-            keys = [(i,) for i in ids]
-            conn.executemany("DELETE FROM nodes WHERE job_id = ?", keys)
-            conn.executemany("DELETE FROM attempts WHERE job_id = ?", keys)
-            conn.executemany("DELETE FROM jobs WHERE id = ?", keys)
-        return ids
+        states = (state,) if state is not None else reads.FINISHED_STATES
+        with self._guard("purging jobs"), transaction(conn):
+            return purges.purge(conn, states, before, limit, self._event_seq)
 
     def purge_pending(self) -> list[str]:
         """Purged top-level jobs whose children, events or logs may be left."""
         with self._guard("reading meta"):
-            return self._pending(self.conn)
-
-    @staticmethod
-    def _pending(conn: sqlite3.Connection) -> list[str]:
-        text = reads.get_meta(conn, "purge_pending")
-        try:
-            found = json.loads(text) if text else []
-        except ValueError:
-            return []
-        return [str(i) for i in found] if isinstance(found, list) else []
+            return purges.pending(self.conn)
 
     def sweep_purged(self, budget: int = SWEEP_BUDGET) -> tuple[list[str], bool]:
         """Delete, in one transaction, at most about ``budget`` rows that purged jobs left
@@ -683,33 +319,8 @@ class Store:
         """
         self._writable()
         conn = self.conn
-        finished: list[str] = []
-        with self._guard("purging jobs"), self._transaction(conn):
-            pending = self._pending(conn)
-            left = budget
-            for root in pending:
-                if left <= 0:
-                    break
-                left -= conn.execute(
-                    "DELETE FROM events WHERE seq IN "
-                    "(SELECT seq FROM events WHERE root = ? LIMIT ?)",
-                    (root, left),
-                ).rowcount
-                if left <= 0:
-                    break
-                some = "SELECT id FROM jobs WHERE parent = ? ORDER BY array_index LIMIT ?"
-                for table in ("nodes", "attempts"):
-                    conn.execute(f"DELETE FROM {table} WHERE job_id IN ({some})", (root, left))
-                kids = conn.execute(
-                    "DELETE FROM jobs WHERE seq IN "
-                    "(SELECT seq FROM jobs WHERE parent = ? ORDER BY array_index LIMIT ?)",
-                    (root, left),
-                ).rowcount
-                if kids >= left:
-                    break
-                left -= kids
-                finished.append(root)
-        return finished, len(finished) < len(pending)
+        with self._guard("purging jobs"), transaction(conn):
+            return purges.sweep(conn, budget)
 
     def purge_done(self, job_ids: Collection[str]) -> None:
         """Forget purged jobs of which nothing is left (``sweep_purged``), logs included."""
@@ -717,10 +328,8 @@ class Store:
         if not job_ids:
             return
         conn = self.conn
-        with self._guard("purging jobs"), self._transaction(conn):
-            done = set(job_ids)
-            pending = [i for i in self._pending(conn) if i not in done]
-            conn.execute(_SET_META, ("purge_pending", json.dumps(pending)))
+        with self._guard("purging jobs"), transaction(conn):
+            purges.done(conn, job_ids)
 
     def events_file_stale(self) -> bool:
         """Whether a purge removed events that ``events.jsonl`` still has."""
@@ -729,7 +338,7 @@ class Store:
     def events_file_rewritten(self) -> None:
         self._writable()
         with self._guard("writing meta"):
-            self.conn.execute(_SET_META, ("events_file_stale", "0"))
+            self.conn.execute(SET_META, ("events_file_stale", "0"))
 
     def raise_floors(self, *, next_job_id: int = 0, event_seq: int = 0) -> None:
         """Hand out no job id below ``next_job_id`` and no event seq up to ``event_seq``
@@ -737,45 +346,16 @@ class Store:
         at once."""
         self._writable()
         self.flush()
-        with self._guard("writing meta"), self._transaction(self.conn):
+        with self._guard("writing meta"), transaction(self.conn):
             if next_job_id > self._next_id:
                 self._next_id = self._id_limit = next_job_id
-                self.conn.execute(_SET_META, ("next_job_id", str(next_job_id)))
+                self.conn.execute(SET_META, ("next_job_id", str(next_job_id)))
             if event_seq > self._event_seq:
                 self._event_seq = event_seq
-                self.conn.execute(_SET_META, ("event_seq_floor", str(event_seq)))
-
-    @contextmanager
-    def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+                self.conn.execute(SET_META, ("event_seq_floor", str(event_seq)))
 
     def abandon(self) -> None:
         """Close without writing anything (a database found corrupt). Idempotent."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-
-def _updates(items: Iterable[tuple[str, Row]]) -> dict[tuple[str, ...], list[tuple[Any, ...]]]:
-    """Buffered updates grouped by the fields they set: ``(*values, id)`` per row."""
-    groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
-    for key, fields in items:
-        groups.setdefault(tuple(fields), []).append((*fields.values(), key))
-    return groups
-
-
-def _upserts(
-    items: Iterable[tuple[tuple[Any, ...], Row]],
-) -> dict[tuple[str, ...], list[tuple[Any, ...]]]:
-    """Buffered upserts grouped by the fields they set: ``(*key, *values)`` per row."""
-    groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
-    for key, fields in items:
-        groups.setdefault(tuple(fields), []).append((*key, *fields.values()))
-    return groups

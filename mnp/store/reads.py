@@ -1,4 +1,5 @@
-"""Queries over a connection (writer's or read-only), returning plain dicts and lists.
+"""Queries over a connection (writer's or read-only), returning plain dicts and lists;
+``ReadApi``, the ``Store``'s read methods over them.
 
 Each function is one consistent view: those that run several SELECTs run them
 in one read transaction, so a commit by the controller in between cannot
@@ -10,13 +11,16 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any
 
+from mnp import jobref
+from mnp.errors import InfraError
 from mnp.jobid import split, top_of
 from mnp.store import codec
 from mnp.store.codec import Row
-from mnp.store.schema import JOB_COLUMNS, SUMMARY_COLUMNS
+from mnp.store.schema import JOB_COLUMNS, SUMMARY_COLUMNS, guard
 
 # mnp.model's JobState values, spelt out so that a reader (`mnp list`) does not
 # import the model; tests/unit/test_store.py checks that they agree.
@@ -359,3 +363,171 @@ def unfinished_jobs(conn: sqlite3.Connection) -> list[Row]:
         last = j["attempts"][-1]["number"] if j["attempts"] else None
         j["nodes"] = nodes_of.get((j["id"], last), []) if last is not None else []
     return jobs
+
+
+class ReadApi:
+    """The ``Store``'s read methods: each query above on the store's connection, under
+    one guard (sqlite3 errors leave as one line naming the file). A read-only
+    ``Store`` serves only these; the writer's reads see what it has flushed."""
+
+    path: Path
+    _conn: sqlite3.Connection | None
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise InfraError(f"state database {self.path}: already closed")
+        return self._conn
+
+    def _guard(self, doing: str) -> AbstractContextManager[None]:
+        return guard(self.path, doing)
+
+    def get_job(self, job_id: str) -> Row | None:
+        """Every column of a job, plus ``attempts`` (by number), ``nodes`` of the
+        latest attempt (by index) and, for an array parent, ``children_counts``
+        (state -> n). An array child carries its parent's ``definition``."""
+        with self._guard("reading a job"):
+            return get_job(self.conn, job_id)
+
+    def resolve(self, ref: str) -> str | None:
+        """The job id ``ref`` refers to (``mnp.jobref``): an id, or a name for the newest
+        top-level job of that name, either with a ``:INDEX`` or ``#NODE`` suffix, which
+        is kept (not checked); None when no job has that id or name."""
+        root, suffix = jobref.split(ref)
+        with self._guard("finding a job"):
+            job_id = job_id_of(self.conn, root)
+        return None if job_id is None else job_id + suffix
+
+    def newest_named(self, name: str) -> str | None:
+        """The id of the newest top-level job called ``name`` (stored), or None."""
+        with self._guard("finding a job"):
+            return newest_named(self.conn, name)
+
+    def state_and_size(self, job_id: str) -> tuple[str, int | None] | None:
+        """A stored job's state and array size (an array parent's), or None."""
+        with self._guard("reading a job"):
+            return state_and_size(self.conn, job_id)
+
+    def list_jobs(
+        self,
+        *,
+        queue: str | None = None,
+        state: str | None = None,
+        parents_only: bool = True,
+        limit: int | None = None,
+        after_seq: int | None = None,
+    ) -> list[Row]:
+        """Jobs in submission (seq) order, without ``definition`` (``get_job`` has it).
+
+        Array children are left out unless ``parents_only=False``; ``after_seq``
+        and ``limit`` page through.
+        """
+        where, params = job_filter(parents_only, queue, state)
+        if after_seq is not None:
+            where.append("seq > ?")
+            params.append(after_seq)
+        with self._guard("listing jobs"):
+            return summaries(self.conn, where, params, "seq", limit)
+
+    def list_page(
+        self,
+        *,
+        queue: str | None = None,
+        state: str | None = None,
+        parents_only: bool = True,
+        newest: int | None = None,
+        finished: int | None = None,
+    ) -> tuple[list[Row], int]:
+        """``mnp list --json``: ``list_jobs`` rows of one page, and how many matching
+        jobs it leaves out. ``newest``: the newest N jobs; ``finished``: every
+        unfinished job and the newest N finished ones (see ``page``)."""
+        found, left_out = self._page(SUMMARY_SELECT, queue, state, parents_only, newest, finished)
+        return as_summaries(found), left_out
+
+    def table_page(
+        self,
+        *,
+        queue: str | None = None,
+        state: str | None = None,
+        parents_only: bool = True,
+        newest: int | None = None,
+        finished: int | None = None,
+    ) -> tuple[list[tuple[Any, ...]], int]:
+        """``mnp list``'s table: ``list_page``'s jobs as tuples of
+        ``TABLE_COLUMNS`` (no dicts, nothing to decode), and the left-out count."""
+        return self._page(TABLE_SELECT, queue, state, parents_only, newest, finished)
+
+    def _page(
+        self,
+        select: str,
+        queue: str | None,
+        state: str | None,
+        parents_only: bool,
+        newest: int | None,
+        finished: int | None,
+    ) -> tuple[list[tuple[Any, ...]], int]:
+        with self._guard("listing jobs"):
+            return page(
+                self.conn,
+                select,
+                queue=queue,
+                state=state,
+                parents_only=parents_only,
+                newest=newest,
+                finished=finished,
+            )
+
+    def children(
+        self, parent_id: str, *, state: str | None = None, limit: int | None = None
+    ) -> list[Row]:
+        """An array's children in index order, as ``list_jobs`` rows."""
+        where, params = ["parent = ?"], [key(parent_id)]
+        if state is not None:
+            where.append("state = ?")
+            params.append(key(str(state)))
+        with self._guard("listing children"):
+            return summaries(self.conn, where, list(params), "array_index", limit)
+
+    def counts_by_queue_state(self) -> dict[str, dict[str, int]]:
+        """queue -> state -> number of units of work (``mnp queues``).
+
+        A unit is what the scheduler places: a job that is not an array, or one
+        array child. Array parents (containers, PENDING while children run) are
+        not counted, so an array of 1,000 running 10 at a time shows as 990
+        RUNNABLE and 10 RUNNING.
+        """
+        with self._guard("counting jobs"):
+            return counts_by_queue_state(self.conn)
+
+    def events_since(
+        self, seq: int, *, job_id: str | None = None, limit: int | None = None
+    ) -> list[Row]:
+        """Events with a ``seq`` above ``seq``, in order, as their JSON bodies.
+
+        ``job_id`` selects an event subject and everything under it: ``42``
+        matches ``42``, its children ``42:i`` and its nodes ``42#n`` (by the
+        indexed ``root`` column); ``42:7`` matches ``42:7`` and ``42:7#n``;
+        ``42#3`` matches that node only (by the indexed ``job_id`` column).
+        """
+        with self._guard("reading events"):
+            return events_since(self.conn, seq, job_id, limit)
+
+    def event_lines(self, after: int, upto: int, limit: int = 10_000) -> list[tuple[int, str]]:
+        """``(seq, body)`` of stored events with ``after < seq <= upto``, in order, at most
+        ``limit``: the lines of ``events.jsonl`` as the store has them."""
+        with self._guard("reading events"):
+            cursor = self.conn.execute(
+                "SELECT seq, body FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (after, upto, limit),
+            )
+            return [(int(seq), str(body)) for seq, body in cursor.fetchall()]
+
+    def unfinished_jobs(self) -> list[Row]:
+        """Every job not SUCCEEDED or FAILED, in seq order, for recovery after a restart.
+
+        Rows are shaped like ``get_job``'s (without ``children_counts``). Array
+        children carry their parent's decoded ``definition`` -- one dict shared
+        by all children of a parent: do not mutate it.
+        """
+        with self._guard("reading unfinished jobs"):
+            return unfinished_jobs(self.conn)

@@ -1,4 +1,5 @@
-"""The database layout, its version, and opening a connection to it.
+"""The database layout, its version, and the connection: opening it, its
+transactions (``transaction``), its errors as one line (``guard``), its statistics.
 
 ``PRAGMA user_version`` holds :data:`SCHEMA_VERSION`. A fresh file gets the
 schema on first open; an older one is migrated step by step (``_MIGRATIONS``)
@@ -12,18 +13,21 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mnp.errors import InfraError
 from mnp.files import NotARegularFile, open_regular
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 READS_FROM = 1
 """The oldest version a reader takes as it is: raise it with a migration that
 changes tables or columns (not with one that only adds an index)."""
 BUSY_TIMEOUT_MS = 5000
 CACHE_KIB = 65536  # a ceiling, allocated as pages are read: a 100k-row `mnp list` fits
 WRITER_CACHE_KIB = 8192  # the controller writes and reads back little: 64 MiB cost 60 MB RSS
+ANALYSIS_LIMIT = 1000  # rows ANALYZE samples per index
 
 # a job referred to by name is the newest top-level job of that name: the index
 # carries the rowid (seq), so the newest is the last entry of the name (version 2)
@@ -76,6 +80,7 @@ _SCHEMA: tuple[str, ...] = (
         signal INTEGER,
         reason TEXT,
         final_state TEXT,
+        usage TEXT,  -- JSON: tid -> {max_rss_bytes, cpu_seconds, ...} (version 3)
         PRIMARY KEY (job_id, number)
     ) WITHOUT ROWID""",
     """CREATE TABLE nodes (
@@ -110,6 +115,9 @@ _SCHEMA: tuple[str, ...] = (
 # version N -> statements that turn it into N + 1
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (_JOBS_NAME,),  # jobs by name (mnp describe NAME, --depends-on NAME)
+    # what each task used. Readers of version 1 and 2 go on: they read attempts with
+    # SELECT * and take a missing usage as none (codec.decode_attempt)
+    2: ("ALTER TABLE attempts ADD COLUMN usage TEXT",),
 }
 
 JOB_COLUMNS = (
@@ -149,6 +157,7 @@ ATTEMPT_COLUMNS = (
     "signal",
     "reason",
     "final_state",
+    "usage",
 )
 NODE_COLUMNS = (
     "job_id",
@@ -238,6 +247,44 @@ def connect(path: Path, readonly: bool) -> sqlite3.Connection:
             raise infra_error(path, "opening", e) from e
         raise
     return conn
+
+
+@contextmanager
+def guard(path: Path, doing: str) -> Iterator[None]:
+    """sqlite3 errors become one-line InfraErrors naming ``path`` and what was being
+    done; constraint violations (bugs, not the disk) become ValueErrors."""
+    try:
+        yield
+    except sqlite3.IntegrityError as e:
+        raise ValueError(f"state database {path}: {doing}: {e}") from e
+    except sqlite3.Error as e:
+        raise infra_error(path, doing, e) from e
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction (``BEGIN IMMEDIATE``): committed, or rolled back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def analyze(conn: sqlite3.Connection) -> None:
+    """Refresh the planner's statistics (sampled: milliseconds at any size).
+
+    Whether walking the table or the parents-only index lists parents faster
+    depends on how many array children there are; the statistics tell.
+    """
+    try:
+        conn.execute(f"PRAGMA analysis_limit = {ANALYSIS_LIMIT}")
+        conn.execute("ANALYZE")
+    except sqlite3.Error:
+        pass  # an optimisation: a full disk must not keep the store from opening or closing
 
 
 def _connect_readonly(path: Path) -> sqlite3.Connection:

@@ -48,13 +48,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import logging
 import os
 import shlex
 import socket
-import zlib
 from pathlib import Path
 
 import asyncssh
@@ -62,6 +59,8 @@ import asyncssh
 from mnp.errors import HostKeyError, TransportError
 from mnp.model import HostSpec, Inventory, SshOptions
 from mnp.transport.base import AgentStream, Transport
+from mnp.transport.bootstrap import BOOTSTRAP, SOURCE_REQUEST
+from mnp.transport.bootstrap import agent_blob as _agent_blob
 
 log = logging.getLogger("mnp")
 
@@ -69,38 +68,7 @@ GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 KEEPALIVE_INTERVAL = 30.0  # seconds; a silent peer is declared lost after 3 of these
 STDERR_TAIL = 4096
 CLOSE_WAIT = 5.0  # seconds the agent gets to tear down after its stdin closes
-SOURCE_REQUEST = b"mnp-agent: send source\n"
 NOISE_LIMIT = 64 * 1024  # bytes of login-shell chatter tolerated before the agent's first line
-
-_BOOTSTRAP = """\
-import sys
-try:
-    import mnp.agent
-except ImportError:
-    import os, zlib
-    os.write(1, b"mnp-agent: send source\\n")
-    _h = b""
-    while _h[-1:] != b"\\n":
-        _c = os.read(0, 1)
-        if not _c:
-            sys.exit(3)
-        _h += _c
-    _n = int(_h)
-    _b = b""
-    while len(_b) < _n:
-        _c = os.read(0, _n - len(_b))
-        if not _c:
-            sys.exit(3)
-        _b += _c
-    _src = zlib.decompress(_b)
-    del _h, _c, _n, _b
-    exec(compile(_src, "<mnp.agent>", "exec"))
-else:
-    import runpy
-    runpy.run_module("mnp.agent", run_name="__main__", alter_sys=True)
-"""
-# One line without single quotes: json.dumps writes a valid Python string literal.
-BOOTSTRAP = "exec(" + json.dumps(_BOOTSTRAP) + ")"
 
 
 class SshError(TransportError):
@@ -115,15 +83,6 @@ class SshError(TransportError):
 def agent_command(python: str, agent_args: list[str]) -> str:
     """The exec request's command line: every word quoted for the remote shell."""
     return shlex.join([python, "-c", BOOTSTRAP, "--parent-death", *agent_args])
-
-
-@functools.cache
-def _agent_blob() -> bytes:
-    """``bundle_source()``, compressed, with its length line: what the bootstrap reads."""
-    from mnp.agent import bundle_source  # the agent package is imported only when shipped
-
-    data = zlib.compress(bundle_source().encode(), 9)
-    return b"%d\n" % len(data) + data
 
 
 class _Client(asyncssh.SSHClient):

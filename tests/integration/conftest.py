@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.slurm import SlurmCluster, SlurmUnavailable
 from tests.integration.sshd import SshdCluster, SshdUnavailable
 from tests.integration.test_agent_driver import Agent
 
@@ -50,6 +51,21 @@ def sshd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdFacto
 def sshd_hosts(sshd_factory: SshdFactory) -> SshdCluster:
     """Four OpenSSH servers, sshd-1..sshd-4 on 127.0.0.2-5 (see sshd.py)."""
     return sshd_factory(4)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A real 4-node Slurm 22.05 (n1..n4, 2 CPUs each) on this machine (see slurm.py).
+
+    Never skipped: tests/run installs slurm-wlm and munge."""
+    try:
+        cluster = SlurmCluster.start(tmp_path_factory.mktemp("slurm"))
+    except SlurmUnavailable as e:
+        pytest.fail(f"the Slurm tests need slurm-wlm and munge: {e}")
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 @pytest.fixture

@@ -80,6 +80,17 @@ def containers(label: str) -> list[str]:
     return r.stdout.split()
 
 
+def containers_agent(name: str) -> str:
+    """The agent identity (``mnp.agent`` label) of the container ``name``, "" if gone."""
+    r = subprocess.run(
+        ["podman", "inspect", "--format", '{{index .Config.Labels "mnp.agent"}}', name],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return r.stdout.strip()
+
+
 def none_left(label: str, timeout: float = 15) -> bool:
     deadline = time.monotonic() + timeout
     while containers(label):
@@ -124,6 +135,23 @@ def test_single_job_runs_in_its_container(tmp_path: Path) -> None:
     assert lines[4] == str(tmp_path)  # its working directory, mounted at the same path
     assert (tmp_path / "inside.txt").read_text() == "written\n"
     assert containers(label) == []  # --rm: nothing of it is left
+
+
+def test_memory_limit_is_the_containers(tmp_path: Path) -> None:
+    """``--memory`` is enforced by podman on the container (its processes are conmon's,
+    outside the agent's cgroup), not on podman's own client: a limit below the client's
+    size (some 40 MB) runs a small task, and a task above it is killed."""
+    path, label = job_file(
+        tmp_path, ["sh", "-c", 'cat /sys/fs/cgroup/memory/memory.limit_in_bytes; echo "$MNP_CPUS"']
+    )
+    r = mnp("run", "--memory", "24MiB", str(path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == str(24 << 20)
+    hog = 's=xxxxxxxxxxxxxxxx; while :; do s="$s$s"; done'
+    path, label = job_file(tmp_path, ["sh", "-c", hog])
+    r = mnp("run", "--memory", "24MiB", str(path))
+    assert r.returncode == 137, r.stderr  # the kernel's OOM kill (SIGKILL) in the container
+    assert none_left(label)
 
 
 def test_array_job_children_run_in_containers(tmp_path: Path) -> None:
@@ -276,10 +304,20 @@ def test_stale_sweep_removes_the_containers_of_killed_agents(
         p.send_signal(signal.SIGKILL)
     time.sleep(1)
     assert containers(label)  # left running: nobody was there to remove them
+    killed = {containers_agent(n) for n in containers(label)} - {""}
+    assert killed
     r = mnp("controller", "start", env=home)
     assert r.returncode == 0, r.stderr
-    assert none_left(label, 30)
+    # the new controller runs the job again (its attempt was lost, not failed), in a
+    # container of the same name: none of the killed agents' may be left beside it
+    wait_until(
+        "no container of the killed agents",
+        lambda: not killed & {containers_agent(n) for n in containers(label)},
+        30,
+    )
     assert describe(home, job)["state"] in ("RUNNABLE", "STARTING", "RUNNING", "FAILED")
+    mnp("terminate", job, "--reason", "test over", env=home)
+    assert none_left(label, 30)
 
 
 @pytest.mark.ssh

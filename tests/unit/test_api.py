@@ -479,9 +479,30 @@ async def _no_connections(server: ApiServer) -> bool:
     return False
 
 
-def test_the_client_module_imports_neither_asyncio_nor_logging() -> None:
-    code = "import sys, mnp.api; print(sorted({'asyncio', 'logging'} & set(sys.modules)))"
+@pytest.mark.parametrize("module", ["mnp.api.client", "mnp.api"])
+def test_the_client_module_imports_neither_asyncio_nor_logging(module: str) -> None:
+    """What the CLI imports to talk to the controller stays standard library and cheap:
+    the server's names come from ``mnp.api`` only when asked for."""
+    heavy = {"asyncio", "asyncssh", "logging", "mnp.api.server"}
+    code = f"import sys, {module}; print(sorted({heavy!r} & set(sys.modules)))"
     r = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert r.stdout.strip() == "[]"
+
+
+def test_the_server_names_load_on_first_use() -> None:
+    code = (
+        "import sys, mnp.api\n"
+        "from mnp.api import ApiServer, Responder\n"
+        "from mnp.api.server import ApiServer as S, Responder as R\n"
+        "assert (ApiServer, Responder) == (S, R) and 'mnp.api.server' in sys.modules\n"
+        "try:\n"
+        "    mnp.api.nothing\n"
+        "except AttributeError as e:\n"
+        "    print(e)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert r.stdout.strip() == "module 'mnp.api' has no attribute 'nothing'"

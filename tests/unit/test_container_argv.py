@@ -18,7 +18,7 @@ from mnp.agent.container import (
 )
 from mnp.agent.containers import Containers
 from mnp.agent.proc import Tagger, agent_identity, read_stat
-from mnp.agent.tasks import StaleRule
+from mnp.agent.sweep import StaleRule
 from mnp.errors import SpecError
 from mnp.model import Container, Mount
 from mnp.spec import (
@@ -88,6 +88,34 @@ def test_docker_single_gpu_is_unquoted() -> None:
     assert isinstance(argv, list)
     i = argv.index("--gpus")
     assert argv[i + 1] == "device=5"
+
+
+def test_podman_and_docker_enforce_the_memory_limit_and_cpus() -> None:
+    """The container's processes are the runtime's, outside the agent's cgroup and the
+    client's affinity: podman and docker get the limits; apptainer's inherit them."""
+    env = {**ENV, "MNP_MEMORY_LIMIT": str(32 << 20), "MNP_CPUS": "0,3"}
+    for kind in ("podman", "docker"):
+        argv, _ = wrap(kind, kind, Spec(image="img"), ["true"], env, [], None, "n", {})
+        assert argv[argv.index("--memory") + 1] == str(32 << 20)
+        assert argv[argv.index("--memory-swap") + 1] == str(32 << 20)
+        assert argv[argv.index("--cpuset-cpus") + 1] == "0,3"
+        assert argv.index("--cpuset-cpus") < argv.index("img")
+        bare, _ = wrap(kind, kind, Spec(image="img"), ["true"], ENV, [], None, "n", {})
+        assert "--memory" not in bare and "--cpuset-cpus" not in bare
+    argv, _ = wrap("apptainer", "apptainer", Spec(image="img"), ["true"], env, [], None, "n", {})
+    assert "--memory" not in argv and "--cpuset-cpus" not in argv
+
+
+def test_the_agent_does_not_hold_a_runtime_client_to_the_memory_limit(tmp_path: Path) -> None:
+    bindir, _ = _fake_runtime(tmp_path)
+    c = Containers("tok", agent_identity())
+    c.rundir = str(tmp_path / "run")
+    changes = {"MNP_MEMORY_LIMIT": str(32 << 20), "MNP_CPUS": "1"}
+    assert c.limited("7", changes) == changes  # not (yet) in a container: the agent's
+    env = {"PATH": str(bindir), "MNP_JOB_ID": "7", **changes}
+    c.wrap_spawn(Spec(image="img", runtime="podman"), "7", ["true"], env, changes, None, False)
+    assert c.limited("7", changes) == {"MNP_CPUS": "1"}  # podman's --memory holds it
+    c.task_gone("7", abnormal=False)
 
 
 def test_forwarded_names() -> None:

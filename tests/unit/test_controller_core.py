@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import pytest
 
 from mnp.controller import LOST_REASON, Controller, Restored
+from mnp.errors import InfraError, JobRefused
 from mnp.jobs import TIMEOUT_REASON, Job
 from mnp.model import ComputeEnvironment, HostSpec, Inventory, JobDefinition, JobState, Queue
 from mnp.model import Timeout as TimeoutSpec
@@ -808,3 +810,158 @@ async def test_the_fake_is_registered_by_name_and_speaks_the_protocol() -> None:
     assert fake.ops("h0", "kill") == [{"op": "kill", "tid": "nope"}] and agent.tasks == {}
     fake.lose("h0")
     assert await agent.readline() == b""
+
+
+# --- admission: refusals, names, withdraw, forget ---------------------------------
+
+
+async def test_submit_refuses_what_can_never_be_met_and_keeps_nothing(
+    ctl: Controller, fake: FakeTransport
+) -> None:
+    fake.handler = fakemod.hold
+    a = ctl.submit(cmd("train"))
+    refusals = [
+        (cmd(queue="nope"), "queue 'nope' does not exist; queues: default"),
+        (cmd(depends_on=["99"]), "depends_on: job 99 does not exist"),
+        (cmd(depends_on=[a.id, "train"]), f"both job {a.id}; list each job once"),
+        (cmd(array_size=2, depends_on=[f"{a.id}:N_TO_N"]), "N_TO_N needs two array jobs"),
+        (cmd(vcpus=64), "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT: no compute environment"),
+    ]
+    for definition, why in refusals:
+        with pytest.raises(JobRefused, match=re.escape(why)):
+            ctl.submit(definition)
+    assert list(ctl.jobs) == [a.id]
+    b = ctl.submit(cmd(depends_on=["train"]))  # a name is stored as the job's id
+    assert b.defn.depends_on[0].job_id == a.id
+    assert int(b.id) == int(a.id) + 1  # a refused job takes no id
+
+
+async def test_a_job_only_unconnected_hosts_could_run_is_an_infrastructure_error(
+    fake: FakeTransport,
+) -> None:
+    fake.down.update(("h1", "h2"))  # their agents never answer
+    c = Controller(inventory(), {"fake": fake}, heartbeat=(3600.0, 7200.0))
+    await c.start()
+    try:
+        with pytest.raises(InfraError, match=r"not usable now \(2 node.*1 of 3 hosts usable"):
+            c.submit(multinode(2))
+        assert c.jobs == {} and set(c.host_errors) == {"h1", "h2"}
+    finally:
+        await c.close()
+
+
+async def test_cancel_and_terminate_take_a_name_and_refuse_an_unknown_job(
+    ctl: Controller, fake: FakeTransport
+) -> None:
+    fake.handler = fakemod.hold
+    running = ctl.submit(cmd("train"))
+    await settle()
+    waiting = ctl.submit(cmd("serve", depends_on=[running.id]))
+    assert ctl.resolve("serve") == waiting.id and ctl.state_of(waiting.id) is P
+    assert ctl.cancel("serve", "no") is waiting and waiting.state is F
+    assert ctl.terminate("train", "stop") is running
+    await done(ctl, running)
+    assert (running.state, running.reason) == (F, "stop")
+    for op in (ctl.cancel, ctl.terminate):
+        with pytest.raises(JobRefused, match="job nope does not exist"):
+            op("nope", "x")
+
+
+async def test_withdraw_forgets_the_job_its_name_and_its_wait(
+    ctl: Controller, fake: FakeTransport
+) -> None:
+    fake.handler = fakemod.hold
+    first = ctl.submit(cmd("train"))
+    await settle()
+    second = ctl.submit(cmd("train", depends_on=[first.id]))
+    assert ctl.resolve("train") == second.id
+    with pytest.raises(ValueError, match="has started"):
+        ctl.withdraw(first)
+    ctl.withdraw(second)
+    assert second.id not in ctl.jobs and ctl.resolve("train") == first.id
+    fake.exit(first.id, 0)
+    await done(ctl, first)
+    await settle()
+    assert second.state is P and [tid for _, tid in fake.spawned()] == [first.id]
+
+
+async def test_forget_drops_finished_jobs_only(ctl: Controller, fake: FakeTransport) -> None:
+    finished = await done(ctl, ctl.submit(cmd()))
+    fake.handler = fakemod.hold
+    running = ctl.submit(cmd())
+    await settle()
+    ctl.forget([finished.id, running.id])
+    assert finished.id not in ctl.jobs and running.id in ctl.jobs
+    assert ctl.resolve(finished.id) is None
+    with pytest.raises(JobRefused, match=f"job {finished.id} does not exist"):
+        ctl.submit(cmd(depends_on=[finished.id]))
+
+
+async def test_continue_numbering_goes_on_after_the_last_seq(ctl: Controller) -> None:
+    ctl.continue_numbering(100)
+    ctl.continue_numbering(7)  # never back
+    assert ctl.submit(cmd()).seq == 101
+
+
+# --- attempts: hooks, failures kept to their job, the clock, closing --------------
+
+
+async def test_a_task_the_start_hook_refuses_is_never_sent(
+    ctl: Controller, fake: FakeTransport
+) -> None:
+    ctl.on_task_start = lambda job, task: "its log cannot be opened"
+    job = await done(ctl, ctl.submit(cmd(attempts=2)))
+    assert (job.state, job.reason) == (F, "its log cannot be opened")
+    assert fake.spawned() == []
+    assert all(cap.free_vcpus == cap.vcpus for cap in ctl.capacity.values())
+
+
+async def test_an_error_while_handling_an_agent_event_fails_only_that_job(
+    ctl: Controller, fake: FakeTransport
+) -> None:
+    fake.handler = fakemod.hold
+    bad, good = ctl.submit(cmd()), ctl.submit(cmd())
+    await settle()
+
+    def on_output(job: Job, task: object, fd: int, data: str) -> None:
+        raise RuntimeError(f"cannot write {job.id}")
+
+    ctl.on_output = on_output
+    fake.push(fake.host_of(bad.id), {"ev": "out", "tid": bad.id, "fd": 1, "data": "x"})
+    await done(ctl, bad)
+    assert (bad.state, bad.reason) == (F, f"Controller error: RuntimeError: cannot write {bad.id}")
+    assert bad.attempts[0].retryable is False
+    ctl.on_output = None
+    fake.exit(good.id, 0)
+    assert (await done(ctl, good)).state is S
+
+
+async def test_the_clock_is_read_where_something_happens_and_passed_on(
+    ctl: Controller, fake: FakeTransport
+) -> None:
+    ticks = iter(range(1000, 2000))
+    ctl.shared.clock = lambda: float(next(ticks))
+    job = await done(ctl, ctl.submit(cmd()))
+    times = [e["time"] for e in ctl.events if e["job_id"] == job.id]
+    # submit: one reading for SUBMITTED and PENDING and RUNNABLE; the pass one for
+    # STARTING; each agent event one (started, exited, gone: the job ends on gone)
+    assert times == [1000.0, 1000.0, 1000.0, 1001.0, 1002.0, 1004.0]
+    assert job.attempts[0].placed_at == 1001.0 and job.attempts[0].stopped_at == 1004.0
+
+
+async def test_close_ends_a_decided_attempt_as_decided_and_keeps_a_running_one(
+    fake: FakeTransport,
+) -> None:
+    c = Controller(inventory(), {"fake": fake}, heartbeat=(3600.0, 7200.0))
+    await c.start()
+    fake.handler = lambda host, msg: [] if msg.get("op") == "kill" else fakemod.hold(host, msg)
+    ending, running = c.submit(cmd()), c.submit(cmd())
+    await settle()
+    c.terminate(ending.id, "stop it")
+    await settle()
+    assert ending.state is RUN and ending.attempt is not None and ending.attempt.ending
+    await c.close()
+    assert (ending.state, ending.reason) == (F, "stop it")
+    assert running.state is RUN  # retried by the next controller, uncounted (restore)
+    with pytest.raises(InfraError, match="shutting down"):
+        c.submit(cmd())

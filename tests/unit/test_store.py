@@ -172,6 +172,7 @@ def test_version_1_is_read_as_it_is_and_migrated_by_the_writer(db: Path) -> None
     Store(db).close()
     conn = sqlite3.connect(db)
     conn.execute("DROP INDEX jobs_name")  # what version 1 had
+    conn.execute("ALTER TABLE attempts DROP COLUMN usage")  # added by version 3
     conn.execute("PRAGMA user_version = 1")
     conn.execute("INSERT INTO jobs (seq, id, name, state) VALUES (1, '1', 'old', 'SUCCEEDED')")
     conn.commit()
@@ -180,7 +181,9 @@ def test_version_1_is_read_as_it_is_and_migrated_by_the_writer(db: Path) -> None
         assert reader.resolve("old") == "1"
         assert reader.conn.execute("PRAGMA user_version").fetchone()[0] == 1
     with Store(db) as writer:
-        assert writer.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert writer.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        cols = {r[1] for r in writer.conn.execute("PRAGMA table_info(attempts)")}
+        assert "usage" in cols
         names = {r[0] for r in writer.conn.execute("SELECT name FROM sqlite_master")}
         assert "jobs_name" in names
         assert writer.resolve("old") == "1"
@@ -306,6 +309,7 @@ def test_attempts_and_nodes_round_trip(store: Store) -> None:
     store.flush()
     store.upsert_attempt("9", 1, running_at=2.0, stopped_at=3.0, exit_code=None, signal=9)
     store.upsert_attempt("9", 1, reason="Host lost: b", final_state="FAILED")
+    store.upsert_attempt("9", 1, usage={"9#0": {"max_rss_bytes": 5, "cpu_seconds": 0.5}})
     store.upsert_node("9", 1, 1, state="FAILED", reason="Host lost: b", stopped=3.0)
     store.upsert_attempt("9", 2, ce="gpu", hosts=["c", "d"])
     store.upsert_node("9", 2, 0, host="c", grp=0, state="STARTING")
@@ -328,8 +332,9 @@ def test_attempts_and_nodes_round_trip(store: Store) -> None:
         "signal": 9,
         "reason": "Host lost: b",
         "final_state": "FAILED",
+        "usage": {"9#0": {"max_rss_bytes": 5, "cpu_seconds": 0.5}},
     }
-    assert second["number"] == 2 and second["hosts"] == ["c", "d"]
+    assert second["number"] == 2 and second["usage"] is None and second["hosts"] == ["c", "d"]
     assert [(n["node_index"], n["host"], n["state"]) for n in job["nodes"]] == [
         (0, "c", "STARTING"),
         (1, None, None),

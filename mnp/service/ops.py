@@ -1,0 +1,252 @@
+"""The control socket's ops: ``socket_ops`` is the one table (op name → handler) that
+the daemon and ``mnp run``'s hosted controller both dispatch through
+(``mnp.daemon.dispatch``). The ops are documented in the package docstring; a unit
+test holds the two to the same names."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mnp.api import Handler, Responder
+from mnp.errors import InfraError, JobRefused, UsageError
+from mnp.jobs import Job, job_exit_code
+from mnp.model import JobDefinition
+from mnp.service.feeds import Feed
+from mnp.spec import parse_definition
+
+if TYPE_CHECKING:
+    from mnp.controller import Controller
+    from mnp.daemon import Daemon
+    from mnp.model import Inventory
+    from mnp.service.feeds import Feeds
+    from mnp.service.purging import Housekeeping
+    from mnp.service.recording import Recording
+
+RUN_BUFFER = 4 << 20  # characters of output kept for one `mnp run` client that reads slowly
+
+
+def socket_ops(h: Handlers, daemon: Daemon) -> dict[str, Handler]:
+    """Every op of the control socket, and who answers it."""
+    return {
+        # the process (mnp.daemon)
+        "ping": daemon.ping,
+        "shutdown": daemon.shutdown,
+        # jobs
+        "submit": h.submit,
+        "run": h.run,
+        "wait": h.wait,
+        "cancel": h.cancel,
+        "terminate": h.terminate,
+        "purge": h.purge,
+        # the controller and its hosts
+        "info": h.info,
+        "hosts": h.hosts,
+        "queues": h.queues,
+    }
+
+
+class ServiceParts(Protocol):
+    """What the handlers use of the service (``mnp.service.core.Service`` has it); named
+    here so that this module does not import the one that composes it."""
+
+    inventory: Inventory
+    inventory_key: str
+    warnings: list[str]
+    controller: Controller
+    recording: Recording
+    feeds: Feeds
+    housekeeping: Housekeeping
+
+
+class Handlers:
+    """The handlers of the service's ops: each reads its request, asks the controller
+    (through the service's parts), and answers through its ``Responder``."""
+
+    def __init__(self, service: ServiceParts) -> None:
+        self.service = service
+        self.controller = service.controller
+        self.recording = service.recording
+
+    # --- helpers ----------------------------------------------------------
+
+    def _definition(self, request: dict[str, Any]) -> JobDefinition:
+        data = request.get("definition")
+        if not isinstance(data, dict):
+            raise UsageError("submit: a definition is required")
+        return parse_definition(data, str(request.get("source") or "<submitted>"))
+
+    def _accept(self, request: dict[str, Any]) -> Job:
+        """Submit a job and commit it; if it cannot be committed it is withdrawn (also
+        when the database file turns out not to be ``mnp.db`` any more)."""
+        if self.recording.check_db() is not None:
+            raise InfraError(f"job not accepted: {self.recording.db_lost}")
+        job = self.controller.submit(self._definition(request))
+        failed = self.recording.flush()
+        if failed is None and self.recording.check_db() is not None:
+            failed = self.recording.db_lost
+        if failed is not None:
+            self.controller.withdraw(job)
+            self.recording.withdraw(job)
+            raise InfraError(f"job not accepted: {failed}")
+        return job
+
+    def _job(self, request: dict[str, Any]) -> Job:
+        """The job a request names by id or by name (the newest of that name)."""
+        ref = str(request.get("job_id", ""))
+        job_id = self.controller.resolve(ref)
+        if job_id is None:
+            raise JobRefused(f"job {ref} does not exist")
+        job = self.controller.jobs.get(job_id)
+        if job is None:
+            raise JobRefused(
+                f"job {ref} is not known to the running controller (it ended before the "
+                "controller's last start)"
+            )
+        return job
+
+    def _outcome(self, job: Job) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "job_id": job.id,
+            "state": job.state.value,
+            "reason": job.reason,
+            "exit_code": job_exit_code(job),
+            "timings": [a.timings() for a in job.attempts if a.placed_at is not None],
+        }
+
+    # --- jobs -------------------------------------------------------------
+
+    async def submit(self, request: dict[str, Any], r: Responder) -> None:
+        job = self._accept(request)
+        await r.end({"ok": True, "job_id": job.id, "warnings": self.service.warnings})
+
+    async def run(self, request: dict[str, Any], r: Responder) -> None:
+        """Submit, stream the job's output, end with how it ended. A client that reads
+        more slowly than the job writes gets gaps, each said in a line on stderr (the
+        logs have everything): the controller keeps at most ``RUN_BUFFER`` characters
+        of output for it."""
+        job = self._accept(request)
+        feed = Feed(RUN_BUFFER, job.id)
+        feeds = self.service.feeds
+        feeds.add(feed)
+        await r.send({"ok": True, "job_id": job.id, "warnings": self.service.warnings})
+        try:
+            waiter = asyncio.ensure_future(self.controller.wait(job))
+            waiter.add_done_callback(lambda _f: feed.put(None))
+            closed = asyncio.ensure_future(r.wait_closed())
+            while True:
+                getter = asyncio.ensure_future(feed.get())
+                done, _ = await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if closed in done:
+                    getter.cancel()
+                    if not job.done:  # the client went away: the job goes with it
+                        self.controller.terminate(job.id, "mnp run client went away")
+                    return
+                msg = getter.result()
+                if msg is None and job.done:
+                    break
+                if msg is not None and msg.get("stopping") and not job.done:
+                    closed.cancel()
+                    await r.fail(
+                        InfraError(
+                            f"the controller stopped; job {job.id} was not failed and runs "
+                            "again when a controller starts for this home (mnp controller start)"
+                        )
+                    )
+                    return
+                if msg is not None and "out" in msg:
+                    await r.send(msg)
+            closed.cancel()
+            await r.end(self._outcome(job))
+        finally:
+            feeds.remove(feed)
+
+    async def wait(self, request: dict[str, Any], r: Responder) -> None:
+        job = self._job(request)
+        await self.controller.wait(job)
+        self.recording.flush()  # what a client reads next (describe, list) shows the end
+        await r.end(self._outcome(job))
+
+    async def cancel(self, request: dict[str, Any], r: Responder) -> None:
+        job = self.controller.cancel(self._job(request).id, str(request.get("reason") or ""))
+        self.recording.flush()
+        await r.end({"ok": True, "job_id": job.id, "name": job.defn.name, "state": job.state.value})
+
+    async def terminate(self, request: dict[str, Any], r: Responder) -> None:
+        job = self.controller.terminate(self._job(request).id, str(request.get("reason") or ""))
+        self.recording.flush()
+        await r.end({"ok": True, "job_id": job.id, "name": job.defn.name, "state": job.state.value})
+
+    async def purge(self, request: dict[str, Any], r: Responder) -> None:
+        older_than = request.get("older_than")
+        state = request.get("state")
+        if older_than is not None and (
+            isinstance(older_than, bool)
+            or not isinstance(older_than, int | float)
+            or not 0 <= older_than < float("inf")
+        ):
+            raise UsageError(f"purge: older_than {older_than!r} is not a number of seconds")
+        if state is not None and state not in ("SUCCEEDED", "FAILED"):
+            raise UsageError(f"purge: cannot purge {state!r} jobs; use SUCCEEDED or FAILED")
+        before = None if older_than is None else time.time() - float(older_than)
+        ids, errors = await self.service.housekeeping.purge(before, state)
+        await r.end({"ok": True, "job_ids": ids, "log_errors": errors})
+
+    # --- the controller and its hosts ---------------------------------------
+
+    async def info(self, request: dict[str, Any], r: Responder) -> None:
+        await r.end(
+            {
+                "ok": True,
+                "inventory": self.service.inventory_key,
+                "hosts": len(self.service.inventory.hosts),
+                "warnings": self.service.warnings,
+            }
+        )
+
+    async def hosts(self, request: dict[str, Any], r: Responder) -> None:
+        """Every host's capacity, what is free of it, and its load now (``load``: the
+        1-minute load average, ``memory_used``: bytes in use on the host, whoever uses
+        them; None for a host that is down or did not answer in time)."""
+        loads = await self.controller.host_loads()
+        rows = []
+        for h in self.service.inventory.hosts:
+            cap = self.controller.capacity.get(h.name)
+            conn = self.controller.agents.get(h.name)
+            sample = loads.get(h.name, {})
+            averages = sample.get("load")
+            rows.append(
+                {
+                    "name": h.name,
+                    "address": h.address,
+                    "state": "up" if cap is not None and cap.up and conn else "down",
+                    "vcpus": cap.vcpus if cap else None,
+                    "vcpus_free": cap.free_vcpus if cap else None,
+                    "memory": cap.memory if cap else None,
+                    "memory_free": cap.free_memory if cap else None,
+                    "gpus": len(cap.gpus) if cap else None,
+                    "gpus_free": len(cap.free_gpus) if cap else None,
+                    "tasks": cap.tasks if cap else 0,
+                    "load": averages[0] if isinstance(averages, list) and averages else None,
+                    "memory_used": sample.get("memory_used"),
+                    "error": self.controller.host_errors.get(h.name),
+                }
+            )
+        await r.end({"ok": True, "hosts": rows})
+
+    async def queues(self, request: dict[str, Any], r: Responder) -> None:
+        self.recording.flush()
+        counts = self.recording.store.counts_by_queue_state()
+        rows = [
+            {
+                "name": q.name,
+                "priority": q.priority,
+                "state": q.state,
+                "compute_environments": list(q.compute_environments),
+                "counts": counts.get(q.name, {}),
+            }
+            for q in sorted(self.service.inventory.queues.values(), key=lambda q: -q.priority)
+        ]
+        await r.end({"ok": True, "queues": rows})
