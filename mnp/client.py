@@ -33,9 +33,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LogReader",
+    "absolute_cwd",
     "build_definition",
     "check_serves",
     "connect",
+    "controller_args",
     "default_home",
     "describe_job",
     "end_job",
@@ -45,6 +47,10 @@ __all__ = [
     "list_jobs",
     "open_store",
     "read_logs",
+    "resolve_target",
+    "serves",
+    "submit",
+    "tasks_per_node",
 ]
 
 FINISHED = ("SUCCEEDED", "FAILED")
@@ -87,13 +93,29 @@ def connect(
         raise InfraError(f"no controller runs for {home} (start one: mnp controller start)")
     from mnp import daemon
 
+    return daemon.ensure_client(home, controller_args(inventory, local_nodes))
+
+
+def controller_args(inventory: str | None, local_nodes: int = DEFAULT_LOCAL_NODES) -> list[str]:
+    """The options a background controller is started with; the inventory is read here
+    first: a bad one is a ``SpecError`` (exit 2) from the command that asked, not a
+    controller that fails to start."""
     extra = ["--local-nodes", str(local_nodes)]
     if inventory:
         from mnp.spec import resolve_inventory
 
         resolve_inventory(inventory, local_nodes)
         extra += ["--inventory", inventory]
-    return daemon.ensure_client(home, extra)
+    return extra
+
+
+def serves(
+    client: ApiClient, inventory: str | None, local_nodes: int = DEFAULT_LOCAL_NODES
+) -> bool:
+    """Whether the running controller serves ``inventory`` (any will do when None)."""
+    if not inventory:
+        return True
+    return bool(client.request("info")["inventory"] == inventory_key(inventory, local_nodes))
 
 
 def check_serves(
