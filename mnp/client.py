@@ -259,15 +259,28 @@ def describe_job(home: Path, ref: str) -> dict[str, Any]:
     if job is None:
         raise UsageError(f"job {ref} does not exist")
     job["root_cause"] = views.root_cause(job)
+    job["tags"] = job_tags(job)
     return dict(job)
 
 
-def _tagged(store: Store, row: Mapping[str, Any], tag: tuple[str, str]) -> bool:
-    tags = row.get("tags")
-    if tags is None:
-        job = store.get_job(str(row["id"])) or {}
-        tags = (job.get("definition") or {}).get("tags") or job.get("tags")
-    return isinstance(tags, Mapping) and tags.get(tag[0]) == tag[1]
+def job_tags(job: Mapping[str, Any]) -> dict[str, str]:
+    """A stored job's tags (its definition's ``tags``)."""
+    tags = (job.get("definition") or {}).get("tags")
+    return {str(k): str(v) for k, v in tags.items()} if isinstance(tags, Mapping) else {}
+
+
+def parse_tag(tag: str) -> tuple[str, str]:
+    """``K=V`` as ``(K, V)``; else a UsageError."""
+    key, sep, value = tag.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--tag {tag!r}: expected KEY=VALUE")
+    return key, value
+
+
+def tagged_ids(store: Store, ids: Sequence[str], tag: str) -> set[str]:
+    """Which of the jobs ``ids`` carry tag ``K=V``."""
+    key, value = parse_tag(tag)
+    return {i for i, tags in store.job_tags(list(ids)).items() if tags.get(key) == value}
 
 
 def list_jobs(
@@ -282,12 +295,8 @@ def list_jobs(
 ) -> tuple[list[dict[str, Any]], int]:
     """``mnp list --json``'s rows (oldest first) and how many matching jobs the page
     leaves out (see ``Store.list_page``). ``tag``: ``K=V``, jobs whose ``tags`` hold it."""
-    wanted = None
     if tag is not None:
-        key, sep, value = tag.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--tag {tag!r}: expected KEY=VALUE")
-        wanted = (key, value)
+        parse_tag(tag)
     store = open_store(home)
     if store is None:
         return [], 0
@@ -299,8 +308,9 @@ def list_jobs(
             newest=newest,
             finished=finished,
         )
-        if wanted is not None:
-            rows = [r for r in rows if _tagged(store, r, wanted)]
+        if tag is not None:
+            keep = tagged_ids(store, [str(r["id"]) for r in rows], tag)
+            rows = [r for r in rows if str(r["id"]) in keep]
     return [dict(r) for r in rows], left_out
 
 

@@ -62,6 +62,7 @@ class RetryRule:
     action: str  # "RETRY" | "EXIT"
     on_exit_code: str = "*"
     on_reason: str = "*"
+    on_status_reason: str = "*"  # the attempt's status reason (AWS Batch onStatusReason)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,8 @@ class JobDefinition:
     ``bin/`` first on ``PATH`` on every host where it exists. ``"none"``: leave ``PATH`` as
     the host has it. ``None``: not decided yet (``mnp submit``/``run`` fill it in)."""
     export_env: bool = False  # --export: forward the submitting shell's environment
+    tags: Mapping[str, str] = field(default_factory=dict)
+    """Labels for people and tools (``mnp list --tag K=V``, events); no effect on the run."""
     source: str = "<command line>"  # file the definition came from, for messages
 
 

@@ -84,6 +84,16 @@ OVERRIDES: tuple[Override, ...] = (
     Override(
         "env", "--env", "Set a variable.", edit="env", metavar="K=V", multiple=True, pairs=True
     ),
+    Override(
+        "tags",
+        "--tag",
+        "Tag the job (mnp list --tag K=V).",
+        edit="merge",
+        path="tags",
+        metavar="K=V",
+        multiple=True,
+        pairs=True,
+    ),
     Override("export_env", "--export", "Forward this shell's environment.", edit="", is_flag=True),
     Override(
         "array_size",

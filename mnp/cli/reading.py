@@ -20,6 +20,7 @@ LIST_FINISHED = 1000
 @click.command(name="list")
 @click.option("--queue", help="Only this queue.")
 @click.option("--state", type=click.Choice(STATES, case_sensitive=False))
+@click.option("--tag", metavar="K=V", help="Only jobs with this tag.")
 @click.option("--children", is_flag=True, help="Show array children too.")
 @click.option(
     "--all",
@@ -41,6 +42,7 @@ def list_(
     /,
     queue: str | None,
     state: str | None,
+    tag: str | None,
     children: bool,
     show_all: bool,
     limit: int | None,
@@ -67,15 +69,22 @@ def list_(
     if as_json:
         from mnp import client as layer
 
-        found, left_out = layer.list_jobs(home(s), **page)
+        found, left_out = layer.list_jobs(home(s), tag=tag, **page)
         print_json(found)
     else:
         rows: list[Any] = []
         left_out = 0
+        if tag is not None:
+            from mnp import client as layer
+
+            layer.parse_tag(tag)
         store = open_store(s)
         if store is not None:
             with store:
                 rows, left_out = store.table_page(**page)
+                if tag is not None:
+                    keep = layer.tagged_ids(store, [str(r[0]) for r in rows], tag)
+                    rows = [r for r in rows if str(r[0]) in keep]
         _print_table(rows)
     if left_out:
         jobs = "job" if left_out == 1 else "jobs"

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mnp.errors import SpecError
-from mnp.model import JobDefinition, JobType, Resources
+from mnp.model import JobDefinition, JobType, Resources, RetryRule
 from mnp.overrides import BY_NAME, OVERRIDES
 from mnp.spec.definition import MAX_NODES, parse_definition, refs_used, sanitize_name
 from mnp.spec.fields import ENV_NAME_RE, MAX_ARG_BYTES, RESERVED_ENV_PREFIXES, fail, show
@@ -32,6 +32,7 @@ _BLAME: list[tuple[re.Pattern[str], tuple[str, ...]]] = [
         (r"name$", ("--name",)),
         (r"queue$", ("--queue",)),
         (r"parameters\b", ("--param",)),
+        (r"tags\b", ("--tag",)),
         (_GROUP + r"environment\b", ("--env",)),
         (r"array\.size$", ("--array-size",)),
         (r"array\.parallelism$", ("--array-parallelism",)),
@@ -74,10 +75,7 @@ def definition_to_dict(defn: JobDefinition) -> dict[str, Any]:
     d["resources"] = _resources_dict(defn.resources)
     d["retry"] = {
         "attempts": defn.retry.attempts,
-        "evaluate_on_exit": [
-            {"on_exit_code": r.on_exit_code, "on_reason": r.on_reason, "action": r.action}
-            for r in defn.retry.evaluate_on_exit
-        ],
+        "evaluate_on_exit": [_rule_dict(r) for r in defn.retry.evaluate_on_exit],
     }
     d["timeout"] = {"kill_grace": defn.timeout.kill_grace}
     if defn.timeout.attempt_duration is not None:
@@ -119,6 +117,15 @@ def definition_to_dict(defn: JobDefinition) -> dict[str, Any]:
         d["cwd"] = defn.cwd
     if defn.python_env is not None:
         d["python_env"] = defn.python_env
+    if defn.tags:
+        d["tags"] = dict(defn.tags)
+    return d
+
+
+def _rule_dict(r: RetryRule) -> dict[str, str]:
+    d = {"on_exit_code": r.on_exit_code, "on_reason": r.on_reason, "action": r.action}
+    if r.on_status_reason != "*":
+        d["on_status_reason"] = r.on_status_reason
     return d
 
 

@@ -110,6 +110,23 @@ def _definition(conn: sqlite3.Connection, job_id: str) -> Any:
     return None if text is None else json.loads(text)
 
 
+def job_tags(conn: sqlite3.Connection, ids: list[str]) -> dict[str, dict[str, str]]:
+    """Each job's definition ``tags`` (an array child: its parent's), by id."""
+    out: dict[str, dict[str, str]] = {}
+    sql = (
+        "SELECT j.id, COALESCE(j.definition, p.definition) FROM jobs j "
+        "LEFT JOIN jobs p ON p.id = j.parent WHERE j.id IN ({})"
+    )
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        for job_id, text in conn.execute(sql.format(marks), [key(j) for j in chunk]):
+            tags = (json.loads(text) or {}).get("tags") if text else None
+            if isinstance(tags, dict):
+                out[str(job_id)] = {str(k): str(v) for k, v in tags.items()}
+    return out
+
+
 def get_job(conn: sqlite3.Connection, job_id: str) -> Row | None:
     with _snapshot(conn):
         found = rows(conn.execute(f"SELECT {_JOBS} FROM jobs WHERE id = ?", (key(job_id),)))
@@ -388,6 +405,11 @@ class ReadApi:
         (state -> n). An array child carries its parent's ``definition``."""
         with self._guard("reading a job"):
             return get_job(self.conn, job_id)
+
+    def job_tags(self, ids: list[str]) -> dict[str, dict[str, str]]:
+        """The tags of the jobs ``ids`` that have any, by id."""
+        with self._guard("reading tags"):
+            return job_tags(self.conn, ids)
 
     def resolve(self, ref: str) -> str | None:
         """The job id ``ref`` refers to (``mnp.jobref``): an id, or a name for the newest
