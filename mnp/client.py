@@ -35,6 +35,8 @@ __all__ = [
     "LogReader",
     "absolute_cwd",
     "build_definition",
+    "build_registered",
+    "deregister",
     "check_serves",
     "connect",
     "controller_args",
@@ -44,9 +46,12 @@ __all__ = [
     "events",
     "inventory_key",
     "known_target",
+    "list_definitions",
     "list_jobs",
     "open_store",
     "read_logs",
+    "register",
+    "registered_definition",
     "resolve_target",
     "serves",
     "submit",
@@ -178,11 +183,14 @@ def build_definition(
     definition: str | os.PathLike[str] | Mapping[str, Any] | None,
     command: Sequence[str] | None,
     overrides: Mapping[str, Any],
+    *,
+    source: str = "<definition>",
 ) -> JobDefinition:
     """The definition ``mnp submit``/``mnp run`` send: a file (path), a TOML-shaped
-    dictionary, or ``command`` alone, with ``overrides`` (``full_overrides``)
-    applied. The working directory: ``cwd``, else the definition's, else here; the
-    Python environment: the definition's, else the submitter's."""
+    dictionary (read as from ``source``), or ``command`` alone, with ``overrides``
+    (``full_overrides``) applied. The working directory: ``cwd``, else the
+    definition's, else here; the Python environment: the definition's, else the
+    submitter's."""
     from mnp import spec
 
     o = full_overrides(overrides)
@@ -199,7 +207,7 @@ def build_definition(
         raise UsageError("give either a definition file (DEF.toml) or '-- CMD ARGS...', not both")
     else:
         if isinstance(definition, Mapping):
-            defn = spec.parse_definition(dict(definition), "<definition>", open_refs=True)
+            defn = spec.parse_definition(dict(definition), source, open_refs=True)
         else:
             defn = spec.load_definition(os.fspath(definition), open_refs=True)
         if o["cwd"] is None:
@@ -228,6 +236,88 @@ def end_job(client: ApiClient, op: str, job: str, reason: str) -> dict[str, Any]
     """``cancel`` or ``terminate`` ``job``: ``{"job_id", "name", "state"}``."""
     answer = client.request(op, job_id=job, reason=reason)
     return {k: answer.get(k) for k in ("job_id", "name", "state")}
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def parse_definition_ref(ref: str, *, revision_required: bool = False) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME:REV`` of a registered definition; else a UsageError."""
+    import re
+
+    m = re.fullmatch(r"([A-Za-z0-9_-]{1,128})(?::([1-9][0-9]{0,17}))?", ref)
+    if m is None or (revision_required and m.group(2) is None):
+        form = "NAME:REV" if revision_required else "NAME or NAME:REV"
+        raise UsageError(f"definition {ref!r}: expected {form} (e.g. train:3)")
+    return m.group(1), int(m.group(2)) if m.group(2) else None
+
+
+def looks_registered(definition: object) -> bool:
+    """Whether ``Client.submit``'s ``definition`` names a registered definition
+    (``NAME[:REV]``, no such file here) rather than a file."""
+    if not isinstance(definition, str) or os.path.exists(definition):
+        return False
+    try:
+        parse_definition_ref(definition)
+    except UsageError:
+        return False
+    return True
+
+
+def register(client: ApiClient, path: str | os.PathLike[str]) -> tuple[str, int]:
+    """Register the definition file ``path``: its name and new revision. A
+    ``Ref::K`` may stay without a value, for ``--param`` at submit."""
+    from mnp import spec
+
+    defn = spec.load_definition(os.fspath(path), open_refs=True)
+    answer = client.request(
+        "register", definition=spec.definition_to_dict(defn), source=defn.source
+    )
+    return str(answer["name"]), int(answer["revision"])
+
+
+def deregister(client: ApiClient, ref: str) -> dict[str, Any]:
+    name, revision = parse_definition_ref(ref, revision_required=True)
+    answer = client.request("deregister", name=name, revision=revision)
+    return {k: answer.get(k) for k in ("name", "revision", "status")}
+
+
+def list_definitions(home: Path, name: str | None = None) -> list[dict[str, Any]]:
+    """Every registered revision (of ``name``), without bodies."""
+    store = open_store(home)
+    if store is None:
+        return []
+    with store:
+        return [dict(r) for r in store.definitions(name)]
+
+
+def registered_definition(home: Path, ref: str, *, submitting: bool = False) -> dict[str, Any]:
+    """``NAME[:REV]`` with its ``definition`` (no ``:REV``: the newest ACTIVE revision);
+    ``submitting``: an INACTIVE one is refused."""
+    name, revision = parse_definition_ref(ref)
+    store = open_store(home)
+    found = None
+    revisions: list[int] = []
+    if store is not None:
+        with store:
+            found = store.definition(name, revision)
+            if found is None:
+                revisions = [int(r["revision"]) for r in store.definitions(name)]
+    if found is None:
+        if revision is None and revisions:
+            raise UsageError(f"definition {name} has no active revision (all are deregistered)")
+        known = f"; its revisions: {', '.join(map(str, revisions))}" if revisions else ""
+        raise UsageError(f"definition {ref} is not registered{known}")
+    if submitting and found["status"] != "ACTIVE":
+        raise UsageError(f"definition {name}:{found['revision']} is deregistered (INACTIVE)")
+    return dict(found)
+
+
+def build_registered(home: Path, ref: str, overrides: Mapping[str, Any]) -> JobDefinition:
+    """``build_definition`` of the registered definition ``ref`` (``NAME[:REV]``)."""
+    found = registered_definition(home, ref, submitting=True)
+    source = f"{found['name']}:{found['revision']}"
+    return build_definition(found["definition"], None, overrides, source=source)
 
 
 # --------------------------------------------------------------------------- reads

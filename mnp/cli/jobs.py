@@ -81,11 +81,12 @@ def build_definition(ctx: click.Context, args: tuple[str, ...], o: dict[str, Any
     command = ctx.meta.get("mnp.command")
     if len(args) > 1:
         raise UsageError("give one definition file (DEF.toml) or '-- CMD ARGS...'")
-    overrides: dict[str, Any] = {}
-    for opt in OVERRIDES:
-        value = o[opt.name]
-        overrides[opt.name] = _kv(value, opt.flag) if opt.pairs else value
-    return layer.build_definition(args[0] if args else None, command, overrides)
+    return layer.build_definition(args[0] if args else None, command, _overrides(o))
+
+
+def _overrides(o: dict[str, Any]) -> dict[str, Any]:
+    """The override options as ``mnp.client.full_overrides`` takes them (K=V as mappings)."""
+    return {opt.name: _kv(o[opt.name], opt.flag) if opt.pairs else o[opt.name] for opt in OVERRIDES}
 
 
 def _common(o: dict[str, Any]) -> dict[str, Any]:
@@ -162,6 +163,12 @@ def _run_through(api: ApiClient, home: Path, defn: JobDefinition, verbose: bool)
 
 @click.command(cls=_DashDashCommand)
 @click.argument("definition", nargs=-1, metavar="[DEF.toml]")
+@click.option(
+    "--definition",
+    "registered",
+    metavar="NAME[:REV]",
+    help="A registered definition (mnp definitions); no :REV: its newest active revision.",
+)
 @submit_options
 @click.option("--wait", is_flag=True, help="Wait for the job to end; exit with its exit code.")
 @click.option(
@@ -170,7 +177,13 @@ def _run_through(api: ApiClient, home: Path, defn: JobDefinition, verbose: bool)
 @common_options
 @click.pass_context
 def submit(
-    ctx: click.Context, /, definition: tuple[str, ...], wait: bool, as_json: bool, **o: Any
+    ctx: click.Context,
+    /,
+    definition: tuple[str, ...],
+    registered: str | None,
+    wait: bool,
+    as_json: bool,
+    **o: Any,
 ) -> None:
     """Queue a job and print its id; starts the controller in the background if none runs.
 
@@ -189,7 +202,12 @@ def submit(
     from mnp import client as layer
 
     s = settings(ctx, **_common(o))
-    defn = build_definition(ctx, definition, o)
+    if registered is None:
+        defn = build_definition(ctx, definition, o)
+    elif definition or ctx.meta.get("mnp.command") is not None:
+        raise UsageError("give --definition NAME[:REV], a definition file or '-- CMD', not two")
+    else:
+        defn = layer.build_registered(Path(s["home"]), registered, _overrides(o))
     with checked_client(s) as api:
         job_id, warnings = layer.submit(api, defn)
         for w in warnings:

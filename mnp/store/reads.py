@@ -18,7 +18,7 @@ from typing import Any
 from mnp import jobref
 from mnp.errors import InfraError
 from mnp.jobid import split, top_of
-from mnp.store import codec
+from mnp.store import codec, registry
 from mnp.store.codec import Row
 from mnp.store.schema import JOB_COLUMNS, SUMMARY_COLUMNS, guard
 
@@ -410,6 +410,16 @@ class ReadApi:
         """The tags of the jobs ``ids`` that have any, by id."""
         with self._guard("reading tags"):
             return job_tags(self.conn, ids)
+
+    def definitions(self, name: str | None = None) -> list[Row]:
+        """Registered definitions (of ``name``), every revision, without bodies."""
+        with self._guard("reading definitions"):
+            return registry.listing(self.conn, name)
+
+    def definition(self, name: str, revision: int | None = None) -> Row | None:
+        """A registered definition with its body; ``revision`` None: the newest ACTIVE."""
+        with self._guard("reading definitions"):
+            return registry.get(self.conn, name, revision)
 
     def resolve(self, ref: str) -> str | None:
         """The job id ``ref`` refers to (``mnp.jobref``): an id, or a name for the newest
