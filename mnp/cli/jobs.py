@@ -27,10 +27,12 @@ from mnp.errors import UsageError
 from mnp.overrides import OVERRIDES
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import FrameType
 
     from mnp.api.client import ApiClient
     from mnp.model import JobDefinition
+    from mnp.sink import Progress
 
 EXAMPLE_RUN = """\b
 Examples:
@@ -136,7 +138,14 @@ def _run_through(api: ApiClient, home: Path, defn: JobDefinition, verbose: bool)
 
     from mnp import client as layer
     from mnp.api.client import ApiClient
-    from mnp.sink import INTERRUPTED, STDOUT_CLOSED, RunStream
+    from mnp.sink import (
+        INTERRUPTED,
+        STDOUT_CLOSED,
+        Progress,
+        ProgressThread,
+        RunStream,
+        wants_progress,
+    )
     from mnp.spec import definition_to_dict
 
     interrupted = 0
@@ -154,11 +163,40 @@ def _run_through(api: ApiClient, home: Path, defn: JobDefinition, verbose: bool)
         end_job(INTERRUPTED)
 
     view = RunStream(on_stdout_closed=lambda: end_job(STDOUT_CLOSED))
+    if wants_progress():
+        view.progress_of = Progress.of(defn)
+    drawing: ProgressThread | None = None
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    for msg in api.stream("run", definition=definition_to_dict(defn), source=defn.source):
-        view.feed(msg)
+    try:
+        for msg in api.stream("run", definition=definition_to_dict(defn), source=defn.source):
+            view.feed(msg)
+            if drawing is None and view.progress is not None:
+                drawing = ProgressThread(view.sink, view.progress, _new_events(home, view.progress))
+    finally:
+        if drawing is not None:
+            drawing.stop()
     return view.finish(verbose=verbose, interrupted=interrupted > 0)
+
+
+def _new_events(home: Path, progress: Progress) -> Callable[[], list[dict[str, Any]]]:
+    """The job's events committed since the last call (the store, read-only)."""
+    from mnp import client as layer
+
+    since = 0
+
+    def poll() -> list[dict[str, Any]]:
+        nonlocal since
+        store = layer.open_store(home)
+        if store is None:
+            return []
+        with store:
+            found = [dict(e) for e in store.events_since(since, job_id=progress.job_id)]
+        if found:
+            since = max(int(e["seq"]) for e in found)
+        return found
+
+    return poll
 
 
 @click.command(cls=_DashDashCommand)
