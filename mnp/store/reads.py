@@ -127,6 +127,39 @@ def job_tags(conn: sqlite3.Connection, ids: list[str]) -> dict[str, dict[str, st
     return out
 
 
+def attempt_spans(conn: sqlite3.Connection, since: float | None, root: str | None) -> list[Row]:
+    """Attempts that ran (placed) and had not stopped before ``since``; ``root``: only
+    that job's and its array children's. Each: ``job_id``, ``number``, ``queue``,
+    ``hosts``, ``start`` (running, else placed), ``stop`` (None: still running),
+    ``state`` (the attempt's final state, None while it runs)."""
+    sql = (
+        "SELECT a.job_id, a.number, j.queue, a.hosts, COALESCE(a.running_at, a.placed_at),"
+        " a.stopped_at, a.final_state FROM attempts a JOIN jobs j ON j.id = a.job_id"
+        " WHERE COALESCE(a.running_at, a.placed_at) IS NOT NULL"
+    )
+    params: list[Any] = []
+    if since is not None:
+        sql += " AND (a.stopped_at IS NULL OR a.stopped_at >= ?)"
+        params.append(since)
+    if root is not None:
+        sql += " AND (a.job_id = ? OR (a.job_id >= ? AND a.job_id < ?))"
+        params += [key(root), key(root + ":"), key(root + ";")]  # ';' follows ':'
+    out = []
+    for job_id, number, queue, hosts, start, stop, state in conn.execute(sql, params):
+        out.append(
+            {
+                "job_id": job_id,
+                "number": number,
+                "queue": queue,
+                "hosts": json.loads(hosts) if hosts else [],
+                "start": start,
+                "stop": stop,
+                "state": state,
+            }
+        )
+    return out
+
+
 def get_job(conn: sqlite3.Connection, job_id: str) -> Row | None:
     with _snapshot(conn):
         found = rows(conn.execute(f"SELECT {_JOBS} FROM jobs WHERE id = ?", (key(job_id),)))
@@ -405,6 +438,11 @@ class ReadApi:
         (state -> n). An array child carries its parent's ``definition``."""
         with self._guard("reading a job"):
             return get_job(self.conn, job_id)
+
+    def attempt_spans(self, since: float | None = None, root: str | None = None) -> list[Row]:
+        """When each attempt ran, on which hosts (``mnp plot``; see ``attempt_spans``)."""
+        with self._guard("reading attempts"):
+            return attempt_spans(self.conn, since, root)
 
     def job_tags(self, ids: list[str]) -> dict[str, dict[str, str]]:
         """The tags of the jobs ``ids`` that have any, by id."""
