@@ -79,4 +79,22 @@ def plot(
     click.echo(output)
 
 
-COMMANDS = (plot,)
+@click.command()
+@common_options
+@click.pass_context
+def top(ctx: click.Context, /, **o: Any) -> None:
+    """A live view: hosts (CPU, memory, GPUs in use; load), queues, running and waiting
+    jobs, recent failures; redrawn every second, q quits.
+
+    Hosts and queues need a running controller; jobs are read from the store.
+    """
+    import sys
+
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("mnp top needs a terminal (stdin and stdout); use mnp list, mnp hosts")
+    from mnp import top as live
+
+    live.run(home(settings(ctx, **o)))
+
+
+COMMANDS = (plot, top)
