@@ -204,5 +204,5 @@ def test_the_readme_example_runs_verbatim(home: Path, tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[:3] == ["SUCCEEDED", "hello from 1", "['SUCCEEDED', 'SUCCEEDED']"]
+    assert lines[:4] == ["SUCCEEDED", "hello from 1", "['SUCCEEDED', 'SUCCEEDED']", "['2']"]
     assert lines[-1].endswith(" 2 SUCCEEDED")
