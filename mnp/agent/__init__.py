@@ -20,6 +20,7 @@ MODULES = (
     "facts",
     "request",
     "pmi",
+    "ranks",
     "tasks",
     "spawn",
     "teardown",
