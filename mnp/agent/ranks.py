@@ -59,7 +59,7 @@ class Ranks:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.nodes: Dict[Tuple[str, int], _Node] = {}
-        self.by_fd: Dict[int, Tuple[_Node, socket.socket]] = {}
+        self.by_fd: Dict[int, Tuple[_Node, socket.socket, str]] = {}  # our end -> ..., tid
         self.by_tid: Dict[str, Tuple[_Node, int, Optional[int]]] = {}  # tid -> node, rank, fd
 
     # ---------------------------------------------------------------- spawn
@@ -119,7 +119,7 @@ class Ranks:
         n.server.attach(ours.fileno(), rank)
         n.tids[rank] = tid
         n.live[tid] = rank
-        self.by_fd[ours.fileno()] = (n, ours)
+        self.by_fd[ours.fileno()] = (n, ours, tid)
         self.by_tid[tid] = (n, rank, ours.fileno())
         self.agent.loop.add_reader(ours.fileno(), functools.partial(self._readable, ours.fileno()))
         os.set_inheritable(theirs.fileno(), True)
@@ -139,7 +139,7 @@ class Ranks:
         found = self.by_fd.get(fd)
         if found is None:
             return
-        n, sock = found
+        n, _, tid = found
         try:
             data = os.read(fd, READ_SIZE)
         except BlockingIOError:
@@ -147,6 +147,11 @@ class Ranks:
         except OSError:
             data = b""
         if not data:
+            task = self.agent.tasks.get(tid)
+            if task is not None and not task.reaped:
+                # closed by a rank that is exiting: reported at its exit, with its status
+                self.agent.loop.remove(fd)
+                return
             self._close(fd)
             return
         assert n.server is not None
@@ -155,7 +160,7 @@ class Ranks:
     def _drain(self, fd: int) -> None:
         """Everything the rank wrote, up to the end if it has closed its end."""
         while fd in self.by_fd:
-            n, _ = self.by_fd[fd]
+            n = self.by_fd[fd][0]
             try:
                 data = os.read(fd, READ_SIZE)
             except BlockingIOError:
@@ -174,7 +179,7 @@ class Ranks:
         found = self.by_fd.pop(fd, None)
         if found is None:
             return
-        n, sock = found
+        n, sock, _ = found
         self.agent.loop.remove(fd)
         assert n.server is not None
         n.server.closed(fd)  # before finalize: _lost reports it

@@ -56,6 +56,7 @@ class World:
         """The PMI variables the controller sets (the agent adds ``PMI_FD``)."""
         env = rank_env(self.lay, rank, fd=0)
         del env["PMI_FD"]
+        env["MNP_MPI_KVSNAME"] = self.kvsname  # what MPICH names its /dev/shm segments after
         return env
 
     def rank_part(self, rank: int) -> dict[str, Any]:
