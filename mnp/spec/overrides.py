@@ -98,7 +98,7 @@ def definition_to_dict(defn: JobDefinition) -> dict[str, Any]:
                 "environment": dict(g.environment),
                 "gpu_bind": g.gpu_bind,
             }
-            if g.mpi != "none":
+            if g.mpi != "none" or defn.mpi != "none":
                 gd["mpi"] = g.mpi
             if g.command is not None:
                 gd["command"] = list(g.command)

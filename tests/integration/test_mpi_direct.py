@@ -131,7 +131,7 @@ def test_a_rank_that_never_reaches_init_fails_within_the_bound() -> None:
     assert "did not reach MPI_Init (PMI init) in time" in r.stderr, r.stderr
 
 
-def test_mpmd_two_groups_one_world() -> None:
+def test_mpmd_two_groups_on_local_nodes() -> None:
     r = mnp("run", "nodegroups/pmi-mpmd.toml", timeout=90)
     assert r.returncode == 0, r.stderr
     lines = set(r.stdout.splitlines())
@@ -147,7 +147,11 @@ def test_mpmd_two_groups_one_world() -> None:
 def test_nodegroups_hello_and_allreduce_on_local_nodes() -> None:
     r = mnp("run", "nodegroups/pmi-hello.toml", timeout=90)
     assert r.returncode == 0, r.stderr
-    assert sorted(hello_ranks(r.stdout)) == list(range(8))
+    said = re.findall(r"^(\d)\.(\d): hello from rank (\d) of 8 on node (\d) ", r.stdout, re.M)
+    assert sorted((int(r), int(n), int(t)) for n, t, r, _ in said) == [
+        (rank, rank // 2, rank % 2) for rank in range(8)
+    ], r.stdout
+    assert "0.0: allreduce ok: sum of ranks = 28; 4 distinct nodes" in r.stdout
     r = mnp("run", "nodegroups/pmi-allreduce.toml", timeout=90)
     assert r.returncode == 0, r.stderr
     assert re.search(
@@ -186,6 +190,24 @@ def test_helloworld_across_four_sshd_hosts(sshd_hosts: SshdCluster) -> None:
     # each node's two ranks on one sshd host, the four nodes on four hosts
     assert sorted(len(a) for a in addr_of_node.values()) == [1, 1, 1, 1]
     assert {a for s in addr_of_node.values() for a in s} == set(sshd_hosts.names)
+
+
+@pytest.mark.ssh
+@pytest.mark.parametrize(
+    ("nodegroup", "done"),
+    [
+        ("pmi-hello", "0.0: allreduce ok: sum of ranks = 28; 4 distinct nodes"),
+        ("pmi-allreduce", "0: allreduce ok: 4 ranks on 4 distinct nodes"),
+        ("pmi-mpmd", "0.0: mpmd ok: 4 ranks, apps 0=leader, 1=worker, sum of ranks 6"),
+    ],
+)
+def test_nodegroups_across_sshd_hosts(sshd_hosts: SshdCluster, nodegroup: str, done: str) -> None:
+    r = mnp(
+        "run", "--inventory", str(sshd_hosts.inventory_toml), f"nodegroups/{nodegroup}.toml",
+        timeout=90,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert done in r.stdout, r.stdout
 
 
 @pytest.mark.ssh
