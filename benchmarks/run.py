@@ -549,7 +549,7 @@ class Bench:
         mnp_mpiexec = [*self.mnp, "run", str(via_mnp)]
 
         def said_hello(out: subprocess.CompletedProcess[str], size: int) -> None:
-            found = len(re.findall(r"Hello, World! I am process \d+ of (\d+) ", out.stdout))
+            found = len(re.findall(r"Hello, World! I am process +\d+ of +(\d+) ", out.stdout))
             if found != size:
                 raise RuntimeError(f"{found} of {size} ranks said hello: {out.stdout[-400:]}")
 
