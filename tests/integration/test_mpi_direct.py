@@ -18,7 +18,7 @@ from tests.integration.sshd import SshdCluster
 
 pytestmark = pytest.mark.mpi
 
-HELLO = re.compile(r"^(\d+)\.(\d+): Hello, World! I am process (\d+) of (\d+) on ", re.M)
+HELLO = re.compile(r"^(\d+)\.(\d+): Hello, World! I am process +(\d+) of +(\d+) on ", re.M)
 KVS = re.compile(r"^\S+: kvs (\S+)$", re.M)
 
 ABORT_RANK_2 = """\
