@@ -53,6 +53,7 @@ class _Node:
         self.codes: Dict[int, Optional[int]] = {}  # rank -> exit status, once reaped
         self.timer: Optional[Timer] = None
         self.failed = False  # one pmi_fail per node is enough
+        self.within = 0.0  # seconds its ranks have to send `init`
 
 
 class Ranks:
@@ -98,6 +99,7 @@ class Ranks:
         n = self.nodes.get(key)
         if n is None:
             n = self.nodes[key] = _Node(kvsname, node, node_id)
+            n.within = float(within)
             n.server = NodeServer(
                 kvsname,
                 size,
@@ -269,8 +271,8 @@ class Ranks:
                 n,
                 late[0],
                 None,
-                "MPI rank %d (task %s, node %d) did not reach MPI_Init (PMI init) in time"
-                % (late[0], n.tids.get(late[0], "?"), n.node),
+                "MPI rank %d (task %s, node %d) did not reach MPI_Init (PMI init) within %gs"
+                % (late[0], n.tids.get(late[0], "?"), n.node, n.within),
             )
 
     # ---------------------------------------------------------------- controller ops

@@ -128,7 +128,7 @@ def test_a_rank_that_never_reaches_init_fails_within_the_bound() -> None:
         timeout=40,
     )  # fmt: skip
     assert r.returncode != 0
-    assert "did not reach MPI_Init (PMI init) in time" in r.stderr, r.stderr
+    assert "did not reach MPI_Init (PMI init) within 2s" in r.stderr, r.stderr
 
 
 def test_mpmd_two_groups_on_local_nodes() -> None:
