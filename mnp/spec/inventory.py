@@ -23,7 +23,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from mnp.model import ComputeEnvironment, HostSpec, Inventory, Queue, SshOptions
+from mnp.model import SSH_CLIENTS, ComputeEnvironment, HostSpec, Inventory, Queue, SshOptions
 from mnp.spec.fields import (
     NAME_RE,
     Table,
@@ -39,7 +39,16 @@ from mnp.spec.nodeset import expand_nodeset, fold_nodeset
 from mnp.spec.units import parse_duration, parse_memory
 
 INVENTORY_FIELDS = ("ssh", "hosts", "compute_environments", "queues")
-SSH_FIELDS = ("user", "port", "known_hosts", "identity", "connect_timeout", "python", "config")
+SSH_FIELDS = (
+    "user",
+    "port",
+    "known_hosts",
+    "identity",
+    "connect_timeout",
+    "python",
+    "config",
+    "transport",
+)
 HOST_FIELDS = ("names", "vcpus", "memory", "gpus", "labels", "address", "transport", "ssh")
 CE_FIELDS = ("hosts", "labels", "state")
 QUEUE_FIELDS = ("priority", "compute_environments", "state")
@@ -178,6 +187,8 @@ def parse_ssh(st: Table, base: SshOptions) -> SshOptions:
         if not python.strip() or not python.isprintable():
             st.fail("python", 'give the remote Python to run the agent, e.g. "python3"')
         changes["python"] = python
+    if "transport" in st:
+        changes["transport"] = st.choice("transport", base.transport, SSH_CLIENTS)
     return dataclasses.replace(base, **changes)
 
 

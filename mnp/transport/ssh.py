@@ -48,82 +48,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import logging
 import os
 import shlex
 import socket
-import zlib
-from pathlib import Path
 
 import asyncssh
 
 from mnp.errors import HostKeyError, TransportError
 from mnp.model import HostSpec, Inventory, SshOptions
 from mnp.transport.base import AgentStream, Transport
+from mnp.transport.sshcommon import (
+    CLOSE_WAIT,
+    GLOBAL_KNOWN_HOSTS,
+    NOISE_LIMIT,
+    SOURCE_REQUEST,
+    STDERR_TAIL,
+    SshError,
+    _agent_blob,
+    agent_command,
+    config_files,
+    identity_files,
+)
 
 log = logging.getLogger("mnp")
 
-GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 KEEPALIVE_INTERVAL = 30.0  # seconds; a silent peer is declared lost after 3 of these
-STDERR_TAIL = 4096
-CLOSE_WAIT = 5.0  # seconds the agent gets to tear down after its stdin closes
-SOURCE_REQUEST = b"mnp-agent: send source\n"
-NOISE_LIMIT = 64 * 1024  # bytes of login-shell chatter tolerated before the agent's first line
-
-_BOOTSTRAP = """\
-import sys
-try:
-    import mnp.agent
-except ImportError:
-    import os, zlib
-    os.write(1, b"mnp-agent: send source\\n")
-    _h = b""
-    while _h[-1:] != b"\\n":
-        _c = os.read(0, 1)
-        if not _c:
-            sys.exit(3)
-        _h += _c
-    _n = int(_h)
-    _b = b""
-    while len(_b) < _n:
-        _c = os.read(0, _n - len(_b))
-        if not _c:
-            sys.exit(3)
-        _b += _c
-    _src = zlib.decompress(_b)
-    del _h, _c, _n, _b
-    exec(compile(_src, "<mnp.agent>", "exec"))
-else:
-    import runpy
-    runpy.run_module("mnp.agent", run_name="__main__", alter_sys=True)
-"""
-# One line without single quotes: json.dumps writes a valid Python string literal.
-BOOTSTRAP = "exec(" + json.dumps(_BOOTSTRAP) + ")"
-
-
-class SshError(TransportError):
-    """A ``TransportError`` that says which step failed (``category``)."""
-
-    def __init__(self, host: str, category: str, detail: str) -> None:
-        super().__init__(f"{host}: {category}: {detail}")
-        self.host = host
-        self.category = category
-
-
-def agent_command(python: str, agent_args: list[str]) -> str:
-    """The exec request's command line: every word quoted for the remote shell."""
-    return shlex.join([python, "-c", BOOTSTRAP, "--parent-death", *agent_args])
-
-
-@functools.cache
-def _agent_blob() -> bytes:
-    """``bundle_source()``, compressed, with its length line: what the bootstrap reads."""
-    from mnp.agent import bundle_source  # the agent package is imported only when shipped
-
-    data = zlib.compress(bundle_source().encode(), 9)
-    return b"%d\n" % len(data) + data
 
 
 class _Client(asyncssh.SSHClient):
@@ -346,14 +296,7 @@ class SshTransport(Transport):
 
     def _config_files(self, host: HostSpec) -> list[str]:
         """The inventory's ssh_config files, then ~/.ssh/config (first value wins)."""
-        files = [os.path.expanduser(c) for c in host.ssh.config]
-        for f in files:
-            if not os.path.isfile(f):
-                raise SshError(host.name, "config", f"ssh config file {f} does not exist")
-        user = Path("~/.ssh/config").expanduser()
-        if os.path.isfile(user) and os.access(user, os.R_OK):  # never a FIFO: it would block
-            files.append(str(user))
-        return files
+        return config_files(host)
 
     def _options(self, host: HostSpec) -> dict[str, object]:
         """asyncssh.connect's keyword arguments: explicit inventory options over ssh_config."""
@@ -370,11 +313,7 @@ class SshTransport(Transport):
         if opts.port:
             kwargs["port"] = opts.port
         if opts.identity:
-            keys = [os.path.expanduser(k) for k in opts.identity]
-            missing = [k for k in keys if not os.path.isfile(k)]
-            if missing:
-                raise SshError(host.name, "config", f"identity file {missing[0]} does not exist")
-            kwargs["client_keys"] = keys
+            kwargs["client_keys"] = identity_files(host)
         return kwargs
 
     async def _connect(self, host: HostSpec) -> asyncssh.SSHClientConnection:
