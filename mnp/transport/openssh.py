@@ -299,7 +299,7 @@ class OpenSshTransport(Transport):
                 configs.append("/etc/ssh/ssh_config")
             path = socket + ".config"
             with open(path, "w") as f:
-                f.write("".join(f"Include {shlex.quote(c)}\n" for c in configs))
+                f.write("".join(f"Include {_quote_option(c)}\n" for c in configs))
             args += ["-F", path]
         args += [
             "-o", "BatchMode=yes",
