@@ -248,6 +248,7 @@ class Bench:
         self.sim_queued = 100_000
         self.fake_array = 5000 if self.quick else 20000
         self.phases: list[str] = args.only.split(",") if args.only else list(PHASES)
+        self.ssh_transport: str | None = args.ssh_transport  # None: the inventory's default
         self.root = Path(tempfile.mkdtemp(prefix="mnp-bench-"))
         self.rows: list[Row] = []
         self.notes: list[str] = []
@@ -355,8 +356,10 @@ class Bench:
         n = max(self.hosts, self.array_hosts)
         net = 200 + os.getpid() % 50  # 127.0.200-249.x: apart from the tests' 127.0.0/127.0.n
         log(f"starting {n} sshd servers on 127.0.{net}.2-{n + 1}")
-        self.cluster = SshdCluster.start(self.root / "sshd", n, net=net)
-        self.stack.callback(self.cluster.close)
+        cluster = SshdCluster.start(self.root / "sshd", n, net=net)
+        self.stack.callback(cluster.close)
+        self.cluster = cluster.with_transport(self.ssh_transport or cluster.ssh_transport)
+        log(f"SSH transport: {self.cluster.ssh_transport}")
         hosts = self.cluster.hosts
         self.inv_all = self._inventory("inventory-launch.toml", hosts[: self.hosts])
         self.inv_array = self._inventory("inventory-array.toml", hosts[: self.array_hosts])
@@ -1184,9 +1187,10 @@ class Bench:
 
     def describe_run(self) -> str:
         mode = "--quick" if self.quick else "full"
+        transport = f", SSH transport {self.ssh_transport}" if self.ssh_transport else ""
         return (
             f"mode {mode}: {self.reps} repetitions, {self.hosts} sshd hosts for launches, "
-            f"{self.array_size:,}-child arrays on {self.array_hosts} hosts"
+            f"{self.array_size:,}-child arrays on {self.array_hosts} hosts{transport}"
         )
 
     def footnotes(self) -> list[str]:
@@ -1241,6 +1245,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hosts", type=int, help="sshd hosts for launches (default 16, 8 quick)")
     ap.add_argument("--only", help=f"comma-separated phases: {','.join(PHASES)}")
     ap.add_argument("--out", help="Markdown results file (default benchmarks/results.md)")
+    ap.add_argument(
+        "--ssh-transport",
+        choices=("asyncssh", "openssh"),
+        help="the sshd inventories' [ssh] transport (default: mnp's default)",
+    )
     args = ap.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
 

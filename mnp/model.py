@@ -176,6 +176,11 @@ class SshOptions:
     connect_timeout: float = 10.0
     python: str = "python3"
     config: tuple[str, ...] = ()  # extra ssh_config files; ~/.ssh/config is read by default
+    transport: str = "asyncssh"  # SSH_CLIENTS: the client that carries the agents' streams
+
+
+SSH_CLIENTS = ("asyncssh", "openssh")
+"""``[ssh] transport``: asyncssh in the controller's process, or one OpenSSH ``ssh`` per host."""
 
 
 @dataclass(frozen=True)
