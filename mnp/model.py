@@ -62,6 +62,7 @@ class RetryRule:
     action: str  # "RETRY" | "EXIT"
     on_exit_code: str = "*"
     on_reason: str = "*"
+    on_status_reason: str = "*"  # the attempt's status reason (AWS Batch onStatusReason)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class NodeGroup:
     resources: Resources = field(default_factory=Resources)
     environment: Mapping[str, str] = field(default_factory=dict)
     gpu_bind: str = "per-node"  # "per-node" | "per-task"
+    mpi: str = "none"  # "none" | "pmi": its tasks are MPI ranks mnp starts (issue 16)
     container: Container | None = None  # None: the job's (if any)
 
     def contains(self, index: int) -> bool:
@@ -180,6 +182,7 @@ class JobDefinition:
     depends_on: tuple[Dependency, ...] = ()
     tasks_per_node: int = 1  # default for groups; single/array jobs always start one task
     gpu_bind: str = "per-node"
+    mpi: str = "none"  # default for groups: "none" | "pmi"
     aws_batch_env: bool = False
     cwd: str | None = None
     python_env: str | None = None
@@ -198,6 +201,8 @@ class JobDefinition:
                 return group.container
         return self.container
 
+    tags: Mapping[str, str] = field(default_factory=dict)
+    """Labels for people and tools (``mnp list --tag K=V``, events); no effect on the run."""
     source: str = "<command line>"  # file the definition came from, for messages
 
 
@@ -213,6 +218,11 @@ class SshOptions:
     connect_timeout: float = 10.0
     python: str = "python3"
     config: tuple[str, ...] = ()  # extra ssh_config files; ~/.ssh/config is read by default
+    transport: str = "asyncssh"  # SSH_CLIENTS: the client that carries the agents' streams
+
+
+SSH_CLIENTS = ("asyncssh", "openssh")
+"""``[ssh] transport``: asyncssh in the controller's process, or one OpenSSH ``ssh`` per host."""
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,16 @@ OVERRIDES: tuple[Override, ...] = (
     Override(
         "env", "--env", "Set a variable.", edit="env", metavar="K=V", multiple=True, pairs=True
     ),
+    Override(
+        "tags",
+        "--tag",
+        "Tag the job (mnp list --tag K=V).",
+        edit="merge",
+        path="tags",
+        metavar="K=V",
+        multiple=True,
+        pairs=True,
+    ),
     Override("export_env", "--export", "Forward this shell's environment.", edit="", is_flag=True),
     Override(
         "array_size",
@@ -184,6 +194,15 @@ OVERRIDES: tuple[Override, ...] = (
         path="tasks_per_node",
         value="whole",
         cli_type=int,
+    ),
+    Override(
+        "mpi",
+        "--mpi",
+        "Multi-node: pmi starts each task as an MPI rank (PMI-1, MPICH ABI; no mpiexec), "
+        "every group one MPI_COMM_WORLD; none (default) runs the command as it is.",
+        edit="every",
+        path="mpi",
+        metavar="pmi|none",
     ),
     Override("cwd", "--cwd", "Working directory on the nodes (default: here).", path="cwd"),
     Override(

@@ -37,6 +37,7 @@ from .proc import (
     send_group,
     snapshot,
 )
+from .ranks import Ranks
 from .request import BadRequest
 from .spawn import Spawner
 from .tasks import INF, Orphan, Teardown
@@ -71,6 +72,7 @@ class Agent:
         self.tagger = Tagger(ctl)
         self.identity = agent_identity()  # MNP_AGENT_ID of its tasks
         self.spawner = Spawner()
+        self.ranks = Ranks(self)  # MPI ranks' PMI servers (ranks.py)
         self.tasks: Dict[str, Task] = {}  # until `gone`
         self.by_pid: Dict[int, Task] = {}  # main process → task, until reaped
         self.all_tids: Set[str] = set()  # every tid this agent started: what shutdown sweeps
@@ -252,6 +254,7 @@ class Agent:
             sig = os.WTERMSIG(status)
         else:
             code = os.WEXITSTATUS(status)
+        self.ranks.exited(task, code, sig)  # an MPI rank's abort comes before its exit
         now = time.time()
         usage, error = self.limits.exit_report(task, rusage, code, sig)
         event: Dict[str, Any] = {"ev": "exited", "tid": task.tid, "code": code, "signal": sig}
@@ -376,4 +379,5 @@ class Agent:
             del self.tasks[task.tid]
         self.limits.release(task)
         self.containers.task_gone(task.tid, task.termed or killed > 0)
+        self.ranks.gone(task)
         self.out.emit({"ev": "gone", "tid": task.tid, "t": time.time(), "killed": killed})

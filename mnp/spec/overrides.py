@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mnp.errors import SpecError
-from mnp.model import JobDefinition, JobType, Resources
+from mnp.model import JobDefinition, JobType, Resources, RetryRule
 from mnp.overrides import BY_NAME, OVERRIDES, Override
 from mnp.spec.container import container_to_dict
 from mnp.spec.definition import MAX_NODES, parse_definition, refs_used, sanitize_name
@@ -33,6 +33,7 @@ _BLAME: list[tuple[re.Pattern[str], tuple[str, ...]]] = [
         (r"name$", ("--name",)),
         (r"queue$", ("--queue",)),
         (r"parameters\b", ("--param",)),
+        (r"tags\b", ("--tag",)),
         (_GROUP + r"environment\b", ("--env",)),
         (r"array\.size$", ("--array-size",)),
         (r"array\.parallelism$", ("--array-parallelism",)),
@@ -44,6 +45,7 @@ _BLAME: list[tuple[re.Pattern[str], tuple[str, ...]]] = [
         (_GROUP + r"resources\.gpus$", ("--gpus",)),
         (_GROUP + r"resources\.cpu_bind$", ("--cpu-bind",)),
         (_GROUP + r"tasks_per_node$", ("--tasks-per-node", "--nodes")),
+        (_GROUP + r"mpi$", ("--mpi",)),
         (r"retry\.attempts$", ("--attempts",)),
         (r"timeout\.attempt_duration$", ("--timeout",)),
         (r"cwd$", ("--cwd",)),
@@ -77,10 +79,7 @@ def definition_to_dict(defn: JobDefinition) -> dict[str, Any]:
     d["resources"] = _resources_dict(defn.resources)
     d["retry"] = {
         "attempts": defn.retry.attempts,
-        "evaluate_on_exit": [
-            {"on_exit_code": r.on_exit_code, "on_reason": r.on_reason, "action": r.action}
-            for r in defn.retry.evaluate_on_exit
-        ],
+        "evaluate_on_exit": [_rule_dict(r) for r in defn.retry.evaluate_on_exit],
     }
     d["timeout"] = {"kill_grace": defn.timeout.kill_grace}
     if defn.timeout.attempt_duration is not None:
@@ -100,6 +99,8 @@ def definition_to_dict(defn: JobDefinition) -> dict[str, Any]:
                 "environment": dict(g.environment),
                 "gpu_bind": g.gpu_bind,
             }
+            if g.mpi != "none" or defn.mpi != "none":
+                gd["mpi"] = g.mpi
             if g.command is not None:
                 gd["command"] = list(g.command)
             if g.container is not None:
@@ -119,6 +120,8 @@ def definition_to_dict(defn: JobDefinition) -> dict[str, Any]:
         ]
     d["tasks_per_node"] = defn.tasks_per_node
     d["gpu_bind"] = defn.gpu_bind
+    if defn.mpi != "none":
+        d["mpi"] = defn.mpi
     d["aws_batch_env"] = defn.aws_batch_env
     if defn.cwd is not None:
         d["cwd"] = defn.cwd
@@ -126,6 +129,15 @@ def definition_to_dict(defn: JobDefinition) -> dict[str, Any]:
         d["python_env"] = defn.python_env
     if defn.container is not None:
         d["container"] = container_to_dict(defn.container)
+    if defn.tags:
+        d["tags"] = dict(defn.tags)
+    return d
+
+
+def _rule_dict(r: RetryRule) -> dict[str, str]:
+    d = {"on_exit_code": r.on_exit_code, "on_reason": r.on_reason, "action": r.action}
+    if r.on_status_reason != "*":
+        d["on_status_reason"] = r.on_status_reason
     return d
 
 

@@ -57,7 +57,9 @@ def test_every_override_applies() -> None:
         timeout="90s",
         cwd="/tmp",
         python_env="none",
+        tags={"team": "x"},
     )
+    assert defn.tags == {"team": "x"}
     assert (defn.name, defn.queue, defn.parameters["x"], defn.environment["A"]) == (
         "n",
         "q",
