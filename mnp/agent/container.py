@@ -168,7 +168,15 @@ def wrap(
     if kind == "apptainer":
         return _apptainer(exe, spec, argv, env, names, cwd)
     out_env = dict(env)
-    cmd = [exe, "run", "--rm", "--init", "--network", "host", "--name", name]
+    rank = "PMI_PORT" in names  # an MPI rank (ranks.py)
+    cmd = [exe, "run", "--rm"]
+    if rank:
+        # the node's ranks share /dev/shm and read each other's memory (CMA), as bare
+        # ranks do: the host's IPC and PID namespaces, where the rank is no PID 1
+        cmd += ["--ipc", "host", "--pid", "host"]
+    else:
+        cmd.append("--init")
+    cmd += ["--network", "host", "--name", name]
     if kind == "podman":
         cmd.append("--replace")  # a left-over container of a killed agent, same tid
     for key in sorted(labels):

@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are string
 
 
 RM_TRIES = 5
+PMI_VARS = {"PMI_PORT", "PMI_ID"}
 
 
 class Containers:
@@ -91,7 +92,8 @@ class Containers:
             "mnp.ctl": self.ctl,
             "mnp.agent": self.identity,
         }
-        names = [n for n in forwarded(changes) if n in env]
+        # an MPI rank's PMI_PORT and PMI_ID (ranks.py) are the agent's, not the controller's
+        names = sorted({n for n in forwarded(changes) if n in env} | (PMI_VARS & set(env)))
         out = wrap(kind, exe, spec, argv, env, names, cwd, name, labels, interactive)
         if kind != "apptainer":  # apptainer's processes are the task's own
             self.running[tid] = (name, kind, exe)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -343,3 +344,34 @@ def test_container_hello_across_sshd_hosts(sshd_hosts: SshdCluster, tmp_path: Pa
         for i in range(4)
     ]
     assert none_left("mnp.job=1")
+
+
+def test_mpi_ranks_in_containers_on_two_local_nodes(tmp_path: Path) -> None:
+    """Direct MPI launch (issue 16) with ``--image``: each rank runs in a container of its
+    own and reaches its node's PMI server over ``PMI_PORT`` (127.0.0.1, host network);
+    the image runs this interpreter and venv (MPICH, mpi4py), mounted read-only."""
+    venv = sys.prefix
+    base = os.path.realpath(sys.base_prefix)
+    script = tmp_path / "where.py"
+    script.write_text(
+        "import os\nfrom mpi4py import MPI\nw = MPI.COMM_WORLD\n"
+        "print('rank', w.Get_rank(), 'of', w.Get_size(), 'container',"
+        " os.path.exists('/run/.containerenv'), 'pmi_port', 'PMI_PORT' in os.environ)\n"
+    )
+    mounts = ["/usr:/usr:ro", f"{venv}:{venv}:ro", f"{base}:{base}:ro"]
+    opts = [a for m in mounts for a in ("--mount", m)]
+    python = os.path.join(venv, "bin", "python")
+    before = set(containers("mnp.job"))  # other sessions' containers, perhaps
+    common = ["run", "--nodes", "2", "--tasks-per-node", "2", "--mpi", "pmi", "--image", MAIN]
+    r = mnp(*common, *opts, "--cwd", str(tmp_path), "--", python, "-m", "mpi4py.bench",
+            "helloworld", timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    hello = re.findall(r"^(\d)\.(\d): Hello, World! I am process (\d) of 4 ", r.stdout, re.M)
+    assert sorted((int(n), int(t), int(k)) for n, t, k in hello) == [
+        (k // 2, k % 2, k) for k in range(4)
+    ]
+    r = mnp(*common, *opts, "--cwd", str(tmp_path), "--", python, str(script), timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = sorted(line.split(": ", 1)[1] for line in r.stdout.splitlines())
+    assert lines == [f"rank {k} of 4 container True pmi_port True" for k in range(4)]
+    assert set(containers("mnp.job")) <= before
