@@ -291,3 +291,19 @@ def _start_of_parent() -> int:
     p = read_stat(os.getppid())
     assert p is not None
     return p.start
+
+
+def test_an_mpi_rank_shares_the_hosts_ipc_and_pid_namespaces() -> None:
+    """A rank (PMI_PORT passed in) runs with the host's /dev/shm and PIDs, as bare ranks
+    do, so MPICH's shared memory and CMA work between the node's containers; no --init
+    (the rank is not PID 1 there). PMI_PORT and PMI_ID travel as names, values in env."""
+    env = {"PMI_PORT": "127.0.0.1:4000", "PMI_ID": "3"}
+    for kind in ("podman", "docker"):
+        argv, out = wrap(
+            kind, kind, Spec(image="img"), ["a"], env, ["PMI_ID", "PMI_PORT"], None, "n", {}
+        )
+        assert argv[:7] == [kind, "run", "--rm", "--ipc", "host", "--pid", "host"]
+        assert "--init" not in argv and "127.0.0.1:4000" not in argv
+        assert out["PMI_PORT"] == "127.0.0.1:4000"
+        bare, _ = wrap(kind, kind, Spec(image="img"), ["a"], {}, [], None, "n", {})
+        assert "--init" in bare and "--pid" not in bare
