@@ -40,6 +40,7 @@ from .container import (
     marker,
     wrap,
 )
+from .limits import oom_reason
 from .proc import agent_alive, job_part, read_file, read_stat
 from .spawn import SpawnError
 from .teardown import Step
@@ -64,6 +65,7 @@ class Containers:
         self.rundir = ""  # set once the agent made it
         self.running: Dict[str, Tuple[str, str, str]] = {}  # tid → (name, kind, exe)
         self.helpers: Set[int] = set()  # pids of `rm -f` processes, until reaped
+        self.cidfiles: Dict[str, Tuple[str, int]] = {}  # tid → (cidfile, memory limit)
 
     def check(self, value: Any) -> Optional[Spec]:
         """A spawn's `container` field, checked (None: none); ValueError says what is wrong."""
@@ -94,7 +96,18 @@ class Containers:
         }
         # an MPI rank's PMI_PORT and PMI_ID (ranks.py) are the agent's, not the controller's
         names = sorted({n for n in forwarded(changes) if n in env} | (PMI_VARS & set(env)))
-        out = wrap(kind, exe, spec, argv, env, names, cwd, name, labels, interactive)
+        cidfile = None
+        memory = env.get(MEMORY_VAR, "")
+        if kind != "apptainer" and self._dir() and memory.isdigit() and int(memory) > 0:
+            cidfile = os.path.join(self._dir(), name + ".cid")
+            try:
+                os.makedirs(self._dir(), 0o700, exist_ok=True)
+            except OSError:
+                cidfile = None
+            else:
+                _unlink(cidfile)  # the runtime refuses to overwrite one
+                self.cidfiles[tid] = (cidfile, int(memory))
+        out = wrap(kind, exe, spec, argv, env, names, cwd, name, labels, interactive, cidfile)
         if kind != "apptainer":  # apptainer's processes are the task's own
             self.running[tid] = (name, kind, exe)
             self._write_marker(name, marker(name, kind, exe, tid, self.identity))
@@ -111,8 +124,37 @@ class Containers:
             return changes
         return {k: v for k, v in changes.items() if k != MEMORY_VAR}
 
+    def oom_killed(
+        self, tid: str, code: Optional[int], sig: Optional[int]
+    ) -> Optional[Tuple[str, int]]:
+        """(`exited`'s error, the container's memory then) when the task `tid`'s
+        podman/docker container was killed for its memory limit, else None.
+
+        The runtimes cannot say so here: podman 4.3 with runc and cgroupfs reports
+        `State.OOMKilled` false for such a container, and its cgroup is gone with it.
+        The kernel's OOM report (/dev/kmsg) names the memory cgroup that hit its limit,
+        whose path holds the container's id (`--cidfile`), and that cgroup's usage.
+        Looked for only when the client exited 137 (the container's SIGKILL) or was
+        SIGKILLed; None where /dev/kmsg is not readable (`kernel.dmesg_restrict` and no
+        CAP_SYSLOG)."""
+        entry = self.cidfiles.get(tid)
+        if entry is None or not (code == 137 or sig == signal.SIGKILL):
+            return None
+        cidfile, limit = entry
+        cid = (read_file(cidfile, 256) or b"").strip().decode("ascii", "replace")
+        if len(cid) < 12:
+            return None
+        used = kernel_oom_usage(cid)
+        if used is None:
+            return None
+        used = max(used, limit)
+        return oom_reason(used, limit), used
+
     def task_gone(self, tid: str, abnormal: bool) -> None:
         """The task `tid` is over: remove its container if it may be left over."""
+        found = self.cidfiles.pop(tid, None)
+        if found is not None:
+            _unlink(found[0])
         entry = self.running.pop(tid, None)
         if entry is None:
             return
@@ -136,6 +178,7 @@ class Containers:
             if over or dead:
                 found.setdefault(str(data.get("exe") or ""), []).append(str(data["name"]))
                 _unlink(path)
+                _unlink(path + ".cid")
         for exe, names in found.items():
             if exe:
                 self._remove(exe, names)
@@ -240,6 +283,50 @@ class Containers:
             pass
         finally:
             os.close(devnull)
+
+
+def kernel_oom_usage(cid: str) -> Optional[int]:
+    """The memory (bytes) of the cgroup whose path holds `cid` when the kernel's OOM
+    killer last acted for its limit (`oom-kill:...,oom_memcg=.../<cid>...`, after
+    `memory: usage NkB, limit ...` of the same report), from /dev/kmsg; None when the
+    log has no such kill or cannot be read."""
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    records = []
+    try:
+        while True:
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:  # overwritten while read: go on from the next
+                continue
+            except OSError:
+                break
+            if not record:
+                break
+            records.append(record.decode("utf-8", "replace").partition(";")[2])
+    finally:
+        os.close(fd)
+    return oom_usage_in(records, cid)
+
+
+def oom_usage_in(messages: List[str], cid: str) -> Optional[int]:
+    """`kernel_oom_usage` on the kernel log's messages (without their /dev/kmsg prefix)."""
+    usage = 0
+    found = None
+    for text in messages:
+        if text.startswith("memory: usage "):
+            word = text[len("memory: usage ") :].split(",")[0]
+            if word.endswith("kB") and word[:-2].isdigit():
+                usage = int(word[:-2]) * 1024
+        elif text.startswith("oom-kill:"):
+            for part in text.split(","):
+                if part.startswith("oom_memcg=") and cid in part:
+                    found = usage
+    return found
 
 
 def _runtime_process_of(pid: int) -> Optional[str]:

@@ -375,3 +375,27 @@ def test_mpi_ranks_in_containers_on_two_local_nodes(tmp_path: Path) -> None:
     lines = sorted(line.split(": ", 1)[1] for line in r.stdout.splitlines())
     assert lines == [f"rank {k} of 4 container True pmi_port True" for k in range(4)]
     assert set(containers("mnp.job")) <= before
+
+
+def test_a_container_killed_for_memory_fails_with_the_oom_reason(tmp_path: Path) -> None:
+    """podman's own ``--memory`` kill is reported as a bare task's is: the job FAILED
+    with ``OutOfMemoryError: Container killed due to memory usage`` (from the kernel's
+    OOM report naming the container's cgroup); a container SIGKILLed otherwise exits
+    137 too, without that reason."""
+    venv, base = sys.prefix, os.path.realpath(sys.base_prefix)
+    mounts = ["/usr:/usr:ro", f"{venv}:{venv}:ro", f"{base}:{base}:ro"]
+    hog = "x = bytearray(300 << 20)\nx[::4096] = b'a' * len(x[::4096])\n"
+    path, label = job_file(tmp_path, [os.path.join(venv, "bin", "python"), "-c", hog])
+    opts = [a for m in mounts for a in ("--mount", m)]
+    r = mnp("run", "--memory", "64MiB", *opts, str(path), timeout=120)
+    assert r.returncode == 137, r.stderr
+    reason = (
+        "OutOfMemoryError: Container killed due to memory usage (used 64.0 MiB of its 64.0 MiB)"
+    )
+    assert re.search(r"job \d+ FAILED: " + re.escape(reason), r.stderr), r.stderr
+    assert none_left(label)
+    path, label = job_file(tmp_path, ["sh", "-c", "kill -9 $$$$"])  # mnp expands $$ to $
+    r = mnp("run", "--memory", "64MiB", str(path), timeout=120)
+    assert r.returncode == 137, r.stderr
+    assert "OutOfMemoryError" not in r.stderr, r.stderr
+    assert none_left(label)

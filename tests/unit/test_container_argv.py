@@ -16,7 +16,7 @@ from mnp.agent.container import (
     forwarded,
     wrap,
 )
-from mnp.agent.containers import Containers
+from mnp.agent.containers import Containers, oom_usage_in
 from mnp.agent.proc import Tagger, agent_identity, read_stat
 from mnp.agent.sweep import StaleRule
 from mnp.errors import SpecError
@@ -307,3 +307,25 @@ def test_an_mpi_rank_shares_the_hosts_ipc_and_pid_namespaces() -> None:
         assert out["PMI_PORT"] == "127.0.0.1:4000"
         bare, _ = wrap(kind, kind, Spec(image="img"), ["a"], {}, [], None, "n", {})
         assert "--init" in bare and "--pid" not in bare
+
+
+def test_cidfile_and_the_kernels_oom_report() -> None:
+    """With a memory limit the runtime writes the container's id (`--cidfile`); the
+    kernel's OOM report names the cgroup that hit its limit by a path holding that id,
+    after the cgroup's usage (what the agent reports)."""
+    argv, _ = wrap(
+        "podman", "podman", Spec(image="img"), ["a"], {}, [], None, "n", {}, False, "/r/c"
+    )
+    assert argv[:5] == ["podman", "run", "--rm", "--cidfile", "/r/c"]
+    cid = "fe53bf38e7a6" + "0" * 52
+    log = [
+        "python3 invoked oom-killer: gfp_mask=0xcc0(GFP_KERNEL), order=0",
+        "memory: usage 65536kB, limit 65536kB, failcnt 12",
+        "oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=libpod-x,"
+        f"mems_allowed=0,oom_memcg=/libpod_parent/libpod-{cid},task_memcg=/x,task=python3",
+        "memory: usage 24576kB, limit 24576kB, failcnt 0",
+        "oom-kill:constraint=CONSTRAINT_MEMCG,oom_memcg=/libpod_parent/libpod-other,task=sh",
+    ]
+    assert oom_usage_in(log, cid) == 64 << 20
+    assert oom_usage_in(log, "a" * 64) is None
+    assert oom_usage_in([], cid) is None
