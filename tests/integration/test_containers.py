@@ -399,3 +399,42 @@ def test_a_container_killed_for_memory_fails_with_the_oom_reason(tmp_path: Path)
     assert r.returncode == 137, r.stderr
     assert "OutOfMemoryError" not in r.stderr, r.stderr
     assert none_left(label)
+
+
+@pytest.mark.ssh
+def test_mpi_ranks_in_containers_across_sshd_hosts(sshd_hosts: SshdCluster, tmp_path: Path) -> None:
+    """The same on two sshd hosts: each node's two ranks in containers of that host's
+    agent, over that agent's PMI_PORT."""
+    python = tmp_path / "python-containers"
+    python.write_text(
+        f"#!/bin/sh\nCONTAINERS_CONF='{os.environ['CONTAINERS_CONF']}' "
+        f"exec '{sshd_hosts.python_mnp}' \"$@\"\n"
+    )
+    python.chmod(0o755)
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text(
+        sshd_hosts.toml().replace(f'python = "{sshd_hosts.python_mnp}"', f'python = "{python}"')
+    )
+    venv, base = sys.prefix, os.path.realpath(sys.base_prefix)
+    mounts = ["/usr:/usr:ro", f"{venv}:{venv}:ro", f"{base}:{base}:ro"]
+    before = set(containers("mnp.job"))
+    code = (
+        "import os; from mpi4py import MPI; w = MPI.COMM_WORLD; "
+        "print('rank', w.Get_rank(), 'of', w.Get_size(), 'host', os.environ['MNP_HOST'],"
+        " os.path.exists('/run/.containerenv'))"
+    )
+    r = mnp(
+        "run", "--inventory", str(inventory), "--nodes", "2", "--tasks-per-node", "2",
+        "--mpi", "pmi", "--image", MAIN, *[a for m in mounts for a in ("--mount", m)],
+        "--cwd", str(tmp_path), "--", os.path.join(venv, "bin", "python"), "-c", code,
+        timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    found = re.findall(r"^(\d)\.(\d): rank (\d) of 4 host (\S+) True$", r.stdout, re.M)
+    assert sorted((int(n), int(t), int(k)) for n, t, k, _ in found) == [
+        (k // 2, k % 2, k) for k in range(4)
+    ], r.stdout
+    hosts = {int(n): h for n, _, _, h in found}
+    assert len(set(hosts.values())) == 2  # the two nodes on two sshd hosts
+    assert {h for n, t, k, h in found} <= set(sshd_hosts.names)
+    assert set(containers("mnp.job")) <= before
