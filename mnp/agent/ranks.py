@@ -372,6 +372,8 @@ class Ranks:
         fd = self._fd_of(task.tid)
         if fd is not None:
             self._drain(fd)
+        elif n.listener is not None and n.server is not None and rank not in n.server.bound:
+            self._lost(n, rank, NEW)  # PMI_PORT: it never connected
 
     def gone(self, task: Task) -> None:
         if task.tid not in self.by_tid:

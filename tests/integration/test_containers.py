@@ -438,3 +438,24 @@ def test_mpi_ranks_in_containers_across_sshd_hosts(sshd_hosts: SshdCluster, tmp_
     assert len(set(hosts.values())) == 2  # the two nodes on two sshd hosts
     assert {h for n, t, k, h in found} <= set(sshd_hosts.names)
     assert set(containers("mnp.job")) <= before
+
+
+def test_a_containerized_rank_that_exits_before_connecting_fails_the_job(tmp_path: Path) -> None:
+    """A rank that never connects to PMI_PORT is reported at its exit, as a bare rank that
+    closes its PMI_FD, not after the init bound."""
+    venv, base = sys.prefix, os.path.realpath(sys.base_prefix)
+    mounts = ["/usr:/usr:ro", f"{venv}:{venv}:ro", f"{base}:{base}:ro"]
+    code = (
+        "import os, sys\n"
+        "if os.environ['PMI_RANK'] == '1': sys.exit(3)\n"
+        "from mpi4py import MPI; MPI.COMM_WORLD.Barrier()\n"
+    )
+    start = time.monotonic()
+    r = mnp(
+        "run", "--nodes", "2", "--mpi", "pmi", "--image", MAIN,
+        *[a for m in mounts for a in ("--mount", m)], "--cwd", str(tmp_path),
+        "--", os.path.join(venv, "bin", "python"), "-c", code, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "MPI rank 1 (task " in r.stderr and "exited with code 3 before MPI_Init" in r.stderr
+    assert time.monotonic() - start < 30  # not the 60 s init bound
