@@ -119,7 +119,7 @@ def decide(
     taken: set[str] = set()  # allocations that this pass gives work to
 
     for need in needs:
-        why = _never(spec, node_vcpus, need, margin)
+        why = never(spec, node_vcpus, need, margin)
         if why:
             actions.append(Blocked(need.key, why))
             continue
@@ -166,7 +166,7 @@ def decide(
     return actions
 
 
-def _never(spec: ManagedSpec, node_vcpus: int, need: Need, margin: float) -> str | None:
+def never(spec: ManagedSpec, node_vcpus: int, need: Need, margin: float) -> str | None:
     """Why this environment can never run ``need``, or None."""
     if need.vcpus > node_vcpus:
         return f"needs {need.vcpus:g} vCPUs per node; this environment's nodes have {node_vcpus}"

@@ -58,7 +58,13 @@ class _Members:
 
 
 def _spent(h: HostCapacity, reserved: set[str]) -> bool:
-    return not h.up or h.exclusive or h.free_vcpus <= 1e-9 or h.name in reserved
+    return (
+        not h.up
+        or h.exclusive
+        or h.drained is not None
+        or h.free_vcpus <= 1e-9
+        or h.name in reserved
+    )
 
 
 def _place(req: Request, members: _Members, reserved: set[str]) -> tuple[Grant, ...] | None:
@@ -93,7 +99,10 @@ def _reserve(req: Request, hosts: Sequence[HostCapacity], reserved: set[str]) ->
     candidates = [
         h
         for h in hosts
-        if h.up and h.name not in reserved and h.could_ever_fit(max(req.nodes, key=_weight), True)
+        if h.up
+        and h.drained is None
+        and h.name not in reserved
+        and h.could_ever_fit(max(req.nodes, key=_weight), True)
     ]
     if len(candidates) < n:
         return set()

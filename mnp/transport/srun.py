@@ -31,10 +31,11 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from mnp.errors import TransportError
 from mnp.model import HostSpec, Inventory
+from mnp.spec.nodeset import fold_nodeset
 from mnp.transport.base import MAX_LINE, AgentStream, Transport
 from mnp.transport.bootstrap import BOOTSTRAP, SOURCE_REQUEST, agent_blob
 
@@ -172,6 +173,30 @@ class SrunTransport(Transport):
         except OSError as e:
             raise TransportError(f"{host.name}: cannot run {self.srun}: {e}") from None
         return _SrunStream(host.name, proc)
+
+
+def allocation_environ(
+    environ: Mapping[str, str] | None, job_id: str, nodes: Sequence[str]
+) -> dict[str, str]:
+    """srun's environment for an agent started from outside allocation ``job_id``
+    (a managed environment's): as inside it, so that the agent's tasks see the whole
+    allocation (an ``mpiexec`` that starts its ranks with ``srun`` across its nodes),
+    not just the agent's one-node step."""
+    env = {
+        k: v
+        for k, v in (os.environ if environ is None else environ).items()
+        if not k.startswith(("SLURM_", "SBATCH_")) or k == "SLURM_CONF"
+    }
+    nodelist = fold_nodeset(list(nodes))
+    env.update(
+        SLURM_JOB_ID=job_id,
+        SLURM_JOBID=job_id,
+        SLURM_JOB_NODELIST=nodelist,
+        SLURM_NODELIST=nodelist,
+        SLURM_JOB_NUM_NODES=str(len(nodes)),
+        SLURM_NNODES=str(len(nodes)),
+    )
+    return env
 
 
 def job_id_from(environ: Mapping[str, str]) -> str | None:
