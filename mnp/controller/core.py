@@ -518,8 +518,8 @@ def default_provider(name: str, spec: ManagedSpec) -> Provider:
 
 def default_managed_transport(provider: Provider, alloc_id: str, nodes: Sequence[str]) -> Transport:
     """How the nodes of an allocation are reached: Slurm's srun from outside it
-    (``mnp.transport.srun.allocation_environ``)."""
-    from mnp.transport.srun import SrunTransport, allocation_environ
+    (``mnp.transport.srun.allocation_vars``)."""
+    from mnp.transport.srun import SrunTransport, allocation_vars
 
     environ = getattr(provider, "environ", None)
-    return SrunTransport(alloc_id, environ=allocation_environ(environ, alloc_id, nodes))
+    return SrunTransport(alloc_id, environ=environ, job_env=allocation_vars(nodes))
