@@ -82,9 +82,8 @@ def test_agent_of_a_managed_allocation_sees_the_whole_allocation() -> None:
         "SLURM_JOB_NUM_NODES": "2",
         "SLURM_NNODES": "2",
     }
-    argv = srun_argv(
-        "srun", "77", HostSpec(name="n3", address="n3"), "/py", ["--ctl", "t"], job_env
-    )
+    n3 = HostSpec(name="n3", address="n3")
+    argv = srun.srun_argv("srun", "77", n3, "/py", ["--ctl", "t"], job_env)
     at = argv.index("env")
     assert argv[at + 1 : at + 5] == [
         "SLURM_JOB_NODELIST=n[3-4]",
