@@ -389,8 +389,11 @@ def request_for(key: str, defn: JobDefinition, seq: int) -> Request:
     if defn.multinode is not None:
         mn = defn.multinode
         nodes = tuple(mn.group_of(i)[1].resources for i in range(mn.num_nodes))
-        return Request(key, defn.queue, seq, nodes, exclusive=mn.exclusive)
-    return Request(key, defn.queue, seq, (defn.resources,))
+        return Request(
+            key, defn.queue, seq, nodes, exclusive=mn.exclusive,
+            timeout=defn.timeout.attempt_duration,
+        )  # fmt: skip
+    return Request(key, defn.queue, seq, (defn.resources,), timeout=defn.timeout.attempt_duration)
 
 
 def describe_request(req: Request) -> str:

@@ -114,6 +114,21 @@ def _weight(r: Resources) -> tuple[int, float, int]:
     return (r.gpus, r.vcpus, r.memory)
 
 
+TIME_MARGIN = 60.0
+"""Seconds an attempt's timeout must leave before a managed allocation's time limit
+(``mnp.sched.autoscale.DEFAULT_MARGIN``)."""
+
+
+def fits_time_limit(req: Request, ce: ComputeEnvironment) -> bool:
+    """Whether ``req`` may run on ``ce``'s capacity: a managed environment whose
+    allocations end after ``time_limit`` takes only work whose ``timeout`` fits in it
+    (less ``TIME_MARGIN``); work without a timeout never goes there."""
+    limit = ce.managed.time_limit if ce.managed is not None else None
+    if limit is None:
+        return True
+    return req.timeout is not None and req.timeout <= limit - TIME_MARGIN
+
+
 def could_ever_run(
     req: Request,
     queue: Queue,
@@ -123,7 +138,7 @@ def could_ever_run(
     """Whether some compute environment of the queue, empty, could take the request."""
     for ce_name in queue.compute_environments:
         ce = ces.get(ce_name)
-        if ce is None:
+        if ce is None or not fits_time_limit(req, ce):
             continue
         members = [hosts[h] for h in ce.hosts if h in hosts]
         if len(members) < len(req.nodes):
@@ -188,7 +203,7 @@ def decide(
             placed = False
             for ce_name in queue.compute_environments:
                 members = cursors.get(ce_name)
-                if members is None:
+                if members is None or not fits_time_limit(req, ces[ce_name]):
                     continue
                 grants = _place(req, members, reserved)
                 if grants is not None:
@@ -201,6 +216,8 @@ def decide(
             blocked.add(req.signature)
             if reservations < MAX_RESERVATIONS:
                 for ce_name in queue.compute_environments:
+                    if not fits_time_limit(req, ces[ce_name]):
+                        continue
                     got = _reserve(req, ce_hosts.get(ce_name, []), reserved)
                     if got:
                         reserved |= got
