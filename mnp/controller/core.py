@@ -38,7 +38,7 @@ from mnp.controller.admission import LOST_REASON, Admission, Restored
 from mnp.controller.attempts import TEARDOWN_SLACK, Attempts
 from mnp.controller.hosts import LOAD_WITHIN, HostPool
 from mnp.controller.launch import Launcher
-from mnp.controller.managed import INTERVAL, Managed, Provider
+from mnp.controller.managed import Managed, Provider, interval_from_env
 from mnp.controller.starting import Starter
 from mnp.controller.state import (
     EventSink,
@@ -85,7 +85,7 @@ class Controller:
         heartbeat: tuple[float, float] | None = None,
         providers: Callable[[str, ManagedSpec], Provider] | None = None,
         managed_transport: Callable[[Provider, str, Sequence[str]], Transport] | None = None,
-        managed_interval: float = INTERVAL,
+        managed_interval: float | None = None,
         on_change: EventSink | None = None,
     ) -> None:
         self.inventory = inventory
@@ -137,7 +137,7 @@ class Controller:
             self.set_inventory,
             lambda job, why: self.admission.cancel(job.parent or job, why, self.shared.clock()),
             self.note_change,
-            interval=managed_interval,
+            interval=interval_from_env() if managed_interval is None else managed_interval,
         )
         self.admission.managed_vcpus = self.managed.known_vcpus
 

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -50,6 +51,15 @@ from mnp.transport.base import Transport
 
 INTERVAL = 5.0  # seconds between passes (MNP_AUTOSCALE_INTERVAL)
 FINISHED_KEPT = 50  # ended allocations listed per environment
+
+
+def interval_from_env(env: Mapping[str, str] | None = None) -> float:
+    """``MNP_AUTOSCALE_INTERVAL`` (seconds, positive) or ``INTERVAL``."""
+    try:
+        value = float((os.environ if env is None else env).get("MNP_AUTOSCALE_INTERVAL", ""))
+    except ValueError:
+        return INTERVAL
+    return value if value > 0 else INTERVAL
 
 
 class Provider(Protocol):
