@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mnp.model import TERMINAL, Grant, JobDefinition, JobState, JobType, Request
+from mnp.pmi.world import World
 from mnp.wiring import Launch
 
 Emit = Callable[[dict[str, Any]], None]
@@ -110,6 +111,7 @@ class Attempt:
     nodes: list[NodeRun] = field(default_factory=list)
     pending_sweeps: set[str] = field(default_factory=set)
     secrets: dict[str, str] = field(default_factory=dict)  # read at launch; never stored
+    mpi: World | None = None  # its MPI ranks' world (direct MPI launch); never stored
 
     @property
     def ending(self) -> bool:

@@ -102,6 +102,7 @@ class NodeGroup:
     resources: Resources = field(default_factory=Resources)
     environment: Mapping[str, str] = field(default_factory=dict)
     gpu_bind: str = "per-node"  # "per-node" | "per-task"
+    mpi: str = "none"  # "none" | "pmi": its tasks are MPI ranks mnp starts (issue 16)
 
     def contains(self, index: int) -> bool:
         return self.start <= index <= self.end
@@ -152,6 +153,7 @@ class JobDefinition:
     depends_on: tuple[Dependency, ...] = ()
     tasks_per_node: int = 1  # default for groups; single/array jobs always start one task
     gpu_bind: str = "per-node"
+    mpi: str = "none"  # default for groups: "none" | "pmi"
     aws_batch_env: bool = False
     cwd: str | None = None
     python_env: str | None = None
@@ -174,6 +176,11 @@ class SshOptions:
     connect_timeout: float = 10.0
     python: str = "python3"
     config: tuple[str, ...] = ()  # extra ssh_config files; ~/.ssh/config is read by default
+    transport: str = "asyncssh"  # SSH_CLIENTS: the client that carries the agents' streams
+
+
+SSH_CLIENTS = ("asyncssh", "openssh")
+"""``[ssh] transport``: asyncssh in the controller's process, or one OpenSSH ``ssh`` per host."""
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,15 @@ OVERRIDES: tuple[Override, ...] = (
         value="whole",
         cli_type=int,
     ),
+    Override(
+        "mpi",
+        "--mpi",
+        "Multi-node: pmi starts each task as an MPI rank (PMI-1, MPICH ABI; no mpiexec), "
+        "every group one MPI_COMM_WORLD; none (default) runs the command as it is.",
+        edit="every",
+        path="mpi",
+        metavar="pmi|none",
+    ),
     Override("cwd", "--cwd", "Working directory on the nodes (default: here).", path="cwd"),
     Override(
         "python_env",

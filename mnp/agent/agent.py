@@ -36,6 +36,7 @@ from .proc import (
     send_group,
     snapshot,
 )
+from .ranks import Ranks
 from .request import BadRequest
 from .spawn import Spawner
 from .tasks import INF, Orphan, Teardown
@@ -70,6 +71,7 @@ class Agent:
         self.tagger = Tagger(ctl)
         self.identity = agent_identity()  # MNP_AGENT_ID of its tasks
         self.spawner = Spawner()
+        self.ranks = Ranks(self)  # MPI ranks' PMI servers (ranks.py)
         self.tasks: Dict[str, Task] = {}  # until `gone`
         self.by_pid: Dict[int, Task] = {}  # main process → task, until reaped
         self.all_tids: Set[str] = set()  # every tid this agent started: what shutdown sweeps
@@ -247,6 +249,7 @@ class Agent:
             sig = os.WTERMSIG(status)
         else:
             code = os.WEXITSTATUS(status)
+        self.ranks.exited(task, code, sig)  # an MPI rank's abort comes before its exit
         now = time.time()
         usage, error = self.limits.exit_report(task, rusage, code, sig)
         event: Dict[str, Any] = {"ev": "exited", "tid": task.tid, "code": code, "signal": sig}
@@ -370,4 +373,5 @@ class Agent:
         if self.tasks.get(task.tid) is task:
             del self.tasks[task.tid]
         self.limits.release(task)
+        self.ranks.gone(task)
         self.out.emit({"ev": "gone", "tid": task.tid, "t": time.time(), "killed": killed})

@@ -24,6 +24,7 @@ from mnp.controller.hosts import HostPool
 from mnp.jobs import Attempt, Job, NodeRun, TaskRun
 from mnp.model import Grant, Inventory, JobDefinition
 from mnp.offloop import FileRefused, OffLoop, read_regular_file
+from mnp.pmi.world import init_within, plan
 from mnp.spec.fields import MAX_ARG_BYTES
 from mnp.wiring import (
     Launch,
@@ -137,6 +138,14 @@ class Launcher:
             main_node=mn.main_node,
             main_ipv4=main_ipv4,
             master_port=port,
+        )
+        # the ranks of its mpi = "pmi" groups (direct MPI launch): one world per attempt
+        attempt.mpi = plan(
+            defn,
+            job.id,
+            attempt.number,
+            [g.host for g in attempt.grants],
+            init_within(os.environ),
         )
         for p in placements:
             held = node_command(defn, mn.groups[p.group], p.index) is None

@@ -419,13 +419,17 @@ class Managed:
             s.hosts.transports.pop(key, None)
 
     def learn(self, host: str) -> None:
-        """A host came up: an environment without ``vcpus_per_node`` learns its node size."""
+        """A host came up: it is marked as its allocation's (a gang stays within one),
+        and an environment without ``vcpus_per_node`` learns its node size."""
         cap = self.s.hosts.capacity.get(host)
         if cap is None:
             return
         for env in self.envs.values():
-            if env.node_vcpus is None and any(host in r.nodes for r in env.live.values()):
-                env.node_vcpus = max(1, int(cap.vcpus))
+            for rec in env.live.values():
+                if rec.state == "RUNNING" and host in rec.nodes:
+                    cap.group = rec.alloc_id
+                    if env.node_vcpus is None:
+                        env.node_vcpus = max(1, int(cap.vcpus))
 
     def views(self) -> list[dict[str, Any]]:
         """Every managed environment with its allocations (``mnp ce``)."""

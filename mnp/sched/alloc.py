@@ -26,6 +26,7 @@ class HostCapacity:
     cpus: tuple[int, ...] = ()  # the CPU ids tasks may be pinned to (the agent's affinity)
     cpu_use: dict[int, int] = field(default_factory=dict)  # CPU id -> grants pinned to it
     drained: str | None = None  # why it takes no new work (``mnp hosts drain``); None = open
+    group: str | None = None  # a managed allocation's id: a gang is placed within one
 
     def __post_init__(self) -> None:
         if self.free_vcpus < 0:

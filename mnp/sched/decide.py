@@ -75,7 +75,24 @@ def _place(req: Request, members: _Members, reserved: set[str]) -> tuple[Grant, 
             if h.name not in reserved and h.fits(res, req.exclusive):
                 return (h.take(res, req.exclusive),)
         return None
-    # gang: each node on a distinct host; try the most demanding nodes first
+    if any(h.group is not None for h in hosts):
+        # hosts of managed allocations: a gang stays within one allocation (its tasks'
+        # own srun, an mpiexec's, reaches only the allocation they run in)
+        groups: dict[str | None, list[HostCapacity]] = {}
+        for h in hosts:
+            groups.setdefault(h.group, []).append(h)
+        for members_of_one in groups.values():
+            grants = _gang(req, members_of_one, reserved)
+            if grants is not None:
+                return grants
+        return None
+    return _gang(req, hosts, reserved)
+
+
+def _gang(
+    req: Request, hosts: Sequence[HostCapacity], reserved: set[str]
+) -> tuple[Grant, ...] | None:
+    """Each node on a distinct host; the most demanding nodes are tried first."""
     order = sorted(range(len(req.nodes)), key=lambda i: (-req.nodes[i].gpus, -req.nodes[i].vcpus))
     chosen: dict[int, HostCapacity] = {}
     used: set[str] = set()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mnp.api import Handler, Responder
 from mnp.errors import InfraError, JobRefused, UsageError
@@ -17,8 +17,12 @@ from mnp.service.feeds import Feed
 from mnp.spec import parse_definition
 
 if TYPE_CHECKING:
+    from mnp.controller import Controller
     from mnp.daemon import Daemon
-    from mnp.service.core import Service
+    from mnp.model import Inventory
+    from mnp.service.feeds import Feeds
+    from mnp.service.purging import Housekeeping
+    from mnp.service.recording import Recording
 
 RUN_BUFFER = 4 << 20  # characters of output kept for one `mnp run` client that reads slowly
 
@@ -50,11 +54,24 @@ def socket_ops(h: Handlers, daemon: Daemon) -> dict[str, Handler]:
     }
 
 
+class ServiceParts(Protocol):
+    """What the handlers use of the service (``mnp.service.core.Service`` has it); named
+    here so that this module does not import the one that composes it."""
+
+    inventory: Inventory
+    inventory_key: str
+    warnings: list[str]
+    controller: Controller
+    recording: Recording
+    feeds: Feeds
+    housekeeping: Housekeeping
+
+
 class Handlers:
     """The handlers of the service's ops: each reads its request, asks the controller
-    (through ``Service``), and answers through its ``Responder``."""
+    (through the service's parts), and answers through its ``Responder``."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: ServiceParts) -> None:
         self.service = service
         self.controller = service.controller
         self.recording = service.recording

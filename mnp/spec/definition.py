@@ -64,7 +64,7 @@ from mnp.spec.units import parse_duration, parse_memory
 TOP_FIELDS = (
     "name", "type", "command", "queue", "parameters", "environment", "secrets", "resources",
     "retry", "timeout", "array", "multinode", "depends_on", "aws_batch_env", "cwd", "python_env",
-    "tasks_per_node", "gpu_bind",
+    "tasks_per_node", "gpu_bind", "mpi",
 )  # fmt: skip
 RESOURCE_FIELDS = ("vcpus", "memory", "gpus", "cpu_bind")
 RETRY_FIELDS = ("attempts", "evaluate_on_exit")
@@ -72,7 +72,9 @@ RULE_FIELDS = ("on_exit_code", "on_reason", "action")
 TIMEOUT_FIELDS = ("attempt_duration", "kill_grace")
 ARRAY_FIELDS = ("size", "parallelism", "sequential")
 MULTINODE_FIELDS = ("num_nodes", "main_node", "exclusive", "on_child_failure", "groups")
-GROUP_FIELDS = ("target_nodes", "command", "tasks_per_node", "resources", "environment", "gpu_bind")
+GROUP_FIELDS = (
+    "target_nodes", "command", "tasks_per_node", "resources", "environment", "gpu_bind", "mpi",
+)  # fmt: skip
 DEPENDENCY_FIELDS = ("job_id", "type")
 SECRET_FIELDS = ("file", "env")
 
@@ -86,6 +88,11 @@ MAX_TASKS_PER_NODE = 1024
 MAX_VCPUS = 100_000.0
 MAX_GPUS = 1024
 GPU_BINDS = ("per-node", "per-task")
+MPI_KINDS = ("none", "pmi")  # pmi: mnp starts the ranks and serves PMI-1 (issue 16)
+PMIX_REFUSED = (
+    "PMIx (Open MPI) is not supported: mnp serves PMI-1 to MPICH-ABI MPIs only "
+    "(MPICH, the mpich wheel, Intel MPI, MVAPICH); allowed none or pmi"
+)
 CPU_BINDS = ("none", "cores")  # default none: tasks float over the host's CPUs
 
 NAME_RULE = "use 1 to 128 letters, digits, - and _"
@@ -143,6 +150,7 @@ def parse_definition(
     resources = _resources(t.table("resources", RESOURCE_FIELDS), Resources())
     tasks_per_node = t.integer("tasks_per_node", 1, 1, MAX_TASKS_PER_NODE)
     gpu_bind = t.choice("gpu_bind", "per-node", GPU_BINDS)
+    mpi = _mpi(t, "none")
     array = _array(t.table("array", ARRAY_FIELDS))
     multinode = None
     if job_type is JobType.MULTINODE:
@@ -155,7 +163,7 @@ def parse_definition(
         mt = t.table("multinode", MULTINODE_FIELDS)
         if mt is None:
             t.fail("multinode", "missing; a multinode job needs a [multinode] table with num_nodes")
-        multinode = _multinode(mt, command, resources, tasks_per_node, gpu_bind)
+        multinode = _multinode(mt, command, resources, tasks_per_node, gpu_bind, mpi)
     else:
         if "multinode" in t:
             t.fail("multinode", 'only allowed with type = "multinode"')
@@ -164,6 +172,12 @@ def parse_definition(
                 "command",
                 "missing; give the program and its arguments, e.g. "
                 'command = ["python3", "train.py"]',
+            )
+        if mpi != "none":
+            t.fail(
+                "mpi",
+                f'"{mpi}" needs a multinode job (its ranks are the tasks of its nodes); '
+                "allowed none, or make it multinode (--nodes 1 for ranks on one node)",
             )
         if tasks_per_node != 1:
             t.fail(
@@ -211,6 +225,7 @@ def parse_definition(
         depends_on=depends_on,
         tasks_per_node=tasks_per_node,
         gpu_bind=gpu_bind,
+        mpi=mpi,
         aws_batch_env=t.boolean("aws_batch_env", False),
         cwd=cwd,
         python_env=python_env,
@@ -365,8 +380,21 @@ def _array(at: Table | None) -> ArrayProperties | None:
     )
 
 
+def _mpi(t: Table, default: str) -> str:
+    """The ``mpi`` field: ``pmix`` is refused with its own reason (README: Direct MPI launch)."""
+    value = t.get("mpi")
+    if isinstance(value, str) and value.lower() == "pmix":
+        t.fail("mpi", PMIX_REFUSED)
+    return t.choice("mpi", default, MPI_KINDS)
+
+
 def _multinode(
-    mt: Table, command: tuple[str, ...], resources: Resources, tasks_per_node: int, gpu_bind: str
+    mt: Table,
+    command: tuple[str, ...],
+    resources: Resources,
+    tasks_per_node: int,
+    gpu_bind: str,
+    mpi: str = "none",
 ) -> MultiNodeProperties:
     src = mt.source
     num_nodes = mt.integer("num_nodes", None, 1, MAX_NODES)
@@ -376,7 +404,9 @@ def _multinode(
     groups: list[NodeGroup] = []
     if "groups" not in mt:
         groups.append(
-            NodeGroup(0, num_nodes - 1, command or None, tasks_per_node, resources, {}, gpu_bind)
+            NodeGroup(
+                0, num_nodes - 1, command or None, tasks_per_node, resources, {}, gpu_bind, mpi
+            )
         )
     else:
         field = mt.field("groups")
@@ -385,7 +415,7 @@ def _multinode(
             fail(src, field, f"{len(items)} groups; allowed 1..{MAX_GROUPS}")
         for i, item in enumerate(items):
             gt = Table(src, index_path(field, i), item, GROUP_FIELDS)
-            groups.append(_group(gt, num_nodes, resources, tasks_per_node, gpu_bind))
+            groups.append(_group(gt, num_nodes, resources, tasks_per_node, gpu_bind, mpi))
         _check_cover(src, field, groups, num_nodes)
     _, main_group = next((i, g) for i, g in enumerate(groups) if g.contains(main_node))
     if main_group.command is None and not command:
@@ -405,7 +435,7 @@ def _multinode(
 
 
 def _group(
-    gt: Table, num_nodes: int, resources: Resources, tasks_per_node: int, gpu_bind: str
+    gt: Table, num_nodes: int, resources: Resources, tasks_per_node: int, gpu_bind: str, mpi: str
 ) -> NodeGroup:
     if "target_nodes" not in gt:
         gt.fail("target_nodes", 'missing; give the nodes, e.g. "0", "1:3", "4:" or ":"')
@@ -436,6 +466,7 @@ def _group(
         resources=_resources(gt.table("resources", RESOURCE_FIELDS), resources),
         environment=env,
         gpu_bind=gt.choice("gpu_bind", gpu_bind, GPU_BINDS),
+        mpi=_mpi(gt, mpi),
     )
 
 

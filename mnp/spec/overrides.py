@@ -43,6 +43,7 @@ _BLAME: list[tuple[re.Pattern[str], tuple[str, ...]]] = [
         (_GROUP + r"resources\.gpus$", ("--gpus",)),
         (_GROUP + r"resources\.cpu_bind$", ("--cpu-bind",)),
         (_GROUP + r"tasks_per_node$", ("--tasks-per-node", "--nodes")),
+        (_GROUP + r"mpi$", ("--mpi",)),
         (r"retry\.attempts$", ("--attempts",)),
         (r"timeout\.attempt_duration$", ("--timeout",)),
         (r"cwd$", ("--cwd",)),
@@ -97,6 +98,8 @@ def definition_to_dict(defn: JobDefinition) -> dict[str, Any]:
                 "environment": dict(g.environment),
                 "gpu_bind": g.gpu_bind,
             }
+            if g.mpi != "none" or defn.mpi != "none":
+                gd["mpi"] = g.mpi
             if g.command is not None:
                 gd["command"] = list(g.command)
             groups.append(gd)
@@ -114,6 +117,8 @@ def definition_to_dict(defn: JobDefinition) -> dict[str, Any]:
         ]
     d["tasks_per_node"] = defn.tasks_per_node
     d["gpu_bind"] = defn.gpu_bind
+    if defn.mpi != "none":
+        d["mpi"] = defn.mpi
     d["aws_batch_env"] = defn.aws_batch_env
     if defn.cwd is not None:
         d["cwd"] = defn.cwd

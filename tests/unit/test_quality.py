@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -60,3 +61,23 @@ def test_pure_modules_import_no_io_and_read_no_clock() -> None:
             else:
                 continue
             assert not names & io, (path, names & io)
+
+
+MAX_MODULE_LINES = 700
+MAX_CLASS_LINES = 450
+
+
+def test_no_module_over_700_lines_and_no_class_over_450() -> None:
+    """A room that outgrows these has more than one job: cut it by what it does."""
+    too_big = []
+    for path in sorted((ROOT / "mnp").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        lines = text.count("\n")
+        if lines > MAX_MODULE_LINES:
+            too_big.append(f"{path.relative_to(ROOT)}: {lines} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                size = (node.end_lineno or node.lineno) - node.lineno + 1
+                if size > MAX_CLASS_LINES:
+                    too_big.append(f"{path.relative_to(ROOT)}: class {node.name}: {size} lines")
+    assert not too_big, too_big

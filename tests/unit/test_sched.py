@@ -242,3 +242,13 @@ def test_drained_hosts_take_nothing_new() -> None:
     hosts["h0"].drained = None
     starts = decide([single("d", 4)], qs, ces, hosts)
     assert [s.grants[0].host for s in starts] == ["h0"]
+
+
+def test_a_gang_stays_within_one_managed_allocation() -> None:
+    hosts = cluster(4)
+    for name, group in (("h0", "7"), ("h1", "8"), ("h2", "8"), ("h3", "9")):
+        hosts[name].group = group
+    qs, ces = env(hosts)
+    starts = decide([mnp_job("g", 1, 2)], qs, ces, hosts)
+    assert [g.host for g in starts[0].grants] == ["h1", "h2"]  # not h0 + h1
+    assert decide([mnp_job("g3", 2, 3)], qs, ces, hosts) == []  # no allocation has 3

@@ -306,6 +306,16 @@ INVENTORIES: list[tuple[str, str | bytes, str]] = [
     ("bad-ssh-port", "[ssh]\nport = 70000\n" + HOSTS, "inv.toml:ssh.port: 70000 is out of range"),
     ("bad-ssh-field", '[ssh]\npassword = "x"\n' + HOSTS, "inv.toml:ssh.password: unknown field"),
     (
+        "bad-ssh-transport",
+        '[ssh]\ntransport = "paramiko"\n' + HOSTS,
+        'inv.toml:ssh.transport: "paramiko" is not allowed; use one of',
+    ),
+    (
+        "bad-host-ssh-transport",
+        HOSTS + "ssh = { transport = 1 }\n",
+        "inv.toml:hosts[0].ssh.transport: expected one of",
+    ),
+    (
         "bad-host-ssh",
         HOSTS + 'ssh = { connect_timeout = "never" }\n',
         'inv.toml:hosts[0].ssh.connect_timeout: "never" is not a duration',
