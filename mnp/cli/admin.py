@@ -381,7 +381,7 @@ def hosts_resume(ctx: click.Context, /, names: tuple[str, ...], **o: Any) -> Non
 
 @queues.command(name="update")
 @click.argument("name")
-@click.option("--priority", type=int)
+@click.option("--priority", type=click.IntRange(0, 1000), help="0-1000, as in the inventory.")
 @click.option("--state", type=_STATE)
 @common_options
 @click.pass_context
@@ -438,9 +438,9 @@ def ce(ctx: click.Context, /, as_json: bool, **o: Any) -> None:
 @ce.command(name="update")
 @click.argument("name")
 @click.option("--state", type=_STATE)
-@click.option("--min-vcpus", type=click.IntRange(0))
-@click.option("--max-vcpus", type=click.IntRange(0))
-@click.option("--desired-vcpus", type=click.IntRange(0))
+@click.option("--min-vcpus", type=click.IntRange(0, 10_000_000))
+@click.option("--max-vcpus", type=click.IntRange(0, 10_000_000))
+@click.option("--desired-vcpus", type=click.IntRange(0, 10_000_000))
 @common_options
 @click.pass_context
 def ce_update(

@@ -396,6 +396,8 @@ class Controller:
                     f"ce update: {name} is UNMANAGED (its hosts are listed); "
                     f"{', '.join(given)} only apply to a MANAGED environment"
                 )
+            if any(not 0 <= v <= 10_000_000 for v in given.values() if v is not None):
+                raise UsageError(f"ce update: {given}; allowed 0..10000000 vCPUs")
             managed = dataclasses.replace(managed, **given)  # type: ignore[arg-type]
             if not 0 <= managed.min_vcpus <= managed.desired_vcpus <= managed.max_vcpus:
                 raise UsageError(
@@ -422,6 +424,8 @@ class Controller:
             )
         if state is not None and state not in ("ENABLED", "DISABLED"):
             raise UsageError(f"queues update: state {state!r}; allowed ENABLED or DISABLED")
+        if priority is not None and not 0 <= priority <= 1000:
+            raise UsageError(f"queues update: priority {priority}; allowed 0..1000")
         new = dataclasses.replace(
             q, priority=q.priority if priority is None else priority, state=state or q.state
         )
