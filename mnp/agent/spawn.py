@@ -284,6 +284,10 @@ def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
     do_expand = optional(msg, "expand", bool)
     stdin = optional(msg, "stdin", str)
     files = files_of(msg)
+    try:
+        container = agent.containers.check(msg.get("container"))
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     if tid in agent.tasks:
         raise BadRequest("task %s is already on this agent" % tid)
     stale = agent.teardowns.active.get("t:" + tid)
@@ -309,8 +313,13 @@ def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
                 feed_r, feed_w = os.pipe()
             if files:
                 write_files(files)
+            if container is not None:  # the runtime's argv and environment run it
+                argv, env = agent.containers.wrap_spawn(
+                    container, tid, argv, env, changes, cwd, data is not None
+                )
             born_ticks = now_ticks()
-            limits = agent.limits.before(tid, changes)  # its cgroup and CPUs, inherited
+            # its cgroup and CPUs, inherited (a container's runtime enforces its memory)
+            limits = agent.limits.before(tid, agent.containers.limited(tid, changes))
             try:
                 pid, out_fd, err_fd = agent.spawner.spawn(
                     argv,
@@ -329,6 +338,7 @@ def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
             if rank_end is not None:
                 rank_end.close()
     except SpawnError as e:
+        agent.containers.task_gone(tid, False)
         if feed_w >= 0:
             os.close(feed_w)
         if rank_end is not None:

@@ -106,6 +106,9 @@ class Starter:
             msg["pyenv"] = job.defn.python_env
         if files:
             msg["files"] = files
+        container = self.launcher.container(job, task, env)
+        if container is not None:
+            msg["container"] = container
         if world is not None and rank is not None:
             msg["pmi"] = world.rank_part(rank)
         # registered only now: nothing above may leave a task that was never sent

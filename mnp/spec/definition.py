@@ -42,6 +42,7 @@ from mnp.model import (
     SecretRef,
     Timeout,
 )
+from mnp.spec.container import parse_container
 from mnp.spec.fields import (
     ENV_NAME_RE,
     MAX_ARGV_BYTES,
@@ -64,16 +65,17 @@ from mnp.spec.units import parse_duration, parse_memory
 TOP_FIELDS = (
     "name", "type", "command", "queue", "parameters", "environment", "secrets", "resources",
     "retry", "timeout", "array", "multinode", "depends_on", "aws_batch_env", "cwd", "python_env",
-    "tasks_per_node", "gpu_bind", "mpi",
+    "tasks_per_node", "gpu_bind", "tags", "mpi", "container",
 )  # fmt: skip
 RESOURCE_FIELDS = ("vcpus", "memory", "gpus", "cpu_bind")
 RETRY_FIELDS = ("attempts", "evaluate_on_exit")
-RULE_FIELDS = ("on_exit_code", "on_reason", "action")
+RULE_FIELDS = ("on_exit_code", "on_reason", "on_status_reason", "action")
 TIMEOUT_FIELDS = ("attempt_duration", "kill_grace")
 ARRAY_FIELDS = ("size", "parallelism", "sequential")
 MULTINODE_FIELDS = ("num_nodes", "main_node", "exclusive", "on_child_failure", "groups")
 GROUP_FIELDS = (
     "target_nodes", "command", "tasks_per_node", "resources", "environment", "gpu_bind", "mpi",
+    "container",
 )  # fmt: skip
 DEPENDENCY_FIELDS = ("job_id", "type")
 SECRET_FIELDS = ("file", "env")
@@ -101,6 +103,9 @@ REF_PATTERN = re.compile(r"Ref::([A-Za-z0-9_]+)")
 PARAM_NAME_RE = re.compile(r"[A-Za-z0-9_]{1,128}")
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.:#-]{0,127}")  # an id or a job name
 _EXIT_CODE_RE = re.compile(r"[0-9*?]{1,512}")
+TAG_KEY_RE = re.compile(r"[A-Za-z0-9_.:/+@-]{1,128}")
+TAG_KEY_RULE = "use 1 to 128 letters, digits and _ . : / + @ -"
+MAX_TAGS, MAX_TAG_VALUE = 50, 256  # as AWS Batch
 _DEP_TYPES = {"n_to_n": "N_TO_N", "afterany": "afterany", "afterok": None}
 
 
@@ -229,7 +234,11 @@ def parse_definition(
         aws_batch_env=t.boolean("aws_batch_env", False),
         cwd=cwd,
         python_env=python_env,
+        tags=_tags(source, t),
         source=source,
+        container=parse_container(source, "container", t.get("container"))
+        if "container" in t
+        else None,
     )
 
 
@@ -264,6 +273,26 @@ def command_field(source: str, field: str, value: object) -> tuple[str, ...]:
     if not out[0].strip():
         fail(source, index_path(field, 0), "empty program name")
     return tuple(out)
+
+
+def _tags(source: str, t: Table) -> dict[str, str]:
+    tags = string_map(source, "tags", t.get("tags") if "tags" in t else {}, _tag_key)
+    if len(tags) > MAX_TAGS:
+        t.fail("tags", f"{len(tags)} tags; allowed at most {MAX_TAGS}")
+    for k, v in tags.items():
+        if len(v) > MAX_TAG_VALUE or not v.isprintable():
+            fail(
+                source,
+                key_path("tags", k),
+                f"use a value of at most {MAX_TAG_VALUE} printable characters",
+            )
+    return tags
+
+
+def _tag_key(source: str, field: str, name: object) -> str:
+    if not isinstance(name, str) or not TAG_KEY_RE.fullmatch(name):
+        fail(source, field, f"not a valid tag key; {TAG_KEY_RULE}")
+    return name
 
 
 def _param_name(source: str, field: str, name: object) -> str:
@@ -350,10 +379,12 @@ def _retry(rt: Table | None) -> RetryStrategy:
                     f"{show(code)} is not an exit-code pattern; "
                     'use digits with * and ? as wildcards, e.g. "137" or "1*"',
                 )
-            reason = et.string("on_reason", "*")
-            if not reason or len(reason) > 512:
-                et.fail("on_reason", "use a pattern of 1 to 512 characters (* and ? are wildcards)")
-            rules.append(RetryRule(action=action, on_exit_code=str(code or "*"), on_reason=reason))
+            globs = {}
+            for key in ("on_reason", "on_status_reason"):
+                globs[key] = et.string(key, "*")
+                if not globs[key] or len(globs[key]) > 512:
+                    et.fail(key, "use a pattern of 1 to 512 characters (* and ? are wildcards)")
+            rules.append(RetryRule(action=action, on_exit_code=str(code or "*"), **globs))
     return RetryStrategy(attempts=attempts, evaluate_on_exit=tuple(rules))
 
 
@@ -467,6 +498,9 @@ def _group(
         environment=env,
         gpu_bind=gt.choice("gpu_bind", gpu_bind, GPU_BINDS),
         mpi=_mpi(gt, mpi),
+        container=parse_container(gt.source, gt.field("container"), gt.get("container"))
+        if "container" in gt
+        else None,
     )
 
 

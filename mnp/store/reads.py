@@ -18,7 +18,7 @@ from typing import Any
 from mnp import jobref
 from mnp.errors import InfraError
 from mnp.jobid import split, top_of
-from mnp.store import codec
+from mnp.store import codec, registry
 from mnp.store.codec import Row
 from mnp.store.schema import JOB_COLUMNS, SUMMARY_COLUMNS, guard
 
@@ -108,6 +108,56 @@ def newest_named(conn: sqlite3.Connection, name: str) -> str | None:
 def _definition(conn: sqlite3.Connection, job_id: str) -> Any:
     text = scalar(conn, "SELECT definition FROM jobs WHERE id = ?", (key(job_id),))
     return None if text is None else json.loads(text)
+
+
+def job_tags(conn: sqlite3.Connection, ids: list[str]) -> dict[str, dict[str, str]]:
+    """Each job's definition ``tags`` (an array child: its parent's), by id."""
+    out: dict[str, dict[str, str]] = {}
+    sql = (
+        "SELECT j.id, COALESCE(j.definition, p.definition) FROM jobs j "
+        "LEFT JOIN jobs p ON p.id = j.parent WHERE j.id IN ({})"
+    )
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        for job_id, text in conn.execute(sql.format(marks), [key(j) for j in chunk]):
+            tags = (json.loads(text) or {}).get("tags") if text else None
+            if isinstance(tags, dict):
+                out[str(job_id)] = {str(k): str(v) for k, v in tags.items()}
+    return out
+
+
+def attempt_spans(conn: sqlite3.Connection, since: float | None, root: str | None) -> list[Row]:
+    """Attempts that ran (placed) and had not stopped before ``since``; ``root``: only
+    that job's and its array children's. Each: ``job_id``, ``number``, ``queue``,
+    ``hosts``, ``start`` (running, else placed), ``stop`` (None: still running),
+    ``state`` (the attempt's final state, None while it runs)."""
+    sql = (
+        "SELECT a.job_id, a.number, j.queue, a.hosts, COALESCE(a.running_at, a.placed_at),"
+        " a.stopped_at, a.final_state FROM attempts a JOIN jobs j ON j.id = a.job_id"
+        " WHERE COALESCE(a.running_at, a.placed_at) IS NOT NULL"
+    )
+    params: list[Any] = []
+    if since is not None:
+        sql += " AND (a.stopped_at IS NULL OR a.stopped_at >= ?)"
+        params.append(since)
+    if root is not None:
+        sql += " AND (a.job_id = ? OR (a.job_id >= ? AND a.job_id < ?))"
+        params += [key(root), key(root + ":"), key(root + ";")]  # ';' follows ':'
+    out = []
+    for job_id, number, queue, hosts, start, stop, state in conn.execute(sql, params):
+        out.append(
+            {
+                "job_id": job_id,
+                "number": number,
+                "queue": queue,
+                "hosts": json.loads(hosts) if hosts else [],
+                "start": start,
+                "stop": stop,
+                "state": state,
+            }
+        )
+    return out
 
 
 def get_job(conn: sqlite3.Connection, job_id: str) -> Row | None:
@@ -388,6 +438,26 @@ class ReadApi:
         (state -> n). An array child carries its parent's ``definition``."""
         with self._guard("reading a job"):
             return get_job(self.conn, job_id)
+
+    def attempt_spans(self, since: float | None = None, root: str | None = None) -> list[Row]:
+        """When each attempt ran, on which hosts (``mnp plot``; see ``attempt_spans``)."""
+        with self._guard("reading attempts"):
+            return attempt_spans(self.conn, since, root)
+
+    def job_tags(self, ids: list[str]) -> dict[str, dict[str, str]]:
+        """The tags of the jobs ``ids`` that have any, by id."""
+        with self._guard("reading tags"):
+            return job_tags(self.conn, ids)
+
+    def definitions(self, name: str | None = None) -> list[Row]:
+        """Registered definitions (of ``name``), every revision, without bodies."""
+        with self._guard("reading definitions"):
+            return registry.listing(self.conn, name)
+
+    def definition(self, name: str, revision: int | None = None) -> Row | None:
+        """A registered definition with its body; ``revision`` None: the newest ACTIVE."""
+        with self._guard("reading definitions"):
+            return registry.get(self.conn, name, revision)
 
     def resolve(self, ref: str) -> str | None:
         """The job id ``ref`` refers to (``mnp.jobref``): an id, or a name for the newest
