@@ -166,7 +166,7 @@ def wrap(
     runtime's, outside the cgroup and affinity the agent gives the task's client.
     apptainer's are the task's own, and inherit those (limits.py). `cidfile`: the
     runtime writes the container's id there (`--cidfile`), which names its memory
-    cgroup in the kernel's OOM report (`containers.oom_killed`).
+    cgroup in the kernel's OOM report (`containers.Containers.exited`).
     """
     if kind == "apptainer":
         return _apptainer(exe, spec, argv, env, names, cwd)

@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are string
 
 
 RM_TRIES = 5
+RM_AT_LEAST = 3  # tries, however soon the containers are gone (see `_remove`)
 PMI_VARS = {"PMI_PORT", "PMI_ID"}
 
 
@@ -66,6 +67,7 @@ class Containers:
         self.running: Dict[str, Tuple[str, str, str]] = {}  # tid → (name, kind, exe)
         self.helpers: Set[int] = set()  # pids of `rm -f` processes, until reaped
         self.cidfiles: Dict[str, Tuple[str, int]] = {}  # tid → (cidfile, memory limit)
+        self.failed: Set[str] = set()  # tids whose container failed: removed when gone
 
     def check(self, value: Any) -> Optional[Spec]:
         """A spawn's `container` field, checked (None: none); ValueError says what is wrong."""
@@ -124,11 +126,14 @@ class Containers:
             return changes
         return {k: v for k, v in changes.items() if k != MEMORY_VAR}
 
-    def oom_killed(
+    def exited(
         self, tid: str, code: Optional[int], sig: Optional[int]
     ) -> Optional[Tuple[str, int]]:
-        """(`exited`'s error, the container's memory then) when the task `tid`'s
-        podman/docker container was killed for its memory limit, else None.
+        """The task `tid`'s client exited: (`exited`'s error, the container's memory
+        then) when its podman/docker container was killed for its memory limit, else
+        None. A container that failed is removed at `task_gone` whatever ended it: a
+        rank's container SIGTERMed as its job fails was seen left "Exited (143)" under
+        load, its `--rm` not done.
 
         The runtimes cannot say so here: podman 4.3 with runc and cgroupfs reports
         `State.OOMKilled` false for such a container, and its cgroup is gone with it.
@@ -137,6 +142,8 @@ class Containers:
         Looked for only when the client exited 137 (the container's SIGKILL) or was
         SIGKILLed; None where /dev/kmsg is not readable (`kernel.dmesg_restrict` and no
         CAP_SYSLOG)."""
+        if tid in self.running and (code != 0 or sig is not None):
+            self.failed.add(tid)
         entry = self.cidfiles.get(tid)
         if entry is None or not (code == 137 or sig == signal.SIGKILL):
             return None
@@ -156,6 +163,9 @@ class Containers:
         if found is not None:
             _unlink(found[0])
         entry = self.running.pop(tid, None)
+        if tid in self.failed:
+            self.failed.discard(tid)
+            abnormal = True
         if entry is None:
             return
         name, _, exe = entry
@@ -254,15 +264,20 @@ class Containers:
         return out
 
     def _remove(self, exe: str, names: List[str]) -> None:
-        """`exe rm -f NAMES`, tried up to RM_TRIES times a second apart: a first try that
-        races the container's own teardown (its client's and monitor's `--rm`) can leave it
-        "Stopping" (podman 4.3), and the next one removes it. `rm -f` of a container that
-        is not there succeeds."""
+        """`exe rm -f NAMES`, tried up to RM_TRIES times a second apart, at least RM_AT_LEAST,
+        until `inspect` finds none of them: a first try that races the container's own teardown (its
+        client's and monitor's `--rm`) can leave it "Stopping" or "Exited" (podman 4.3),
+        and the next one removes it."""
         opts = "--time 0 " if os.path.basename(exe) == "podman" else ""  # no stop timeout
-        script = 'for i in %s; do "$0" rm -f %s"$@" && exit 0; sleep 1; done; exit 1' % (
-            " ".join(str(i) for i in range(RM_TRIES)),
-            opts,
-        )
+        # done once none of them is there any more, from the RM_AT_LEAST-th try on: a `rm -f`
+        # racing the container's own cleanup was seen to succeed and leave it "Exited",
+        # and a client killed while its container was being created leaves the runtime
+        # to finish creating it a moment later (a failed MPI job's other ranks)
+        script = (
+            'for i in %s; do "$0" rm -f %s"$@" >/dev/null 2>&1; left=; for n in "$@"; do '
+            '"$0" inspect --format . "$n" >/dev/null 2>&1 && left=1; done; '
+            '[ -z "$left" ] && [ "$i" -ge %d ] && exit 0; sleep 1; done; exit 1'
+        ) % (" ".join(str(i) for i in range(RM_TRIES)), opts, RM_AT_LEAST - 1)
         argv = ["/bin/sh", "-c", script, exe] + names
         try:
             devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)

@@ -450,6 +450,7 @@ def test_a_containerized_rank_that_exits_before_connecting_fails_the_job(tmp_pat
         "if os.environ['PMI_RANK'] == '1': sys.exit(3)\n"
         "from mpi4py import MPI; MPI.COMM_WORLD.Barrier()\n"
     )
+    before = set(containers("mnp.job"))
     start = time.monotonic()
     r = mnp(
         "run", "--nodes", "2", "--mpi", "pmi", "--image", MAIN,
@@ -459,3 +460,6 @@ def test_a_containerized_rank_that_exits_before_connecting_fails_the_job(tmp_pat
     assert r.returncode == 3, (r.stdout, r.stderr)
     assert "MPI rank 1 (task " in r.stderr and "exited with code 3 before MPI_Init" in r.stderr
     assert time.monotonic() - start < 30  # not the 60 s init bound
+    # rank 0's container, its client killed while it was still being created, is
+    # removed all the same
+    wait_until("no container left", lambda: set(containers("mnp.job")) <= before, 15)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mnp.agent import containers as containers_mod
 from mnp.agent.container import (
     ContainerError,
     Spec,
@@ -106,8 +107,10 @@ def test_podman_and_docker_enforce_the_memory_limit_and_cpus() -> None:
     assert "--memory" not in argv and "--cpuset-cpus" not in argv
 
 
-def test_the_agent_does_not_hold_a_runtime_client_to_the_memory_limit(tmp_path: Path) -> None:
-    bindir, _ = _fake_runtime(tmp_path)
+def test_the_agent_does_not_hold_a_runtime_client_to_the_memory_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bindir, _ = _fake_runtime(tmp_path, monkeypatch)
     c = Containers("tok", agent_identity())
     c.rundir = str(tmp_path / "run")
     changes = {"MNP_MEMORY_LIMIT": str(32 << 20), "MNP_CPUS": "1"}
@@ -222,13 +225,15 @@ def test_mount_without_container_is_refused() -> None:
 # --- the agent's bookkeeping: markers, `rm -f` after an abnormal end, the stale sweep ---
 
 
-def _fake_runtime(tmp_path: Path) -> tuple[Path, Path]:
-    """A `podman` that only records its arguments (one line a call)."""
+def _fake_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A `podman` that only records its `rm` arguments (one line a call), and whose
+    `inspect` finds nothing (the containers are gone); one `rm -f` is then enough."""
+    monkeypatch.setattr(containers_mod, "RM_AT_LEAST", 1)
     bindir = tmp_path / "bin"
     bindir.mkdir()
     log = tmp_path / "calls"
     exe = bindir / "podman"
-    exe.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    exe.write_text(f'#!/bin/sh\n[ "$1" = inspect ] && exit 1\necho "$@" >> {log}\n')
     exe.chmod(0o755)
     return bindir, log
 
@@ -239,8 +244,10 @@ def _wait_helpers(c: Containers) -> None:
         assert c.reaped(pid)
 
 
-def test_container_removed_after_an_abnormal_end_only(tmp_path: Path) -> None:
-    bindir, log = _fake_runtime(tmp_path)
+def test_container_removed_after_an_abnormal_end_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bindir, log = _fake_runtime(tmp_path, monkeypatch)
     me = agent_identity()
     c = Containers("tok", me)
     c.rundir = str(tmp_path / "run")
@@ -259,8 +266,10 @@ def test_container_removed_after_an_abnormal_end_only(tmp_path: Path) -> None:
     assert not list(markers.iterdir())
 
 
-def test_stale_removes_containers_of_dead_agents_and_finished_jobs(tmp_path: Path) -> None:
-    bindir, log = _fake_runtime(tmp_path)
+def test_stale_removes_containers_of_dead_agents_and_finished_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bindir, log = _fake_runtime(tmp_path, monkeypatch)
     me = agent_identity()
     here = me.split(":", 1)[0]
     dead = f"{here}:999999999:1"  # no such process
