@@ -20,7 +20,9 @@ stamps its ``MPI_Init``) is started by
   -ppn K`` (Hydra starts its proxies with srun) and whose nodes 1-3 are held.
 
 Per run: the wall time (fork to exit), launch to the last rank past ``MPI_Init`` (the
-ranks' clocks, same machine) and the median of the ranks' own ``MPI_Init``. Then one
+ranks' clocks, same machine) and the median of the ranks' own ``MPI_Init``. The floor
+under the launchers, no MPI: ``srun -N4 true`` and ``mnp run --nodes 4 -- true``
+(warm), wall time only, in the same repetitions' loop before the MPI runs. Then one
 run per launcher not timed, each rank behind a counting relay on ``PMI_FD``
 (``--relay``): the PMI lines and bytes a rank exchanges with its server.
 """
@@ -129,9 +131,20 @@ def inside(reps: int, out: Path) -> None:
             "mnp running mpiexec": ([*mnp, "run", str(definition(k, prog))], warm_home),
         }
 
-    results: dict[str, Any] = {"reps": reps, "shapes": {}}
+    results: dict[str, Any] = {"reps": reps, "shapes": {}, "floor": {}}
     run([*mnp, "controller", "start", "--inventory", "slurm"], warm_home)
     try:
+        floors = {  # the launch alone, no MPI: 4 nodes x 1 `true`
+            "srun": (["srun", f"-N{NODES}", "true"], None),
+            "mnp, warm": ([*mnp, "run", "--nodes", str(NODES), "--", "true"], warm_home),
+        }
+        for argv, home in floors.values():
+            run(argv, home)
+        for name in floors:
+            results["floor"][name] = []
+        for _ in range(reps):
+            for name, (argv, home) in floors.items():
+                results["floor"][name].append(run(argv, home)[0])
         for k in (1, 2):
             size = NODES * k
             cases = launchers(k, rank)
@@ -182,12 +195,12 @@ def spread(values: list[float]) -> str:
 def table(results: dict[str, Any]) -> str:
     def over_ranks(pmi: list[list[int]], i: int, unit: str = "") -> str:
         v = sorted(row[i] for row in pmi)
-        return f"{statistics.median(v):.0f}{unit} ({v[0]}-{v[-1]})"
+        return f"{statistics.mean(v):.0f}{unit} ({v[0]}-{v[-1]})"  # mean: total / ranks
 
     lines = [
         "| ranks | launcher | wall, launch → exit | launch → last rank past MPI_Init "
-        "| MPI_Init per rank (median of ranks) | PMI lines per rank, sent; received "
-        "| PMI bytes per rank, sent; received |",
+        "| MPI_Init per rank (median of ranks) | PMI lines per rank (mean, min-max), sent; "
+        "received | PMI bytes per rank (mean, min-max), sent; received |",
         "|---|---|---|---|---|---|---|",
     ]
     for shape, r in results["shapes"].items():
@@ -199,6 +212,8 @@ def table(results: dict[str, Any]) -> str:
                 f"{over_ranks(pmi, 0)}; {over_ranks(pmi, 2)} | "
                 f"{over_ranks(pmi, 1, ' B')}; {over_ranks(pmi, 3, ' B')} |"
             )
+    for name, walls in results.get("floor", {}).items():
+        lines.append(f"| 4 × 1 `true`, no MPI | {name} | {spread(walls)} | | | | |")
     return "\n".join(lines)
 
 
