@@ -112,14 +112,14 @@ def test_a_task_given_gpus_reports_their_memory_and_utilisation(
         agent.close()
 
 
-def test_no_nvml_no_gpu_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_nvml_no_gpu_fields() -> None:
     agent = Agent()
     try:
-        if agent.ready["nvml"]:
-            pytest.fail("this test needs a host without NVML")
         agent.send(op="spawn", tid="g", argv=["true"], env={"CUDA_VISIBLE_DEVICES": "0"})
         u = agent.expect("exited", "g")["usage"]
-        assert not [k for k in u if k.startswith("gpu")], u
+        gpu = {k: v for k, v in u.items() if k.startswith("gpu")}
+        # without NVML (this machine): nothing; with it, too short for a sample
+        assert gpu == ({"gpu_samples": 0} if agent.ready["nvml"] else {}), u
     finally:
         agent.close()
 
