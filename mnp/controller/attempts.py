@@ -378,7 +378,8 @@ class Attempts:
 
     def terminate(self, job: Job, reason: str, now: float) -> None:
         """Like ``Admission.cancel``, and STARTING/RUNNING ones are ended."""
-        job.admitted = len(job.children)  # admit no more children while cascading
+        if job.is_array:  # admit no more children while cascading
+            self.admission.stop_admitting(job, now)
         for j, running in lifecycle.terminated(job):
             if j.done:
                 continue

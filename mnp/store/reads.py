@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mnp import jobref
 from mnp.errors import InfraError
@@ -44,6 +44,9 @@ TABLE_SELECT = (
 
 @contextmanager
 def _snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    if conn.in_transaction:  # inside another snapshot: that one holds the view
+        yield conn
+        return
     conn.execute("BEGIN")
     try:
         yield conn
@@ -92,7 +95,10 @@ def state_and_size(conn: sqlite3.Connection, job_id: str) -> tuple[str, int | No
     """A job's state and array size (None unless an array parent), or None."""
     sql = "SELECT state, array_size FROM jobs WHERE id = ?"
     row = conn.execute(sql, (key(job_id),)).fetchone()
-    return None if row is None else (str(row[0]), row[1])
+    if row is None:
+        gap = _unreleased_child(conn, job_id)
+        return None if gap is None else (gap.state, None)
+    return (str(row[0]), row[1])
 
 
 def newest_named(conn: sqlite3.Connection, name: str) -> str | None:
@@ -110,11 +116,144 @@ def _definition(conn: sqlite3.Connection, job_id: str) -> Any:
     return None if text is None else json.loads(text)
 
 
+# --- array children not released yet ------------------------------------------------
+#
+# An array is stored as its parent row; a child gets its row (and events) when the
+# controller releases it (``mnp.sched.lifecycle.room``), in index order. The others,
+# indexes ``released`` to ``array_size - 1``, are read here as the rows they stand
+# for: PENDING, or RUNNABLE for an array released at once (no parallelism, SEQUENTIAL
+# or N_TO_N dependency) once its own dependencies are met (a child was released).
+
+_GAP_PARENTS = (
+    "SELECT seq, id, name, queue, type, state, created, definition, depends_on, "
+    "array_size, num_nodes FROM jobs"
+)
+
+
+class Gap(NamedTuple):
+    """The children of array ``parent`` not released yet: indexes ``first`` to
+    ``size - 1``, each in ``state``."""
+
+    parent: str
+    seq: int
+    name: str | None
+    queue: str | None
+    type: str | None
+    created: float | None
+    num_nodes: int | None
+    first: int
+    size: int
+    state: str
+
+    def row(self, index: int) -> Row:
+        """Child ``index``'s ``list_jobs`` row."""
+        return {
+            "seq": self.seq + 1 + index,
+            "id": f"{self.parent}:{index}",
+            "parent": self.parent,
+            "array_index": index,
+            "name": self.name,
+            "queue": self.queue,
+            "type": self.type,
+            "state": self.state,
+            "reason": None,
+            "created": self.created,
+            "started": None,
+            "stopped": None,
+            "exit_code": None,
+            "signal": None,
+            "attempt_count": 0,
+            "timed_out": False,
+            "depends_on": [],
+            "array_size": None,
+            "num_nodes": self.num_nodes,
+        }
+
+
+def _gap(conn: sqlite3.Connection, parent: tuple[Any, ...]) -> Gap | None:
+    seq, job_id, name, queue, type_, state, created, definition, deps, size, nodes = parent
+    if not size or state in FINISHED_STATES:
+        return None
+    released = scalar(conn, "SELECT count(*) FROM jobs WHERE parent = ?", (job_id,)) or 0
+    if released >= size:
+        return None
+    arr = (json.loads(definition) if definition else {}).get("array") or {}
+    n_to_n = any(str(d).endswith(":N_TO_N") for d in (json.loads(deps) if deps else ()))
+    at_once = released > 0 and not arr.get("parallelism") and not arr.get("sequential")
+    waits = "RUNNABLE" if at_once and not n_to_n else "PENDING"
+    return Gap(job_id, seq, name, queue, type_, created, nodes, released, size, waits)
+
+
+def gap_of(conn: sqlite3.Connection, parent_id: str) -> Gap | None:
+    """The unreleased children of array ``parent_id``, or None (none, or no array)."""
+    found = conn.execute(
+        f"{_GAP_PARENTS} WHERE id = ? AND parent IS NULL", (key(parent_id),)
+    ).fetchone()
+    return None if found is None else _gap(conn, found)
+
+
+def gaps(conn: sqlite3.Connection) -> list[Gap]:
+    """Every unfinished array's unreleased children, in seq order."""
+    found = conn.execute(
+        f"{_GAP_PARENTS} WHERE parent IS NULL AND array_size IS NOT NULL "
+        f"AND state IN ({_UNFINISHED_SQL}) ORDER BY seq"
+    ).fetchall()
+    return [g for g in (_gap(conn, p) for p in found) if g is not None]
+
+
+def _unreleased_child(conn: sqlite3.Connection, job_id: str) -> Gap | None:
+    """The gap that child ``job_id`` (``42:7``) lies in, or None."""
+    root, sep, index = job_id.partition(":")
+    if not sep or not index.isdigit():
+        return None
+    gap = gap_of(conn, root)
+    return gap if gap is not None and gap.first <= int(index) < gap.size else None
+
+
+_GAP_SQL = (
+    "WITH RECURSIVE n(i) AS (SELECT ? UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?), "
+    "jobs AS (SELECT ? + 1 + i AS seq, ? || ':' || i AS id, ? AS parent, i AS array_index, "
+    "? AS name, ? AS queue, ? AS type, ? AS state, NULL AS reason, ? AS created, "
+    "NULL AS started, NULL AS stopped, NULL AS exit_code, NULL AS signal, "
+    "0 AS attempt_count, 0 AS timed_out, NULL AS definition, NULL AS depends_on, "
+    "NULL AS array_size, ? AS num_nodes FROM n) "
+)
+
+
+def gap_rows(
+    conn: sqlite3.Connection, select: str, where: list[str], params: list[Any], gap: Gap
+) -> list[tuple[Any, ...]]:
+    """``SELECT seq, {select}`` over the unreleased children of ``gap`` as the rows they
+    stand for, filtered by ``where`` (the same terms as over the jobs table)."""
+    sql = _GAP_SQL + f"SELECT seq, {select} FROM jobs"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    values = (
+        gap.first,
+        gap.size,
+        gap.seq,
+        gap.parent,
+        gap.parent,
+        gap.name,
+        gap.queue,
+        gap.type,
+        gap.state,
+        gap.created,
+        gap.num_nodes,
+    )
+    return conn.execute(sql, [*values, *params]).fetchall()
+
+
 def get_job(conn: sqlite3.Connection, job_id: str) -> Row | None:
     with _snapshot(conn):
         found = rows(conn.execute(f"SELECT {_JOBS} FROM jobs WHERE id = ?", (key(job_id),)))
         if not found:
-            return None
+            gap = _unreleased_child(conn, job_id)
+            if gap is None:
+                return None
+            job = gap.row(int(job_id.partition(":")[2]))
+            job.update(definition=_definition(conn, gap.parent), attempts=[], nodes=[])
+            return job
         job = codec.decode_job(found[0])
         if job["definition"] is None and job["parent"] is not None:
             job["definition"] = _definition(conn, job["parent"])
@@ -137,6 +276,10 @@ def get_job(conn: sqlite3.Connection, job_id: str) -> Row | None:
                 "SELECT state, count(*) FROM jobs WHERE parent = ? GROUP BY state", (job_id,)
             )
             job["children_counts"] = dict(counts.fetchall())
+            gap = gap_of(conn, job_id)
+            if gap is not None:
+                held = job["children_counts"]
+                held[gap.state] = held.get(gap.state, 0) + gap.size - gap.first
     return job
 
 
@@ -215,6 +358,28 @@ def page(
     of the older ones reads the ``jobs_top`` index only (no schema change: the
     indexes of schema version 1 serve all of it).
     """
+    if not parents_only:
+        with _snapshot(conn):
+            found, left_out = _page(conn, "seq, " + select, queue, state, False, None, finished)
+            where, params = job_filter(False, queue, state)
+            for gap in gaps(conn):
+                found += gap_rows(conn, select, where, params, gap)
+        found.sort(key=lambda r: int(r[0]))
+        if newest is not None:
+            found = found[-newest:] if newest > 0 else []
+        return [r[1:] for r in found], left_out
+    return _page(conn, select, queue, state, parents_only, newest, finished)
+
+
+def _page(
+    conn: sqlite3.Connection,
+    select: str,
+    queue: str | None,
+    state: str | None,
+    parents_only: bool,
+    newest: int | None,
+    finished: int | None,
+) -> tuple[list[tuple[Any, ...]], int]:
     where, params = job_filter(parents_only, queue, state)
     base = " AND ".join(where) or "1"
     if state is not None and state not in FINISHED_STATES:
@@ -274,8 +439,11 @@ def counts_by_queue_state(conn: sqlite3.Connection) -> dict[str, dict[str, int]]
         "WHERE NOT (parent IS NULL AND array_size IS NOT NULL) GROUP BY queue, state"
     )
     out: dict[str, dict[str, int]] = {}
-    for queue, state, n in conn.execute(sql):
+    for queue, state, n in conn.execute(sql).fetchall():
         out.setdefault(queue, {})[state] = n
+    for gap in gaps(conn):
+        by_state = out.setdefault(str(gap.queue), {})
+        by_state[gap.state] = by_state.get(gap.state, 0) + gap.size - gap.first
     return out
 
 
@@ -300,7 +468,15 @@ def events_since(
 
 
 def max_job_seq(conn: sqlite3.Connection) -> int:
+    """The highest job seq given out: an array's children not released yet have theirs
+    (the parent's + 1 + index) kept for them."""
     stored = scalar(conn, "SELECT max(seq) FROM jobs") or 0
+    ranges = scalar(
+        conn,
+        "SELECT max(seq + array_size) FROM jobs INDEXED BY jobs_top "
+        "WHERE parent IS NULL AND array_size IS NOT NULL",
+    )
+    stored = max(int(stored), int(ranges or 0))
     floor = scalar(conn, "SELECT value FROM meta WHERE key = 'job_seq_floor'") or 0
     return max(int(stored), int(floor))
 
@@ -349,6 +525,16 @@ def unfinished_jobs(conn: sqlite3.Connection) -> list[Row]:
         }
         for parent in {j["parent"] for j in jobs if j["parent"] is not None} - definitions.keys():
             definitions[parent] = _definition(conn, parent)
+        # an array's released children (rows) and how many of them ended: restore
+        # goes on releasing after them
+        released = {
+            parent: (n, ended or 0)
+            for parent, n, ended in conn.execute(
+                "SELECT parent, count(*), sum(state IN (" + TERMINAL_SQL + ")) FROM jobs "
+                "WHERE parent IN (SELECT id FROM jobs WHERE parent IS NULL "
+                f"AND array_size IS NOT NULL AND state IN ({_UNFINISHED_SQL})) GROUP BY parent"
+            )
+        }
     attempts_of: dict[str, list[Row]] = {}
     for a in attempts:
         attempts_of.setdefault(a["job_id"], []).append(codec.decode_attempt(a))
@@ -362,6 +548,8 @@ def unfinished_jobs(conn: sqlite3.Connection) -> list[Row]:
         j["attempts"] = attempts_of.get(j["id"], [])
         last = j["attempts"][-1]["number"] if j["attempts"] else None
         j["nodes"] = nodes_of.get((j["id"], last), []) if last is not None else []
+        if j["parent"] is None and j["array_size"] is not None:
+            j["released"], j["ended"] = released.get(j["id"], (0, 0))
     return jobs
 
 
@@ -426,8 +614,16 @@ class ReadApi:
         if after_seq is not None:
             where.append("seq > ?")
             params.append(after_seq)
-        with self._guard("listing jobs"):
-            return summaries(self.conn, where, params, "seq", limit)
+        with self._guard("listing jobs"), _snapshot(self.conn):
+            found = summaries(self.conn, where, params, "seq", limit)
+            if parents_only:
+                return found
+            for gap in gaps(self.conn):
+                found += as_summaries(
+                    [r[1:] for r in gap_rows(self.conn, SUMMARY_SELECT, where, params, gap)]
+                )
+        found.sort(key=lambda r: int(r["seq"]))
+        return found if limit is None else found[:limit]
 
     def list_page(
         self,
@@ -485,8 +681,13 @@ class ReadApi:
         if state is not None:
             where.append("state = ?")
             params.append(key(str(state)))
-        with self._guard("listing children"):
-            return summaries(self.conn, where, list(params), "array_index", limit)
+        with self._guard("listing children"), _snapshot(self.conn):
+            found = summaries(self.conn, where, list(params), "array_index", limit)
+            gap = gap_of(self.conn, parent_id)
+        if gap is not None and (state is None or state == gap.state):
+            last = gap.size if limit is None else min(gap.size, gap.first + limit - len(found))
+            found += [gap.row(i) for i in range(gap.first, last)]
+        return found
 
     def counts_by_queue_state(self) -> dict[str, dict[str, int]]:
         """queue -> state -> number of units of work (``mnp queues``).
