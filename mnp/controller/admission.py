@@ -231,8 +231,12 @@ class Admission:
             return job.state
         root, sep, index = job_id.partition(":")
         parent = self.s.jobs.get(root) if sep else None
-        if parent is not None and index.isdigit() and int(index) < lifecycle.array_size(parent):
-            return JobState.PENDING  # not released yet
+        if (
+            parent is not None
+            and index.isdigit()
+            and parent.admitted <= int(index) < lifecycle.array_size(parent)
+        ):
+            return JobState.PENDING  # not released yet (a released one has its row)
         recorder = self.s.recorder
         stored = recorder.stored_job(job_id) if recorder is not None else None
         return stored[0] if stored is not None else None
