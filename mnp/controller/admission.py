@@ -10,6 +10,7 @@ the jobs that depend on it, its array siblings and parent. It starts nothing; th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -91,7 +92,7 @@ class Admission:
             s.recorder.jobs_added([job])
         job.emit_change(job.id, JobState.SUBMITTED, JobState.SUBMITTED, now, None, None)
         job.set_state(JobState.PENDING, now)
-        self.release_if_ready(job, now)
+        self.release_if_ready(job, now, soon=True)
         return job
 
     def _allocate_id(self) -> str:
@@ -300,9 +301,11 @@ class Admission:
 
     # --- release ----------------------------------------------------------
 
-    def release_if_ready(self, job: Job, now: float) -> None:
+    def release_if_ready(self, job: Job, now: float, soon: bool = False) -> None:
         """PENDING → RUNNABLE (or, for an array parent, admit its children) once every
-        dependency is met; FAILED as soon as one can never be (``lifecycle.release``)."""
+        dependency is met; FAILED as soon as one can never be (``lifecycle.release``).
+        ``soon``: an array's first children are released at the loop's next turn, so that
+        the commit that accepts it (``submit``) holds one row."""
         if job.state is not JobState.PENDING:
             return
         step = lifecycle.release(job, self.state_of)
@@ -312,7 +315,10 @@ class Admission:
             self._fail_pending(job, step.reason, now)
         elif job.is_array:
             job.ready = True
-            self._admit_children(job, now)
+            if soon:
+                asyncio.get_running_loop().call_soon(self._admit_accepted, job)
+            else:
+                self._admit_children(job, now)
         else:
             job.set_state(JobState.RUNNABLE, now)
             self.s.enqueue(job)
@@ -342,6 +348,10 @@ class Admission:
             child = self._child_at(parent, parent.admitted, now)
             parent.admitted += 1
             self.release_if_ready(child, now)
+
+    def _admit_accepted(self, parent: Job) -> None:
+        if self.s.jobs.get(parent.id) is parent and not parent.done and not self.s.closed:
+            self._admit_children(parent, self.s.clock())
 
     def top_up(self, parent: Job, now: float) -> None:
         """Release more of ``parent``'s children if there is room now (some were placed)."""
