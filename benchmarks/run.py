@@ -44,7 +44,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 GiB = 1024**3
-PHASES = ("warm", "cold", "arrays", "query", "scale")
+PHASES = ("warm", "cold", "arrays", "query", "scale", "pmi")
 
 
 # --------------------------------------------------------------------------- results
@@ -248,6 +248,7 @@ class Bench:
         self.sim_queued = 100_000
         self.fake_array = 5000 if self.quick else 20000
         self.phases: list[str] = args.only.split(",") if args.only else list(PHASES)
+        self.ssh_transport: str | None = args.ssh_transport  # None: the inventory's default
         self.root = Path(tempfile.mkdtemp(prefix="mnp-bench-"))
         self.rows: list[Row] = []
         self.notes: list[str] = []
@@ -355,8 +356,10 @@ class Bench:
         n = max(self.hosts, self.array_hosts)
         net = 200 + os.getpid() % 50  # 127.0.200-249.x: apart from the tests' 127.0.0/127.0.n
         log(f"starting {n} sshd servers on 127.0.{net}.2-{n + 1}")
-        self.cluster = SshdCluster.start(self.root / "sshd", n, net=net)
-        self.stack.callback(self.cluster.close)
+        cluster = SshdCluster.start(self.root / "sshd", n, net=net)
+        self.stack.callback(cluster.close)
+        self.cluster = cluster.with_transport(self.ssh_transport or cluster.ssh_transport)
+        log(f"SSH transport: {self.cluster.ssh_transport}")
         hosts = self.cluster.hosts
         self.inv_all = self._inventory("inventory-launch.toml", hosts[: self.hosts])
         self.inv_array = self._inventory("inventory-array.toml", hosts[: self.array_hosts])
@@ -518,6 +521,125 @@ class Bench:
             )
             self._teardown(home, n)
             self._memory(home, pid, n)
+
+    def phase_pmi(self) -> None:
+        """Direct MPI launch (issue 16), against one warm controller: mpi4py's hello on
+        every host (one rank each) started by mnp itself, by mpiexec over ssh, and by
+        mnp running that mpiexec (the path before issue 16); then 4 ranks per host,
+        launch to every rank past MPI_Init."""
+        n = self.hosts
+        home = self.home("pmi")
+        mpiexec = self.peer("mpiexec")
+        hello = [sys.executable, "-m", "mpi4py.bench", "helloworld"]
+        direct = [*self.mnp, "run", "--nodes", str(n), "--mpi", "pmi", "--", *hello]
+        hydra = [
+            mpiexec or "mpiexec", "-f", str(self.hostfile), "-n", str(n),
+            "-launcher", "ssh", "-launcher-exec", str(self.hydra_exec), *hello,
+        ]  # fmt: skip
+        via_mnp = self.root / "mpiexec-hello.toml"
+        command = ", ".join(
+            f'"{a}"'
+            for a in [
+                mpiexec or "mpiexec", "-f", "$MNP_HOSTFILE", "-n", str(n),
+                "-launcher", "ssh", "-launcher-exec", str(self.hydra_exec), *hello,
+            ]
+        )  # fmt: skip
+        via_mnp.write_text(
+            f'name = "mpiexec-hello"\ntype = "multinode"\n[multinode]\nnum_nodes = {n}\n'
+            f'[[multinode.groups]]\ntarget_nodes = "0"\ncommand = [{command}]\n'
+            '[[multinode.groups]]\ntarget_nodes = "1:"\n'
+        )
+        mnp_mpiexec = [*self.mnp, "run", str(via_mnp)]
+
+        def said_hello(out: subprocess.CompletedProcess[str], size: int) -> None:
+            found = len(re.findall(r"Hello, World! I am process +\d+ of +(\d+) ", out.stdout))
+            if found != size:
+                raise RuntimeError(f"{found} of {size} ranks said hello: {out.stdout[-400:]}")
+
+        wide = 4
+        stamp = (
+            "import time; t0 = time.time(); from mpi4py import rc; rc.initialize = False; "
+            "from mpi4py import MPI; t1 = time.time(); MPI.Init(); t2 = time.time(); "
+            "print('init', t1, t2 - t1, flush=True); MPI.Finalize()"
+        )
+        wide_run = [
+            *self.mnp, "run", "--nodes", str(n), "--tasks-per-node", str(wide), "--mpi", "pmi",
+            "--", sys.executable, "-c", stamp,
+        ]  # fmt: skip
+        with self.controller(home, "--inventory", str(self.inv_all)):
+            self.run(direct, home=home)  # warm-up: not counted
+            ours: list[float] = []
+            hyd: list[float] = []
+            both: list[float] = []
+            to_init: list[float] = []
+            in_init: list[float] = []
+            for _ in range(self.reps):
+                wall, out = self.run(direct, home=home)
+                said_hello(out, n)
+                ours.append(wall)
+                if mpiexec:
+                    wall, out = self.run(hydra)
+                    said_hello(out, n)
+                    hyd.append(wall)
+                    wall, out = self.run(mnp_mpiexec, home=home)
+                    said_hello(out, n)
+                    both.append(wall)
+                t0 = time.time()
+                _, out = self.run(wide_run, home=home)
+                stamps = [line.split() for line in out.stdout.splitlines() if ": init " in line]
+                if len(stamps) != n * wide:
+                    raise RuntimeError(f"{len(stamps)} of {n * wide} ranks past MPI_Init")
+                to_init.append(max(float(s[2]) + float(s[3]) for s in stamps) - t0)
+                in_init.append(statistics.median(float(s[3]) for s in stamps))
+        peer = "mpiexec -launcher ssh" if mpiexec else "mpiexec unavailable"
+        self.add(
+            Row(
+                f"direct MPI: {n} hosts x 1 rank, mpi4py hello (wall)",
+                "time",
+                ours,
+                peer,
+                hyd,
+                "<= 10% of mpiexec",
+                ratio_at_most(0.10),
+                "`mnp run --nodes N --mpi pmi -- python -m mpi4py.bench helloworld` with a "
+                "warm controller: the agents start the ranks and serve PMI-1, no ssh",
+            )
+        )
+        self.add(
+            Row(
+                f"direct MPI: {n} hosts x 1 rank, mpi4py hello (wall)",
+                "time",
+                ours,
+                "mnp running mpiexec" if mpiexec else "mpiexec unavailable",
+                both,
+                "<= 50% of mnp running mpiexec",
+                ratio_at_most(0.50),
+                "the peer: `mnp run` of a definition whose node 0 runs "
+                "`mpiexec -f $MNP_HOSTFILE -launcher ssh` and whose other nodes are held "
+                "(the path before issue 16), same warm controller",
+            )
+        )
+        self.add(
+            Row(
+                f"direct MPI: {n} hosts x {wide} ranks, launch to all past MPI_Init",
+                "time",
+                to_init,
+                note=f"from `mnp run` starting to the last of {n * wide} ranks leaving "
+                "MPI_Init (the ranks' own clocks; includes the run process, the main node "
+                "first, then the others, and each rank's Python and mpi4py import)",
+            )
+        )
+        self.add(
+            Row(
+                f"direct MPI: {n} hosts x {wide} ranks, MPI_Init per rank (median)",
+                "time",
+                in_init,
+                note="each rank's MPI_Init alone: PMI init, its puts, the barriers "
+                "(the agents' per-node merge, one exchange through the controller) and gets; "
+                "it waits for the slowest rank of the world, so this is the exchange cost "
+                "per rank as a rank sees it",
+            )
+        )
 
     def job_span(self, home: Path, stderr: str) -> float | None:
         """created -> stopped of the job that ``mnp run --verbose`` reported, from the store."""
@@ -1036,7 +1158,7 @@ class Bench:
         log(f"scratch directory {self.root}; phases: {', '.join(self.phases)}")
         try:
             self.find_tools()
-            if any(p in self.phases for p in ("warm", "cold", "arrays")):
+            if any(p in self.phases for p in ("warm", "cold", "arrays", "pmi")):
                 self.start_cluster()
             for phase in self.phases:
                 fn = getattr(self, f"phase_{phase}", None)
@@ -1065,9 +1187,10 @@ class Bench:
 
     def describe_run(self) -> str:
         mode = "--quick" if self.quick else "full"
+        transport = f", SSH transport {self.ssh_transport}" if self.ssh_transport else ""
         return (
             f"mode {mode}: {self.reps} repetitions, {self.hosts} sshd hosts for launches, "
-            f"{self.array_size:,}-child arrays on {self.array_hosts} hosts"
+            f"{self.array_size:,}-child arrays on {self.array_hosts} hosts{transport}"
         )
 
     def footnotes(self) -> list[str]:
@@ -1122,6 +1245,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hosts", type=int, help="sshd hosts for launches (default 16, 8 quick)")
     ap.add_argument("--only", help=f"comma-separated phases: {','.join(PHASES)}")
     ap.add_argument("--out", help="Markdown results file (default benchmarks/results.md)")
+    ap.add_argument(
+        "--ssh-transport",
+        choices=("asyncssh", "openssh"),
+        help="the sshd inventories' [ssh] transport (default: mnp's default)",
+    )
     args = ap.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
 

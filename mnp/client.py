@@ -33,18 +33,29 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LogReader",
+    "absolute_cwd",
     "build_definition",
+    "build_registered",
+    "deregister",
     "check_serves",
     "connect",
+    "controller_args",
     "default_home",
     "describe_job",
     "end_job",
     "events",
     "inventory_key",
     "known_target",
+    "list_definitions",
     "list_jobs",
     "open_store",
     "read_logs",
+    "register",
+    "registered_definition",
+    "resolve_target",
+    "serves",
+    "submit",
+    "tasks_per_node",
 ]
 
 FINISHED = ("SUCCEEDED", "FAILED")
@@ -87,13 +98,29 @@ def connect(
         raise InfraError(f"no controller runs for {home} (start one: mnp controller start)")
     from mnp import daemon
 
+    return daemon.ensure_client(home, controller_args(inventory, local_nodes))
+
+
+def controller_args(inventory: str | None, local_nodes: int = DEFAULT_LOCAL_NODES) -> list[str]:
+    """The options a background controller is started with; the inventory is read here
+    first: a bad one is a ``SpecError`` (exit 2) from the command that asked, not a
+    controller that fails to start."""
     extra = ["--local-nodes", str(local_nodes)]
     if inventory:
         from mnp.spec import resolve_inventory
 
         resolve_inventory(inventory, local_nodes)
         extra += ["--inventory", inventory]
-    return daemon.ensure_client(home, extra)
+    return extra
+
+
+def serves(
+    client: ApiClient, inventory: str | None, local_nodes: int = DEFAULT_LOCAL_NODES
+) -> bool:
+    """Whether the running controller serves ``inventory`` (any will do when None)."""
+    if not inventory:
+        return True
+    return bool(client.request("info")["inventory"] == inventory_key(inventory, local_nodes))
 
 
 def check_serves(
@@ -156,11 +183,14 @@ def build_definition(
     definition: str | os.PathLike[str] | Mapping[str, Any] | None,
     command: Sequence[str] | None,
     overrides: Mapping[str, Any],
+    *,
+    source: str = "<definition>",
 ) -> JobDefinition:
     """The definition ``mnp submit``/``mnp run`` send: a file (path), a TOML-shaped
-    dictionary, or ``command`` alone, with ``overrides`` (``full_overrides``)
-    applied. The working directory: ``cwd``, else the definition's, else here; the
-    Python environment: the definition's, else the submitter's."""
+    dictionary (read as from ``source``), or ``command`` alone, with ``overrides``
+    (``full_overrides``) applied. The working directory: ``cwd``, else the
+    definition's, else here; the Python environment: the definition's, else the
+    submitter's."""
     from mnp import spec
 
     o = full_overrides(overrides)
@@ -177,7 +207,7 @@ def build_definition(
         raise UsageError("give either a definition file (DEF.toml) or '-- CMD ARGS...', not both")
     else:
         if isinstance(definition, Mapping):
-            defn = spec.parse_definition(dict(definition), "<definition>", open_refs=True)
+            defn = spec.parse_definition(dict(definition), source, open_refs=True)
         else:
             defn = spec.load_definition(os.fspath(definition), open_refs=True)
         if o["cwd"] is None:
@@ -206,6 +236,88 @@ def end_job(client: ApiClient, op: str, job: str, reason: str) -> dict[str, Any]
     """``cancel`` or ``terminate`` ``job``: ``{"job_id", "name", "state"}``."""
     answer = client.request(op, job_id=job, reason=reason)
     return {k: answer.get(k) for k in ("job_id", "name", "state")}
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def parse_definition_ref(ref: str, *, revision_required: bool = False) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME:REV`` of a registered definition; else a UsageError."""
+    import re
+
+    m = re.fullmatch(r"([A-Za-z0-9_-]{1,128})(?::([1-9][0-9]{0,17}))?", ref)
+    if m is None or (revision_required and m.group(2) is None):
+        form = "NAME:REV" if revision_required else "NAME or NAME:REV"
+        raise UsageError(f"definition {ref!r}: expected {form} (e.g. train:3)")
+    return m.group(1), int(m.group(2)) if m.group(2) else None
+
+
+def looks_registered(definition: object) -> bool:
+    """Whether ``Client.submit``'s ``definition`` names a registered definition
+    (``NAME[:REV]``, no such file here) rather than a file."""
+    if not isinstance(definition, str) or os.path.exists(definition):
+        return False
+    try:
+        parse_definition_ref(definition)
+    except UsageError:
+        return False
+    return True
+
+
+def register(client: ApiClient, path: str | os.PathLike[str]) -> tuple[str, int]:
+    """Register the definition file ``path``: its name and new revision. A
+    ``Ref::K`` may stay without a value, for ``--param`` at submit."""
+    from mnp import spec
+
+    defn = spec.load_definition(os.fspath(path), open_refs=True)
+    answer = client.request(
+        "register", definition=spec.definition_to_dict(defn), source=defn.source
+    )
+    return str(answer["name"]), int(answer["revision"])
+
+
+def deregister(client: ApiClient, ref: str) -> dict[str, Any]:
+    name, revision = parse_definition_ref(ref, revision_required=True)
+    answer = client.request("deregister", name=name, revision=revision)
+    return {k: answer.get(k) for k in ("name", "revision", "status")}
+
+
+def list_definitions(home: Path, name: str | None = None) -> list[dict[str, Any]]:
+    """Every registered revision (of ``name``), without bodies."""
+    store = open_store(home)
+    if store is None:
+        return []
+    with store:
+        return [dict(r) for r in store.definitions(name)]
+
+
+def registered_definition(home: Path, ref: str, *, submitting: bool = False) -> dict[str, Any]:
+    """``NAME[:REV]`` with its ``definition`` (no ``:REV``: the newest ACTIVE revision);
+    ``submitting``: an INACTIVE one is refused."""
+    name, revision = parse_definition_ref(ref)
+    store = open_store(home)
+    found = None
+    revisions: list[int] = []
+    if store is not None:
+        with store:
+            found = store.definition(name, revision)
+            if found is None:
+                revisions = [int(r["revision"]) for r in store.definitions(name)]
+    if found is None:
+        if revision is None and revisions:
+            raise UsageError(f"definition {name} has no active revision (all are deregistered)")
+        known = f"; its revisions: {', '.join(map(str, revisions))}" if revisions else ""
+        raise UsageError(f"definition {ref} is not registered{known}")
+    if submitting and found["status"] != "ACTIVE":
+        raise UsageError(f"definition {name}:{found['revision']} is deregistered (INACTIVE)")
+    return dict(found)
+
+
+def build_registered(home: Path, ref: str, overrides: Mapping[str, Any]) -> JobDefinition:
+    """``build_definition`` of the registered definition ``ref`` (``NAME[:REV]``)."""
+    found = registered_definition(home, ref, submitting=True)
+    source = f"{found['name']}:{found['revision']}"
+    return build_definition(found["definition"], None, overrides, source=source)
 
 
 # --------------------------------------------------------------------------- reads
@@ -237,15 +349,28 @@ def describe_job(home: Path, ref: str) -> dict[str, Any]:
     if job is None:
         raise UsageError(f"job {ref} does not exist")
     job["root_cause"] = views.root_cause(job)
+    job["tags"] = job_tags(job)
     return dict(job)
 
 
-def _tagged(store: Store, row: Mapping[str, Any], tag: tuple[str, str]) -> bool:
-    tags = row.get("tags")
-    if tags is None:
-        job = store.get_job(str(row["id"])) or {}
-        tags = (job.get("definition") or {}).get("tags") or job.get("tags")
-    return isinstance(tags, Mapping) and tags.get(tag[0]) == tag[1]
+def job_tags(job: Mapping[str, Any]) -> dict[str, str]:
+    """A stored job's tags (its definition's ``tags``)."""
+    tags = (job.get("definition") or {}).get("tags")
+    return {str(k): str(v) for k, v in tags.items()} if isinstance(tags, Mapping) else {}
+
+
+def parse_tag(tag: str) -> tuple[str, str]:
+    """``K=V`` as ``(K, V)``; else a UsageError."""
+    key, sep, value = tag.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--tag {tag!r}: expected KEY=VALUE")
+    return key, value
+
+
+def tagged_ids(store: Store, ids: Sequence[str], tag: str) -> set[str]:
+    """Which of the jobs ``ids`` carry tag ``K=V``."""
+    key, value = parse_tag(tag)
+    return {i for i, tags in store.job_tags(list(ids)).items() if tags.get(key) == value}
 
 
 def list_jobs(
@@ -260,12 +385,8 @@ def list_jobs(
 ) -> tuple[list[dict[str, Any]], int]:
     """``mnp list --json``'s rows (oldest first) and how many matching jobs the page
     leaves out (see ``Store.list_page``). ``tag``: ``K=V``, jobs whose ``tags`` hold it."""
-    wanted = None
     if tag is not None:
-        key, sep, value = tag.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--tag {tag!r}: expected KEY=VALUE")
-        wanted = (key, value)
+        parse_tag(tag)
     store = open_store(home)
     if store is None:
         return [], 0
@@ -277,8 +398,9 @@ def list_jobs(
             newest=newest,
             finished=finished,
         )
-        if wanted is not None:
-            rows = [r for r in rows if _tagged(store, r, wanted)]
+        if tag is not None:
+            keep = tagged_ids(store, [str(r["id"]) for r in rows], tag)
+            rows = [r for r in rows if str(r["id"]) in keep]
     return [dict(r) for r in rows], left_out
 
 

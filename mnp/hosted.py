@@ -30,7 +30,7 @@ from mnp.api import Responder
 from mnp.daemon import Daemon, Lock, Ops, ShutdownFn, dispatch, prepare_home, serve
 from mnp.errors import InfraError, MnpError
 from mnp.model import Inventory, JobDefinition
-from mnp.sink import INTERRUPTED, STDOUT_CLOSED, RunStream
+from mnp.sink import INTERRUPTED, STDOUT_CLOSED, Progress, RunStream, wants_progress
 from mnp.spec import definition_to_dict
 
 log = logging.getLogger("mnp")
@@ -95,6 +95,8 @@ async def _host(
             service.controller.terminate(view.job_id, reason)
 
     view = RunStream(on_stdout_closed=lambda: end_job(STDOUT_CLOSED))
+    if wants_progress():
+        view.progress_of = Progress.of(defn)
     terminal = _Terminal(view)
 
     def on_signal(signame: str) -> None:
@@ -115,8 +117,13 @@ async def _host(
         service = Service(home, inventory, inventory_key)
         ops = service.ops(daemon)
         t0 = time.monotonic()
-        if verbose:  # state changes as they happen, as the bare in-process controller does
-            service.controller.on_event = lambda e: view.sink.write(2, f"mnp: {json.dumps(e)}\n")
+
+        def on_event(event: dict[str, Any]) -> None:
+            if verbose:  # state changes as they happen, as the bare in-process controller does
+                view.sink.write(2, f"mnp: {json.dumps(event)}\n")
+            view.show_progress(event)
+
+        service.controller.on_event = on_event
         try:
             await service.start(restore=False)
         except MnpError as e:  # no host reachable...: said in one line, not logged

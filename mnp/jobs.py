@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mnp.model import TERMINAL, Grant, JobDefinition, JobState, JobType, Request
+from mnp.pmi.world import World
 from mnp.wiring import Launch
 
 WAITING = frozenset({JobState.SUBMITTED, JobState.PENDING, JobState.RUNNABLE})
@@ -113,6 +114,7 @@ class Attempt:
     nodes: list[NodeRun] = field(default_factory=list)
     pending_sweeps: set[str] = field(default_factory=set)
     secrets: dict[str, str] = field(default_factory=dict)  # read at launch; never stored
+    mpi: World | None = None  # its MPI ranks' world (direct MPI launch); never stored
 
     @property
     def ending(self) -> bool:
@@ -238,6 +240,8 @@ class Job:
             event["node_index"] = node_index
         if self.array_index is not None:
             event["array_index"] = self.array_index
+        if self.defn.tags:
+            event["tags"] = dict(self.defn.tags)
         if state in TERMINAL and node_index is None and self.attempts:
             usage = self.attempts[-1].usage()
             if usage is not None:
@@ -248,13 +252,18 @@ class Job:
 def should_retry(
     defn: JobDefinition, attempts_made: int, exit_code: int | None, reason: str
 ) -> bool:
-    """AWS Batch's retry strategy: attempts left, then the first matching rule decides."""
+    """AWS Batch's retry strategy: attempts left, then the first matching rule decides;
+    a rule matches when its ``on_exit_code``, ``on_reason`` and ``on_status_reason``
+    globs all do. mnp keeps one reason per attempt, its status reason (``mnp describe``'s
+    ``reason:``): ``on_reason`` and ``on_status_reason`` both match it."""
     if attempts_made >= defn.retry.attempts:
         return False
     code = "" if exit_code is None else str(exit_code)
     for rule in defn.retry.evaluate_on_exit:
-        if fnmatch.fnmatchcase(code, rule.on_exit_code) and fnmatch.fnmatchcase(
-            reason or "", rule.on_reason
+        if (
+            fnmatch.fnmatchcase(code, rule.on_exit_code)
+            and fnmatch.fnmatchcase(reason or "", rule.on_reason)
+            and fnmatch.fnmatchcase(reason or "", rule.on_status_reason)
         ):
             return rule.action == "RETRY"
     return True

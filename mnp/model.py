@@ -62,6 +62,7 @@ class RetryRule:
     action: str  # "RETRY" | "EXIT"
     on_exit_code: str = "*"
     on_reason: str = "*"
+    on_status_reason: str = "*"  # the attempt's status reason (AWS Batch onStatusReason)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,33 @@ class SecretRef:
     env: str | None = None
 
 
+CONTAINER_RUNTIMES = ("auto", "podman", "docker", "apptainer")
+"""``auto``: the first of podman, docker, apptainer found on the node."""
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A bind mount: ``host`` (absolute) at ``container`` (absolute)."""
+
+    host: str
+    container: str
+    read_only: bool = False
+
+    def spec(self) -> str:
+        """``HOST:CONTAINER[:ro]``, as written in a definition."""
+        return f"{self.host}:{self.container}" + (":ro" if self.read_only else "")
+
+
+@dataclass(frozen=True)
+class Container:
+    """The image a task runs in (``[container]``, or a node group's ``container``)."""
+
+    image: str
+    runtime: str = "auto"  # one of CONTAINER_RUNTIMES
+    mounts: tuple[Mount, ...] = ()
+    options: tuple[str, ...] = ()  # extra runtime arguments, before the image
+
+
 @dataclass(frozen=True)
 class NodeGroup:
     """Nodes ``start..end`` (inclusive) of a multi-node job."""
@@ -102,6 +130,8 @@ class NodeGroup:
     resources: Resources = field(default_factory=Resources)
     environment: Mapping[str, str] = field(default_factory=dict)
     gpu_bind: str = "per-node"  # "per-node" | "per-task"
+    mpi: str = "none"  # "none" | "pmi": its tasks are MPI ranks mnp starts (issue 16)
+    container: Container | None = None  # None: the job's (if any)
 
     def contains(self, index: int) -> bool:
         return self.start <= index <= self.end
@@ -152,6 +182,7 @@ class JobDefinition:
     depends_on: tuple[Dependency, ...] = ()
     tasks_per_node: int = 1  # default for groups; single/array jobs always start one task
     gpu_bind: str = "per-node"
+    mpi: str = "none"  # default for groups: "none" | "pmi"
     aws_batch_env: bool = False
     cwd: str | None = None
     python_env: str | None = None
@@ -159,6 +190,19 @@ class JobDefinition:
     ``bin/`` first on ``PATH`` on every host where it exists. ``"none"``: leave ``PATH`` as
     the host has it. ``None``: not decided yet (``mnp submit``/``run`` fill it in)."""
     export_env: bool = False  # --export: forward the submitting shell's environment
+    container: Container | None = None  # [container]: tasks run in this image
+
+    def container_for(self, node_index: int | None = None) -> Container | None:
+        """The image node ``node_index``'s tasks (a single job's: None) run in: its
+        group's ``container`` when it has one (the group's wins), else the job's."""
+        if node_index is not None and self.multinode is not None:
+            _, group = self.multinode.group_of(node_index)
+            if group.container is not None:
+                return group.container
+        return self.container
+
+    tags: Mapping[str, str] = field(default_factory=dict)
+    """Labels for people and tools (``mnp list --tag K=V``, events); no effect on the run."""
     source: str = "<command line>"  # file the definition came from, for messages
 
 
@@ -174,6 +218,11 @@ class SshOptions:
     connect_timeout: float = 10.0
     python: str = "python3"
     config: tuple[str, ...] = ()  # extra ssh_config files; ~/.ssh/config is read by default
+    transport: str = "asyncssh"  # SSH_CLIENTS: the client that carries the agents' streams
+
+
+SSH_CLIENTS = ("asyncssh", "openssh")
+"""``[ssh] transport``: asyncssh in the controller's process, or one OpenSSH ``ssh`` per host."""
 
 
 @dataclass(frozen=True)

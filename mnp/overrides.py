@@ -29,6 +29,8 @@ class Override(NamedTuple):
     - ``merge``: into the table at ``path``
     - ``env``: merge into ``environment``, and win over a group's own variable
     - ``nodes``: make or resize a multi-node job (applied before the others)
+    - ``container``: in the job's ``[container]`` and every group's own ``container``:
+      set ``path``, or append to it when ``multiple``
     - ``""``: no edit (``--export`` changes how the definition is read back)
 
     ``value`` converts what was given: ``whole``, ``number`` or ``text`` (as given);
@@ -83,6 +85,16 @@ OVERRIDES: tuple[Override, ...] = (
     ),
     Override(
         "env", "--env", "Set a variable.", edit="env", metavar="K=V", multiple=True, pairs=True
+    ),
+    Override(
+        "tags",
+        "--tag",
+        "Tag the job (mnp list --tag K=V).",
+        edit="merge",
+        path="tags",
+        metavar="K=V",
+        multiple=True,
+        pairs=True,
     ),
     Override("export_env", "--export", "Forward this shell's environment.", edit="", is_flag=True),
     Override(
@@ -183,6 +195,15 @@ OVERRIDES: tuple[Override, ...] = (
         value="whole",
         cli_type=int,
     ),
+    Override(
+        "mpi",
+        "--mpi",
+        "Multi-node: pmi starts each task as an MPI rank (PMI-1, MPICH ABI; no mpiexec), "
+        "every group one MPI_COMM_WORLD; none (default) runs the command as it is.",
+        edit="every",
+        path="mpi",
+        metavar="pmi|none",
+    ),
     Override("cwd", "--cwd", "Working directory on the nodes (default: here).", path="cwd"),
     Override(
         "python_env",
@@ -191,6 +212,23 @@ OVERRIDES: tuple[Override, ...] = (
         "(default: the active venv/conda environment; none: the hosts' own PATH).",
         path="python_env",
         metavar="PATH|none",
+    ),
+    Override(
+        "image",
+        "--image",
+        "Run the tasks in this container image (podman, docker or apptainer).",
+        edit="container",
+        path="image",
+        metavar="IMAGE",
+    ),
+    Override(
+        "mounts",
+        "--mount",
+        "Bind mount into the container, HOST:CONTAINER[:ro] (absolute paths).",
+        edit="container",
+        path="mounts",
+        metavar="SPEC",
+        multiple=True,
     ),
 )
 

@@ -67,11 +67,22 @@ class Client:
         dictionary; or ``command`` alone (argv). ``overrides`` are ``mnp submit``'s
         options by keyword (``mnp.overrides.OVERRIDES``: ``name``, ``queue``,
         ``nodes``, ``array_size``, ``attempts``, ``timeout``...); ``params`` and
-        ``env`` take mappings, ``depends_on`` a list."""
-        defn = layer.build_definition(definition, command, overrides)
+        ``env`` take mappings, ``depends_on`` a list. ``definition`` may also name a
+        registered definition, ``"NAME:REV"`` or ``"NAME"`` (its newest active
+        revision), when no file of that name is here."""
+        if layer.looks_registered(definition) and command is None:
+            defn = layer.build_registered(self.home, str(definition), overrides)
+        else:
+            defn = layer.build_definition(definition, command, overrides)
         with self._connect() as c:
             job_id, self.warnings = layer.submit(c, defn)
         return job_id
+
+    def register(self, path: str | os.PathLike[str]) -> str:
+        """Register a definition file (``mnp definitions register``): ``"NAME:REV"``."""
+        with self._connect() as c:
+            name, revision = layer.register(c, path)
+        return f"{name}:{revision}"
 
     def describe(self, job: str) -> dict[str, Any]:
         """Everything about ``job`` (an id or a name: the newest of that name), as

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 from mnp.controller import Controller
 from mnp.jobs import Job, TaskRun, job_exit_code, output_label
 from mnp.model import Inventory, JobDefinition, JobState
-from mnp.sink import INTERRUPTED, STDOUT_CLOSED, Sink
+from mnp.sink import INTERRUPTED, STDOUT_CLOSED, Progress, Sink, wants_progress
 from mnp.transport import transports_for
 from mnp.views import PrefixedLines
 
@@ -41,10 +41,18 @@ async def run_async(
     defn: JobDefinition, inventory: Inventory, *, verbose: bool = False, printer: Any = None
 ) -> tuple[int, Job]:
     printer = printer or OutputPrinter()
+    progress: Progress | None = None
+    sink: Sink | None = printer.sink if isinstance(printer, OutputPrinter) else None
 
     def on_event(event: dict[str, Any]) -> None:
         if verbose:
-            sys.stderr.write("mnp: " + json.dumps(event) + "\n")
+            if sink is not None:
+                sink.write(2, "mnp: " + json.dumps(event) + "\n")
+            else:
+                sys.stderr.write("mnp: " + json.dumps(event) + "\n")
+        if progress is not None and sink is not None:
+            progress.feed(event)
+            sink.status(progress.line())
 
     controller = Controller(
         inventory,
@@ -63,6 +71,9 @@ async def run_async(
                 f"mnp: {len(controller.agents)} agent(s) ready in {time.monotonic() - t0:.3f}s\n"
             )
         job = controller.submit(defn)
+        shape = Progress.of(defn)
+        if shape is not None and sink is not None and wants_progress(sink.streams[2]):
+            progress = Progress(job.id, *shape)
         loop = asyncio.get_running_loop()
         forced: asyncio.Future[Any] = loop.create_future()
         signals = 0
@@ -91,6 +102,8 @@ async def run_async(
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             waiter.cancel()
+            if sink is not None:
+                sink.status("")
         if not job.done:  # a second signal: the job ends with the agents
             sys.stderr.write(f"mnp: job {job.id} interrupted again: killing it now\n")
             return 130, job

@@ -91,6 +91,10 @@ def describe_text(job: dict[str, Any]) -> str:
     lines.append(f"{'stopped:':12} {t(job.get('stopped'))}")
     if job.get("depends_on"):
         lines.append(f"{'depends_on:':12} {', '.join(job['depends_on'])}")
+    if job.get("tags"):
+        lines.append(
+            f"{'tags:':12} {', '.join(f'{k}={v}' for k, v in sorted(job['tags'].items()))}"
+        )
     if job.get("children_counts"):
         counts = ", ".join(f"{k} {v}" for k, v in sorted(job["children_counts"].items()))
         lines.append(f"{'children:':12} {counts}")

@@ -20,10 +20,13 @@ MODULES = (
     "facts",
     "request",
     "pmi",
+    "ranks",
     "tasks",
     "spawn",
     "teardown",
     "limits",
+    "container",
+    "containers",
     "sweep",
     "ops",
     "agent",
@@ -58,9 +61,9 @@ def bundle_source(compress: bool = True) -> str:
     """A self-contained Python script that runs the agent, for `python3 -c SCRIPT --ctl T`.
 
     Its modules become the package `_mnp_agent`, so it cannot clash with an mnp
-    installed on the node. Compressed (zlib + base85) it is about 35 KB, well under
+    installed on the node. Compressed (zlib + base85) it is about 55 KB, well under
     the 128 KiB a single argument may take on Linux; `compress=False` gives a
-    readable script.
+    readable script (larger than that: run it from a file).
     """
     import base64  # here, not at the top: `python -m mnp.agent` imports this package
     import zlib

@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 
+from .containers import Containers, ContainerStep
 from .facts import collect, make_rundir
 from .limits import CgroupStep, Limits
 from .loop import LineReader, Loop, Output
@@ -36,6 +37,7 @@ from .proc import (
     send_group,
     snapshot,
 )
+from .ranks import Ranks
 from .request import BadRequest
 from .spawn import Spawner
 from .tasks import INF, Orphan, Teardown
@@ -70,6 +72,7 @@ class Agent:
         self.tagger = Tagger(ctl)
         self.identity = agent_identity()  # MNP_AGENT_ID of its tasks
         self.spawner = Spawner()
+        self.ranks = Ranks(self)  # MPI ranks' PMI servers (ranks.py)
         self.tasks: Dict[str, Task] = {}  # until `gone`
         self.by_pid: Dict[int, Task] = {}  # main process → task, until reaped
         self.all_tids: Set[str] = set()  # every tid this agent started: what shutdown sweeps
@@ -78,6 +81,8 @@ class Agent:
         self.teardowns = Teardowns(self)
         self.limits = Limits(self)  # memory limits, CPU binding, usage (limits.py)
         self.teardowns.steps.append(CgroupStep(self.limits))
+        self.containers = Containers(ctl, self.identity)  # a spawn's container (containers.py)
+        self.teardowns.steps.append(ContainerStep(self.containers))
         self.unchecked: List[Task] = []  # exited, waiting for the orphan check
         self.check_timer: Optional[Timer] = None
         self.input: Optional[LineReader] = None
@@ -99,6 +104,7 @@ class Agent:
             signal.signal(sig, self._on_signal)
         self.loop.add_reader(wake_r, self._on_wakeup)
         self.rundir = make_rundir(self.ctl)
+        self.containers.rundir = self.rundir
         self.out.emit(dict(ev="ready", **self.facts()))
         self.out.flush()
 
@@ -224,6 +230,7 @@ class Agent:
                 break
             task = self.by_pid.pop(pid, None)
             if task is None:
+                self.containers.reaped(pid)  # perhaps an `rm -f` of a container
                 self.orphans.pop(pid, None)
                 reaped = True  # perhaps something a teardown waits for
             else:
@@ -247,6 +254,7 @@ class Agent:
             sig = os.WTERMSIG(status)
         else:
             code = os.WEXITSTATUS(status)
+        self.ranks.exited(task, code, sig)  # an MPI rank's abort comes before its exit
         now = time.time()
         usage, error = self.limits.exit_report(task, rusage, code, sig)
         event: Dict[str, Any] = {"ev": "exited", "tid": task.tid, "code": code, "signal": sig}
@@ -310,8 +318,8 @@ class Agent:
                 return True
             pids = [int(x) for x in data.split()]
         for pid in pids:
-            if pid in self.by_pid or pid in self.orphans:
-                continue
+            if pid in self.by_pid or pid in self.orphans or pid in self.containers.helpers:
+                continue  # (helpers: the containers' `rm -f`s)
             p = snap.procs.get(pid) if snap is not None else read_stat(pid)
             if p is None or p.dead:
                 continue
@@ -370,4 +378,6 @@ class Agent:
         if self.tasks.get(task.tid) is task:
             del self.tasks[task.tid]
         self.limits.release(task)
+        self.containers.task_gone(task.tid, task.termed or killed > 0)
+        self.ranks.gone(task)
         self.out.emit({"ev": "gone", "tid": task.tid, "t": time.time(), "killed": killed})

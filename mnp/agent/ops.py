@@ -81,6 +81,11 @@ def op_port(agent: Agent, msg: Dict[str, Any]) -> None:
     agent.out.emit({"ev": "port", "id": msg.get("id"), "port": port, "t": time.time()})
 
 
+def op_pmi_release(agent: Agent, msg: Dict[str, Any]) -> None:
+    """The merged key-value space of a PMI barrier, for this agent's nodes (ranks.py)."""
+    agent.ranks.release(msg)
+
+
 def op_shutdown(agent: Agent, msg: Dict[str, Any]) -> None:
     agent.shutdown(grace_of(msg, agent.grace), detached=False)
 
@@ -97,4 +102,5 @@ OPS: Dict[str, Callable[[Agent, Dict[str, Any]], None]] = {
     "port": op_port,
     "load": op_load,
     "shutdown": op_shutdown,
+    "pmi_release": op_pmi_release,
 }

@@ -147,12 +147,18 @@ class Spawner:
         self.path = os.environ.get("PATH")
 
     def spawn(
-        self, argv: List[str], env: Dict[str, str], cwd: Optional[str], stdin: Optional[int]
+        self,
+        argv: List[str],
+        env: Dict[str, str],
+        cwd: Optional[str],
+        stdin: Optional[int],
+        keep: Optional[int] = None,
     ) -> Tuple[int, int, int]:
         """Start argv in a new session; returns (pid, stdout read end, stderr read end).
 
         `stdin` is the descriptor the task reads (None: /dev/null); the caller keeps
-        ownership of it. Raises SpawnError, having closed everything it opened.
+        ownership of it. `keep`: an inheritable descriptor the task keeps as it is (an
+        MPI rank's PMI_FD). Raises SpawnError, having closed everything it opened.
         """
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -169,7 +175,7 @@ class Spawner:
                 else:
                     prog = find_program(argv[0], path)
                 fd0 = self.devnull if stdin is None else stdin
-                pid = self._start(prog, argv, env, fd0, out_w, err_w)
+                pid = self._start(prog, argv, env, fd0, out_w, err_w, keep)
             finally:
                 if cwd is not None:
                     self._go_home()
@@ -190,7 +196,14 @@ class Spawner:
             os.chdir("/")
 
     def _start(
-        self, prog: str, argv: List[str], env: Dict[str, str], fd0: int, fd1: int, fd2: int
+        self,
+        prog: str,
+        argv: List[str],
+        env: Dict[str, str],
+        fd0: int,
+        fd1: int,
+        fd2: int,
+        keep: Optional[int] = None,
     ) -> int:
         if self.posix_spawn:
             actions = [
@@ -215,10 +228,17 @@ class Spawner:
                 raise _exec_error(argv[0], e) from None
         if not prog:
             prog = find_program(argv[0], env.get("PATH"))
-        return self._popen(prog, argv, env, fd0, fd1, fd2)
+        return self._popen(prog, argv, env, fd0, fd1, fd2, keep)
 
     def _popen(
-        self, prog: str, argv: List[str], env: Dict[str, str], fd0: int, fd1: int, fd2: int
+        self,
+        prog: str,
+        argv: List[str],
+        env: Dict[str, str],
+        fd0: int,
+        fd1: int,
+        fd2: int,
+        keep: Optional[int] = None,
     ) -> int:
         import subprocess
 
@@ -231,6 +251,7 @@ class Spawner:
                 stdout=fd1,
                 stderr=fd2,
                 close_fds=True,
+                pass_fds=() if keep is None else (keep,),
                 start_new_session=True,
                 restore_signals=True,
             )
@@ -263,6 +284,10 @@ def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
     do_expand = optional(msg, "expand", bool)
     stdin = optional(msg, "stdin", str)
     files = files_of(msg)
+    try:
+        container = agent.containers.check(msg.get("container"))
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     if tid in agent.tasks:
         raise BadRequest("task %s is already on this agent" % tid)
     stale = agent.teardowns.active.get("t:" + tid)
@@ -276,6 +301,10 @@ def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
         env["PWD"] = cwd  # as a shell's cd would: the login shell's PWD is wrong here
     if do_expand is not False:
         argv = [expand(a, env) for a in argv]
+    pmi = msg.get("pmi")
+    rank_end = None  # an MPI rank's end of its PMI socketpair (ranks.py)
+    if pmi is not None:
+        rank_end = agent.ranks.prepare(tid, pmi, env)
     feed_r = feed_w = -1
     try:
         try:
@@ -284,11 +313,20 @@ def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
                 feed_r, feed_w = os.pipe()
             if files:
                 write_files(files)
+            if container is not None:  # the runtime's argv and environment run it
+                argv, env = agent.containers.wrap_spawn(
+                    container, tid, argv, env, changes, cwd, data is not None
+                )
             born_ticks = now_ticks()
-            limits = agent.limits.before(tid, changes)  # its cgroup and CPUs, inherited
+            # its cgroup and CPUs, inherited (a container's runtime enforces its memory)
+            limits = agent.limits.before(tid, agent.containers.limited(tid, changes))
             try:
                 pid, out_fd, err_fd = agent.spawner.spawn(
-                    argv, env, cwd, feed_r if feed_r >= 0 else None
+                    argv,
+                    env,
+                    cwd,
+                    feed_r if feed_r >= 0 else None,
+                    None if rank_end is None else rank_end.fileno(),
                 )
             finally:
                 agent.limits.after(limits)
@@ -297,9 +335,14 @@ def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
         finally:
             if feed_r >= 0:
                 os.close(feed_r)
+            if rank_end is not None:
+                rank_end.close()
     except SpawnError as e:
+        agent.containers.task_gone(tid, False)
         if feed_w >= 0:
             os.close(feed_w)
+        if rank_end is not None:
+            agent.ranks.spawn_failed(tid)
         agent.out.emit(
             {
                 "ev": "exited",

@@ -49,6 +49,15 @@ class Step:
         """More processes (and their trees) the teardown must kill, found in `snap`."""
         return ()
 
+    def spare(self, td: Teardown, found: Dict[int, Proc], snap: Snapshot, killing: bool) -> None:
+        """Take out of `found` (what the teardown would signal now) what it must not
+        signal (`killing`: it sends SIGKILL now, else SIGTERM)."""
+
+    def spares_group(self, task: Task) -> bool:
+        """True when the task's process group must not get a teardown's SIGTERM (what
+        runs in it ends by other means; SIGKILL time still kills it)."""
+        return False
+
     def pending(self, td: Teardown) -> bool:
         """True while the teardown must not finish yet (something still being removed);
         the scans go on, backing off, until it says False. Must not block."""
@@ -115,9 +124,11 @@ class Teardowns:
         return td
 
     def term_group(self, task: Task) -> None:
-        """SIGTERM the task's process group, once; no teardown signals its members again."""
+        """SIGTERM the task's process group, once (unless a step spares it); no teardown
+        signals its members again."""
         if not task.termed:
-            send_group(task.pid, signal.SIGTERM)
+            if not any(step.spares_group(task) for step in self.steps):
+                send_group(task.pid, signal.SIGTERM)
             task.termed = True
             for td in self.active.values():
                 td.quiet.add(task.pid)
@@ -232,7 +243,11 @@ class Teardowns:
                 extra = [o.pid]
         for step in self.steps:
             extra.extend(step.seeds(td, snap))
-        return targets(td, snap, agent.pid, agent.tasks.values(), agent.all_tids, extra)
+        found = targets(td, snap, agent.pid, agent.tasks.values(), agent.all_tids, extra)
+        killing = td.kill_at <= time.monotonic()
+        for step in self.steps:
+            step.spare(td, found, snap, killing)
+        return found
 
     def drop(self, td: Teardown) -> None:
         """SIGKILL at once what a tag sweep found, and forget it: a new task of that tid

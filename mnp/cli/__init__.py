@@ -10,6 +10,8 @@ Where each command lives (click only; the work is done by the modules they call)
 - ``reading.py``: ``list``, ``describe``, ``logs``, ``events`` (the store, read-only).
 - ``admin.py``: ``controller start|stop|status``, ``hosts``, ``queues``, ``purge``,
   ``validate``.
+- ``views_cmds.py``: ``plot``, ``top``.
+- ``definitions.py``: ``definitions register|list|describe|deregister``.
 - ``common.py``: the options every command takes, the settings they make, the
   controller's client, the store, printing.
 - here: the group, ``main`` and its error handler.
@@ -28,7 +30,7 @@ from typing import NoReturn
 
 import click
 
-from mnp.cli import admin, jobs, reading
+from mnp.cli import admin, definitions, jobs, reading, views_cmds
 from mnp.cli.common import common_options
 from mnp.cli.jobs import run, submit
 from mnp.errors import MnpError
@@ -64,7 +66,13 @@ def cli(
         ctx.meta["mnp.debug"] = True
 
 
-for _command in (*jobs.COMMANDS, *reading.COMMANDS, *admin.COMMANDS):
+for _command in (
+    *jobs.COMMANDS,
+    *reading.COMMANDS,
+    *admin.COMMANDS,
+    *definitions.COMMANDS,
+    *views_cmds.COMMANDS,
+):
     cli.add_command(_command)
 
 

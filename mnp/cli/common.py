@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import click
 
-from mnp.errors import InfraError
-
 if TYPE_CHECKING:
     from mnp.api.client import ApiClient
     from mnp.store import Store
@@ -85,65 +83,53 @@ def settings(
     )
 
 
+def home(s: Settings) -> Path:
+    return Path(s["home"])
+
+
 def inventory_key(s: Settings) -> str:
-    """Which inventory the settings name, comparable across working directories."""
-    spec = str(s.get("inventory") or "")
-    if spec in ("", "local"):
-        return f"local:{s['local_nodes']}"
-    if spec.startswith("hostfile:"):
-        return "hostfile:" + os.path.realpath(spec[len("hostfile:") :])
-    if spec in ("slurm", "pbs", "auto"):
-        return spec
-    return os.path.realpath(os.path.expanduser(spec))
+    """Which inventory the settings name (``mnp.client.inventory_key``)."""
+    from mnp import client as layer
 
-
-def serves(client: ApiClient, s: Settings) -> bool:
-    """Whether the running controller serves the inventory asked for (any, if none was)."""
-    if not s.get("inventory"):
-        return True
-    return bool(client.request("info")["inventory"] == inventory_key(s))
+    return layer.inventory_key(s["inventory"], s["local_nodes"])
 
 
 def controller_args(s: Settings) -> list[str]:
-    """The options a background controller is started with for ``s``; the inventory is
-    read here first: a bad one is one line and exit 2 from this command, not a
-    controller that fails to start."""
-    extra = ["--local-nodes", str(s["local_nodes"])]
-    inventory = s["inventory"]
-    if inventory:
-        from mnp.spec import resolve_inventory
+    """The options a background controller is started with for ``s``
+    (``mnp.client.controller_args``: a bad inventory is exit 2 here)."""
+    from mnp import client as layer
 
-        resolve_inventory(inventory, s["local_nodes"])
-        extra += ["--inventory", inventory]
-    return extra
+    return layer.controller_args(s["inventory"], s["local_nodes"])
 
 
 def client(s: Settings, *, start: bool) -> ApiClient:
-    """A client of the controller for ``s["home"]``; started in the background when asked."""
-    from mnp.api.client import ApiClient
+    """A client of the controller for ``s["home"]`` (``mnp.client.connect``)."""
+    from mnp import client as layer
 
-    home = Path(s["home"])
-    if start:
-        found = ApiClient.connect(home)
-        if found is not None:
-            return found
-        from mnp import daemon
+    return layer.connect(
+        home(s), start=start, inventory=s["inventory"], local_nodes=s["local_nodes"]
+    )
 
-        return daemon.ensure_client(home, controller_args(s))
-    found = ApiClient.connect(home)
-    if found is None:
-        raise InfraError(f"no controller runs for {home} (start one: mnp controller start)")
-    return found
+
+def checked_client(s: Settings) -> ApiClient:
+    """``client(s, start=True)`` once it serves the inventory ``s`` asks for
+    (``mnp.client.check_serves``: else a UsageError)."""
+    from mnp import client as layer
+
+    api = client(s, start=True)
+    try:
+        layer.check_serves(api, home(s), s["inventory"], s["local_nodes"])
+    except BaseException:
+        api.close()
+        raise
+    return api
 
 
 def open_store(s: Settings) -> Store | None:
-    """The store, read-only, for queries that need no controller; ``None`` if there is none."""
-    path = Path(s["home"]) / "mnp.db"
-    if not path.exists():
-        return None
-    from mnp.store import Store
+    """The store, read-only, for queries that need no controller (``mnp.client.open_store``)."""
+    from mnp import client as layer
 
-    return Store(path, readonly=True)
+    return layer.open_store(home(s))
 
 
 def print_json(doc: object) -> None:

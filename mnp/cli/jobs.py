@@ -7,7 +7,6 @@ turns a file or ``-- CMD ARGS`` and those options into a validated definition.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,11 +15,11 @@ import click
 
 from mnp.cli.common import (
     F,
+    checked_client,
     client,
     common_options,
     inventory_key,
     print_json,
-    serves,
     settings,
     warn,
 )
@@ -28,10 +27,12 @@ from mnp.errors import UsageError
 from mnp.overrides import OVERRIDES
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import FrameType
 
     from mnp.api.client import ApiClient
     from mnp.model import JobDefinition
+    from mnp.sink import Progress
 
 EXAMPLE_RUN = """\b
 Examples:
@@ -76,60 +77,18 @@ def _kv(pairs: tuple[str, ...], option: str) -> dict[str, str]:
 
 def build_definition(ctx: click.Context, args: tuple[str, ...], o: dict[str, Any]) -> JobDefinition:
     """The definition ``run``/``submit`` were given (``DEF.toml`` or ``-- CMD ARGS``),
-    with the override options ``o`` applied."""
-    from mnp import spec
+    with the override options ``o`` applied (``mnp.client.build_definition``)."""
+    from mnp import client as layer
 
     command = ctx.meta.get("mnp.command")
-    overrides: dict[str, Any] = {}
-    for opt in OVERRIDES:
-        value = o[opt.name]
-        if opt.pairs:
-            value = _kv(value, opt.flag)
-        elif opt.multiple:
-            value = list(value)
-        overrides[opt.name] = value
-    overrides["cwd"] = _absolute(overrides["cwd"], "--cwd")
-    if command is not None and not args:
-        if not command:
-            raise UsageError("nothing after '--': give the command to run")
-        if overrides["cwd"] is None:
-            overrides["cwd"] = _here()
-        defn = spec.definition_from_command(list(command), **overrides)
-    elif len(args) == 1 and not command:
-        defn = spec.load_definition(args[0], open_refs=True)
-        if overrides["cwd"] is None:
-            # --cwd, else the definition's own cwd, else the directory mnp runs in
-            cwd = _here() if defn.cwd is None else _absolute(defn.cwd, "cwd")
-            if cwd != defn.cwd:
-                overrides["cwd"] = cwd
-        defn = spec.apply_overrides(defn, **overrides)
-    else:
-        raise UsageError("give either a definition file (DEF.toml) or '-- CMD ARGS...', not both")
-    if defn.python_env is None:  # neither the file nor --python-env said: the submitter's
-        import dataclasses
-
-        found = spec.submitter_python_env(os.environ, sys.prefix, sys.base_prefix)
-        defn = dataclasses.replace(defn, python_env=found or "none")
-    return defn
+    if len(args) > 1:
+        raise UsageError("give one definition file (DEF.toml) or '-- CMD ARGS...'")
+    return layer.build_definition(args[0] if args else None, command, _overrides(o))
 
 
-def _here() -> str:
-    try:
-        return os.getcwd()
-    except OSError as e:
-        raise UsageError(
-            f"the current directory cannot be used ({e.strerror}); give --cwd DIR"
-        ) from None
-
-
-def _absolute(path: str | None, what: str) -> str | None:
-    """A working directory as the nodes get it: relative to where mnp runs (as Slurm's
-    --chdir), since a relative one would be relative to wherever each agent runs."""
-    if path is None or os.path.isabs(path) or path.startswith("~"):
-        return path
-    if not path:
-        raise UsageError(f"{what}: empty; give a directory")
-    return os.path.normpath(os.path.join(_here(), path))
+def _overrides(o: dict[str, Any]) -> dict[str, Any]:
+    """The override options as ``mnp.client.full_overrides`` takes them (K=V as mappings)."""
+    return {opt.name: _kv(o[opt.name], opt.flag) if opt.pairs else o[opt.name] for opt in OVERRIDES}
 
 
 def _common(o: dict[str, Any]) -> dict[str, Any]:
@@ -149,14 +108,16 @@ def run(ctx: click.Context, /, definition: tuple[str, ...], verbose: bool, **o: 
     Runs the controller in this process (the form for submission scripts):
     Ctrl-C terminates the job, tears it down and exits 130.
     """
+    from mnp import client as layer
+    from mnp.api.client import ApiClient
+
     s = settings(ctx, **_common(o))
     defn = build_definition(ctx, definition, o)
-    from mnp.api.client import ApiClient
 
     running = ApiClient.connect(Path(s["home"]))
     if running is not None:
         with running:
-            if serves(running, s):
+            if layer.serves(running, s["inventory"], s["local_nodes"]):
                 sys.exit(_run_through(running, Path(s["home"]), defn, verbose))
     from mnp.run import run_job  # the in-process controller: asyncio, transports
 
@@ -175,8 +136,16 @@ def _run_through(api: ApiClient, home: Path, defn: JobDefinition, verbose: bool)
     """``mnp run`` against the running controller: stream, and terminate on Ctrl-C."""
     import signal
 
+    from mnp import client as layer
     from mnp.api.client import ApiClient
-    from mnp.sink import INTERRUPTED, STDOUT_CLOSED, RunStream
+    from mnp.sink import (
+        INTERRUPTED,
+        STDOUT_CLOSED,
+        Progress,
+        ProgressThread,
+        RunStream,
+        wants_progress,
+    )
     from mnp.spec import definition_to_dict
 
     interrupted = 0
@@ -184,7 +153,7 @@ def _run_through(api: ApiClient, home: Path, defn: JobDefinition, verbose: bool)
     def end_job(reason: str) -> None:
         if view.job_id is not None:
             with ApiClient.connect(home) as other:  # type: ignore[union-attr]
-                other.request("terminate", job_id=view.job_id, reason=reason)
+                layer.end_job(other, "terminate", view.job_id, reason)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal interrupted
@@ -194,15 +163,50 @@ def _run_through(api: ApiClient, home: Path, defn: JobDefinition, verbose: bool)
         end_job(INTERRUPTED)
 
     view = RunStream(on_stdout_closed=lambda: end_job(STDOUT_CLOSED))
+    if wants_progress():
+        view.progress_of = Progress.of(defn)
+    drawing: ProgressThread | None = None
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    for msg in api.stream("run", definition=definition_to_dict(defn), source=defn.source):
-        view.feed(msg)
+    try:
+        for msg in api.stream("run", definition=definition_to_dict(defn), source=defn.source):
+            view.feed(msg)
+            if drawing is None and view.progress is not None:
+                drawing = ProgressThread(view.sink, view.progress, _new_events(home, view.progress))
+    finally:
+        if drawing is not None:
+            drawing.stop()
     return view.finish(verbose=verbose, interrupted=interrupted > 0)
+
+
+def _new_events(home: Path, progress: Progress) -> Callable[[], list[dict[str, Any]]]:
+    """The job's events committed since the last call (the store, read-only)."""
+    from mnp import client as layer
+
+    since = 0
+
+    def poll() -> list[dict[str, Any]]:
+        nonlocal since
+        store = layer.open_store(home)
+        if store is None:
+            return []
+        with store:
+            found = [dict(e) for e in store.events_since(since, job_id=progress.job_id)]
+        if found:
+            since = max(int(e["seq"]) for e in found)
+        return found
+
+    return poll
 
 
 @click.command(cls=_DashDashCommand)
 @click.argument("definition", nargs=-1, metavar="[DEF.toml]")
+@click.option(
+    "--definition",
+    "registered",
+    metavar="NAME[:REV]",
+    help="A registered definition (mnp definitions); no :REV: its newest active revision.",
+)
 @submit_options
 @click.option("--wait", is_flag=True, help="Wait for the job to end; exit with its exit code.")
 @click.option(
@@ -211,7 +215,13 @@ def _run_through(api: ApiClient, home: Path, defn: JobDefinition, verbose: bool)
 @common_options
 @click.pass_context
 def submit(
-    ctx: click.Context, /, definition: tuple[str, ...], wait: bool, as_json: bool, **o: Any
+    ctx: click.Context,
+    /,
+    definition: tuple[str, ...],
+    registered: str | None,
+    wait: bool,
+    as_json: bool,
+    **o: Any,
 ) -> None:
     """Queue a job and print its id; starts the controller in the background if none runs.
 
@@ -227,22 +237,19 @@ def submit(
       mnp submit nodegroups/mpi-hello.toml --wait
       mnp submit --json -- true          # {"job_id": "7", "name": "true", "warnings": []}
     """
-    from mnp.spec import definition_to_dict
+    from mnp import client as layer
 
     s = settings(ctx, **_common(o))
-    defn = build_definition(ctx, definition, o)
-    with client(s, start=True) as api:
-        if not serves(api, s):
-            info = api.request("info")
-            raise UsageError(
-                f"the controller for {s['home']} serves inventory {info['inventory']}, not "
-                f"{inventory_key(s)}: stop it (mnp controller stop) or use another --home"
-            )
-        answer = api.request("submit", definition=definition_to_dict(defn), source=defn.source)
-        warnings = list(answer.get("warnings", ()))
+    if registered is None:
+        defn = build_definition(ctx, definition, o)
+    elif definition or ctx.meta.get("mnp.command") is not None:
+        raise UsageError("give --definition NAME[:REV], a definition file or '-- CMD', not two")
+    else:
+        defn = layer.build_registered(Path(s["home"]), registered, _overrides(o))
+    with checked_client(s) as api:
+        job_id, warnings = layer.submit(api, defn)
         for w in warnings:
             warn(w)
-        job_id = answer["job_id"]
         doc: dict[str, Any] = {"job_id": job_id, "name": defn.name, "warnings": warnings}
         if not as_json:
             click.echo(job_id)
@@ -299,10 +306,12 @@ def terminate(ctx: click.Context, /, job_id: str, reason: str, as_json: bool, **
 def _end_job(
     ctx: click.Context, op: str, job_id: str, reason: str, as_json: bool, o: dict[str, Any]
 ) -> None:
+    from mnp import client as layer
+
     with client(settings(ctx, **o), start=False) as api:
-        answer = api.request(op, job_id=job_id, reason=reason)
+        answer = layer.end_job(api, op, job_id, reason)
     if as_json:
-        print_json({k: answer.get(k) for k in ("job_id", "name", "state")})
+        print_json(answer)
     else:
         click.echo(f"{answer['job_id']} {answer['state']}")
 

@@ -151,6 +151,10 @@ class Attempts:
             if job_obj is not None and job_obj.attempt is not None:
                 job_obj.attempt.pending_sweeps.discard(host)
                 self.maybe_finish(job_obj, job_obj.attempt, now)
+        elif ev in ("pmi_barrier", "pmi_fail"):
+            entry = s.tasks.get(str(msg.get("tid", "")))
+            if entry is not None:
+                self._pmi_event(entry[0], entry[1], msg, now)
         elif ev == "error" and msg.get("tid"):
             # a refused spawn (malformed, duplicate tid): it never started and never will
             entry = s.tasks.get(str(msg["tid"]))
@@ -158,6 +162,30 @@ class Attempts:
                 why = f"agent refused the task: {msg.get('msg')}"
                 self.on_event(host, {"ev": "exited", "tid": msg["tid"], "code": 126, "error": why})
                 self.on_event(host, {"ev": "gone", "tid": msg["tid"], "killed": 0})
+
+    def _pmi_event(self, job: Job, attempt: Attempt, msg: Event, now: float) -> None:
+        """A direct MPI launch's barrier (relayed back to every node once all arrived)
+        or a rank's failure (the job ends at once, with that rank's code)."""
+        world = attempt.mpi
+        if world is None or attempt.ending or msg.get("kvsname") != world.kvsname:
+            return
+        if msg["ev"] == "pmi_fail":
+            code = msg.get("code")
+            attempt.exit_code = code if isinstance(code, int) and 0 <= code < 256 else 1
+            attempt.signal = None
+            reason = str(msg.get("reason") or "MPI rank failed")
+            self.begin_end(job, attempt, JobState.FAILED, reason, now)
+            return
+        node, epoch, puts = msg.get("node"), msg.get("epoch"), msg.get("puts")
+        if not (isinstance(node, int) and isinstance(epoch, int) and isinstance(puts, dict)):
+            self.begin_end(job, attempt, JobState.FAILED, "MPI barrier: malformed event", now)
+            return
+        out = world.barrier(node, epoch, {str(k): str(v) for k, v in puts.items()})
+        if isinstance(out, str):
+            self.begin_end(job, attempt, JobState.FAILED, out, now)
+        elif out is not None:
+            for release in out:
+                self._send(release.pop("host"), release)
 
     def _task_started(
         self, job: Job, attempt: Attempt, task: TaskRun, msg: Event, now: float
@@ -224,6 +252,15 @@ class Attempts:
             now,
             failed.error if failed else None,
         )
+        if attempt.mpi is not None and task.node_index in attempt.mpi.hosts:
+            # an MPI world ends when all its ranks have: as the main node ended
+            ranks = [t for n in attempt.nodes if n.index in attempt.mpi.hosts for t in n.tasks]
+            mn = job.defn.multinode
+            assert mn is not None
+            main = attempt.nodes[mn.main_node]
+            if not all(t.exited for t in ranks) or not main.tasks:
+                return
+            task = main.tasks[0]
         end = lifecycle.task_ended(job, attempt, task)
         if end is not None:
             attempt.main_exit_at = now

@@ -308,5 +308,7 @@ class HostPool:
         await asyncio.gather(
             *(c.close() for c in self.agents.values()), *self._closing, return_exceptions=True
         )
+        # then the transports' shared resources (OpenSSH masters and their socket directory)
+        await asyncio.gather(*(t.close() for t in self.transports.values()), return_exceptions=True)
         for task in list(self._bg):
             task.cancel()

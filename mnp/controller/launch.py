@@ -24,6 +24,7 @@ from mnp.controller.hosts import HostPool
 from mnp.jobs import Attempt, Job, NodeRun, TaskRun
 from mnp.model import Grant, Inventory, JobDefinition
 from mnp.offloop import FileRefused, OffLoop, read_regular_file
+from mnp.pmi.world import init_within, plan
 from mnp.spec.fields import MAX_ARG_BYTES
 from mnp.wiring import (
     Launch,
@@ -138,6 +139,14 @@ class Launcher:
             main_ipv4=main_ipv4,
             master_port=port,
         )
+        # the ranks of its mpi = "pmi" groups (direct MPI launch): one world per attempt
+        attempt.mpi = plan(
+            defn,
+            job.id,
+            attempt.number,
+            [g.host for g in attempt.grants],
+            init_within(os.environ),
+        )
         for p in placements:
             held = node_command(defn, mn.groups[p.group], p.index) is None
             attempt.nodes.append(NodeRun(job, p.index, p.host, p.group, held))
@@ -170,6 +179,32 @@ class Launcher:
             task = TaskRun(tid, node.host, node_index=node.index, task_index=t)
             out.append((task, list(argv), env, files if t == 0 else None))
         return out
+
+    def container(self, job: Job, task: TaskRun, env: dict[str, str]) -> dict[str, Any] | None:
+        """The spawn message's ``container`` for ``task`` (PROTOCOL.md), or None when
+        it runs bare: the image of its node's group (the group's wins) or of the job,
+        its GPUs (host indices; the agent's runtime maps them), and the node's hostfile
+        directory mounted read-only at the same path, so ``$MNP_HOSTFILE`` reads inside."""
+        c = job.defn.container_for(task.node_index)
+        if c is None:
+            return None
+        mounts = [m.spec() for m in c.mounts]
+        hostfile = env.get("MNP_HOSTFILE")
+        if hostfile:
+            folder = os.path.dirname(hostfile)
+            mounts.insert(0, f"{folder}:{folder}:ro")
+        gpus: list[int] = []
+        cap = self.hosts.capacity.get(task.host)
+        visible = env.get("CUDA_VISIBLE_DEVICES", "")
+        if cap is not None and cap.gpus and visible:
+            gpus = [int(g) for g in visible.split(",") if g.isdigit()]
+        return {
+            "image": c.image,
+            "runtime": c.runtime,
+            "mounts": mounts,
+            "options": list(c.options),
+            "gpus": gpus,
+        }
 
     async def secrets(self, defn: JobDefinition) -> dict[str, str]:
         """The values of the job's ``[secrets]``, read now (at each launch), off the loop.

@@ -94,6 +94,12 @@ class Starter:
                 self.attempts.begin_end(job, attempt, JobState.FAILED, why, s.clock())
                 return False
         env.update(attempt.secrets)
+        world = attempt.mpi
+        rank = None
+        if world is not None and task.node_index is not None:
+            rank = world.rank_of(task.node_index, task.task_index)
+            if rank is not None:  # an MPI rank: the agent serves it PMI (PROTOCOL.md)
+                env.update(world.rank_env(rank))
         msg: dict[str, Any] = {
             "op": "spawn",
             "tid": task.tid,
@@ -105,6 +111,11 @@ class Starter:
             msg["pyenv"] = job.defn.python_env
         if files:
             msg["files"] = files
+        container = self.launcher.container(job, task, env)
+        if container is not None:
+            msg["container"] = container
+        if world is not None and rank is not None:
+            msg["pmi"] = world.rank_part(rank)
         # registered only now: nothing above may leave a task that was never sent
         attempt.tasks[task.tid] = task
         s.tasks[task.tid] = (job, attempt, task)

@@ -37,6 +37,8 @@ The control socket's ops (the wire is in ``mnp.api``; the table is
 - ``cancel`` {``job_id``, ``reason``} → ``job_id``, ``name``, ``state``
 - ``terminate`` {``job_id``, ``reason``} → ``job_id``, ``name``, ``state``
 - ``purge`` {``older_than``, ``state``} → ``job_ids``, ``log_errors``
+- ``register`` {``definition``, ``source``} → ``name``, ``revision``: stored, committed
+- ``deregister`` {``name``, ``revision``} → ``name``, ``revision``, ``status`` (INACTIVE)
 - ``info`` → ``inventory``, ``hosts``, ``warnings``
 - ``hosts`` → ``hosts``: each host's capacity, what is free, its load
 - ``queues`` → ``queues``: each queue with its jobs counted by state

@@ -40,6 +40,9 @@ def socket_ops(h: Handlers, daemon: Daemon) -> dict[str, Handler]:
         "cancel": h.cancel,
         "terminate": h.terminate,
         "purge": h.purge,
+        # registered definitions (mnp definitions)
+        "register": h.register,
+        "deregister": h.deregister,
         # the controller and its hosts
         "info": h.info,
         "hosts": h.hosts,
@@ -193,6 +196,31 @@ class Handlers:
         before = None if older_than is None else time.time() - float(older_than)
         ids, errors = await self.service.housekeeping.purge(before, state)
         await r.end({"ok": True, "job_ids": ids, "log_errors": errors})
+
+    # --- registered definitions ---------------------------------------------
+
+    async def register(self, request: dict[str, Any], r: Responder) -> None:
+        """Check the definition as ``submit`` would (a ``Ref::K`` may wait for
+        ``--param`` at submit) and store it as the next revision of its name."""
+        from mnp.spec import definition_to_dict
+
+        data = request.get("definition")
+        if not isinstance(data, dict):
+            raise UsageError("register: a definition is required")
+        source = str(request.get("source") or "<registered>")
+        defn = parse_definition(data, source, open_refs=True)
+        body = definition_to_dict(defn)
+        revision = self.recording.store.register_definition(defn.name, body, source)
+        await r.end({"ok": True, "name": defn.name, "revision": revision})
+
+    async def deregister(self, request: dict[str, Any], r: Responder) -> None:
+        name, revision = request.get("name"), request.get("revision")
+        if not isinstance(name, str) or isinstance(revision, bool) or not isinstance(revision, int):
+            raise UsageError("deregister: give name (a string) and revision (a number)")
+        before = self.recording.store.deregister_definition(name, revision)
+        if before is None:
+            raise UsageError(f"definition {name}:{revision} does not exist")
+        await r.end({"ok": True, "name": name, "revision": revision, "status": "INACTIVE"})
 
     # --- the controller and its hosts ---------------------------------------
 

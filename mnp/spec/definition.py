@@ -42,6 +42,7 @@ from mnp.model import (
     SecretRef,
     Timeout,
 )
+from mnp.spec.container import parse_container
 from mnp.spec.fields import (
     ENV_NAME_RE,
     MAX_ARGV_BYTES,
@@ -64,15 +65,18 @@ from mnp.spec.units import parse_duration, parse_memory
 TOP_FIELDS = (
     "name", "type", "command", "queue", "parameters", "environment", "secrets", "resources",
     "retry", "timeout", "array", "multinode", "depends_on", "aws_batch_env", "cwd", "python_env",
-    "tasks_per_node", "gpu_bind",
+    "tasks_per_node", "gpu_bind", "tags", "mpi", "container",
 )  # fmt: skip
 RESOURCE_FIELDS = ("vcpus", "memory", "gpus", "cpu_bind")
 RETRY_FIELDS = ("attempts", "evaluate_on_exit")
-RULE_FIELDS = ("on_exit_code", "on_reason", "action")
+RULE_FIELDS = ("on_exit_code", "on_reason", "on_status_reason", "action")
 TIMEOUT_FIELDS = ("attempt_duration", "kill_grace")
 ARRAY_FIELDS = ("size", "parallelism", "sequential")
 MULTINODE_FIELDS = ("num_nodes", "main_node", "exclusive", "on_child_failure", "groups")
-GROUP_FIELDS = ("target_nodes", "command", "tasks_per_node", "resources", "environment", "gpu_bind")
+GROUP_FIELDS = (
+    "target_nodes", "command", "tasks_per_node", "resources", "environment", "gpu_bind", "mpi",
+    "container",
+)  # fmt: skip
 DEPENDENCY_FIELDS = ("job_id", "type")
 SECRET_FIELDS = ("file", "env")
 
@@ -86,6 +90,11 @@ MAX_TASKS_PER_NODE = 1024
 MAX_VCPUS = 100_000.0
 MAX_GPUS = 1024
 GPU_BINDS = ("per-node", "per-task")
+MPI_KINDS = ("none", "pmi")  # pmi: mnp starts the ranks and serves PMI-1 (issue 16)
+PMIX_REFUSED = (
+    "PMIx (Open MPI) is not supported: mnp serves PMI-1 to MPICH-ABI MPIs only "
+    "(MPICH, the mpich wheel, Intel MPI, MVAPICH); allowed none or pmi"
+)
 CPU_BINDS = ("none", "cores")  # default none: tasks float over the host's CPUs
 
 NAME_RULE = "use 1 to 128 letters, digits, - and _"
@@ -94,6 +103,9 @@ REF_PATTERN = re.compile(r"Ref::([A-Za-z0-9_]+)")
 PARAM_NAME_RE = re.compile(r"[A-Za-z0-9_]{1,128}")
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.:#-]{0,127}")  # an id or a job name
 _EXIT_CODE_RE = re.compile(r"[0-9*?]{1,512}")
+TAG_KEY_RE = re.compile(r"[A-Za-z0-9_.:/+@-]{1,128}")
+TAG_KEY_RULE = "use 1 to 128 letters, digits and _ . : / + @ -"
+MAX_TAGS, MAX_TAG_VALUE = 50, 256  # as AWS Batch
 _DEP_TYPES = {"n_to_n": "N_TO_N", "afterany": "afterany", "afterok": None}
 
 
@@ -143,6 +155,7 @@ def parse_definition(
     resources = _resources(t.table("resources", RESOURCE_FIELDS), Resources())
     tasks_per_node = t.integer("tasks_per_node", 1, 1, MAX_TASKS_PER_NODE)
     gpu_bind = t.choice("gpu_bind", "per-node", GPU_BINDS)
+    mpi = _mpi(t, "none")
     array = _array(t.table("array", ARRAY_FIELDS))
     multinode = None
     if job_type is JobType.MULTINODE:
@@ -155,7 +168,7 @@ def parse_definition(
         mt = t.table("multinode", MULTINODE_FIELDS)
         if mt is None:
             t.fail("multinode", "missing; a multinode job needs a [multinode] table with num_nodes")
-        multinode = _multinode(mt, command, resources, tasks_per_node, gpu_bind)
+        multinode = _multinode(mt, command, resources, tasks_per_node, gpu_bind, mpi)
     else:
         if "multinode" in t:
             t.fail("multinode", 'only allowed with type = "multinode"')
@@ -164,6 +177,12 @@ def parse_definition(
                 "command",
                 "missing; give the program and its arguments, e.g. "
                 'command = ["python3", "train.py"]',
+            )
+        if mpi != "none":
+            t.fail(
+                "mpi",
+                f'"{mpi}" needs a multinode job (its ranks are the tasks of its nodes); '
+                "allowed none, or make it multinode (--nodes 1 for ranks on one node)",
             )
         if tasks_per_node != 1:
             t.fail(
@@ -211,10 +230,15 @@ def parse_definition(
         depends_on=depends_on,
         tasks_per_node=tasks_per_node,
         gpu_bind=gpu_bind,
+        mpi=mpi,
         aws_batch_env=t.boolean("aws_batch_env", False),
         cwd=cwd,
         python_env=python_env,
+        tags=_tags(source, t),
         source=source,
+        container=parse_container(source, "container", t.get("container"))
+        if "container" in t
+        else None,
     )
 
 
@@ -249,6 +273,26 @@ def command_field(source: str, field: str, value: object) -> tuple[str, ...]:
     if not out[0].strip():
         fail(source, index_path(field, 0), "empty program name")
     return tuple(out)
+
+
+def _tags(source: str, t: Table) -> dict[str, str]:
+    tags = string_map(source, "tags", t.get("tags") if "tags" in t else {}, _tag_key)
+    if len(tags) > MAX_TAGS:
+        t.fail("tags", f"{len(tags)} tags; allowed at most {MAX_TAGS}")
+    for k, v in tags.items():
+        if len(v) > MAX_TAG_VALUE or not v.isprintable():
+            fail(
+                source,
+                key_path("tags", k),
+                f"use a value of at most {MAX_TAG_VALUE} printable characters",
+            )
+    return tags
+
+
+def _tag_key(source: str, field: str, name: object) -> str:
+    if not isinstance(name, str) or not TAG_KEY_RE.fullmatch(name):
+        fail(source, field, f"not a valid tag key; {TAG_KEY_RULE}")
+    return name
 
 
 def _param_name(source: str, field: str, name: object) -> str:
@@ -335,10 +379,12 @@ def _retry(rt: Table | None) -> RetryStrategy:
                     f"{show(code)} is not an exit-code pattern; "
                     'use digits with * and ? as wildcards, e.g. "137" or "1*"',
                 )
-            reason = et.string("on_reason", "*")
-            if not reason or len(reason) > 512:
-                et.fail("on_reason", "use a pattern of 1 to 512 characters (* and ? are wildcards)")
-            rules.append(RetryRule(action=action, on_exit_code=str(code or "*"), on_reason=reason))
+            globs = {}
+            for key in ("on_reason", "on_status_reason"):
+                globs[key] = et.string(key, "*")
+                if not globs[key] or len(globs[key]) > 512:
+                    et.fail(key, "use a pattern of 1 to 512 characters (* and ? are wildcards)")
+            rules.append(RetryRule(action=action, on_exit_code=str(code or "*"), **globs))
     return RetryStrategy(attempts=attempts, evaluate_on_exit=tuple(rules))
 
 
@@ -365,8 +411,21 @@ def _array(at: Table | None) -> ArrayProperties | None:
     )
 
 
+def _mpi(t: Table, default: str) -> str:
+    """The ``mpi`` field: ``pmix`` is refused with its own reason (README: Direct MPI launch)."""
+    value = t.get("mpi")
+    if isinstance(value, str) and value.lower() == "pmix":
+        t.fail("mpi", PMIX_REFUSED)
+    return t.choice("mpi", default, MPI_KINDS)
+
+
 def _multinode(
-    mt: Table, command: tuple[str, ...], resources: Resources, tasks_per_node: int, gpu_bind: str
+    mt: Table,
+    command: tuple[str, ...],
+    resources: Resources,
+    tasks_per_node: int,
+    gpu_bind: str,
+    mpi: str = "none",
 ) -> MultiNodeProperties:
     src = mt.source
     num_nodes = mt.integer("num_nodes", None, 1, MAX_NODES)
@@ -376,7 +435,9 @@ def _multinode(
     groups: list[NodeGroup] = []
     if "groups" not in mt:
         groups.append(
-            NodeGroup(0, num_nodes - 1, command or None, tasks_per_node, resources, {}, gpu_bind)
+            NodeGroup(
+                0, num_nodes - 1, command or None, tasks_per_node, resources, {}, gpu_bind, mpi
+            )
         )
     else:
         field = mt.field("groups")
@@ -385,7 +446,7 @@ def _multinode(
             fail(src, field, f"{len(items)} groups; allowed 1..{MAX_GROUPS}")
         for i, item in enumerate(items):
             gt = Table(src, index_path(field, i), item, GROUP_FIELDS)
-            groups.append(_group(gt, num_nodes, resources, tasks_per_node, gpu_bind))
+            groups.append(_group(gt, num_nodes, resources, tasks_per_node, gpu_bind, mpi))
         _check_cover(src, field, groups, num_nodes)
     _, main_group = next((i, g) for i, g in enumerate(groups) if g.contains(main_node))
     if main_group.command is None and not command:
@@ -405,7 +466,7 @@ def _multinode(
 
 
 def _group(
-    gt: Table, num_nodes: int, resources: Resources, tasks_per_node: int, gpu_bind: str
+    gt: Table, num_nodes: int, resources: Resources, tasks_per_node: int, gpu_bind: str, mpi: str
 ) -> NodeGroup:
     if "target_nodes" not in gt:
         gt.fail("target_nodes", 'missing; give the nodes, e.g. "0", "1:3", "4:" or ":"')
@@ -436,6 +497,10 @@ def _group(
         resources=_resources(gt.table("resources", RESOURCE_FIELDS), resources),
         environment=env,
         gpu_bind=gt.choice("gpu_bind", gpu_bind, GPU_BINDS),
+        mpi=_mpi(gt, mpi),
+        container=parse_container(gt.source, gt.field("container"), gt.get("container"))
+        if "container" in gt
+        else None,
     )
 
 

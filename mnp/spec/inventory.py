@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mnp.model import (
+    SSH_CLIENTS,
     ComputeEnvironment,
     HostSpec,
     Inventory,
@@ -49,7 +50,16 @@ from mnp.spec.units import parse_duration, parse_memory
 
 INVENTORY_FIELDS = ("ssh", "hosts", "compute_environments", "queues", "notifications")
 NOTIFICATION_FIELDS = ("command", "url", "states", "queues", "job_name")
-SSH_FIELDS = ("user", "port", "known_hosts", "identity", "connect_timeout", "python", "config")
+SSH_FIELDS = (
+    "user",
+    "port",
+    "known_hosts",
+    "identity",
+    "connect_timeout",
+    "python",
+    "config",
+    "transport",
+)
 HOST_FIELDS = ("names", "vcpus", "memory", "gpus", "labels", "address", "transport", "ssh")
 CE_FIELDS = (
     "type", "hosts", "labels", "state", "provider", "min_vcpus", "max_vcpus", "desired_vcpus",
@@ -241,6 +251,8 @@ def parse_ssh(st: Table, base: SshOptions) -> SshOptions:
         if not python.strip() or not python.isprintable():
             st.fail("python", 'give the remote Python to run the agent, e.g. "python3"')
         changes["python"] = python
+    if "transport" in st:
+        changes["transport"] = st.choice("transport", base.transport, SSH_CLIENTS)
     return dataclasses.replace(base, **changes)
 
 

@@ -16,8 +16,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mnp.errors import SpecError
-from mnp.model import JobDefinition, JobType, Resources
-from mnp.overrides import BY_NAME, OVERRIDES
+from mnp.model import JobDefinition, JobType, Resources, RetryRule
+from mnp.overrides import BY_NAME, OVERRIDES, Override
+from mnp.spec.container import container_to_dict
 from mnp.spec.definition import MAX_NODES, parse_definition, refs_used, sanitize_name
 from mnp.spec.fields import ENV_NAME_RE, MAX_ARG_BYTES, RESERVED_ENV_PREFIXES, fail, show
 from mnp.spec.units import format_memory
@@ -32,6 +33,7 @@ _BLAME: list[tuple[re.Pattern[str], tuple[str, ...]]] = [
         (r"name$", ("--name",)),
         (r"queue$", ("--queue",)),
         (r"parameters\b", ("--param",)),
+        (r"tags\b", ("--tag",)),
         (_GROUP + r"environment\b", ("--env",)),
         (r"array\.size$", ("--array-size",)),
         (r"array\.parallelism$", ("--array-parallelism",)),
@@ -43,10 +45,13 @@ _BLAME: list[tuple[re.Pattern[str], tuple[str, ...]]] = [
         (_GROUP + r"resources\.gpus$", ("--gpus",)),
         (_GROUP + r"resources\.cpu_bind$", ("--cpu-bind",)),
         (_GROUP + r"tasks_per_node$", ("--tasks-per-node", "--nodes")),
+        (_GROUP + r"mpi$", ("--mpi",)),
         (r"retry\.attempts$", ("--attempts",)),
         (r"timeout\.attempt_duration$", ("--timeout",)),
         (r"cwd$", ("--cwd",)),
         (r"python_env$", ("--python-env",)),
+        (_GROUP + r"container\.image$", ("--image",)),
+        (_GROUP + r"container\.mounts\b", ("--mount",)),
         (r"(type|multinode)\b", ("--nodes",)),
         (r"command\b", ("--nodes",)),
     ]
@@ -74,10 +79,7 @@ def definition_to_dict(defn: JobDefinition) -> dict[str, Any]:
     d["resources"] = _resources_dict(defn.resources)
     d["retry"] = {
         "attempts": defn.retry.attempts,
-        "evaluate_on_exit": [
-            {"on_exit_code": r.on_exit_code, "on_reason": r.on_reason, "action": r.action}
-            for r in defn.retry.evaluate_on_exit
-        ],
+        "evaluate_on_exit": [_rule_dict(r) for r in defn.retry.evaluate_on_exit],
     }
     d["timeout"] = {"kill_grace": defn.timeout.kill_grace}
     if defn.timeout.attempt_duration is not None:
@@ -97,8 +99,12 @@ def definition_to_dict(defn: JobDefinition) -> dict[str, Any]:
                 "environment": dict(g.environment),
                 "gpu_bind": g.gpu_bind,
             }
+            if g.mpi != "none" or defn.mpi != "none":
+                gd["mpi"] = g.mpi
             if g.command is not None:
                 gd["command"] = list(g.command)
+            if g.container is not None:
+                gd["container"] = container_to_dict(g.container)
             groups.append(gd)
         d["multinode"] = {
             "num_nodes": mn.num_nodes,
@@ -114,11 +120,24 @@ def definition_to_dict(defn: JobDefinition) -> dict[str, Any]:
         ]
     d["tasks_per_node"] = defn.tasks_per_node
     d["gpu_bind"] = defn.gpu_bind
+    if defn.mpi != "none":
+        d["mpi"] = defn.mpi
     d["aws_batch_env"] = defn.aws_batch_env
     if defn.cwd is not None:
         d["cwd"] = defn.cwd
     if defn.python_env is not None:
         d["python_env"] = defn.python_env
+    if defn.container is not None:
+        d["container"] = container_to_dict(defn.container)
+    if defn.tags:
+        d["tags"] = dict(defn.tags)
+    return d
+
+
+def _rule_dict(r: RetryRule) -> dict[str, str]:
+    d = {"on_exit_code": r.on_exit_code, "on_reason": r.on_reason, "action": r.action}
+    if r.on_status_reason != "*":
+        d["on_status_reason"] = r.on_status_reason
     return d
 
 
@@ -260,6 +279,8 @@ def _apply(raw: dict[str, Any], overrides: Mapping[str, Any]) -> set[str]:
             raw[opt.path] = [*raw.get(opt.path, []), *items]
         elif opt.edit == "merge":
             raw[opt.path] = {**raw.get(opt.path, {}), **value}
+        elif opt.edit == "container":
+            _edit_containers(raw, groups, opt, value)
         elif opt.edit == "env":
             raw["environment"] = {**raw.get("environment", {}), **value}
             for g in groups:  # --env K=V wins over a group's own K
@@ -268,6 +289,29 @@ def _apply(raw: dict[str, Any], overrides: Mapping[str, Any]) -> set[str]:
         else:  # pragma: no cover - the table is checked by the tests
             raise AssertionError(f"{opt.flag}: unknown edit {opt.edit!r}")
     return given
+
+
+def _edit_containers(
+    raw: dict[str, Any], groups: list[dict[str, Any]], opt: Override, value: Any
+) -> None:
+    """``--image``/``--mount``: in the job's ``[container]`` and in every group's own
+    ``container`` (a group's wins over the job's, so it must change too). ``--image``
+    makes the job's table when there is none; ``--mount`` needs a container."""
+    if "container" not in raw:
+        if opt.multiple:
+            fail(
+                COMMAND_LINE,
+                opt.flag,
+                "needs a container to mount into; give --image IMAGE or a [container] table",
+            )
+        raw["container"] = {}
+    tables = [raw["container"], *(g["container"] for g in groups if "container" in g)]
+    for table in tables:
+        if opt.multiple:
+            items = [value] if isinstance(value, str) else list(value)
+            table[opt.path] = [*table.get(opt.path, []), *items]
+        else:
+            table[opt.path] = value
 
 
 def _put(table: dict[str, Any], path: str, value: object) -> None:

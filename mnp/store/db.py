@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from mnp.errors import InfraError
-from mnp.store import purges, reads
+from mnp.store import purges, reads, registry
 from mnp.store.purges import PURGE_CHUNK, SWEEP_BUDGET
 from mnp.store.reads import ReadApi
 from mnp.store.schema import analyze, connect, transaction
@@ -339,6 +340,19 @@ class Store(ReadApi):
         self._writable()
         with self._guard("writing meta"):
             self.conn.execute(SET_META, ("events_file_stale", "0"))
+
+    def register_definition(self, name: str, body: dict[str, Any], source: str) -> int:
+        """Store a definition as the next revision of ``name``; its revision. Committed
+        at once (``mnp.store.registry``)."""
+        self._writable()
+        with self._guard("registering a definition"), transaction(self.conn):
+            return registry.register(self.conn, name, body, source, time.time())
+
+    def deregister_definition(self, name: str, revision: int) -> str | None:
+        """Make ``name:revision`` INACTIVE, at once; its status before (None: none such)."""
+        self._writable()
+        with self._guard("deregistering a definition"), transaction(self.conn):
+            return registry.deregister(self.conn, name, revision)
 
     def raise_floors(self, *, next_job_id: int = 0, event_seq: int = 0) -> None:
         """Hand out no job id below ``next_job_id`` and no event seq up to ``event_seq``

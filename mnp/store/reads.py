@@ -13,19 +13,19 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from mnp import jobref
 from mnp.errors import InfraError
 from mnp.jobid import split, top_of
-from mnp.store import codec
-from mnp.store.codec import Row
+from mnp.store import codec, registry
+from mnp.store.codec import FINISHED_STATES as FINISHED_STATES
+from mnp.store.codec import UNFINISHED_STATES as UNFINISHED_STATES
+from mnp.store.codec import Row, key
+from mnp.store.codec import scalar as scalar
+from mnp.store.gaps import gap_of, gap_rows, gaps, unreleased_child
 from mnp.store.schema import JOB_COLUMNS, SUMMARY_COLUMNS, guard
 
-# mnp.model's JobState values, spelt out so that a reader (`mnp list`) does not
-# import the model; tests/unit/test_store.py checks that they agree.
-FINISHED_STATES = ("FAILED", "SUCCEEDED")
-UNFINISHED_STATES = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
 TERMINAL_SQL = ", ".join(f"'{s}'" for s in FINISHED_STATES)
 _UNFINISHED_SQL = ", ".join(f"'{s}'" for s in UNFINISHED_STATES)
 _SUMMARY = SUMMARY_SELECT = ", ".join(SUMMARY_COLUMNS)
@@ -54,24 +54,6 @@ def _snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("COMMIT")
 
 
-def key(value: str) -> str | bytes:
-    """A name or id given by a user, as a query parameter. One that is not valid Unicode
-    (bytes that were not UTF-8, as surrogate escapes), which sqlite3 cannot bind as
-    text, is bound as a BLOB: it equals no stored name, so the query finds nothing."""
-    if value.isascii():
-        return value
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "surrogatepass")
-    return value
-
-
-def scalar(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) -> Any:
-    row = conn.execute(sql, params).fetchone()
-    return None if row is None else row[0]
-
-
 def rows(cursor: sqlite3.Cursor) -> list[Row]:
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, r, strict=False)) for r in cursor.fetchall()]
@@ -96,7 +78,7 @@ def state_and_size(conn: sqlite3.Connection, job_id: str) -> tuple[str, int | No
     sql = "SELECT state, array_size FROM jobs WHERE id = ?"
     row = conn.execute(sql, (key(job_id),)).fetchone()
     if row is None:
-        gap = _unreleased_child(conn, job_id)
+        gap = unreleased_child(conn, job_id)
         return None if gap is None else (gap.state, None)
     return (str(row[0]), row[1])
 
@@ -116,139 +98,69 @@ def _definition(conn: sqlite3.Connection, job_id: str) -> Any:
     return None if text is None else json.loads(text)
 
 
-# --- array children not released yet ------------------------------------------------
-#
-# An array is stored as its parent row; a child gets its row (and events) when the
-# controller releases it (``mnp.sched.lifecycle.room``), in index order. The others,
-# indexes ``released`` to ``array_size - 1``, are read here as the rows they stand
-# for: PENDING, or RUNNABLE for an array released at once (no parallelism, SEQUENTIAL
-# or N_TO_N dependency) once its own dependencies are met (a child was released).
-
-_GAP_PARENTS = (
-    "SELECT seq, id, name, queue, type, state, created, definition, depends_on, "
-    "array_size, num_nodes FROM jobs"
-)
-
-
-class Gap(NamedTuple):
-    """The children of array ``parent`` not released yet: indexes ``first`` to
-    ``size - 1``, each in ``state``."""
-
-    parent: str
-    seq: int
-    name: str | None
-    queue: str | None
-    type: str | None
-    created: float | None
-    num_nodes: int | None
-    first: int
-    size: int
-    state: str
-
-    def row(self, index: int) -> Row:
-        """Child ``index``'s ``list_jobs`` row."""
-        return {
-            "seq": self.seq + 1 + index,
-            "id": f"{self.parent}:{index}",
-            "parent": self.parent,
-            "array_index": index,
-            "name": self.name,
-            "queue": self.queue,
-            "type": self.type,
-            "state": self.state,
-            "reason": None,
-            "created": self.created,
-            "started": None,
-            "stopped": None,
-            "exit_code": None,
-            "signal": None,
-            "attempt_count": 0,
-            "timed_out": False,
-            "depends_on": [],
-            "array_size": None,
-            "num_nodes": self.num_nodes,
-        }
-
-
-def _gap(conn: sqlite3.Connection, parent: tuple[Any, ...]) -> Gap | None:
-    seq, job_id, name, queue, type_, state, created, definition, deps, size, nodes = parent
-    if not size or state in FINISHED_STATES:
-        return None
-    released = scalar(conn, "SELECT count(*) FROM jobs WHERE parent = ?", (job_id,)) or 0
-    if released >= size:
-        return None
-    arr = (json.loads(definition) if definition else {}).get("array") or {}
-    n_to_n = any(str(d).endswith(":N_TO_N") for d in (json.loads(deps) if deps else ()))
-    at_once = released > 0 and not arr.get("parallelism") and not arr.get("sequential")
-    waits = "RUNNABLE" if at_once and not n_to_n else "PENDING"
-    return Gap(job_id, seq, name, queue, type_, created, nodes, released, size, waits)
-
-
-def gap_of(conn: sqlite3.Connection, parent_id: str) -> Gap | None:
-    """The unreleased children of array ``parent_id``, or None (none, or no array)."""
-    found = conn.execute(
-        f"{_GAP_PARENTS} WHERE id = ? AND parent IS NULL", (key(parent_id),)
-    ).fetchone()
-    return None if found is None else _gap(conn, found)
-
-
-def gaps(conn: sqlite3.Connection) -> list[Gap]:
-    """Every unfinished array's unreleased children, in seq order."""
-    found = conn.execute(
-        f"{_GAP_PARENTS} WHERE parent IS NULL AND array_size IS NOT NULL "
-        f"AND state IN ({_UNFINISHED_SQL}) ORDER BY seq"
-    ).fetchall()
-    return [g for g in (_gap(conn, p) for p in found) if g is not None]
-
-
-def _unreleased_child(conn: sqlite3.Connection, job_id: str) -> Gap | None:
-    """The gap that child ``job_id`` (``42:7``) lies in, or None."""
-    root, sep, index = job_id.partition(":")
-    if not sep or not index.isdigit():
-        return None
-    gap = gap_of(conn, root)
-    return gap if gap is not None and gap.first <= int(index) < gap.size else None
-
-
-_GAP_SQL = (
-    "WITH RECURSIVE n(i) AS (SELECT ? UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?), "
-    "jobs AS (SELECT ? + 1 + i AS seq, ? || ':' || i AS id, ? AS parent, i AS array_index, "
-    "? AS name, ? AS queue, ? AS type, ? AS state, NULL AS reason, ? AS created, "
-    "NULL AS started, NULL AS stopped, NULL AS exit_code, NULL AS signal, "
-    "0 AS attempt_count, 0 AS timed_out, NULL AS definition, NULL AS depends_on, "
-    "NULL AS array_size, ? AS num_nodes FROM n) "
-)
-
-
-def gap_rows(
-    conn: sqlite3.Connection, select: str, where: list[str], params: list[Any], gap: Gap
-) -> list[tuple[Any, ...]]:
-    """``SELECT seq, {select}`` over the unreleased children of ``gap`` as the rows they
-    stand for, filtered by ``where`` (the same terms as over the jobs table)."""
-    sql = _GAP_SQL + f"SELECT seq, {select} FROM jobs"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    values = (
-        gap.first,
-        gap.size,
-        gap.seq,
-        gap.parent,
-        gap.parent,
-        gap.name,
-        gap.queue,
-        gap.type,
-        gap.state,
-        gap.created,
-        gap.num_nodes,
+def job_tags(conn: sqlite3.Connection, ids: list[str]) -> dict[str, dict[str, str]]:
+    """Each job's definition ``tags`` (an array child: its parent's), by id."""
+    out: dict[str, dict[str, str]] = {}
+    sql = (
+        "SELECT j.id, COALESCE(j.definition, p.definition) FROM jobs j "
+        "LEFT JOIN jobs p ON p.id = j.parent WHERE j.id IN ({})"
     )
-    return conn.execute(sql, [*values, *params]).fetchall()
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        for job_id, text in conn.execute(sql.format(marks), [key(j) for j in chunk]):
+            tags = (json.loads(text) or {}).get("tags") if text else None
+            if isinstance(tags, dict):
+                out[str(job_id)] = {str(k): str(v) for k, v in tags.items()}
+    # an array child not released yet has no row: its parent's tags
+    unreleased = [j for j in ids if j not in out and ":" in j]
+    if unreleased:
+        parents = job_tags(conn, sorted({j.partition(":")[0] for j in unreleased}))
+        for j in unreleased:
+            found = parents.get(j.partition(":")[0])
+            if found is not None:
+                out[j] = found
+    return out
+
+
+def attempt_spans(conn: sqlite3.Connection, since: float | None, root: str | None) -> list[Row]:
+    """Attempts that ran (placed) and had not stopped before ``since``; ``root``: only
+    that job's and its array children's. Each: ``job_id``, ``number``, ``queue``,
+    ``hosts``, ``start`` (running, else placed), ``stop`` (None: still running),
+    ``state`` (the attempt's final state, None while it runs)."""
+    sql = (
+        "SELECT a.job_id, a.number, j.queue, a.hosts, COALESCE(a.running_at, a.placed_at),"
+        " a.stopped_at, a.final_state FROM attempts a JOIN jobs j ON j.id = a.job_id"
+        " WHERE COALESCE(a.running_at, a.placed_at) IS NOT NULL"
+    )
+    params: list[Any] = []
+    if since is not None:
+        sql += " AND (a.stopped_at IS NULL OR a.stopped_at >= ?)"
+        params.append(since)
+    if root is not None:
+        sql += " AND (a.job_id = ? OR (a.job_id >= ? AND a.job_id < ?))"
+        params += [key(root), key(root + ":"), key(root + ";")]  # ';' follows ':'
+    out = []
+    for job_id, number, queue, hosts, start, stop, state in conn.execute(sql, params):
+        out.append(
+            {
+                "job_id": job_id,
+                "number": number,
+                "queue": queue,
+                "hosts": json.loads(hosts) if hosts else [],
+                "start": start,
+                "stop": stop,
+                "state": state,
+            }
+        )
+    return out
 
 
 def get_job(conn: sqlite3.Connection, job_id: str) -> Row | None:
     with _snapshot(conn):
         found = rows(conn.execute(f"SELECT {_JOBS} FROM jobs WHERE id = ?", (key(job_id),)))
         if not found:
-            gap = _unreleased_child(conn, job_id)
+            gap = unreleased_child(conn, job_id)
             if gap is None:
                 return None
             job = gap.row(int(job_id.partition(":")[2]))
@@ -576,6 +488,26 @@ class ReadApi:
         (state -> n). An array child carries its parent's ``definition``."""
         with self._guard("reading a job"):
             return get_job(self.conn, job_id)
+
+    def attempt_spans(self, since: float | None = None, root: str | None = None) -> list[Row]:
+        """When each attempt ran, on which hosts (``mnp plot``; see ``attempt_spans``)."""
+        with self._guard("reading attempts"):
+            return attempt_spans(self.conn, since, root)
+
+    def job_tags(self, ids: list[str]) -> dict[str, dict[str, str]]:
+        """The tags of the jobs ``ids`` that have any, by id."""
+        with self._guard("reading tags"):
+            return job_tags(self.conn, ids)
+
+    def definitions(self, name: str | None = None) -> list[Row]:
+        """Registered definitions (of ``name``), every revision, without bodies."""
+        with self._guard("reading definitions"):
+            return registry.listing(self.conn, name)
+
+    def definition(self, name: str, revision: int | None = None) -> Row | None:
+        """A registered definition with its body; ``revision`` None: the newest ACTIVE."""
+        with self._guard("reading definitions"):
+            return registry.get(self.conn, name, revision)
 
     def resolve(self, ref: str) -> str | None:
         """The job id ``ref`` refers to (``mnp.jobref``): an id, or a name for the newest

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from mnp.errors import InfraError
 from mnp.files import NotARegularFile, open_regular
+from mnp.store import registry
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 READS_FROM = 1
 """The oldest version a reader takes as it is: raise it with a migration that
 changes tables or columns (not with one that only adds an index)."""
@@ -110,6 +111,7 @@ _SCHEMA: tuple[str, ...] = (
     "CREATE INDEX events_job ON events(job_id)",
     "CREATE INDEX events_root ON events(root)",
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID",
+    registry.TABLE,
 )
 
 # version N -> statements that turn it into N + 1
@@ -118,6 +120,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # what each task used. Readers of version 1 and 2 go on: they read attempts with
     # SELECT * and take a missing usage as none (codec.decode_attempt)
     2: ("ALTER TABLE attempts ADD COLUMN usage TEXT",),
+    # registered definitions (mnp definitions). Readers of version 1 to 3 go on: a
+    # file without the table holds none (registry._exists)
+    3: (registry.TABLE,),
 }
 
 JOB_COLUMNS = (

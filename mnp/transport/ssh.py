@@ -52,37 +52,28 @@ import logging
 import os
 import shlex
 import socket
-from pathlib import Path
 
 import asyncssh
 
 from mnp.errors import HostKeyError, TransportError
 from mnp.model import HostSpec, Inventory, SshOptions
 from mnp.transport.base import AgentStream, Transport
-from mnp.transport.bootstrap import BOOTSTRAP, SOURCE_REQUEST
+from mnp.transport.bootstrap import SOURCE_REQUEST
 from mnp.transport.bootstrap import agent_blob as _agent_blob
+from mnp.transport.sshcommon import (
+    CLOSE_WAIT,
+    GLOBAL_KNOWN_HOSTS,
+    NOISE_LIMIT,
+    STDERR_TAIL,
+    SshError,
+    agent_command,
+    config_files,
+    identity_files,
+)
 
 log = logging.getLogger("mnp")
 
-GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 KEEPALIVE_INTERVAL = 30.0  # seconds; a silent peer is declared lost after 3 of these
-STDERR_TAIL = 4096
-CLOSE_WAIT = 5.0  # seconds the agent gets to tear down after its stdin closes
-NOISE_LIMIT = 64 * 1024  # bytes of login-shell chatter tolerated before the agent's first line
-
-
-class SshError(TransportError):
-    """A ``TransportError`` that says which step failed (``category``)."""
-
-    def __init__(self, host: str, category: str, detail: str) -> None:
-        super().__init__(f"{host}: {category}: {detail}")
-        self.host = host
-        self.category = category
-
-
-def agent_command(python: str, agent_args: list[str]) -> str:
-    """The exec request's command line: every word quoted for the remote shell."""
-    return shlex.join([python, "-c", BOOTSTRAP, "--parent-death", *agent_args])
 
 
 class _Client(asyncssh.SSHClient):
@@ -305,14 +296,7 @@ class SshTransport(Transport):
 
     def _config_files(self, host: HostSpec) -> list[str]:
         """The inventory's ssh_config files, then ~/.ssh/config (first value wins)."""
-        files = [os.path.expanduser(c) for c in host.ssh.config]
-        for f in files:
-            if not os.path.isfile(f):
-                raise SshError(host.name, "config", f"ssh config file {f} does not exist")
-        user = Path("~/.ssh/config").expanduser()
-        if os.path.isfile(user) and os.access(user, os.R_OK):  # never a FIFO: it would block
-            files.append(str(user))
-        return files
+        return config_files(host)
 
     def _options(self, host: HostSpec) -> dict[str, object]:
         """asyncssh.connect's keyword arguments: explicit inventory options over ssh_config."""
@@ -329,11 +313,7 @@ class SshTransport(Transport):
         if opts.port:
             kwargs["port"] = opts.port
         if opts.identity:
-            keys = [os.path.expanduser(k) for k in opts.identity]
-            missing = [k for k in keys if not os.path.isfile(k)]
-            if missing:
-                raise SshError(host.name, "config", f"identity file {missing[0]} does not exist")
-            kwargs["client_keys"] = keys
+            kwargs["client_keys"] = identity_files(host)
         return kwargs
 
     async def _connect(self, host: HostSpec) -> asyncssh.SSHClientConnection:

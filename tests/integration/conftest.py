@@ -18,6 +18,9 @@ from tests.integration.sshd import SshdCluster, SshdUnavailable
 from tests.integration.test_agent_driver import Agent
 
 SshdFactory = Callable[[int], SshdCluster]
+SSH_TRANSPORTS = [
+    t for t in ("asyncssh", "openssh") if os.environ.get("MNP_TEST_SSH_TRANSPORT", t) == t
+]
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +50,12 @@ def sshd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdFacto
             c.close()
 
 
-@pytest.fixture(scope="session")
-def sshd_hosts(sshd_factory: SshdFactory) -> SshdCluster:
-    """Four OpenSSH servers, sshd-1..sshd-4 on 127.0.0.2-5 (see sshd.py)."""
-    return sshd_factory(4)
+@pytest.fixture(scope="session", params=SSH_TRANSPORTS)
+def sshd_hosts(sshd_factory: SshdFactory, request: pytest.FixtureRequest) -> SshdCluster:
+    """Four OpenSSH servers, sshd-1..sshd-4 on 127.0.0.2-5 (see sshd.py), their inventories
+    using each SSH transport in turn (``[ssh] transport``): every SSH test runs on both.
+    ``MNP_TEST_SSH_TRANSPORT=openssh`` (or ``asyncssh``) runs only that one."""
+    return sshd_factory(4).with_transport(request.param)
 
 
 @pytest.fixture(scope="session")

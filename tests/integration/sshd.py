@@ -19,6 +19,7 @@ key for root. It writes next to them:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -91,6 +92,17 @@ class SshdCluster:
     python_mnp: Path
     python_nomnp: Path
     _extra: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    ssh_transport: str = "asyncssh"  # the inventories' [ssh] transport
+
+    def with_transport(self, name: str) -> SshdCluster:
+        """The same servers, with inventories (and ``inventory.toml``) that use ``name``."""
+        if name == self.ssh_transport:
+            return self
+        other = dataclasses.replace(
+            self, ssh_transport=name, inventory_toml=self.root / f"inventory-{name}.toml"
+        )
+        other.inventory_toml.write_text(other.toml())
+        return other
 
     # --- building -----------------------------------------------------------
 
@@ -195,6 +207,7 @@ class SshdCluster:
             "connect_timeout": 10.0,
             "python": str(self.python_mnp),
             "config": (str(self.ssh_config),),
+            "transport": self.ssh_transport,
         }
         values.update(overrides)
         return SshOptions(**values)  # type: ignore[arg-type]
@@ -224,6 +237,7 @@ class SshdCluster:
             'connect_timeout = "10s"',
             f'python = "{self.python_mnp}"',
             f'config = ["{self.ssh_config}"]',
+            f'transport = "{self.ssh_transport}"',
         ]
         for h in self.hosts:
             lines += ["", "[[hosts]]", f'names = "{h.name}"', f'address = "{h.address}"']

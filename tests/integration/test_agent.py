@@ -398,7 +398,10 @@ def test_bundle_on_too_old_python_says_so(python: str) -> None:
 
 
 def test_bundle_readable_form_runs(tmp_path: Path) -> None:
-    a = Agent(cmd=[PY, "-I", "-c", bundle_source(compress=False), "--ctl", CTL], cwd=tmp_path)
+    # from a file: the readable form outgrew the 128 KiB one argument may hold
+    script = tmp_path / "agent_bundle.py"
+    script.write_text(bundle_source(compress=False))
+    a = Agent(cmd=[PY, "-I", str(script), "--ctl", CTL], cwd=tmp_path)
     try:
         a.run("r", ["true"])
     finally:

@@ -67,6 +67,10 @@ CASES = [
     (["events", "--since", "abc"], "--since"),
     (["terminate", "1"], "--reason"),
     (["controller", "start", "--local-nodes", "100000"], "--local-nodes"),
+    (["run", "--mount", "/a:/b", "--", "true"], "--mount: needs a container"),
+    (["run", "--image", "x", "--mount", "a:/b", "--", "true"], "--mount"),
+    (["run", "--image", "x", "--mount", "/a", "--", "true"], "not a mount"),
+    (["run", "--image", "", "--", "true"], "--image"),
 ]
 
 

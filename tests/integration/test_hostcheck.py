@@ -10,11 +10,11 @@ import pytest
 
 from mnp.hostcheck import HostReport, check_hosts, format_table, to_json
 from mnp.model import HostSpec, Inventory
+from mnp.transport import transports_for
 from mnp.transport.base import Transport
 from mnp.transport.local import LocalTransport
-from mnp.transport.ssh import SshTransport
 from tests.helpers import procs_with_env
-from tests.integration.conftest import SshdFactory
+from tests.integration.conftest import SSH_TRANSPORTS, SshdFactory
 from tests.integration.sshd import SshdCluster
 
 
@@ -25,7 +25,7 @@ def _with(inv: Inventory, extra: list[HostSpec]) -> Inventory:
 async def _check(inv: Inventory, python: str) -> tuple[list[HostReport], float, str]:
     token = f"hc-{uuid.uuid4().hex[:12]}"
     transports: dict[str, Transport] = {
-        "ssh": SshTransport(inv),
+        "ssh": transports_for(inv)["ssh"],
         "local": LocalTransport(python),
     }
     t0 = time.monotonic()
@@ -80,8 +80,9 @@ async def test_check_hosts_reports_each_host(sshd_hosts: SshdCluster) -> None:
 
 
 @pytest.mark.ssh
-async def test_check_sixteen_hosts(sshd_factory: SshdFactory) -> None:
-    cluster = sshd_factory(16)
+@pytest.mark.parametrize("ssh_transport", SSH_TRANSPORTS)
+async def test_check_sixteen_hosts(sshd_factory: SshdFactory, ssh_transport: str) -> None:
+    cluster = sshd_factory(16).with_transport(ssh_transport)
     reports, elapsed, _ = await _check(cluster.inventory(), str(cluster.python_mnp))
     assert [r.ok for r in reports] == [True] * 16, format_table(reports)
     assert elapsed < 30, elapsed

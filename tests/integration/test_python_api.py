@@ -62,9 +62,11 @@ def test_submit_a_dict_and_a_file_then_wait_and_describe(
 
 
 def test_list_filters_and_command_overrides(client: mnp.Client) -> None:
-    a = client.submit(command=["true"], name="a")
-    b = client.submit(command=["sh", "-c", "exit 1"], name="b")
-    c = client.submit(command=["sh", "-c", "echo $MNP_ARRAY_INDEX"], name="c", array_size=3)
+    a = client.submit(command=["true"], name="a", tags={"team": "x", "run": "1"})
+    b = client.submit({"name": "b", "command": ["sh", "-c", "exit 1"], "tags": {"team": "y"}})
+    c = client.submit(
+        command=["sh", "-c", "echo $MNP_ARRAY_INDEX"], name="c", array_size=3, tags={"team": "x"}
+    )
     for j in (a, b, c):
         client.wait(j, timeout=60)
     assert [r["id"] for r in client.list()] == [a, b, c]
@@ -73,7 +75,27 @@ def test_list_filters_and_command_overrides(client: mnp.Client) -> None:
     assert client.list(queue="nope") == []
     assert [r["id"] for r in client.list(queue="default")] == [a, b, c]
     assert len(client.list(children=True)) == 6
-    assert client.list(tag="team=x") == []  # no job carries tags
+    assert [r["id"] for r in client.list(tag="team=x")] == [a, c]
+    assert [r["id"] for r in client.list(tag="team=y")] == [b]
+    assert [r["id"] for r in client.list(tag="team=x", children=True)] == [a, c, *[
+        f"{c}:{i}" for i in range(3)]]  # fmt: skip
+    assert client.list(tag="team=z") == [] and client.list(tag="run=2") == []
+    with pytest.raises(UsageError, match="expected KEY=VALUE"):
+        client.list(tag="team")
+    assert client.describe(a)["tags"] == {"team": "x", "run": "1"}
+    assert client.describe(f"{c}:1")["tags"] == {"team": "x"}
+    env = {"MNP_HOME": str(client.home)}
+    assert "tags:        run=1, team=x" in mnp_cli("describe", a, env=env).stdout
+    table = mnp_cli("list", "--tag", "team=y", env=env).stdout.splitlines()
+    assert [line.split()[0] for line in table[1:]] == [b]
+    listed = json.loads(mnp_cli("list", "--tag", "team=x", "--json", env=env).stdout)
+    assert [r["id"] for r in listed] == [a, c]
+    # every event of a tagged job carries its tags; an untagged job's none
+    evs = list(client.events())
+    of_a = [e for e in evs if e["job_id"] == a]
+    assert of_a and all(e["tags"] == {"team": "x", "run": "1"} for e in of_a)
+    of_c = [e for e in evs if e["job_id"] == c or e["job_id"].startswith(c + ":")]
+    assert len(of_c) > 3 and all(e["tags"] == {"team": "x"} for e in of_c)
     assert client.logs(c) == "0: 0\n1: 1\n2: 2\n"
     assert client.logs(f"{c}:1") == "1\n"
 
@@ -182,5 +204,5 @@ def test_the_readme_example_runs_verbatim(home: Path, tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[:3] == ["SUCCEEDED", "hello from 1", "['SUCCEEDED', 'SUCCEEDED']"]
+    assert lines[:4] == ["SUCCEEDED", "hello from 1", "['SUCCEEDED', 'SUCCEEDED']", "['2']"]
     assert lines[-1].endswith(" 2 SUCCEEDED")

@@ -119,6 +119,22 @@ def test_mpi_hello_over_srun(slurm_cluster: SlurmCluster, tmp_path: Path) -> Non
     assert "allreduce ok: sum of ranks = 1; 2 distinct nodes" in out, out
 
 
+def test_direct_mpi_launch_over_srun(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """nodegroups/pmi-hello.toml on 2 nodes x 2 ranks: the agents (srun steps) start the
+    ranks and serve them PMI; no mpiexec, no SSH."""
+    root = shlex.quote(str(Path(__file__).resolve().parents[2]))
+    out = _batch(
+        slurm_cluster,
+        tmp_path,
+        f'cd {root}\n$MNP run --inventory slurm --nodes 2 nodegroups/pmi-hello.toml\necho "rc=$?"',
+    )
+    assert "rc=0" in out.splitlines(), out
+    for rank in range(4):
+        node = rank // 2
+        assert f"hello from rank {rank} of 4 on node {node} (n{node + 1})" in out, out
+    assert "allreduce ok: sum of ranks = 6; 2 distinct nodes" in out, out
+
+
 def test_cancelled_agent_step_is_host_lost(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """``scancel`` of the step that carries node 1's agent: ``Host lost: NODE``, and the
     job's second attempt runs on the allocation's spare node."""

@@ -11,14 +11,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from mnp.errors import HostKeyError, TransportError
 from mnp.model import HostSpec, Inventory
-from mnp.transport.base import AgentConnection, Event
-from mnp.transport.ssh import SshError, SshTransport, _SshStream
+from mnp.transport import transports_for
+from mnp.transport.base import AgentConnection, Event, Transport
+from mnp.transport.sshcommon import SshError
 from tests.helpers import procs_with_env
 from tests.integration.sshd import SshdCluster
 
@@ -42,7 +44,7 @@ def _agent_written() -> None:
 class Agents:
     """Agents opened through one transport, with every event and loss they report."""
 
-    def __init__(self, transport: SshTransport, token: str) -> None:
+    def __init__(self, transport: Transport, token: str) -> None:
         self.transport = transport
         self.token = token
         self.conns: dict[str, AgentConnection] = {}
@@ -104,11 +106,21 @@ def token() -> str:
 
 @pytest.fixture
 async def agents(sshd_hosts: SshdCluster, token: str) -> AsyncIterator[Agents]:
-    a = Agents(SshTransport(sshd_hosts.inventory()), token)
+    a = Agents(_transport(sshd_hosts.inventory()), token)
     try:
         yield a
     finally:
         await a.close()
+
+
+def _transport(inventory: Inventory) -> Any:
+    """The inventory's SSH transport (asyncssh or OpenSSH, per its ``[ssh] transport``)."""
+    return transports_for(inventory)["ssh"]
+
+
+def _is_ssh_stream(stream: object) -> bool:
+    """One of the SSH transports' streams (they say whether the agent's source was shipped)."""
+    return type(stream).__name__ in ("_SshStream", "_OpenSshStream") and hasattr(stream, "shipped")
 
 
 def procs_with_arg(text: str) -> list[psutil.Process]:
@@ -132,7 +144,7 @@ async def test_tasks_on_four_hosts(sshd_hosts: SshdCluster, agents: Agents) -> N
     conns = await asyncio.gather(*(agents.open(h) for h in inv.hosts))
     for conn in conns:
         assert conn.facts["cores"] >= 1 and conn.facts["memory"] > 0
-        assert isinstance(conn.stream, _SshStream) and not conn.stream.shipped
+        assert _is_ssh_stream(conn.stream) and not conn.stream.shipped
     for i, h in enumerate(inv.hosts):
         exited, out = await agents.run(h.name, f"{i}", ["echo", "hello", h.name])
         assert (exited["code"], out) == (0, f"hello {h.name}\n")
@@ -163,7 +175,7 @@ async def test_unknown_host_key_is_refused_before_login(
     kh = sshd_hosts.known_hosts_file(tmp_path / "known_hosts", without=("sshd-2",))
     inv = sshd_hosts.inventory(known_hosts=str(kh))
     before = accepted(sshd_hosts, "sshd-2")
-    t = SshTransport(inv)
+    t = _transport(inv)
     try:
         with pytest.raises(HostKeyError) as err:
             await t.open(inv.host("sshd-2"), ["--ctl", token])
@@ -188,7 +200,7 @@ async def test_changed_host_key_is_refused(
     kh = sshd_hosts.known_hosts_file(tmp_path / "known_hosts", replace={"sshd-3": other})
     inv = sshd_hosts.inventory(known_hosts=str(kh))
     before = accepted(sshd_hosts, "sshd-3")
-    t = SshTransport(inv)
+    t = _transport(inv)
     try:
         with pytest.raises(HostKeyError, match="CHANGED") as err:
             await t.open(inv.host("sshd-3"), ["--ctl", token])
@@ -204,7 +216,7 @@ async def test_known_hosts_none_skips_checks(sshd_hosts: SshdCluster, token: str
     """``known_hosts = "none"`` connects without host key checks (the warning is the CLI's
     and the controller's: test_security.py)."""
     inv = sshd_hosts.inventory(known_hosts="none")
-    a = Agents(SshTransport(inv), token)
+    a = Agents(_transport(inv), token)
     try:
         for h in inv.hosts[:2]:
             await a.open(h)
@@ -225,10 +237,10 @@ async def test_agent_source_is_shipped_where_mnp_is_not_installed(
         python = str(sshd_hosts.python_nomnp)
     assert not _imports_mnp(python)
     inv = sshd_hosts.inventory(python=python)
-    a = Agents(SshTransport(inv), token)
+    a = Agents(_transport(inv), token)
     try:
         conn = await a.open(inv.hosts[0])
-        assert isinstance(conn.stream, _SshStream) and conn.stream.shipped
+        assert _is_ssh_stream(conn.stream) and conn.stream.shipped
         assert conn.facts["ev"] == "ready" and conn.facts["cores"] >= 1
         exited, out = await a.run(inv.hosts[0].name, "7", ["sh", "-c", "echo $MNP_JOB_ID"])
         assert (exited["code"], out) == (0, "7\n")
@@ -245,10 +257,10 @@ async def test_a_chatty_login_shell_does_not_confuse_the_start(
     ):
         _write_script(tmp_path / name, f'echo "Welcome to the cluster"; echo; exec {target} "$@"')
         inv = sshd_hosts.inventory(python=str(tmp_path / name))
-        a = Agents(SshTransport(inv), token)
+        a = Agents(_transport(inv), token)
         try:
             conn = await a.open(inv.hosts[0])
-            assert isinstance(conn.stream, _SshStream)
+            assert _is_ssh_stream(conn.stream)
             assert conn.stream.shipped == (name == "chatty")
             exited, out = await a.run(inv.hosts[0].name, "1", ["echo", "fine"])
             assert out == "fine\n"
@@ -279,7 +291,8 @@ async def test_killed_ssh_session_kills_agent_and_tasks_and_reconnects(
     conn = await agents.open(h)
     conn.send({"op": "spawn", "tid": "5", "argv": ["sleep", "1000"], "env": {}})
     await agents.until(lambda: agents.of(h.name, "5", "started"))
-    (agent,) = procs_with_arg(token)
+    # the OpenSSH transport's local ``ssh`` session client carries the command line too
+    (agent,) = [p for p in procs_with_arg(token) if p.name() != "ssh"]
     listener = sshd_hosts.host(h.name).proc
     assert listener is not None
     sessions = [p for p in agent.parents() if p.name() == "sshd" and p.pid != listener.pid]
@@ -356,7 +369,7 @@ async def test_failures_say_what_failed(
             base.address,
             ssh=sshd_hosts.ssh_options(identity=(str(tmp_path / "missing"),)),
         )
-    t = SshTransport(Inventory("test", (host,), {}, {}))
+    t = _transport(Inventory("test", (host,), {}, {}))
     t0 = time.monotonic()
     try:
         with pytest.raises(TransportError) as err:
@@ -379,7 +392,7 @@ async def test_generated_inventory_loads(sshd_hosts: SshdCluster, token: str) ->
     assert [h.name for h in inv.hosts] == sshd_hosts.names
     assert [h.address for h in inv.hosts] == [h.address for h in sshd_hosts.hosts]
     assert inv.hosts[0].ssh == sshd_hosts.ssh_options()
-    a = Agents(SshTransport(inv), token)
+    a = Agents(_transport(inv), token)
     try:
         await a.open(inv.hosts[-1])
         exited, out = await a.run(inv.hosts[-1].name, "1", ["echo", "toml"])

@@ -174,6 +174,18 @@ def attempt_of(j: Job, final: JobState | None = None, **fields: Any) -> Attempt:
         ({"retry": {"attempts": 2, "evaluate_on_exit": [
             {"on_reason": "Host lost*", "action": "RETRY"}, {"on_reason": "*", "action": "EXIT"}]}},
          1, S.FAILED, None, "Host lost: n1", True, False, Retry("Host lost: n1")),
+        # on_status_reason: a glob on the attempt's status reason, with the other globs
+        ({"retry": {"attempts": 3, "evaluate_on_exit": [
+            {"on_status_reason": "Memory limit*", "action": "EXIT"}]}},
+         1, S.FAILED, 137, "Memory limit exceeded: 2GiB", True, False,
+         Finish(S.FAILED, "Memory limit exceeded: 2GiB")),
+        ({"retry": {"attempts": 3, "evaluate_on_exit": [
+            {"on_status_reason": "Memory limit*", "action": "EXIT"}]}},
+         1, S.FAILED, 137, "Host lost: n1", True, False, Retry("Host lost: n1")),
+        ({"retry": {"attempts": 3, "evaluate_on_exit": [
+            {"on_exit_code": "1", "on_status_reason": "Host lost*", "action": "RETRY"},
+            {"on_exit_code": "*", "action": "EXIT"}]}},
+         1, S.FAILED, 2, "Host lost: n1", True, False, Finish(S.FAILED, "Host lost: n1")),
     ],
 )  # fmt: skip
 def test_after_attempt(

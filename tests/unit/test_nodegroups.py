@@ -32,6 +32,22 @@ RUN_BY: dict[str, list[str]] = {
         "tests/integration/test_torch.py::test_ddp_on_four_local_nodes",
         "tests/integration/test_torch.py::test_ddp_on_four_sshd_hosts",
     ],
+    "container-hello.toml": [
+        "tests/integration/test_containers.py::test_container_hello_on_four_local_nodes",
+        "tests/integration/test_containers.py::test_container_hello_across_sshd_hosts",
+    ],
+    "pmi-hello.toml": [
+        "tests/integration/test_mpi_direct.py::test_nodegroups_hello_and_allreduce_on_local_nodes",
+        "tests/integration/test_mpi_direct.py::test_nodegroups_across_sshd_hosts",
+    ],
+    "pmi-allreduce.toml": [
+        "tests/integration/test_mpi_direct.py::test_nodegroups_hello_and_allreduce_on_local_nodes",
+        "tests/integration/test_mpi_direct.py::test_nodegroups_across_sshd_hosts",
+    ],
+    "pmi-mpmd.toml": [
+        "tests/integration/test_mpi_direct.py::test_mpmd_two_groups_on_local_nodes",
+        "tests/integration/test_mpi_direct.py::test_nodegroups_across_sshd_hosts",
+    ],
     "hetero.toml": [
         "tests/integration/test_mpi.py::test_heterogeneous_job_on_local_nodes",
         "tests/integration/test_mpi.py::test_heterogeneous_job_across_sshd_hosts",

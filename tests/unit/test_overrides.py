@@ -9,7 +9,7 @@ from mnp.cli import run, submit
 from mnp.overrides import OVERRIDES
 from mnp.spec import apply_overrides, definition_from_command
 
-EDITS = {"set", "every", "array", "append", "merge", "env", "nodes", ""}
+EDITS = {"set", "every", "array", "append", "merge", "env", "nodes", "container", ""}
 
 
 def test_table_is_well_formed() -> None:
@@ -57,7 +57,9 @@ def test_every_override_applies() -> None:
         timeout="90s",
         cwd="/tmp",
         python_env="none",
+        tags={"team": "x"},
     )
+    assert defn.tags == {"team": "x"}
     assert (defn.name, defn.queue, defn.parameters["x"], defn.environment["A"]) == (
         "n",
         "q",

@@ -50,6 +50,7 @@ evaluate_on_exit = [
   { on_exit_code = "137", action = "retry" },
   { on_exit_code = 1, action = "RETRY" },
   { on_reason = "Host lost*", action = "Exit" },
+  { on_status_reason = "Memory*", action = "EXIT" },
 ]
 [timeout]
 attempt_duration = "2h"
@@ -57,6 +58,9 @@ kill_grace = "10s"
 [array]
 size = 100
 parallelism = 10
+[tags]
+team = "vision"
+"cost/center" = "42"
 """
 
 
@@ -76,7 +80,9 @@ def test_full_single_array_definition() -> None:
         RetryRule(action="RETRY", on_exit_code="137"),
         RetryRule(action="RETRY", on_exit_code="1"),
         RetryRule(action="EXIT", on_reason="Host lost*"),
+        RetryRule(action="EXIT", on_status_reason="Memory*"),
     )
+    assert d.tags == {"team": "vision", "cost/center": "42"}
     assert (d.timeout.attempt_duration, d.timeout.kill_grace) == (7200.0, 10.0)
     assert d.array is not None and (d.array.size, d.array.parallelism) == (100, 10)
     assert d.depends_on == (
@@ -233,6 +239,9 @@ def test_overrides_change_fields_and_keep_the_source() -> None:
         ({"nodes": 0}, "<command line>:--nodes: 0 is out of range; allowed 1..1000"),
         ({"nodes": 1001}, "<command line>:--nodes: 1001 is out of range"),
         ({"cwd": ""}, "<command line>:--cwd: empty"),
+        ({"tags": {"a b": "1"}}, "<command line>:--tag: not a valid tag key; use 1 to 128"),
+        ({"tags": {"k": "x" * 257}}, "<command line>:--tag: use a value of at most 256"),
+        ({"tags": {f"k{i}": "v" for i in range(51)}}, "<command line>:--tag: 51 tags; allowed"),
     ],
 )
 def test_override_errors_name_the_option(overrides: dict[str, object], expected: str) -> None:
@@ -240,6 +249,23 @@ def test_override_errors_name_the_option(overrides: dict[str, object], expected:
         apply_overrides(single(), **overrides)  # type: ignore[arg-type]
     assert str(e.value).startswith(expected)
     assert "\n" not in str(e.value)
+
+
+def test_tag_overrides_merge_into_the_definitions_tags() -> None:
+    d = parse_definition(tomllib.loads(FULL), "job.toml")
+    o = apply_overrides(d, tags={"team": "nlp", "run": "7"})
+    assert o.tags == {"team": "nlp", "cost/center": "42", "run": "7"}
+    assert definition_from_command(["true"], tags={"k": ""}).tags == {"k": ""}
+    with pytest.raises(SpecError, match=r"j.toml:tags.x: use a value of at most 256"):
+        parse_definition({"name": "j", "command": ["true"], "tags": {"x": "a\nb"}}, "j.toml")
+    with pytest.raises(
+        SpecError, match=r"j.toml:retry.evaluate_on_exit\[0\].on_status_reason: use"
+    ):
+        parse_definition(
+            {"name": "j", "command": ["true"],
+             "retry": {"evaluate_on_exit": [{"on_status_reason": "", "action": "EXIT"}]}},
+            "j.toml",
+        )  # fmt: skip
 
 
 def test_nodes_turns_a_single_job_into_a_multinode_job() -> None:

@@ -267,6 +267,53 @@ DEFINITIONS: list[tuple[str, str | bytes, str]] = [
     ("tasks-single", CMD + "tasks_per_node = 2\n", "job.toml:tasks_per_node: 2 is not allowed"),
     ("aws-env-string", CMD + 'aws_batch_env = "yes"\n', "job.toml:aws_batch_env: expected true or"),
     ("newline-key", CMD + '[environment]\n"A\\nB" = "1"\n', 'job.toml:environment."A\\nB": not a'),
+    # issue 14: containers
+    (
+        "container-no-image",
+        CMD + '[container]\nruntime = "podman"\n',
+        "job.toml:container.image: missing",
+    ),
+    (
+        "container-bad-runtime",
+        CMD + '[container]\nimage = "x"\nruntime = "lxc"\n',
+        'job.toml:container.runtime: "lxc" is not allowed; use one of "auto", "podman", "docker"',
+    ),
+    (
+        "container-relative-mount",
+        CMD + '[container]\nimage = "x"\nmounts = ["data:/data"]\n',
+        'job.toml:container.mounts[0]: "data:/data": the host path "data" is not absolute',
+    ),
+    (
+        "container-malformed-mount",
+        CMD + '[container]\nimage = "x"\nmounts = ["/data"]\n',
+        'job.toml:container.mounts[0]: "/data" is not a mount; use "HOST:CONTAINER"',
+    ),
+    (
+        "container-mount-mode",
+        CMD + '[container]\nimage = "x"\nmounts = ["/a:/b:rx"]\n',
+        'job.toml:container.mounts[0]: "/a:/b:rx" is not a mount',
+    ),
+    (
+        "container-image-option",
+        CMD + '[container]\nimage = "--privileged"\n',
+        'job.toml:container.image: "--privileged" is not an image reference',
+    ),
+    ("container-not-table", CMD + 'container = "x"\n', "job.toml:container: expected a table"),
+    (
+        "container-unknown",
+        CMD + '[container]\nimage = "x"\nvolumes = []\n',
+        "job.toml:container.volumes: unknown field",
+    ),
+    (
+        "container-options-string",
+        CMD + '[container]\nimage = "x"\noptions = "--init"\n',
+        "job.toml:container.options: expected an array of strings",
+    ),
+    (
+        "group-container-no-image",
+        groups(":") + 'container = { runtime = "docker" }\n',
+        "job.toml:multinode.groups[0].container.image: missing",
+    ),
 ]
 
 INVENTORIES: list[tuple[str, str | bytes, str]] = [
@@ -305,6 +352,16 @@ INVENTORIES: list[tuple[str, str | bytes, str]] = [
     ),
     ("bad-ssh-port", "[ssh]\nport = 70000\n" + HOSTS, "inv.toml:ssh.port: 70000 is out of range"),
     ("bad-ssh-field", '[ssh]\npassword = "x"\n' + HOSTS, "inv.toml:ssh.password: unknown field"),
+    (
+        "bad-ssh-transport",
+        '[ssh]\ntransport = "paramiko"\n' + HOSTS,
+        'inv.toml:ssh.transport: "paramiko" is not allowed; use one of',
+    ),
+    (
+        "bad-host-ssh-transport",
+        HOSTS + "ssh = { transport = 1 }\n",
+        "inv.toml:hosts[0].ssh.transport: expected one of",
+    ),
     (
         "bad-host-ssh",
         HOSTS + 'ssh = { connect_timeout = "never" }\n',

@@ -173,6 +173,7 @@ def test_version_1_is_read_as_it_is_and_migrated_by_the_writer(db: Path) -> None
     conn = sqlite3.connect(db)
     conn.execute("DROP INDEX jobs_name")  # what version 1 had
     conn.execute("ALTER TABLE attempts DROP COLUMN usage")  # added by version 3
+    conn.execute("DROP TABLE definitions")  # added by version 4
     conn.execute("PRAGMA user_version = 1")
     conn.execute("INSERT INTO jobs (seq, id, name, state) VALUES (1, '1', 'old', 'SUCCEEDED')")
     conn.commit()
@@ -181,7 +182,7 @@ def test_version_1_is_read_as_it_is_and_migrated_by_the_writer(db: Path) -> None
         assert reader.resolve("old") == "1"
         assert reader.conn.execute("PRAGMA user_version").fetchone()[0] == 1
     with Store(db) as writer:
-        assert writer.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert writer.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         cols = {r[1] for r in writer.conn.execute("PRAGMA table_info(attempts)")}
         assert "usage" in cols
         names = {r[0] for r in writer.conn.execute("SELECT name FROM sqlite_master")}
