@@ -359,7 +359,10 @@ class Admission:
             self._admit_children(parent, now)
 
     def stop_admitting(self, parent: Job, now: float) -> None:
-        """Release no more of ``parent``'s children (cancel, terminate): all are held."""
+        """Release no more of ``parent``'s children (cancel, terminate): all are held.
+        Nothing for a job that is no array."""
+        if not parent.is_array:
+            return
         self._release_no_more(parent, now)
         parent.admitted = lifecycle.array_size(parent)
 
@@ -398,8 +401,7 @@ class Admission:
 
     def cancel(self, job: Job, reason: str, now: float) -> None:
         """SUBMITTED/PENDING/RUNNABLE → FAILED; what already runs goes on (AWS Batch)."""
-        if job.is_array:
-            self.stop_admitting(job, now)
+        self.stop_admitting(job, now)
         for j in lifecycle.cancelled(job):
             if not j.done:
                 self.s.dequeue(j)
