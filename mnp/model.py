@@ -303,12 +303,14 @@ class Inventory:
 
 # --- what the scheduler places --------------------------------------------------
 
-_SIGNATURES: dict[tuple[str, tuple[Resources, ...], bool], int] = {}
+_SIGNATURES: dict[tuple[str, tuple[Resources, ...], bool, float | None], int] = {}
 
 
-def _signature(queue: str, nodes: tuple[Resources, ...], exclusive: bool) -> int:
-    """A small int per distinct (queue, nodes, exclusive), so a pass compares ints."""
-    key = (queue, nodes, exclusive)
+def _signature(
+    queue: str, nodes: tuple[Resources, ...], exclusive: bool, timeout: float | None = None
+) -> int:
+    """A small int per distinct (queue, nodes, exclusive, timeout), so a pass compares ints."""
+    key = (queue, nodes, exclusive, timeout)
     sig = _SIGNATURES.get(key)
     if sig is None:
         sig = _SIGNATURES[key] = len(_SIGNATURES)
@@ -324,10 +326,12 @@ class Request:
     seq: int
     nodes: tuple[Resources, ...]  # one entry per node; a single job has one
     exclusive: bool = False
+    timeout: float | None = None  # seconds one attempt may run (time-limited capacity)
     signature: int = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "signature", _signature(self.queue, self.nodes, self.exclusive))
+        sig = _signature(self.queue, self.nodes, self.exclusive, self.timeout)
+        object.__setattr__(self, "signature", sig)
 
 
 @dataclass(frozen=True)

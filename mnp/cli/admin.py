@@ -111,12 +111,15 @@ def controller_status(ctx: click.Context, /, as_json: bool, **o: Any) -> None:
         sys.exit(3)
 
 
-@click.command(
+@click.group(
+    invoke_without_command=True,
     epilog="""\b
 Examples:
   mnp hosts --inventory cluster.toml --check
+  mnp hosts drain node3 --reason "disk check"   # no new work; running work finishes
+  mnp hosts resume node3
   mnp hosts --inventory slurm --json     # inside an allocation; connects to nothing
-"""
+""",
 )
 @click.option("--check", is_flag=True, help="Connect to every host and report what was found.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
@@ -127,6 +130,8 @@ def hosts(ctx: click.Context, /, check: bool, as_json: bool, **o: Any) -> None:
 
     With --check, exits 0 only if every host is usable (3 otherwise).
     """
+    if ctx.invoked_subcommand is not None:
+        return
     import asyncio
     import json as jsonlib
 
@@ -194,7 +199,7 @@ def hosts(ctx: click.Context, /, check: bool, as_json: bool, **o: Any) -> None:
         raise InfraError(f"{len(bad)} of {len(reports)} hosts unusable")
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True)
 @common_options
 @click.pass_context
@@ -204,7 +209,10 @@ def queues(ctx: click.Context, /, as_json: bool, **o: Any) -> None:
     \b
     Example:
       mnp queues
+      mnp queues update default --priority 10 --state DISABLED
     """
+    if ctx.invoked_subcommand is not None:
+        return
     import json as jsonlib
 
     s = settings(ctx, **o)
@@ -332,4 +340,145 @@ def validate(files: tuple[str, ...], as_json: bool) -> None:
         raise UsageError(bad["error"])
 
 
-COMMANDS = (controller, hosts, queues, purge, validate)
+# --- changes while it runs (the running controller's; issue 15) ---------------------
+
+
+def _ask(ctx: click.Context, o: dict[str, Any], op: str, **request: Any) -> dict[str, Any]:
+    from mnp.api.client import ApiClient
+
+    s = settings(ctx, **o)
+    running = ApiClient.connect(Path(s["home"]))
+    if running is None:
+        raise UsageError(f"no controller running for {s['home']}; start one: mnp controller start")
+    with running:
+        answer: dict[str, Any] = running.request(op, **request)
+    return answer
+
+
+_STATE = click.Choice(["ENABLED", "DISABLED"], case_sensitive=False)
+
+
+@hosts.command(name="drain")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--reason", default="", help="Why (shown by mnp hosts).")
+@common_options
+@click.pass_context
+def hosts_drain(ctx: click.Context, /, names: tuple[str, ...], reason: str, **o: Any) -> None:
+    """No new work on these hosts; what runs there finishes."""
+    done = _ask(ctx, o, "drain", names=list(names), reason=reason)["hosts"]
+    click.echo(f"drained {' '.join(done)}")
+
+
+@hosts.command(name="resume")
+@click.argument("names", nargs=-1, required=True)
+@common_options
+@click.pass_context
+def hosts_resume(ctx: click.Context, /, names: tuple[str, ...], **o: Any) -> None:
+    """These hosts take work again."""
+    done = _ask(ctx, o, "resume", names=list(names))["hosts"]
+    click.echo(f"resumed {' '.join(done)}")
+
+
+@queues.command(name="update")
+@click.argument("name")
+@click.option("--priority", type=click.IntRange(0, 1000), help="0-1000, as in the inventory.")
+@click.option("--state", type=_STATE)
+@common_options
+@click.pass_context
+def queues_update(
+    ctx: click.Context, /, name: str, priority: int | None, state: str | None, **o: Any
+) -> None:
+    """Change a queue's priority or state (DISABLED: refuses new jobs, runs what it holds)."""
+    state = state.upper() if state else None
+    change = _ask(ctx, o, "queue_update", name=name, priority=priority, state=state)["change"]
+    click.echo(f"queue {name}: priority {change['priority']}, {change['state']}")
+
+
+@click.group(name="ce", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@common_options
+@click.pass_context
+def ce(ctx: click.Context, /, as_json: bool, **o: Any) -> None:
+    """Compute environments of the running controller, with managed allocations and
+    their scheduler ids.
+
+    \b
+    Examples:
+      mnp ce
+      mnp ce update burst --desired-vcpus 8 --max-vcpus 64
+      mnp ce update burst --state DISABLED
+    """
+    import json as jsonlib
+
+    if ctx.invoked_subcommand is not None:
+        return
+    answer = _ask(ctx, o, "ce")
+    rows = answer["compute_environments"]
+    if as_json:
+        click.echo(jsonlib.dumps(answer, indent=2))
+        return
+    for row in rows:
+        line = f"{row['name']}  {row['type']}  {row['state']}  hosts: {len(row['hosts'])}"
+        if row["type"] == "MANAGED":
+            line += (
+                f"  vcpus {row['min_vcpus']}/{row['desired_vcpus']}/{row['max_vcpus']}"
+                f" (min/desired/max)  provider {row['provider']}"
+            )
+        click.echo(line)
+        for a in row.get("allocations", ()):
+            nodes = ",".join(a["nodes"]) or f"{a['nodes_asked']} node(s)"
+            click.echo(
+                f"  allocation {a['id']}  {a['state']} ({a['scheduler_state']})  {nodes}"
+                + (f"  {a['reason']}" if a["reason"] else "")
+            )
+        if row.get("error"):
+            click.echo(f"  error: {row['error']}")
+
+
+@ce.command(name="update")
+@click.argument("name")
+@click.option("--state", type=_STATE)
+@click.option("--min-vcpus", type=click.IntRange(0, 10_000_000))
+@click.option("--max-vcpus", type=click.IntRange(0, 10_000_000))
+@click.option("--desired-vcpus", type=click.IntRange(0, 10_000_000))
+@common_options
+@click.pass_context
+def ce_update(
+    ctx: click.Context,
+    /,
+    name: str,
+    state: str | None,
+    min_vcpus: int | None,
+    max_vcpus: int | None,
+    desired_vcpus: int | None,
+    **o: Any,
+) -> None:
+    """Change a compute environment while the controller runs."""
+    change = _ask(
+        ctx,
+        o,
+        "ce_update",
+        name=name,
+        state=state.upper() if state else None,
+        min_vcpus=min_vcpus,
+        max_vcpus=max_vcpus,
+        desired_vcpus=desired_vcpus,
+    )["change"]
+    click.echo(" ".join(f"{k}={v}" for k, v in change.items() if k != "kind"))
+
+
+@controller.command(name="reload")
+@common_options
+@click.pass_context
+def controller_reload(ctx: click.Context, /, **o: Any) -> None:
+    """Read the inventory file again: hosts, compute environments and queues added,
+    removed or changed. Running jobs are untouched; a removed host is drained and
+    leaves once idle."""
+    answer = _ask(ctx, o, "reload")
+    for key in ("hosts_added", "hosts_removed", "hosts_changed", "ces", "queues"):
+        if answer.get(key):
+            click.echo(f"{key.replace('_', ' ')}: {' '.join(answer[key])}")
+    click.echo("inventory reloaded")
+
+
+COMMANDS = (controller, hosts, queues, ce, purge, validate)

@@ -11,15 +11,17 @@ the jobs that depend on it, its array siblings and parent. It starts nothing; th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from mnp import jobref
+from mnp.controller.managed import could_run_managed
 from mnp.controller.state import Shared
 from mnp.errors import InfraError, JobRefused
 from mnp.jobs import WAITING, Attempt, Job
 from mnp.model import Dependency, JobDefinition, JobState, Request, Resources
 from mnp.sched import lifecycle
+from mnp.sched.autoscale import Need
 from mnp.sched.decide import could_ever_run
 
 LOST_REASON = "Controller restarted: attempt lost"
@@ -54,6 +56,8 @@ class Admission:
         self.seq = 0
         self.next_id = 1  # without a recorder
         self.waiting_on: dict[str, list[Job]] = {}  # job id → jobs waiting for it to end
+        # node sizes of managed environments learned so far (``Managed.known_vcpus``)
+        self.managed_vcpus: Callable[[], Mapping[str, int]] = dict
 
     # --- submit -----------------------------------------------------------
 
@@ -70,7 +74,19 @@ class Admission:
             raise JobRefused(f"queue {defn.queue!r} is DISABLED and refuses new jobs")
         probe = request_for("probe", defn, 0)
         capacity = s.hosts.capacity
-        if not could_ever_run(probe, queue, inventory.compute_environments, capacity):
+        if not could_ever_run(
+            probe, queue, inventory.compute_environments, capacity
+        ) and not could_run_managed(
+            inventory,
+            defn.queue,
+            Need(
+                "probe",
+                len(probe.nodes),
+                max(r.vcpus for r in probe.nodes),
+                defn.timeout.attempt_duration,
+            ),  # fmt: skip
+            self.managed_vcpus(),
+        ):
             if s.hosts.host_errors:
                 down = "; ".join(f"{h}: {e}" for h, e in sorted(s.hosts.host_errors.items()))
                 raise InfraError(
@@ -453,8 +469,11 @@ def request_for(key: str, defn: JobDefinition, seq: int) -> Request:
     if defn.multinode is not None:
         mn = defn.multinode
         nodes = tuple(mn.group_of(i)[1].resources for i in range(mn.num_nodes))
-        return Request(key, defn.queue, seq, nodes, exclusive=mn.exclusive)
-    return Request(key, defn.queue, seq, (defn.resources,))
+        return Request(
+            key, defn.queue, seq, nodes, exclusive=mn.exclusive,
+            timeout=defn.timeout.attempt_duration,
+        )  # fmt: skip
+    return Request(key, defn.queue, seq, (defn.resources,), timeout=defn.timeout.attempt_duration)
 
 
 def describe_request(req: Request) -> str:

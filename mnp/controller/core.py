@@ -12,7 +12,13 @@ never import this module:
 - ``attempts``: ``Attempts`` -- the agents' events about running tasks, timeouts,
   teardown, retry or finish (``mnp.sched.lifecycle``), one job's failure kept its own;
 - ``launch``: ``Launcher`` -- a placement into each task's argv, environment, files;
-- ``hosts``: ``HostPool`` -- the agents, reached by host; it knows no jobs.
+- ``hosts``: ``HostPool`` -- the agents, reached by host; it knows no jobs;
+- ``managed``: ``Managed`` -- managed compute environments: allocations submitted to
+  and given back to a batch system, their nodes added to and removed from the pool.
+
+The inventory may change while it runs (``set_inventory``): ``mnp hosts drain|resume``,
+``mnp ce update``, ``mnp queues update``, ``mnp controller reload`` and the managed
+environments' allocations; each change is noted in ``changes`` (and ``on_change``).
 
 Decisions come from the pure modules (``mnp.sched.decide``: where; ``lifecycle``:
 what next); the rooms read the clock where something happens (``Shared.clock``) and
@@ -22,14 +28,17 @@ pass ``now`` on.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets as pysecrets
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from mnp.controller.admission import LOST_REASON, Admission, Restored
 from mnp.controller.attempts import TEARDOWN_SLACK, Attempts
 from mnp.controller.hosts import LOAD_WITHIN, HostPool
 from mnp.controller.launch import Launcher
+from mnp.controller.managed import Managed, Provider, interval_from_env
 from mnp.controller.starting import Starter
 from mnp.controller.state import (
     EventSink,
@@ -39,10 +48,12 @@ from mnp.controller.state import (
     TaskEndHandler,
     TaskStartHandler,
 )
-from mnp.errors import JobRefused
+from mnp.errors import JobRefused, UsageError
 from mnp.jobs import Job
-from mnp.model import TERMINAL, Inventory, JobDefinition, JobState
+from mnp.model import TERMINAL, Inventory, JobDefinition, JobState, ManagedSpec
 from mnp.transport.base import Event, Transport
+
+CHANGES_KEPT = 1000  # cluster changes kept in memory (``Controller.changes``)
 
 __all__ = [
     "LOST_REASON",
@@ -72,8 +83,16 @@ class Controller:
         connect_fanout: int = 64,
         recorder: Recorder | None = None,
         heartbeat: tuple[float, float] | None = None,
+        providers: Callable[[str, ManagedSpec], Provider] | None = None,
+        managed_transport: Callable[[Provider, str, Sequence[str]], Transport] | None = None,
+        managed_interval: float | None = None,
+        on_change: EventSink | None = None,
     ) -> None:
         self.inventory = inventory
+        self.changes: list[dict[str, Any]] = []
+        self.on_change = on_change
+        self._change_seq = 0
+        self._removing: dict[str, str] = {}  # host removed by reload → drained until idle
         self.token = token or pysecrets.token_hex(8)
         self.on_event = on_event
         self.agent_grace = agent_grace
@@ -84,7 +103,7 @@ class Controller:
             self.token,
             on_event=lambda host, msg: self.attempts.on_event_guarded(host, msg),
             on_lost=lambda host, why: self.attempts.on_host_lost(host, why),
-            on_up=lambda _host: self.shared.request_schedule(),
+            on_up=self._host_up,
             stale=self._stale_sweep,
             heartbeat=heartbeat,
             connect_fanout=connect_fanout,
@@ -110,7 +129,27 @@ class Controller:
         self.attempts = Attempts(self.shared, self.admission)
         self.starter = Starter(self.shared, self.launcher, self.attempts)
         self.attempts.main_running = self.starter.main_running
-        self.shared.schedule_pass = self.starter.schedule_pass
+        self.shared.schedule_pass = self._schedule_pass
+        self.managed = Managed(
+            self.shared,
+            providers or default_provider,
+            managed_transport or default_managed_transport,
+            self.set_inventory,
+            lambda job, why: self.admission.cancel(job.parent or job, why, self.shared.clock()),
+            self.note_change,
+            interval=interval_from_env() if managed_interval is None else managed_interval,
+        )
+        self.admission.managed_vcpus = self.managed.known_vcpus
+
+    def _schedule_pass(self) -> None:
+        self.starter.schedule_pass()
+        if self.shared.runnable and self.managed.any:
+            self.managed.wake()
+        self._finish_removals()
+
+    def _host_up(self, host: str) -> None:
+        self.managed.learn(host)
+        self.shared.request_schedule()
 
     # the hooks and the teardown bound live in the rooms; set them here at any time
 
@@ -157,12 +196,17 @@ class Controller:
         are taken back once the hosts are connected and before any agent gets its
         ``stale`` sweep, so that no sweep judges their retries (same job ids) left over."""
         try:
-            await self.hosts.connect_all()
+            if self.inventory.hosts or not self.managed.any:
+                await self.hosts.connect_all()
+            else:
+                self.hosts._holding_stale = False  # only managed capacity: none yet
             if restored:
                 self.restore(restored, self.shared.clock())
         finally:
             # before this returns, and so before any scheduling pass can send a spawn
             self.hosts.release_stale()
+            if self.managed.any:
+                self.managed.start()
 
     def _stale_sweep(self) -> Event:
         """What a new agent kills before it runs anything: processes of this controller
@@ -279,5 +323,207 @@ class Controller:
         self.attempts.close(self.shared.clock())
         self.launcher.close()
         await self.hosts.close()
+        await self.managed.close()
         for task in list(self.shared.bg):
             task.cancel()
+
+    # --- changes while it runs --------------------------------------------
+
+    def note_change(self, change: dict[str, Any]) -> None:
+        """One change of the cluster (a host drained, an allocation started...): kept in
+        ``changes`` with a ``seq`` and a ``time``, and given to ``on_change``."""
+        self._change_seq += 1
+        event = {"seq": self._change_seq, "time": time.time(), **change}
+        self.changes.append(event)
+        del self.changes[:-CHANGES_KEPT]
+        if self.on_change is not None:
+            self.on_change(event)
+
+    def set_inventory(self, inventory: Inventory) -> None:
+        """Every room reads the inventory from here on; then a scheduling pass."""
+        self.inventory = inventory
+        self.shared.inventory = inventory
+        self.hosts.inventory = inventory
+        self.launcher.inventory = inventory
+        if not self.shared.closed:
+            self.shared.request_schedule()
+
+    def _host_names(self, names: Sequence[str]) -> list[str]:
+        known = {h.name for h in self.inventory.hosts}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UsageError(
+                f"no such host: {', '.join(unknown)}; hosts: {', '.join(sorted(known)) or 'none'}"
+            )
+        return list(names)
+
+    def drain(self, names: Sequence[str], reason: str) -> list[str]:
+        """The hosts take no new work; what runs there goes on."""
+        for name in self._host_names(names):
+            self.hosts.drain(name, reason or "drained")
+            self.note_change({"kind": "host", "host": name, "state": "DRAINED", "reason": reason})
+        return list(names)
+
+    def resume(self, names: Sequence[str]) -> list[str]:
+        for name in self._host_names(names):
+            if name in self._removing:
+                raise UsageError(f"host {name} is being removed (reload); it cannot resume")
+            self.hosts.resume(name)
+            self.note_change({"kind": "host", "host": name, "state": "RESUMED"})
+        self.shared.request_schedule()
+        return list(names)
+
+    def update_ce(
+        self,
+        name: str,
+        state: str | None = None,
+        min_vcpus: int | None = None,
+        max_vcpus: int | None = None,
+        desired_vcpus: int | None = None,
+    ) -> dict[str, Any]:
+        ce = self.inventory.compute_environments.get(name)
+        if ce is None:
+            known = ", ".join(sorted(self.inventory.compute_environments))
+            raise UsageError(f"no such compute environment: {name}; there are: {known}")
+        if state is not None and state not in ("ENABLED", "DISABLED"):
+            raise UsageError(f"ce update: state {state!r}; allowed ENABLED or DISABLED")
+        managed = ce.managed
+        sizes = {"min_vcpus": min_vcpus, "max_vcpus": max_vcpus, "desired_vcpus": desired_vcpus}
+        given = {k: v for k, v in sizes.items() if v is not None}
+        if given:
+            if managed is None:
+                raise UsageError(
+                    f"ce update: {name} is UNMANAGED (its hosts are listed); "
+                    f"{', '.join(given)} only apply to a MANAGED environment"
+                )
+            if any(not 0 <= v <= 10_000_000 for v in given.values() if v is not None):
+                raise UsageError(f"ce update: {given}; allowed 0..10000000 vCPUs")
+            managed = dataclasses.replace(managed, **given)  # type: ignore[arg-type]
+            if not 0 <= managed.min_vcpus <= managed.desired_vcpus <= managed.max_vcpus:
+                raise UsageError(
+                    f"ce update: min_vcpus {managed.min_vcpus}, desired_vcpus "
+                    f"{managed.desired_vcpus}, max_vcpus {managed.max_vcpus}; allowed "
+                    "0 <= min <= desired <= max"
+                )
+        new = dataclasses.replace(ce, state=state or ce.state, managed=managed)
+        ces = dict(self.inventory.compute_environments)
+        ces[name] = new
+        self.set_inventory(dataclasses.replace(self.inventory, compute_environments=ces))
+        change = {"kind": "ce", "ce": name, "state": new.state, **given}
+        self.note_change(change)
+        self.managed.wake()
+        return change
+
+    def update_queue(
+        self, name: str, priority: int | None = None, state: str | None = None
+    ) -> dict[str, Any]:
+        q = self.inventory.queues.get(name)
+        if q is None:
+            raise UsageError(
+                f"no such queue: {name}; queues: {', '.join(sorted(self.inventory.queues))}"
+            )
+        if state is not None and state not in ("ENABLED", "DISABLED"):
+            raise UsageError(f"queues update: state {state!r}; allowed ENABLED or DISABLED")
+        if priority is not None and not 0 <= priority <= 1000:
+            raise UsageError(f"queues update: priority {priority}; allowed 0..1000")
+        new = dataclasses.replace(
+            q, priority=q.priority if priority is None else priority, state=state or q.state
+        )
+        queues = dict(self.inventory.queues)
+        queues[name] = new
+        self.set_inventory(dataclasses.replace(self.inventory, queues=queues))
+        change = {"kind": "queue", "queue": name, "priority": new.priority, "state": new.state}
+        self.note_change(change)
+        return change
+
+    def reload(self, new: Inventory) -> dict[str, list[str]]:
+        """Take ``new`` (the inventory file read again): hosts, compute environments and
+        queues added, removed or changed. Running jobs are untouched: a removed host is
+        drained and leaves once nothing runs there; a managed environment keeps the
+        nodes of its allocations."""
+        old = self.inventory
+        dynamic = {h.name: h for h in old.hosts if h.transport.startswith("srun:")}
+        old_static = {h.name: h for h in old.hosts if h.name not in dynamic}
+        new_hosts = {h.name: h for h in new.hosts}
+        added = [n for n in new_hosts if n not in old_static]
+        removed = [n for n in old_static if n not in new_hosts]
+        changed = [n for n in new_hosts if n in old_static and new_hosts[n] != old_static[n]]
+        ces = dict(new.compute_environments)
+        for cname, ce in ces.items():
+            prev = old.compute_environments.get(cname)
+            if ce.managed is not None and prev is not None and prev.managed is not None:
+                ces[cname] = dataclasses.replace(ce, hosts=prev.hosts)
+        hosts = list(new.hosts)
+        for n in removed:  # kept (drained, in no environment) until idle
+            hosts.append(old_static[n])
+        hosts += [h for n, h in dynamic.items() if n not in new_hosts]
+        self.set_inventory(dataclasses.replace(new, hosts=tuple(hosts), compute_environments=ces))
+        for n in removed:
+            self._removing[n] = "removed from the inventory"
+            self.hosts.drain(n, "removed from the inventory (reload)")
+        for n in added:
+            self.hosts.add(n)
+        for n in changed:  # reconnected with the new settings once idle
+            self._removing[n] = "changed in the inventory"
+            self.hosts.drain(n, "changed in the inventory (reload)")
+        summary = {
+            "hosts_added": added,
+            "hosts_removed": removed,
+            "hosts_changed": changed,
+            "ces": sorted(set(new.compute_environments) ^ set(old.compute_environments))
+            + sorted(
+                n
+                for n in new.compute_environments
+                if n in old.compute_environments
+                and new.compute_environments[n] != old.compute_environments[n]
+            ),
+            "queues": sorted(
+                n
+                for n in set(new.queues) | set(old.queues)
+                if new.queues.get(n) != old.queues.get(n)
+            ),
+        }
+        self.note_change({"kind": "reload", "source": new.source, **summary})
+        self._finish_removals()
+        self.managed.wake()
+        return summary
+
+    def _finish_removals(self) -> None:
+        """Hosts a reload removed or changed leave once nothing of theirs runs."""
+        for name in list(self._removing):
+            cap = self.hosts.capacity.get(name)
+            if cap is not None and (cap.tasks or cap.exclusive):
+                continue
+            why = self._removing.pop(name)
+            self.hosts.drop(name)
+            if why.startswith("changed"):
+                self.hosts.add(name)  # its new settings (the inventory has them)
+                self.note_change({"kind": "host", "host": name, "state": "RECONNECTED"})
+            else:
+                keep = tuple(h for h in self.inventory.hosts if h.name != name)
+                self.set_inventory(dataclasses.replace(self.inventory, hosts=keep))
+                self.note_change({"kind": "host", "host": name, "state": "REMOVED"})
+
+
+def default_provider(name: str, spec: ManagedSpec) -> Provider:
+    """The provider a managed environment names (``provider = ...``)."""
+    if spec.provider == "slurm":
+        from mnp.provider.slurm import SlurmProvider
+
+        return SlurmProvider(spec.options)
+    if spec.provider == "pbs":
+        from mnp.provider.pbs import PbsProvider
+
+        return PbsProvider(spec.options)
+    from mnp.provider.slurm import ProviderError
+
+    raise ProviderError(f'{name}: provider "command" is not built yet; use "slurm" or "pbs"')
+
+
+def default_managed_transport(provider: Provider, alloc_id: str, nodes: Sequence[str]) -> Transport:
+    """How the nodes of an allocation are reached: Slurm's srun from outside it
+    (``mnp.transport.srun.allocation_vars``)."""
+    from mnp.transport.srun import SrunTransport, allocation_vars
+
+    environ = getattr(provider, "environ", None)
+    return SrunTransport(alloc_id, environ=environ, job_env=allocation_vars(nodes))

@@ -94,7 +94,7 @@ class HostPool:
         connect_fanout: int = 64,
     ) -> None:
         self.inventory = inventory
-        self.transports = transports
+        self.transports = dict(transports)  # by HostSpec.transport; managed ones are added
         self.token = token
         self.on_event = on_event
         self.on_lost = on_lost
@@ -105,6 +105,7 @@ class HostPool:
         self.agents: dict[str, AgentConnection] = {}
         self.capacity: dict[str, HostCapacity] = {}
         self.host_errors: dict[str, str] = {}
+        self.drained: dict[str, str] = {}  # host → why it takes no new work
         self.abandoned_agents: list[str] = []  # agent ids given up on while they may still run
         self.closed = False
         self._pending: dict[str, asyncio.Future[Event]] = {}  # request id → its answer
@@ -145,7 +146,12 @@ class HostPool:
             if h.name not in self.agents:
                 self._spawn_bg(self._reconnect(h.name))
 
+    def _known(self, name: str) -> bool:
+        return any(h.name == name for h in self.inventory.hosts)
+
     async def _connect(self, name: str) -> bool:
+        if not self._known(name):
+            return False  # removed (reload, an allocation that ended) while it was tried
         host = self.inventory.host(name)
         transport = self.transports[host.transport]
         try:
@@ -155,7 +161,7 @@ class HostPool:
         except MnpError as e:
             self.host_errors[host.name] = str(e)
             return False
-        if self.closed:
+        if self.closed or not self._known(name):
             await conn.close()
             return False
         conn.start(self._on_event, self._on_lost, self.heartbeat)
@@ -179,6 +185,7 @@ class HostPool:
                 gpus=gpus,
                 cpus=tuple(int(c) for c in facts.get("cpus", ())),
             )
+        self.capacity[host.name].drained = self.drained.get(host.name)
         self.on_up(host.name)
         return True
 
@@ -196,17 +203,17 @@ class HostPool:
     async def _reconnect(self, name: str) -> None:
         """Try again with exponential backoff (0.5 s doubling to 30 s) until the host is back."""
         delay = 0.5
-        while not self.closed:
+        while not self.closed and self._known(name):
             await asyncio.sleep(delay)
-            if self.closed or await self._connect(name):
+            if self.closed or not self._known(name) or await self._connect(name):
                 return
             delay = min(delay * 2, 30.0)
 
     def _on_lost(self, host: str, why: str) -> None:
         """The connection is gone (or its agent stopped answering): the host is down until
         a reconnect; the owner then ends what ran there, with ``lost_reason``."""
-        if self.closed:
-            return  # we closed it (see close())
+        if self.closed or not self._known(host):
+            return  # we closed it (see close() and drop())
         self.host_errors[host] = why
         cap = self.capacity.get(host)
         if cap is not None:
@@ -225,8 +232,55 @@ class HostPool:
             closing = asyncio.get_running_loop().create_task(lost.close())
             self._closing.add(closing)  # awaited by close(), never cancelled
             closing.add_done_callback(self._closing.discard)
-        self._spawn_bg(self._reconnect(host))
+        if self._known(host):
+            self._spawn_bg(self._reconnect(host))
         self.on_lost(host, reason)
+
+    # --- hosts that come and go while it runs ---------------------------------------
+
+    def add(self, name: str) -> None:
+        """Connect a host just added to ``inventory`` (reload, a managed allocation),
+        now and then with backoff until it answers or is removed again."""
+        if name in self.agents or self.closed:
+            return
+
+        async def first() -> None:
+            if not await self._connect(name):
+                await self._reconnect(name)
+
+        self._spawn_bg(first())
+
+    def drop(self, name: str, why: str | None = None) -> None:
+        """Forget a host already removed from ``inventory``: close its agent (which
+        kills what it runs). ``why`` set: what ran there is lost (``on_lost``, ``Host
+        lost: NAME (why)``), as when an allocation ends under its jobs."""
+        conn = self.agents.pop(name, None)
+        cap = self.capacity.get(name)
+        if cap is not None:
+            cap.up = False
+        self.host_errors.pop(name, None)
+        self.drained.pop(name, None)
+        self.loads.pop(name, None)
+        if conn is not None:
+            closing = asyncio.get_running_loop().create_task(conn.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+        if why is not None and cap is not None and cap.tasks:
+            self.on_lost(name, f"Host lost: {name} ({why})")
+        self.capacity.pop(name, None)
+
+    def drain(self, name: str, reason: str) -> None:
+        """``name`` takes no new work; what runs there goes on."""
+        self.drained[name] = reason
+        cap = self.capacity.get(name)
+        if cap is not None:
+            cap.drained = reason
+
+    def resume(self, name: str) -> None:
+        self.drained.pop(name, None)
+        cap = self.capacity.get(name)
+        if cap is not None:
+            cap.drained = None
 
     # --- talking to agents ----------------------------------------------------------
 

@@ -25,6 +25,8 @@ class HostCapacity:
     tasks: int = 0
     cpus: tuple[int, ...] = ()  # the CPU ids tasks may be pinned to (the agent's affinity)
     cpu_use: dict[int, int] = field(default_factory=dict)  # CPU id -> grants pinned to it
+    drained: str | None = None  # why it takes no new work (``mnp hosts drain``); None = open
+    group: str | None = None  # a managed allocation's id: a gang is placed within one
 
     def __post_init__(self) -> None:
         if self.free_vcpus < 0:
@@ -47,7 +49,7 @@ class HostCapacity:
         )
 
     def fits(self, res: Resources, exclusive: bool) -> bool:
-        if not self.up or self.exclusive:
+        if not self.up or self.exclusive or self.drained is not None:
             return False
         if exclusive:
             return self.tasks == 0 and self.could_ever_fit(res, exclusive)

@@ -12,7 +12,8 @@ The rules:
 - Every node of an allocation has ``node_vcpus`` vCPUs. Capacity is the vCPUs of every
   pending and running allocation; it never goes above ``max_vcpus``.
 - Work is placed, first fit and in order, on free vCPUs of running allocations and on
-  pending ones (they will come); a multi-node job needs that many distinct nodes.
+  pending ones (they will come); a multi-node job needs that many distinct nodes of
+  one allocation (its tasks' own srun, an mpiexec's, reaches only that allocation).
   What does not fit gets a new allocation of ``max(allocation.nodes, job's nodes)`` nodes
   (just the job's nodes if that is all ``max_vcpus`` leaves room for), which later work of
   this pass may share. Work that fits nowhere under ``max_vcpus`` waits for capacity
@@ -90,7 +91,7 @@ Action = Submit | Cancel | Blocked
 
 @dataclass
 class _Node:
-    alloc: str  # alloc_id, or "" for one submitted in this pass
+    alloc: str  # alloc_id, or "+N" for one submitted in this pass
     free: float
     until: float | None  # None = no end
 
@@ -119,7 +120,7 @@ def decide(
     taken: set[str] = set()  # allocations that this pass gives work to
 
     for need in needs:
-        why = _never(spec, node_vcpus, need, margin)
+        why = never(spec, node_vcpus, need, margin)
         if why:
             actions.append(Blocked(need.key, why))
             continue
@@ -133,7 +134,8 @@ def decide(
             capacity += size * node_vcpus
             actions.append(Submit(size, limit, (need.key,)))
             until = None if limit is None else now + limit
-            nodes += [_Node("", float(node_vcpus), until) for _ in range(size)]
+            tag = f"+{len(actions)}"  # an allocation submitted in this pass
+            nodes += [_Node(tag, float(node_vcpus), until) for _ in range(size)]
             fit = _fit(nodes, need, now)
             assert fit is not None
         for n in fit:
@@ -166,7 +168,7 @@ def decide(
     return actions
 
 
-def _never(spec: ManagedSpec, node_vcpus: int, need: Need, margin: float) -> str | None:
+def never(spec: ManagedSpec, node_vcpus: int, need: Need, margin: float) -> str | None:
     """Why this environment can never run ``need``, or None."""
     if need.vcpus > node_vcpus:
         return f"needs {need.vcpus:g} vCPUs per node; this environment's nodes have {node_vcpus}"
@@ -190,7 +192,19 @@ def _never(spec: ManagedSpec, node_vcpus: int, need: Need, margin: float) -> str
 
 
 def _fit(nodes: list[_Node], need: Need, now: float) -> list[_Node] | None:
-    """``need.nodes`` distinct nodes with room and time for ``need``, first fit; or None."""
+    """``need.nodes`` distinct nodes of one allocation with room and time for ``need``,
+    first fit; or None. (A gang's tasks may start their own srun, an mpiexec's, which
+    reaches only the allocation it runs in.)"""
+    if need.nodes > 1:
+        for alloc in dict.fromkeys(n.alloc for n in nodes):
+            got = _fit_in([n for n in nodes if n.alloc == alloc], need, now)
+            if got is not None:
+                return got
+        return None
+    return _fit_in(nodes, need, now)
+
+
+def _fit_in(nodes: list[_Node], need: Need, now: float) -> list[_Node] | None:
     chosen = []
     for n in nodes:
         if n.free + 1e-9 < need.vcpus:

@@ -58,7 +58,13 @@ class _Members:
 
 
 def _spent(h: HostCapacity, reserved: set[str]) -> bool:
-    return not h.up or h.exclusive or h.free_vcpus <= 1e-9 or h.name in reserved
+    return (
+        not h.up
+        or h.exclusive
+        or h.drained is not None
+        or h.free_vcpus <= 1e-9
+        or h.name in reserved
+    )
 
 
 def _place(req: Request, members: _Members, reserved: set[str]) -> tuple[Grant, ...] | None:
@@ -69,7 +75,24 @@ def _place(req: Request, members: _Members, reserved: set[str]) -> tuple[Grant, 
             if h.name not in reserved and h.fits(res, req.exclusive):
                 return (h.take(res, req.exclusive),)
         return None
-    # gang: each node on a distinct host; try the most demanding nodes first
+    if any(h.group is not None for h in hosts):
+        # hosts of managed allocations: a gang stays within one allocation (its tasks'
+        # own srun, an mpiexec's, reaches only the allocation they run in)
+        groups: dict[str | None, list[HostCapacity]] = {}
+        for h in hosts:
+            groups.setdefault(h.group, []).append(h)
+        for members_of_one in groups.values():
+            grants = _gang(req, members_of_one, reserved)
+            if grants is not None:
+                return grants
+        return None
+    return _gang(req, hosts, reserved)
+
+
+def _gang(
+    req: Request, hosts: Sequence[HostCapacity], reserved: set[str]
+) -> tuple[Grant, ...] | None:
+    """Each node on a distinct host; the most demanding nodes are tried first."""
     order = sorted(range(len(req.nodes)), key=lambda i: (-req.nodes[i].gpus, -req.nodes[i].vcpus))
     chosen: dict[int, HostCapacity] = {}
     used: set[str] = set()
@@ -93,7 +116,10 @@ def _reserve(req: Request, hosts: Sequence[HostCapacity], reserved: set[str]) ->
     candidates = [
         h
         for h in hosts
-        if h.up and h.name not in reserved and h.could_ever_fit(max(req.nodes, key=_weight), True)
+        if h.up
+        and h.drained is None
+        and h.name not in reserved
+        and h.could_ever_fit(max(req.nodes, key=_weight), True)
     ]
     if len(candidates) < n:
         return set()
@@ -105,6 +131,21 @@ def _weight(r: Resources) -> tuple[int, float, int]:
     return (r.gpus, r.vcpus, r.memory)
 
 
+TIME_MARGIN = 60.0
+"""Seconds an attempt's timeout must leave before a managed allocation's time limit
+(``mnp.sched.autoscale.DEFAULT_MARGIN``)."""
+
+
+def fits_time_limit(req: Request, ce: ComputeEnvironment) -> bool:
+    """Whether ``req`` may run on ``ce``'s capacity: a managed environment whose
+    allocations end after ``time_limit`` takes only work whose ``timeout`` fits in it
+    (less ``TIME_MARGIN``); work without a timeout never goes there."""
+    limit = ce.managed.time_limit if ce.managed is not None else None
+    if limit is None:
+        return True
+    return req.timeout is not None and req.timeout <= limit - TIME_MARGIN
+
+
 def could_ever_run(
     req: Request,
     queue: Queue,
@@ -114,7 +155,7 @@ def could_ever_run(
     """Whether some compute environment of the queue, empty, could take the request."""
     for ce_name in queue.compute_environments:
         ce = ces.get(ce_name)
-        if ce is None:
+        if ce is None or not fits_time_limit(req, ce):
             continue
         members = [hosts[h] for h in ce.hosts if h in hosts]
         if len(members) < len(req.nodes):
@@ -179,7 +220,7 @@ def decide(
             placed = False
             for ce_name in queue.compute_environments:
                 members = cursors.get(ce_name)
-                if members is None:
+                if members is None or not fits_time_limit(req, ces[ce_name]):
                     continue
                 grants = _place(req, members, reserved)
                 if grants is not None:
@@ -192,6 +233,8 @@ def decide(
             blocked.add(req.signature)
             if reservations < MAX_RESERVATIONS:
                 for ce_name in queue.compute_environments:
+                    if not fits_time_limit(req, ces[ce_name]):
+                        continue
                     got = _reserve(req, ce_hosts.get(ce_name, []), reserved)
                     if got:
                         reserved |= got

@@ -42,6 +42,13 @@ The control socket's ops (the wire is in ``mnp.api``; the table is
 - ``info`` → ``inventory``, ``hosts``, ``warnings``
 - ``hosts`` → ``hosts``: each host's capacity, what is free, its load
 - ``queues`` → ``queues``: each queue with its jobs counted by state
+- ``drain`` {``names``, ``reason``} → ``hosts``: they take no new work (running work goes on)
+- ``resume`` {``names``} → ``hosts``: they take work again
+- ``ce`` → ``compute_environments``: each with its state, hosts and (managed) allocations
+- ``ce_update`` {``name``, ``state``, ``min_vcpus``, ``max_vcpus``, ``desired_vcpus``} → ``change``
+- ``queue_update`` {``name``, ``priority``, ``state``} → ``change``
+- ``reload`` → ``hosts_added``, ``hosts_removed``, ``hosts_changed``, ``ces``, ``queues``:
+  the inventory file read again (running jobs untouched; removed hosts drained first)
 """
 
 from mnp.service.core import Service, make_handler_factory

@@ -47,6 +47,13 @@ def socket_ops(h: Handlers, daemon: Daemon) -> dict[str, Handler]:
         "info": h.info,
         "hosts": h.hosts,
         "queues": h.queues,
+        # changes while it runs (issue 15)
+        "drain": h.drain,
+        "resume": h.resume,
+        "ce": h.ce,
+        "ce_update": h.ce_update,
+        "queue_update": h.queue_update,
+        "reload": h.reload,
     }
 
 
@@ -240,7 +247,7 @@ class Handlers:
         them; None for a host that is down or did not answer in time)."""
         loads = await self.controller.host_loads()
         rows = []
-        for h in self.service.inventory.hosts:
+        for h in self.controller.inventory.hosts:
             cap = self.controller.capacity.get(h.name)
             conn = self.controller.agents.get(h.name)
             sample = loads.get(h.name, {})
@@ -260,6 +267,7 @@ class Handlers:
                     "load": averages[0] if isinstance(averages, list) and averages else None,
                     "memory_used": sample.get("memory_used"),
                     "error": self.controller.host_errors.get(h.name),
+                    "drained": self.controller.hosts.drained.get(h.name),
                 }
             )
         await r.end({"ok": True, "hosts": rows})
@@ -275,6 +283,70 @@ class Handlers:
                 "compute_environments": list(q.compute_environments),
                 "counts": counts.get(q.name, {}),
             }
-            for q in sorted(self.service.inventory.queues.values(), key=lambda q: -q.priority)
+            for q in sorted(self.controller.inventory.queues.values(), key=lambda q: -q.priority)
         ]
         await r.end({"ok": True, "queues": rows})
+
+    # --- changes while it runs ------------------------------------------------
+
+    def _names(self, request: dict[str, Any]) -> list[str]:
+        names = request.get("names")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise UsageError("hosts: give one or more host names")
+        return names
+
+    async def drain(self, request: dict[str, Any], r: Responder) -> None:
+        names = self.controller.drain(self._names(request), str(request.get("reason") or ""))
+        await r.end({"ok": True, "hosts": names})
+
+    async def resume(self, request: dict[str, Any], r: Responder) -> None:
+        await r.end({"ok": True, "hosts": self.controller.resume(self._names(request))})
+
+    async def ce(self, request: dict[str, Any], r: Responder) -> None:
+        managed = {v["name"]: v for v in self.controller.managed.views()}
+        rows = []
+        for name, ce in self.controller.inventory.compute_environments.items():
+            rows.append(
+                managed.get(name)
+                or {"name": name, "type": "UNMANAGED", "state": ce.state, "hosts": list(ce.hosts)}
+            )
+        await r.end(
+            {"ok": True, "compute_environments": rows, "changes": self.controller.changes[-100:]}
+        )
+
+    async def ce_update(self, request: dict[str, Any], r: Responder) -> None:
+        sizes = {}
+        for key in ("min_vcpus", "max_vcpus", "desired_vcpus"):
+            v = request.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise UsageError(f"ce update: {key} {v!r} is not a whole number >= 0")
+            sizes[key] = v
+        state = request.get("state")
+        change = self.controller.update_ce(
+            str(request.get("name") or ""), state=None if state is None else str(state), **sizes
+        )
+        await r.end({"ok": True, "change": change})
+
+    async def queue_update(self, request: dict[str, Any], r: Responder) -> None:
+        priority = request.get("priority")
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+            raise UsageError(f"queues update: priority {priority!r} is not a whole number")
+        state = request.get("state")
+        change = self.controller.update_queue(
+            str(request.get("name") or ""),
+            priority=priority,
+            state=None if state is None else str(state),
+        )
+        await r.end({"ok": True, "change": change})
+
+    async def reload(self, request: dict[str, Any], r: Responder) -> None:
+        """Read the inventory file again (a file only: ``local``, ``slurm``... are not files)."""
+        from mnp.spec import load_inventory
+
+        source = self.service.inventory.source
+        if source in ("local", "slurm", "pbs") or source.startswith(("hostfile:", "<")):
+            raise UsageError(f"reload: the inventory is {source!r}, not a file to read again")
+        new = await asyncio.to_thread(load_inventory, source)
+        summary = self.controller.reload(new)
+        self.service.inventory = self.controller.inventory
+        await r.end({"ok": True, **summary})

@@ -147,12 +147,16 @@ def parse_inventory(data: dict[str, Any], source: str) -> Inventory:
     t = Table(source, "", data, INVENTORY_FIELDS, what="a table of inventory fields")
     st = t.table("ssh", SSH_FIELDS)
     ssh = parse_ssh(st, SshOptions()) if st else SshOptions()
-    if "hosts" not in t:
+    raw_ces = data.get("compute_environments")
+    managed_only = isinstance(raw_ces, dict) and any(
+        isinstance(c, dict) and c.get("type") == "MANAGED" for c in raw_ces.values()
+    )  # its hosts come from the provider: [[hosts]] may be left out
+    if "hosts" not in t and not managed_only:
         t.fail(
             "hosts", 'missing; list the machines in [[hosts]] tables, e.g. names = "node[01-04]"'
         )
-    items = array_of(source, "hosts", t.get("hosts"), "an array of tables ([[hosts]])")
-    if not items:
+    items = array_of(source, "hosts", t.get("hosts") or [], "an array of tables ([[hosts]])")
+    if not items and not managed_only:
         t.fail("hosts", "empty; list at least one [[hosts]] entry")
     hosts: list[HostSpec] = []
     where: dict[str, int] = {}

@@ -31,10 +31,11 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from mnp.errors import TransportError
 from mnp.model import HostSpec, Inventory
+from mnp.spec.nodeset import fold_nodeset
 from mnp.transport.base import MAX_LINE, AgentStream, Transport
 from mnp.transport.bootstrap import BOOTSTRAP, SOURCE_REQUEST, agent_blob
 
@@ -44,7 +45,12 @@ _SRUN_EXIT = re.compile(r"srun: error: \S+: task \d+: (Exited with exit code|Kil
 
 
 def srun_argv(
-    srun: str, job_id: str, host: HostSpec, python: str, agent_args: list[str]
+    srun: str,
+    job_id: str,
+    host: HostSpec,
+    python: str,
+    agent_args: list[str],
+    job_env: Mapping[str, str] | None = None,
 ) -> list[str]:
     """The command that starts the agent on ``host`` as a step of job ``job_id``."""
     argv = [
@@ -61,6 +67,8 @@ def srun_argv(
     ]
     if host.vcpus:
         argv.append(f"--cpus-per-task={host.vcpus}")
+    if job_env:  # set inside the step, after srun has set its own
+        argv += ["env", *(f"{k}={v}" for k, v in sorted(job_env.items()))]
     return [*argv, python, "-c", BOOTSTRAP, "--parent-death", *agent_args]
 
 
@@ -147,8 +155,10 @@ class SrunTransport(Transport):
         python: str | None = None,
         srun: str = "srun",
         environ: Mapping[str, str] | None = None,
+        job_env: Mapping[str, str] | None = None,
     ) -> None:
         self.job_id = job_id
+        self.job_env = dict(job_env or {})  # set for the agent inside its step
         self.python = python or sys.executable
         self.srun = srun
         self.environ = environ  # srun's environment; None = this process's at each open
@@ -159,7 +169,7 @@ class SrunTransport(Transport):
         path = env.get("PATH", "")
         if bindir and bindir not in path.split(os.pathsep):
             env["PATH"] = bindir + (os.pathsep + path if path else "")
-        argv = srun_argv(self.srun, self.job_id, host, self.python, agent_args)
+        argv = srun_argv(self.srun, self.job_id, host, self.python, agent_args, self.job_env)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -172,6 +182,22 @@ class SrunTransport(Transport):
         except OSError as e:
             raise TransportError(f"{host.name}: cannot run {self.srun}: {e}") from None
         return _SrunStream(host.name, proc)
+
+
+def allocation_vars(nodes: Sequence[str]) -> dict[str, str]:
+    """What an agent started from outside an allocation (a managed environment's) sets
+    for itself and its tasks: the whole allocation's node list and count. A step started
+    from outside sees only its own node there, and an ``mpiexec`` that starts its ranks
+    with ``srun`` over the allocation's nodes would be refused ("Only allocated 1 nodes
+    asked for 2")."""
+    nodelist = fold_nodeset(list(nodes))
+    count = str(len(nodes))
+    return {
+        "SLURM_JOB_NODELIST": nodelist,
+        "SLURM_NODELIST": nodelist,
+        "SLURM_JOB_NUM_NODES": count,
+        "SLURM_NNODES": count,
+    }
 
 
 def job_id_from(environ: Mapping[str, str]) -> str | None:

@@ -107,3 +107,16 @@ def test_scale_up_run_scale_down_to_zero() -> None:
         Cancel("1", "idle for 300s"),
         Cancel("2", "idle for 300s"),
     ]
+
+
+def test_a_gang_is_not_split_over_two_allocations() -> None:
+    spec = ManagedSpec(provider="slurm", max_vcpus=16, nodes=1)
+    running = [
+        Allocation("1", 1, "RUNNING", (0.0,), idle_since=0.0),
+        Allocation("2", 1, "RUNNING", (0.0,), idle_since=0.0),
+    ]
+    actions = decide(spec, 2, [Need("g", 2, 1.0)], running, now=1.0)
+    assert actions == [Submit(2, None, ("g",))]  # 2 idle single nodes do not make a gang
+    # a single job after it takes one of the idle nodes: nothing more is submitted
+    actions = decide(spec, 2, [Need("g", 2, 2.0), Need("s", 1, 2.0)], running, now=1.0)
+    assert actions == [Submit(2, None, ("g",))]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mnp.model import ComputeEnvironment, Queue, Resources
+from mnp.model import ComputeEnvironment, ManagedSpec, Queue, Resources
 from mnp.sched.alloc import HostCapacity
 from mnp.sched.decide import Request, could_ever_run, decide
 
@@ -207,3 +207,48 @@ def test_skipping_spent_hosts_changes_no_decision(monkeypatch: pytest.MonkeyPatc
         placed += len(fast)
         gangs += sum(len(s.grants) > 1 for s in fast)
     assert placed > 500 and gangs > 50  # the cases place plenty, gangs included
+
+
+@pytest.mark.parametrize(
+    ("timeout", "where"),
+    [
+        (None, "h1"),  # no timeout: never on capacity that ends after its time limit
+        (3600.0, "h1"),  # does not fit in 1h less the margin
+        (3540.0, "h0"),  # fits exactly
+        (60.0, "h0"),
+    ],
+)
+def test_time_limited_managed_capacity_takes_only_work_that_fits(
+    timeout: float | None, where: str
+) -> None:
+    hosts = cluster(2)
+    spec = ManagedSpec(provider="slurm", max_vcpus=8, time_limit=3600.0)
+    ces = {
+        "burst": ComputeEnvironment("burst", ("h0",), managed=spec),
+        "own": ComputeEnvironment("own", ("h1",)),
+    }
+    qs = {"default": Queue("default", 1, ("burst", "own"))}
+    req = Request("a", "default", 1, (R1,), timeout=timeout)
+    starts = decide([req], qs, ces, hosts)
+    assert [s.grants[0].host for s in starts] == [where]
+
+
+def test_drained_hosts_take_nothing_new() -> None:
+    hosts = cluster(2)
+    hosts["h0"].drained = "maintenance"
+    qs, ces = env(hosts)
+    starts = decide([single("a", 1), single("b", 2), single("c", 3)], qs, ces, hosts)
+    assert {s.grants[0].host for s in starts} == {"h1"}
+    hosts["h0"].drained = None
+    starts = decide([single("d", 4)], qs, ces, hosts)
+    assert [s.grants[0].host for s in starts] == ["h0"]
+
+
+def test_a_gang_stays_within_one_managed_allocation() -> None:
+    hosts = cluster(4)
+    for name, group in (("h0", "7"), ("h1", "8"), ("h2", "8"), ("h3", "9")):
+        hosts[name].group = group
+    qs, ces = env(hosts)
+    starts = decide([mnp_job("g", 1, 2)], qs, ces, hosts)
+    assert [g.host for g in starts[0].grants] == ["h1", "h2"]  # not h0 + h1
+    assert decide([mnp_job("g3", 2, 3)], qs, ces, hosts) == []  # no allocation has 3

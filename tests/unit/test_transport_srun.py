@@ -70,3 +70,26 @@ def test_inventory_file_accepts_srun(tmp_path: object) -> None:
 
     inv = parse_inventory({"hosts": [{"names": "n[1-2]", "transport": "srun"}]}, "inv.toml")
     assert [h.transport for h in inv.hosts] == ["srun", "srun"]
+
+
+def test_agent_of_a_managed_allocation_sees_the_whole_allocation() -> None:
+    """Started from outside (a managed environment's allocation), the step would see only
+    its own node; ``env`` inside the step gives the agent and its tasks the allocation."""
+    job_env = srun.allocation_vars(["n3", "n4"])
+    assert job_env == {
+        "SLURM_JOB_NODELIST": "n[3-4]",
+        "SLURM_NODELIST": "n[3-4]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NNODES": "2",
+    }
+    n3 = HostSpec(name="n3", address="n3")
+    argv = srun.srun_argv("srun", "77", n3, "/py", ["--ctl", "t"], job_env)
+    at = argv.index("env")
+    assert argv[at + 1 : at + 5] == [
+        "SLURM_JOB_NODELIST=n[3-4]",
+        "SLURM_JOB_NUM_NODES=2",
+        "SLURM_NNODES=2",
+        "SLURM_NODELIST=n[3-4]",
+    ]
+    assert argv[at + 5] == "/py" and argv[0] == "srun" and "--jobid=77" in argv
+    assert "env" not in srun.srun_argv("srun", "77", n3, "/py", [])
