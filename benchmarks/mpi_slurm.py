@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import socket
 import statistics
 import subprocess
@@ -181,6 +182,7 @@ def inside(reps: int, out: Path) -> None:
             results["shapes"][f"{NODES}x{k}"] = {"samples": samples, "pmi": counted}
     finally:
         subprocess.run([*mnp, "controller", "stop"], env=dict(env, MNP_HOME=str(warm_home)))
+        shutil.rmtree(work, ignore_errors=True)
     out.write_text(json.dumps(results))
 
 
@@ -255,6 +257,7 @@ def main() -> int:
         results = json.loads(result.read_text())
     finally:
         cluster.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = (
         f"# Direct MPI launch inside a Slurm allocation: srun --mpi=pmi2, mnp --mpi pmi, "
