@@ -98,7 +98,7 @@ class CommandProvider:
             raise ProviderError(self.last_error)
         alloc_id = f"cmd-{self.ce}-{next(_ids)}"
         try:
-            out = await self._run(self.start, alloc_id, nodes, (), self.start_timeout)
+            out = await self._run(self.start, alloc_id, nodes, self.start_timeout)
             try:
                 hosts = parse_hosts(out, nodes)
             except ValueError as e:
@@ -142,9 +142,7 @@ class CommandProvider:
 
     async def _stop(self, rec: _Alloc) -> None:
         try:
-            await self._run(
-                [*self.stop, *rec.hosts], rec.alloc_id, len(rec.hosts), rec.hosts, STOP_TIMEOUT
-            )
+            await self._run([*self.stop, *rec.hosts], rec.alloc_id, len(rec.hosts), STOP_TIMEOUT)
         except ProviderError as e:
             rec.state = "STOP_FAILED"
             raise ProviderError(f"stop of {rec.alloc_id} failed: {e}") from None
@@ -155,7 +153,6 @@ class CommandProvider:
         argv: Sequence[str],
         alloc_id: str,
         nodes: int,
-        hosts: Sequence[str],
         within: float,
     ) -> str:
         env = {**self.environ, "MNP_NODES": str(nodes), "MNP_ALLOCATION": alloc_id,
