@@ -726,8 +726,8 @@ class Bench:
                 f"memory: controller, {size:,} jobs, {n} hosts",
                 "bytes",
                 rss,
-                goal="<= 150 MB",
-                check=at_most(150e6),
+                goal="<= 100 MB",
+                check=at_most(100e6),
                 note=f"an array of {size:,} `sleep 1000` ({n} running, the rest queued) held by "
                 f"the daemon; RSS before it: {idle / 1e6:.1f} MB; `mnp submit` of it took "
                 f"{wall:.2f}s",

@@ -16,6 +16,9 @@ from mnp.model import TERMINAL, Grant, JobDefinition, JobState, JobType, Request
 from mnp.pmi.world import World
 from mnp.wiring import Launch
 
+WAITING = frozenset({JobState.SUBMITTED, JobState.PENDING, JobState.RUNNABLE})
+"""States of a job that has not been placed (``cancel`` ends these)."""
+
 Emit = Callable[[dict[str, Any]], None]
 
 TIMEOUT_REASON = "Job attempt duration exceeded timeout"
@@ -144,7 +147,11 @@ class Job:
     reason: str | None = None
     parent: Job | None = None
     array_index: int | None = None
-    children: list[Job] = field(default_factory=list)
+    held: list[Job] = field(default_factory=list)
+    """An array parent's children that have their object (released, or restored), in
+    index order; ``children`` has them all."""
+    grow: Callable[[int], Job] | None = None
+    """An array parent: gives child ``index`` its object (the controller's ``_new_child``)."""
     attempts: list[Attempt] = field(default_factory=list)
     exit_code: int | None = None
     signal: int | None = None
@@ -152,11 +159,29 @@ class Job:
     stopped_at: float | None = None
     timed_out: bool = False
     request: Request | None = None
-    admitted: int = 0  # array parent: children made RUNNABLE so far (in index order)
+    admitted: int = 0  # array parent: children released so far (in index order)
+    waiting: int = 0  # array parent: children held (in memory) that wait to be placed
     finished: int = 0  # array parent: children that reached a terminal state
     ready: bool = False  # array parent: its own dependencies are met
     bonus_attempts: int = 0  # attempts lost to a controller restart: not counted
     note: str | None = None  # added to the final reason (e.g. "Output lost: PATH: ...")
+
+    @property
+    def children(self) -> list[Job]:
+        """Every child of an array parent, in index order ([] for any other job). Those
+        not released yet get their object now, PENDING (``grow``): the controller itself
+        reads ``held``, which this does only where it needs them all (cancel, an end)."""
+        arr = self.defn.array
+        held = self.held
+        if arr is not None and self.parent is None and self.grow is not None:
+            start = max(self.admitted, (held[-1].array_index or 0) + 1 if held else 0)
+            for index in range(start, arr.size):
+                self.grow(index)
+        return held
+
+    @children.setter
+    def children(self, value: list[Job]) -> None:
+        self.held = value
 
     @property
     def is_array(self) -> bool:
@@ -178,6 +203,9 @@ class Job:
         if state is self.state:
             return
         previous, self.state = self.state, state
+        parent = self.parent
+        if parent is not None and (previous in WAITING) is not (state in WAITING):
+            parent.waiting += 1 if state in WAITING else -1
         if reason is not None:
             reason = self.reason = printable(reason)
         if state is JobState.RUNNING and self.started_at is None:

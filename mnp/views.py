@@ -67,12 +67,18 @@ def root_cause(job: dict[str, Any]) -> str | None:
 
 
 def usage_text(u: dict[str, Any]) -> str:
-    """One task's usage: ``peak 103.2 MiB  cpu 1.02s`` (and its limit and CPUs)."""
+    """One task's usage: ``peak 103.2 MiB  cpu 1.02s`` (and its limit, CPUs and GPUs:
+    ``gpu 512.0 MiB (process)  util 25.0%``)."""
     text = f"peak {u.get('max_rss_bytes', 0) / 1048576:.1f} MiB  cpu {u.get('cpu_seconds', 0):.2f}s"
     if u.get("memory_limit"):
         text += f"  limit {u['memory_limit'] / 1048576:.1f} MiB ({u.get('enforced')})"
     if u.get("cpus"):
         text += "  cpus " + ",".join(str(c) for c in u["cpus"])
+    if "gpu_max_memory_bytes" in u:
+        gpu = u["gpu_max_memory_bytes"] / 1048576
+        text += f"  gpu {gpu:.1f} MiB ({u.get('gpu_memory_source')})"
+        if u.get("gpu_utilization_percent") is not None:
+            text += f"  util {u['gpu_utilization_percent']:.1f}%"
     return text
 
 

@@ -24,6 +24,7 @@ MODULES = (
     "tasks",
     "spawn",
     "teardown",
+    "gpu",
     "limits",
     "container",
     "containers",

@@ -90,6 +90,7 @@ class Agent:
         self.signals: List[int] = []
         self.ports_given: List[int] = []
         self.rundir = ""
+        self.nvml = False  # the facts said NVML works: GPU usage is sampled (gpu.py)
 
     # ---------------------------------------------------------------- running
 
@@ -193,7 +194,9 @@ class Agent:
 
     def facts(self) -> Dict[str, Any]:
         """The body of `ready` and `facts`."""
-        return dict(agent_id=self.identity, ops=sorted(OPS), **collect(self.started, self.rundir))
+        body = dict(agent_id=self.identity, ops=sorted(OPS), **collect(self.started, self.rundir))
+        self.nvml = bool(body.get("nvml"))
+        return body
 
     def shutdown(self, grace: float, detached: bool) -> None:
         """Kill every task and everything tagged with a tid we started, then exit."""

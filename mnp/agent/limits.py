@@ -18,7 +18,9 @@ agent moves back. The agent is single-threaded, so nothing else runs meanwhile.
 
 Every `exited` carries `usage`: `max_rss_bytes` (the largest of the cgroup's peak,
 the sampled peak and the reaped process's ru_maxrss) and `cpu_seconds` (user +
-system time of the main process and the descendants it waited for).
+system time of the main process and the descendants it waited for); a task given GPUs
+(`CUDA_VISIBLE_DEVICES` in its spawn's `env`) on an agent with NVML also gets its GPU
+memory and utilisation, sampled while it runs (gpu.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import os
 import signal
 
+from .gpu import GPUS_VAR, GpuSampler, GpuUse, parse_devices
 from .proc import read_file, read_stat, send, send_group
 from .teardown import Step
 
@@ -123,11 +126,13 @@ def _oom_kills(cg: str) -> int:
 class TaskLimits:
     """What one task was given and what it used so far."""
 
-    __slots__ = ("memory", "cpus", "cgroup", "peak", "oom")
+    __slots__ = ("memory", "cpus", "cgroup", "peak", "oom", "gpus", "gpu")
 
-    def __init__(self, memory: int, cpus: List[int]) -> None:
+    def __init__(self, memory: int, cpus: List[int], gpus: Optional[List[int]] = None) -> None:
         self.memory = memory  # bytes; 0: none
         self.cpus = cpus  # [] : not bound
+        self.gpus = gpus or []  # NVML indices it was given (sampled: the agent has NVML)
+        self.gpu: Optional[GpuUse] = None  # what they did, once it runs
         self.cgroup = ""  # its memory cgroup's directory ("" : sampled, or no limit)
         self.peak = 0  # the largest resident size sampled
         self.oom = 0  # >0: killed for memory (what it used then)
@@ -147,6 +152,7 @@ class Limits:
         self.tried = False
         self.leftover: Set[str] = set()  # task cgroups not yet removed
         self.timer: Any = None
+        self.gpu = GpuSampler(agent.loop)  # GPU usage of tasks given GPUs (gpu.py)
         try:
             self.affinity: Optional[Set[int]] = set(os.sched_getaffinity(0))
         except (AttributeError, OSError):
@@ -212,9 +218,10 @@ class Limits:
         cpus_text = changes.get(CPUS_VAR) or ""
         memory = int(mem_text) if mem_text.isdigit() else 0
         cpus = parse_cpus(cpus_text) if cpus_text else []
-        if not memory and not cpus:
+        gpus = parse_devices(changes.get(GPUS_VAR) or "") if self.agent.nvml else []
+        if not memory and not cpus and not gpus:
             return None
-        lim = TaskLimits(memory, cpus)
+        lim = TaskLimits(memory, cpus, gpus)
         if memory:
             lim.cgroup = self._make_cgroup(tid, memory)
             if lim.cgroup and not _write(lim.cgroup + "/cgroup.procs", str(os.getpid())):
@@ -242,6 +249,11 @@ class Limits:
         lim = task.limits
         if lim is not None and lim.memory and not lim.cgroup and self.timer is None:
             self.timer = self.agent.loop.call_later(SAMPLE_EVERY, self._sample)
+        if lim is not None and lim.gpus:
+            # a container's processes are not in the agent's tree: device figures only
+            own = task.tid not in self.agent.containers.running
+            lim.gpu = GpuUse(task.pid, lim.gpus, own)
+            self.gpu.start(lim.gpu)
 
     # ------------------------------------------------------------ sampling
 
@@ -309,6 +321,9 @@ class Limits:
             usage["enforced"] = "cgroup" if lim.cgroup else "sample"
         if lim is not None and lim.cpus:
             usage["cpus"] = lim.cpus
+        if lim is not None and lim.gpu is not None:
+            self.gpu.stop(lim.gpu)
+            usage.update(lim.gpu.report())
         return usage, error
 
     def release(self, task: Task) -> None:
@@ -320,7 +335,8 @@ class Limits:
             self._remove(path)
 
     def close(self) -> None:
-        """The agent ends: remove what is left of its cgroups."""
+        """The agent ends: remove what is left of its cgroups; let go of NVML."""
+        self.gpu.close()
         for path in list(self.leftover):
             self._remove(path)
         if self.parent is not None:

@@ -10,6 +10,7 @@ the jobs that depend on it, its array siblings and parent. It starts nothing; th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -17,7 +18,7 @@ from mnp import jobref
 from mnp.controller.managed import could_run_managed
 from mnp.controller.state import Shared
 from mnp.errors import InfraError, JobRefused
-from mnp.jobs import Attempt, Job
+from mnp.jobs import WAITING, Attempt, Job
 from mnp.model import Dependency, JobDefinition, JobState, Request, Resources
 from mnp.sched import lifecycle
 from mnp.sched.autoscale import Need
@@ -39,6 +40,13 @@ class Restored:
     array_index: int | None = None
     attempts: int = 0
     reason: str | None = None
+    released: int | None = None
+    """An array parent: how many children were released (they have rows: indexes 0 to
+    ``released - 1``); the others are still a range. None: those restored that are not
+    PENDING."""
+    ended: int | None = None
+    """An array parent: how many of its released children have ended (None: of those
+    restored)."""
 
 
 class Admission:
@@ -95,17 +103,12 @@ class Admission:
         job_id = self._allocate_id()
         job = self._new_job(job_id, defn, now)
         if defn.array is not None:
-            for i in range(defn.array.size):
-                child = self._new_job(f"{job_id}:{i}", defn, now, parent=job, index=i)
-                job.children.append(child)
+            self.seq += defn.array.size  # child i's seq is the parent's + 1 + i
         if s.recorder is not None:
-            s.recorder.jobs_added([job, *job.children])
-        for j in (job, *job.children):
-            j.emit_change(j.id, JobState.SUBMITTED, JobState.SUBMITTED, now, None, None)
+            s.recorder.jobs_added([job])
+        job.emit_change(job.id, JobState.SUBMITTED, JobState.SUBMITTED, now, None, None)
         job.set_state(JobState.PENDING, now)
-        for child in job.children:
-            child.set_state(JobState.PENDING, now)
-        self.release_if_ready(job, now)
+        self.release_if_ready(job, now, soon=True)
         return job
 
     def _allocate_id(self) -> str:
@@ -115,21 +118,52 @@ class Admission:
         self.next_id += 1
         return job_id
 
-    def _new_job(
-        self,
-        job_id: str,
-        defn: JobDefinition,
-        now: float,
-        parent: Job | None = None,
-        index: int | None = None,
-    ) -> Job:
+    def _new_job(self, job_id: str, defn: JobDefinition, now: float) -> Job:
         self.seq += 1
-        job = Job(job_id, defn, self.seq, self.s.emit, now, parent=parent, array_index=index)
+        job = Job(job_id, defn, self.seq, self.s.emit, now)
         job.request = request_for(job_id, defn, self.seq)
         self.s.jobs[job_id] = job
-        if parent is None:
-            self._hold_name(job)
+        self._hold_name(job)
+        self._can_grow(job)
         return job
+
+    def _can_grow(self, parent: Job) -> None:
+        if parent.is_array:
+            parent.grow = lambda index: self._new_child(parent, index, self.s.clock())
+
+    def _new_child(self, parent: Job, index: int, now: float) -> Job:
+        """Array child ``index`` comes into being (it is released, or can never run): its
+        object, row and events, SUBMITTED then PENDING. Until then it is a number in its
+        parent's range; its ``seq`` was kept for it at submit (FIFO order holds)."""
+        s = self.s
+        child_id = f"{parent.id}:{index}"
+        seq = parent.seq + 1 + index
+        child = Job(child_id, parent.defn, seq, s.emit, now, parent=parent, array_index=index)
+        child.request = request_for(child_id, parent.defn, seq)
+        s.jobs[child_id] = child
+        parent.held.append(child)
+        parent.waiting += 1
+        if s.recorder is not None:
+            s.recorder.jobs_added([child])
+        child.emit_change(child_id, JobState.SUBMITTED, JobState.SUBMITTED, now, None, None)
+        child.set_state(JobState.PENDING, now)
+        return child
+
+    def _child_at(self, parent: Job, index: int, now: float) -> Job:
+        """Child ``index`` of ``parent``: the one held (restored), else a new one."""
+        children = parent.held
+        if children and (children[-1].array_index or 0) >= index:
+            held = self.s.jobs.get(f"{parent.id}:{index}")
+            if held is not None:
+                return held
+        return self._new_child(parent, index, now)
+
+    def _release_no_more(self, parent: Job, now: float) -> None:
+        """Admission of ``parent``'s children ends (cancel, terminate, a failed SEQUENTIAL
+        child): every child not released yet comes into being, PENDING, to be failed."""
+        size = lifecycle.array_size(parent)
+        for index in range(parent.admitted, size):
+            self._child_at(parent, index, now)
 
     # --- crash recovery ---------------------------------------------------
 
@@ -140,6 +174,7 @@ class Admission:
         the job's attempts (the infrastructure failed, not the job)."""
         s = self.s
         parents: dict[str, Job] = {}
+        counts: dict[str, tuple[int | None, int | None]] = {}
         restored: list[Job] = []
         for it in sorted(items, key=lambda i: i.seq):
             parent = parents.get(it.parent) if it.parent else None
@@ -159,18 +194,27 @@ class Admission:
             s.jobs[it.id] = job
             if it.parent is None:
                 self._hold_name(job)
-            self.seq = max(self.seq, it.seq)
+            self.seq = max(self.seq, it.seq + (lifecycle.array_size(job)))
             if it.id.isdigit():  # without a recorder, ids go on after the restored ones
                 self.next_id = max(self.next_id, int(it.id) + 1)
             if parent is not None:
-                parent.children.append(job)
+                parent.held.append(job)
             elif it.defn.array is not None:
                 parents[it.id] = job
+                counts[it.id] = (it.released, it.ended)
             restored.append(job)
         for parent in parents.values():
-            parent.children.sort(key=lambda c: c.array_index or 0)
-            parent.admitted = sum(1 for c in parent.children if c.state is not JobState.PENDING)
-            parent.finished = sum(1 for c in parent.children if c.done)
+            parent.held.sort(key=lambda c: c.array_index or 0)
+            released, ended = counts[parent.id]
+            held = parent.held
+            parent.admitted = (
+                sum(1 for c in held if c.state is not JobState.PENDING)
+                if released is None
+                else released
+            )
+            parent.finished = sum(1 for c in held if c.done) if ended is None else ended
+            parent.waiting = sum(1 for c in parent.held if c.state in WAITING)
+            self._can_grow(parent)
             parent.ready = parent.admitted > 0
         for job in restored:
             if job.state in (JobState.STARTING, JobState.RUNNING):
@@ -179,14 +223,19 @@ class Admission:
                 s.enqueue(job)
             elif job.state is JobState.RUNNABLE:
                 s.enqueue(job)
-            elif job.state is JobState.SUBMITTED and not job.children:
+            elif job.state is JobState.SUBMITTED:
                 job.set_state(JobState.PENDING, now)
         for job in restored:
-            if job.state is JobState.PENDING and (job.parent is None or job.parent.ready):
-                if job.children and job.ready:
-                    self._admit_children(job, now)
-                elif not job.children:
-                    self.release_if_ready(job, now)
+            if job.state is not JobState.PENDING or job.done:
+                continue
+            if job.is_array and job.ready:
+                self._admit_children(job, now)
+                outcome = lifecycle.array_outcome(job)
+                if outcome is not None:  # every child had ended before the restart
+                    job.exit_code = lifecycle.array_exit_code(job)
+                    self.finish(job, outcome.state, outcome.reason, now)
+            elif job.parent is None or job.parent.ready:
+                self.release_if_ready(job, now)
         s.request_schedule()
 
     # --- names and dependencies -------------------------------------------
@@ -197,6 +246,14 @@ class Admission:
         job = self.s.jobs.get(job_id)
         if job is not None:
             return job.state
+        root, sep, index = job_id.partition(":")
+        parent = self.s.jobs.get(root) if sep else None
+        if (
+            parent is not None
+            and index.isdigit()
+            and parent.admitted <= int(index) < lifecycle.array_size(parent)
+        ):
+            return JobState.PENDING  # not released yet (a released one has its row)
         recorder = self.s.recorder
         stored = recorder.stored_job(job_id) if recorder is not None else None
         return stored[0] if stored is not None else None
@@ -260,9 +317,11 @@ class Admission:
 
     # --- release ----------------------------------------------------------
 
-    def release_if_ready(self, job: Job, now: float) -> None:
+    def release_if_ready(self, job: Job, now: float, soon: bool = False) -> None:
         """PENDING → RUNNABLE (or, for an array parent, admit its children) once every
-        dependency is met; FAILED as soon as one can never be (``lifecycle.release``)."""
+        dependency is met; FAILED as soon as one can never be (``lifecycle.release``).
+        ``soon``: an array's first children are released at the loop's next turn, so that
+        the commit that accepts it (``submit``) holds one row."""
         if job.state is not JobState.PENDING:
             return
         step = lifecycle.release(job, self.state_of)
@@ -270,17 +329,20 @@ class Admission:
             self.waiting_on.setdefault(step.target, []).append(job)
         elif isinstance(step, lifecycle.Fail):
             self._fail_pending(job, step.reason, now)
-        elif job.children:
+        elif job.is_array:
             job.ready = True
-            self._admit_children(job, now)
+            if soon:
+                asyncio.get_running_loop().call_soon(self._admit_accepted, job)
+            else:
+                self._admit_children(job, now)
         else:
             job.set_state(JobState.RUNNABLE, now)
             self.s.enqueue(job)
             self.s.request_schedule()
 
     def _fail_pending(self, job: Job, reason: str, now: float) -> None:
-        if job.children:
-            job.admitted = len(job.children)
+        if job.is_array:
+            self.stop_admitting(job, now)
             for child in job.children:
                 if not child.done:
                     self.s.dequeue(child)
@@ -299,9 +361,26 @@ class Admission:
         """Release array children, in index order, as ``lifecycle.room`` allows (one at
         a time: a child that fails at once makes room for the next)."""
         while lifecycle.room(parent) > 0:
-            child = parent.children[parent.admitted]
+            child = self._child_at(parent, parent.admitted, now)
             parent.admitted += 1
             self.release_if_ready(child, now)
+
+    def _admit_accepted(self, parent: Job) -> None:
+        if self.s.jobs.get(parent.id) is parent and not parent.done and not self.s.closed:
+            self._admit_children(parent, self.s.clock())
+
+    def top_up(self, parent: Job, now: float) -> None:
+        """Release more of ``parent``'s children if there is room now (some were placed)."""
+        if not parent.done:
+            self._admit_children(parent, now)
+
+    def stop_admitting(self, parent: Job, now: float) -> None:
+        """Release no more of ``parent``'s children (cancel, terminate): all are held.
+        Nothing for a job that is no array."""
+        if not parent.is_array:
+            return
+        self._release_no_more(parent, now)
+        parent.admitted = lifecycle.array_size(parent)
 
     # --- a job's end ------------------------------------------------------
 
@@ -318,6 +397,8 @@ class Admission:
         if parent is None or parent.done:
             return
         parent.finished += 1
+        if lifecycle.stops_admission(parent, state):
+            self._release_no_more(parent, now)
         doomed = lifecycle.never_run(parent, state)
         if doomed is not None:
             # the rest can never run: fail them here, without recursing per child
@@ -327,7 +408,7 @@ class Admission:
                 parent.finished += 1
                 if sib.id in self.waiting_on:
                     self._wake(sib.id, now)
-            parent.admitted = len(parent.children)
+            parent.admitted = lifecycle.array_size(parent)
         self._admit_children(parent, now)
         outcome = lifecycle.array_outcome(parent)
         if outcome is not None:
@@ -336,8 +417,7 @@ class Admission:
 
     def cancel(self, job: Job, reason: str, now: float) -> None:
         """SUBMITTED/PENDING/RUNNABLE → FAILED; what already runs goes on (AWS Batch)."""
-        if job.children:
-            job.admitted = len(job.children)  # admit no more children
+        self.stop_admitting(job, now)
         for j in lifecycle.cancelled(job):
             if not j.done:
                 self.s.dequeue(j)
@@ -349,10 +429,10 @@ class Admission:
         """Forget a job that was just submitted, as if it never had been: its acceptance
         could not be recorded. Only a job that has not been placed yet can go."""
         jobs = self.s.jobs
-        for j in (job, *job.children):
+        for j in (job, *job.held):
             if j.attempts:
                 raise ValueError(f"job {j.id} has started; it cannot be withdrawn")
-        for j in (*job.children, job):
+        for j in (*job.held, job):
             self.s.dequeue(j)
             jobs.pop(j.id, None)
         name = job.defn.name
@@ -361,7 +441,7 @@ class Admission:
             for other in jobs.values():
                 if other.parent is None and other.defn.name == name:
                     self._hold_name(other)
-        gone = {job.id, *(c.id for c in job.children)}
+        gone = {job.id, *(c.id for c in job.held)}
         for target, waiting in list(self.waiting_on.items()):
             kept = [w for w in waiting if w.id not in gone]
             if kept:
@@ -376,9 +456,9 @@ class Admission:
         jobs = self.s.jobs
         for job_id in job_ids:
             job = jobs.get(job_id)
-            if job is None or not job.done or any(not c.done for c in job.children):
+            if job is None or not job.done or any(not c.done for c in job.held):
                 continue
-            for j in (*job.children, job):
+            for j in (*job.held, job):
                 jobs.pop(j.id, None)
                 self.waiting_on.pop(j.id, None)
 

@@ -415,7 +415,7 @@ class Attempts:
 
     def terminate(self, job: Job, reason: str, now: float) -> None:
         """Like ``Admission.cancel``, and STARTING/RUNNING ones are ended."""
-        job.admitted = len(job.children)  # admit no more children while cascading
+        self.admission.stop_admitting(job, now)  # no more children while cascading
         for j, running in lifecycle.terminated(job):
             if j.done:
                 continue

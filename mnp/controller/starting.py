@@ -37,6 +37,7 @@ class Starter:
             s.hosts.capacity,
         )
         now = s.clock()
+        arrays: dict[str, Job] = {}
         with self.attempts.batched():
             for start in starts:
                 job = s.runnable[start.key]
@@ -45,6 +46,10 @@ class Starter:
                     self._launch(job, start, now)
                 except Exception as e:  # one job's failure never stops the pass
                     self.attempts.abort(job, e, start.grants)
+                if job.parent is not None:
+                    arrays[job.parent.id] = job.parent
+            for parent in arrays.values():  # placed children make room for more
+                self.attempts.admission.top_up(parent, now)
 
     def _launch(self, job: Job, start: Start, now: float) -> None:
         attempt = Attempt(len(job.attempts) + 1, ce=start.ce, grants=start.grants, placed_at=now)

@@ -25,7 +25,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mnp.jobs import TIMEOUT_REASON, Attempt, Job, NodeRun, TaskRun, exit_status, should_retry
+from mnp.jobs import (
+    TIMEOUT_REASON,
+    WAITING,
+    Attempt,
+    Job,
+    NodeRun,
+    TaskRun,
+    exit_status,
+    should_retry,
+)
 from mnp.model import TERMINAL, JobState
 
 OOM_PREFIX = "OutOfMemoryError:"
@@ -34,8 +43,10 @@ OOM_PREFIX = "OutOfMemoryError:"
 StateOf = Callable[[str], JobState | None]
 """A job's state by id, or None when no such job is known (purged: it ended long ago)."""
 
-WAITING = (JobState.SUBMITTED, JobState.PENDING, JobState.RUNNABLE)
-"""States ``cancel`` ends: the job has not been placed."""
+AHEAD = 512
+"""An array without a ``parallelism`` holds at most this many children that wait to be
+placed (twice the scheduler's look-ahead, ``mnp.sched.decide.QUEUE_DEPTH``); the others
+are an index range with no object, row or event until they are released (``room``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,33 +119,54 @@ def release(job: Job, state_of: StateOf) -> Wait | Fail | Ready:
     return Ready()
 
 
+def array_size(parent: Job) -> int:
+    """How many children an array parent has (released or not); 0 for any other job."""
+    arr = parent.defn.array
+    return arr.size if arr is not None and parent.parent is None else 0
+
+
 def room(parent: Job) -> int:
     """How many more array children to release now, in index order: as many as
     ``parallelism`` (SEQUENTIAL: one) leaves room for beside those admitted and not yet
-    ended, and no more than are left."""
+    ended -- without a ``parallelism``, as many as keep ``AHEAD`` of them waiting to be
+    placed -- and no more than are left."""
     arr = parent.defn.array
     if arr is None or not parent.ready:
         return 0
-    limit = 1 if arr.sequential else (arr.parallelism or len(parent.children))
-    free = limit - (parent.admitted - parent.finished)
-    return max(0, min(free, len(parent.children) - parent.admitted))
+    if arr.sequential or arr.parallelism:
+        limit = 1 if arr.sequential else (arr.parallelism or 0)
+        free = limit - (parent.admitted - parent.finished)
+    else:
+        # children held past the release frontier (looked at, not released) wait too
+        last = parent.held[-1].array_index or 0 if parent.held else -1
+        beyond = max(0, last + 1 - parent.admitted)
+        free = AHEAD - max(0, parent.waiting - beyond)
+    return max(0, min(free, arr.size - parent.admitted))
+
+
+def stops_admission(parent: Job, state: JobState) -> bool:
+    """Whether a child of ``parent`` ending in ``state`` dooms every later one: a
+    SEQUENTIAL array's failed child."""
+    arr = parent.defn.array
+    return arr is not None and arr.sequential and state is JobState.FAILED
 
 
 def never_run(parent: Job, state: JobState) -> Sequence[Job] | None:
     """After a child of ``parent`` ended in ``state``: None when admission goes on, else
     the children that can never run and fail now -- a SEQUENTIAL array's failed child
-    dooms every later one still PENDING, and admits no more."""
-    arr = parent.defn.array
-    if arr is None or not arr.sequential or state is not JobState.FAILED:
+    dooms every later one still PENDING, and admits no more. (The controller first
+    gives every child not yet released its object, PENDING: they are all here.)"""
+    if not stops_admission(parent, state):
         return None
-    return [c for c in parent.children[parent.admitted :] if c.state is JobState.PENDING]
+    first = parent.admitted
+    return [c for c in parent.held if (c.array_index or 0) >= first and c.state is JobState.PENDING]
 
 
 def array_outcome(parent: Job) -> Finish | None:
     """The parent's end once every child has ended: SUCCEEDED when all succeeded, else
     FAILED for the first failed child (a child that never ran failed for its parent's
     reason: cancel, a dependency)."""
-    if parent.finished < len(parent.children):
+    if parent.finished < array_size(parent):
         return None
     first = next((c for c in parent.children if c.state is JobState.FAILED), None)
     if first is None:
@@ -249,6 +281,6 @@ def terminated(job: Job) -> list[tuple[Job, bool]]:
             continue
         if j.state in (JobState.STARTING, JobState.RUNNING) and j.attempt is not None:
             steps.append((j, True))
-        elif not j.children:
+        elif not j.is_array:
             steps.append((j, False))
     return steps

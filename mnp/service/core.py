@@ -114,6 +114,8 @@ class Service:
                     array_index=row.get("array_index"),
                     attempts=row.get("attempt_count") or 0,
                     reason=row.get("reason"),
+                    released=row.get("released"),
+                    ended=row.get("ended"),
                 )
             )
         if items:

@@ -183,7 +183,7 @@ class Recording:
 
     def withdraw(self, job: Job) -> None:
         """Drop what was recorded of a job the controller withdrew (never committed)."""
-        self.store.discard([job.id, *(c.id for c in job.children)])
+        self.store.discard([job.id, *(c.id for c in job.held)])
         self._event_lines = [e for e in self._event_lines if e[0] != job.id]
 
     # --- output -----------------------------------------------------------

@@ -9,11 +9,17 @@ NULL). ``timed_out`` reads back as a bool.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mnp.jobid import JobId, JobIdError, top_of
 from mnp.store.schema import ATTEMPT_COLUMNS, JOB_COLUMNS, NODE_COLUMNS
+
+# mnp.model's JobState values, spelt out so that a reader (`mnp list`) does not
+# import the model; tests/unit/test_store.py checks that they agree.
+FINISHED_STATES = ("FAILED", "SUCCEEDED")
+UNFINISHED_STATES = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
 
 Row = dict[str, Any]
 
@@ -168,3 +174,21 @@ def event_key(event: Mapping[str, Any]) -> tuple[str | None, str | None]:
     except (JobIdError, TypeError, ValueError):  # not an index mnp gives out: as written
         pass
     return str(subject), subject.top
+
+
+def key(value: str) -> str | bytes:
+    """A name or id given by a user, as a query parameter. One that is not valid Unicode
+    (bytes that were not UTF-8, as surrogate escapes), which sqlite3 cannot bind as
+    text, is bound as a BLOB: it equals no stored name, so the query finds nothing."""
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
+    return value
+
+
+def scalar(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) -> Any:
+    row = conn.execute(sql, params).fetchone()
+    return None if row is None else row[0]

@@ -19,13 +19,13 @@ from mnp import jobref
 from mnp.errors import InfraError
 from mnp.jobid import split, top_of
 from mnp.store import codec, registry
-from mnp.store.codec import Row
+from mnp.store.codec import FINISHED_STATES as FINISHED_STATES
+from mnp.store.codec import UNFINISHED_STATES as UNFINISHED_STATES
+from mnp.store.codec import Row, key
+from mnp.store.codec import scalar as scalar
+from mnp.store.gaps import gap_of, gap_rows, gaps, unreleased_child
 from mnp.store.schema import JOB_COLUMNS, SUMMARY_COLUMNS, guard
 
-# mnp.model's JobState values, spelt out so that a reader (`mnp list`) does not
-# import the model; tests/unit/test_store.py checks that they agree.
-FINISHED_STATES = ("FAILED", "SUCCEEDED")
-UNFINISHED_STATES = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
 TERMINAL_SQL = ", ".join(f"'{s}'" for s in FINISHED_STATES)
 _UNFINISHED_SQL = ", ".join(f"'{s}'" for s in UNFINISHED_STATES)
 _SUMMARY = SUMMARY_SELECT = ", ".join(SUMMARY_COLUMNS)
@@ -44,29 +44,14 @@ TABLE_SELECT = (
 
 @contextmanager
 def _snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    if conn.in_transaction:  # inside another snapshot: that one holds the view
+        yield conn
+        return
     conn.execute("BEGIN")
     try:
         yield conn
     finally:
         conn.execute("COMMIT")
-
-
-def key(value: str) -> str | bytes:
-    """A name or id given by a user, as a query parameter. One that is not valid Unicode
-    (bytes that were not UTF-8, as surrogate escapes), which sqlite3 cannot bind as
-    text, is bound as a BLOB: it equals no stored name, so the query finds nothing."""
-    if value.isascii():
-        return value
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "surrogatepass")
-    return value
-
-
-def scalar(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) -> Any:
-    row = conn.execute(sql, params).fetchone()
-    return None if row is None else row[0]
 
 
 def rows(cursor: sqlite3.Cursor) -> list[Row]:
@@ -92,7 +77,10 @@ def state_and_size(conn: sqlite3.Connection, job_id: str) -> tuple[str, int | No
     """A job's state and array size (None unless an array parent), or None."""
     sql = "SELECT state, array_size FROM jobs WHERE id = ?"
     row = conn.execute(sql, (key(job_id),)).fetchone()
-    return None if row is None else (str(row[0]), row[1])
+    if row is None:
+        gap = unreleased_child(conn, job_id)
+        return None if gap is None else (gap.state, None)
+    return (str(row[0]), row[1])
 
 
 def newest_named(conn: sqlite3.Connection, name: str) -> str | None:
@@ -124,6 +112,14 @@ def job_tags(conn: sqlite3.Connection, ids: list[str]) -> dict[str, dict[str, st
             tags = (json.loads(text) or {}).get("tags") if text else None
             if isinstance(tags, dict):
                 out[str(job_id)] = {str(k): str(v) for k, v in tags.items()}
+    # an array child not released yet has no row: its parent's tags
+    unreleased = [j for j in ids if j not in out and ":" in j]
+    if unreleased:
+        parents = job_tags(conn, sorted({j.partition(":")[0] for j in unreleased}))
+        for j in unreleased:
+            found = parents.get(j.partition(":")[0])
+            if found is not None:
+                out[j] = found
     return out
 
 
@@ -164,7 +160,12 @@ def get_job(conn: sqlite3.Connection, job_id: str) -> Row | None:
     with _snapshot(conn):
         found = rows(conn.execute(f"SELECT {_JOBS} FROM jobs WHERE id = ?", (key(job_id),)))
         if not found:
-            return None
+            gap = unreleased_child(conn, job_id)
+            if gap is None:
+                return None
+            job = gap.row(int(job_id.partition(":")[2]))
+            job.update(definition=_definition(conn, gap.parent), attempts=[], nodes=[])
+            return job
         job = codec.decode_job(found[0])
         if job["definition"] is None and job["parent"] is not None:
             job["definition"] = _definition(conn, job["parent"])
@@ -187,6 +188,10 @@ def get_job(conn: sqlite3.Connection, job_id: str) -> Row | None:
                 "SELECT state, count(*) FROM jobs WHERE parent = ? GROUP BY state", (job_id,)
             )
             job["children_counts"] = dict(counts.fetchall())
+            gap = gap_of(conn, job_id)
+            if gap is not None:
+                held = job["children_counts"]
+                held[gap.state] = held.get(gap.state, 0) + gap.size - gap.first
     return job
 
 
@@ -265,6 +270,28 @@ def page(
     of the older ones reads the ``jobs_top`` index only (no schema change: the
     indexes of schema version 1 serve all of it).
     """
+    if not parents_only:
+        with _snapshot(conn):
+            found, left_out = _page(conn, "seq, " + select, queue, state, False, None, finished)
+            where, params = job_filter(False, queue, state)
+            for gap in gaps(conn):
+                found += gap_rows(conn, select, where, params, gap)
+        found.sort(key=lambda r: int(r[0]))
+        if newest is not None:
+            found = found[-newest:] if newest > 0 else []
+        return [r[1:] for r in found], left_out
+    return _page(conn, select, queue, state, parents_only, newest, finished)
+
+
+def _page(
+    conn: sqlite3.Connection,
+    select: str,
+    queue: str | None,
+    state: str | None,
+    parents_only: bool,
+    newest: int | None,
+    finished: int | None,
+) -> tuple[list[tuple[Any, ...]], int]:
     where, params = job_filter(parents_only, queue, state)
     base = " AND ".join(where) or "1"
     if state is not None and state not in FINISHED_STATES:
@@ -324,8 +351,11 @@ def counts_by_queue_state(conn: sqlite3.Connection) -> dict[str, dict[str, int]]
         "WHERE NOT (parent IS NULL AND array_size IS NOT NULL) GROUP BY queue, state"
     )
     out: dict[str, dict[str, int]] = {}
-    for queue, state, n in conn.execute(sql):
+    for queue, state, n in conn.execute(sql).fetchall():
         out.setdefault(queue, {})[state] = n
+    for gap in gaps(conn):
+        by_state = out.setdefault(str(gap.queue), {})
+        by_state[gap.state] = by_state.get(gap.state, 0) + gap.size - gap.first
     return out
 
 
@@ -350,7 +380,15 @@ def events_since(
 
 
 def max_job_seq(conn: sqlite3.Connection) -> int:
+    """The highest job seq given out: an array's children not released yet have theirs
+    (the parent's + 1 + index) kept for them."""
     stored = scalar(conn, "SELECT max(seq) FROM jobs") or 0
+    ranges = scalar(
+        conn,
+        "SELECT max(seq + array_size) FROM jobs INDEXED BY jobs_top "
+        "WHERE parent IS NULL AND array_size IS NOT NULL",
+    )
+    stored = max(int(stored), int(ranges or 0))
     floor = scalar(conn, "SELECT value FROM meta WHERE key = 'job_seq_floor'") or 0
     return max(int(stored), int(floor))
 
@@ -399,6 +437,16 @@ def unfinished_jobs(conn: sqlite3.Connection) -> list[Row]:
         }
         for parent in {j["parent"] for j in jobs if j["parent"] is not None} - definitions.keys():
             definitions[parent] = _definition(conn, parent)
+        # an array's released children (rows) and how many of them ended: restore
+        # goes on releasing after them
+        released = {
+            parent: (n, ended or 0)
+            for parent, n, ended in conn.execute(
+                "SELECT parent, count(*), sum(state IN (" + TERMINAL_SQL + ")) FROM jobs "
+                "WHERE parent IN (SELECT id FROM jobs WHERE parent IS NULL "
+                f"AND array_size IS NOT NULL AND state IN ({_UNFINISHED_SQL})) GROUP BY parent"
+            )
+        }
     attempts_of: dict[str, list[Row]] = {}
     for a in attempts:
         attempts_of.setdefault(a["job_id"], []).append(codec.decode_attempt(a))
@@ -412,6 +460,8 @@ def unfinished_jobs(conn: sqlite3.Connection) -> list[Row]:
         j["attempts"] = attempts_of.get(j["id"], [])
         last = j["attempts"][-1]["number"] if j["attempts"] else None
         j["nodes"] = nodes_of.get((j["id"], last), []) if last is not None else []
+        if j["parent"] is None and j["array_size"] is not None:
+            j["released"], j["ended"] = released.get(j["id"], (0, 0))
     return jobs
 
 
@@ -496,8 +546,16 @@ class ReadApi:
         if after_seq is not None:
             where.append("seq > ?")
             params.append(after_seq)
-        with self._guard("listing jobs"):
-            return summaries(self.conn, where, params, "seq", limit)
+        with self._guard("listing jobs"), _snapshot(self.conn):
+            found = summaries(self.conn, where, params, "seq", limit)
+            if parents_only:
+                return found
+            for gap in gaps(self.conn):
+                found += as_summaries(
+                    [r[1:] for r in gap_rows(self.conn, SUMMARY_SELECT, where, params, gap)]
+                )
+        found.sort(key=lambda r: int(r["seq"]))
+        return found if limit is None else found[:limit]
 
     def list_page(
         self,
@@ -555,8 +613,13 @@ class ReadApi:
         if state is not None:
             where.append("state = ?")
             params.append(key(str(state)))
-        with self._guard("listing children"):
-            return summaries(self.conn, where, list(params), "array_index", limit)
+        with self._guard("listing children"), _snapshot(self.conn):
+            found = summaries(self.conn, where, list(params), "array_index", limit)
+            gap = gap_of(self.conn, parent_id)
+        if gap is not None and (state is None or state == gap.state):
+            last = gap.size if limit is None else min(gap.size, gap.first + limit - len(found))
+            found += [gap.row(i) for i in range(gap.first, last)]
+        return found
 
     def counts_by_queue_state(self) -> dict[str, dict[str, int]]:
         """queue -> state -> number of units of work (``mnp queues``).

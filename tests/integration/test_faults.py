@@ -115,6 +115,75 @@ def test_controller_sigkill_10_rounds_under_load(
         assert describe(daemon, j)["state"] == "SUCCEEDED", j
 
 
+def test_a_100000_child_array_is_one_commit_and_sigkill_loses_and_reruns_no_child(
+    daemon: dict[str, str], sshd_hosts: SshdCluster, ledger: Ledger, tmp_path: Path
+) -> None:
+    """An array of 100,000 is committed before ``submit`` answers (a SIGKILL right after
+    it finds every child in the store), its children come into being as they are
+    released, and SIGKILLs mid-array lose none and run none again that had ended."""
+    mark = uuid.uuid4().hex
+    ran = tmp_path / "ran"
+    script = f'echo "$MNP_ARRAY_INDEX" >> {ran}'
+    n = 100_000
+    arr = submit(
+        daemon,
+        *("--env", f"TEST_MARK={mark}", "--array-size", str(n), "--array-parallelism", "4"),
+        *("--", "sh", "-c", script),
+    )
+
+    def kill() -> None:
+        pid = controller_pid(daemon)
+        os.kill(pid, signal.SIGKILL)
+        ledger.fault("controller SIGKILL + restart")
+        wait_until("the killed controller gone", lambda p=pid: not psutil.pid_exists(p), 5)
+
+    def restart() -> None:
+        r = mnp("controller", "start", env=daemon)
+        assert r.returncode == 0, r.stderr
+
+    kill()  # at once: the submit's one commit holds the whole array
+    counts = describe(daemon, arr)["children_counts"]
+    assert sum(counts.values()) == n, counts
+    orphans = len(wait_no_procs("TEST_MARK", mark, 5))
+    restart()
+    # (children whose end was committed before a SIGKILL, how often each had run then):
+    # a child whose end was not committed runs again (its attempt was lost), one whose
+    # end was never does
+    ended_before: list[tuple[set[str], Counter[str]]] = []
+    for _ in range(2):
+        wait_until("some children to end", lambda: ran.exists() and ran.stat().st_size > 40, 30)
+        time.sleep(0.5)
+        kill()
+        orphans += len(wait_no_procs("TEST_MARK", mark, 5))
+        r = mnp("list", "--children", "--state", "SUCCEEDED", "--all", "--json", env=daemon)
+        assert r.returncode == 0, r.stderr
+        ended = {j["id"] for j in json.loads(r.stdout)}
+        ended_before.append((ended, Counter(ran.read_text().split())))
+        restart()
+    assert all(ended for ended, _ in ended_before)
+    r = mnp("cancel", arr, "--reason", "enough", env=daemon)
+    assert r.returncode == 0, r.stderr
+    wait_until("the array to end", lambda: describe(daemon, arr)["state"] in TERMINAL, 120, every=1)
+    counts = describe(daemon, arr)["children_counts"]
+    assert sum(counts.values()) == n and set(counts) <= set(TERMINAL), counts
+    ends = terminal_counts(daemon)
+    jobs = [arr] + [f"{arr}:{i}" for i in range(n)]
+    lost = [j for j in jobs if ends[j] != 1]
+    runs = Counter(ran.read_text().split())
+    again = [
+        j
+        for ended, then in ended_before
+        for j in ended
+        if runs[j.partition(":")[2]] != then[j.partition(":")[2]]
+    ]
+    orphans += len(procs_with_env("TEST_MARK", mark))
+    ledger.jobs(accepted=len(jobs), lost=len(lost))
+    ledger.orphans_found(orphans)
+    assert lost == [], {j: ends[j] for j in lost[:20]}
+    assert again == [], again[:20]
+    assert orphans == 0
+
+
 # --- host lost --------------------------------------------------------------------
 
 

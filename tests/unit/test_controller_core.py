@@ -965,3 +965,66 @@ async def test_close_ends_a_decided_attempt_as_decided_and_keeps_a_running_one(
     assert running.state is RUN  # retried by the next controller, uncounted (restore)
     with pytest.raises(InfraError, match="shutting down"):
         c.submit(cmd())
+
+
+# --- sparse arrays ------------------------------------------------------------------
+
+
+async def test_a_big_array_is_a_range_until_its_children_are_released(
+    ctl: Controller, fake: FakeTransport
+) -> None:
+    from mnp.sched.lifecycle import AHEAD
+
+    fake.handler = fakemod.hold
+    a = ctl.submit(cmd(array_size=100_000))
+    await settle()
+    # only the window has objects and events: AHEAD waiting to be placed, and those
+    # placed (3 hosts of 2 vcpus); the rest is a range of ids and seqs
+    running = len(fake.spawned())
+    assert running == 6
+    assert (a.admitted, a.waiting) == (AHEAD + running, AHEAD)
+    assert [c.array_index for c in a.held] == list(range(AHEAD + running))
+    assert [c.seq for c in a.held[:3]] == [a.seq + 1, a.seq + 2, a.seq + 3]
+    assert sum(1 for j in ctl.jobs if j.startswith(f"{a.id}:")) == AHEAD + running
+    assert len(ctl.events) < 4 * (AHEAD + running)
+    assert ctl.admission.state_of(f"{a.id}:99999") is P  # not released: waits
+    assert ctl.admission.state_of(f"{a.id}:100000") is None  # no such child
+    later = ctl.submit(cmd())
+    assert later.seq == a.seq + 100_001  # the range's seqs stay kept: FIFO order holds
+    for _, tid in fake.spawned()[:2]:  # two end: two more are placed, two released
+        fake.exit(tid, 0)
+    await settle()
+    assert len(fake.spawned()) == running + 2
+    assert (a.admitted, a.waiting) == (AHEAD + running + 2, AHEAD)
+    ctl.cancel(a.id, "enough")  # every child not placed fails, each with its object
+    for _, tid in fake.spawned()[2:]:
+        fake.exit(tid, 0)
+    await done(ctl, a)
+    assert len(a.children) == 100_000  # every child ended: each has its object
+    assert a.state is F
+
+
+async def test_a_sparse_array_runs_every_child_once_in_index_order(
+    ctl: Controller, fake: FakeTransport
+) -> None:
+    a = ctl.submit(cmd(array_size=1500))
+    await done(ctl, a)
+    tids = [tid for _, tid in fake.spawned()]
+    assert sorted(tids, key=lambda t: int(t.split(":")[1])) == [f"{a.id}:{i}" for i in range(1500)]
+    assert len(set(tids)) == 1500
+    assert a.state is S and a.finished == 1500
+
+
+async def test_n_to_n_waits_on_a_child_not_released_yet(
+    ctl: Controller, fake: FakeTransport
+) -> None:
+    fake.handler = fakemod.hold
+    a = ctl.submit(cmd(array_size=1000, array_parallelism=1))
+    b = ctl.submit(defn(array={"size": 1000}, depends_on=[f"{a.id}:N_TO_N"]))
+    await settle()
+    assert [tid for _, tid in fake.spawned()] == [f"{a.id}:0"]
+    assert all(c.state is P for c in b.held)  # each waits on its peer, released or not
+    fake.exit(f"{a.id}:0", 0)
+    await settle()
+    assert f"{b.id}:0" in [tid for _, tid in fake.spawned()]
+    assert ctl.jobs[f"{b.id}:1"].state is P

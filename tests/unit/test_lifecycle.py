@@ -331,3 +331,39 @@ def test_terminate_ends_running_attempts_and_fails_the_rest_children_first() -> 
     assert lc.terminated(single) == [(single, True)]
     pending = job(state=S.PENDING)
     assert lc.terminated(pending) == [(pending, False)]
+
+
+# --- sparse arrays: children released as the window allows -------------------------
+
+
+def test_an_array_without_parallelism_keeps_AHEAD_children_waiting() -> None:
+    parent = array(2)
+    parent.children = []  # none has its object yet: a range
+    parent.defn = defn(array={"size": 100_000})
+    assert lc.room(parent) == lc.AHEAD
+    parent.admitted, parent.waiting = lc.AHEAD, lc.AHEAD
+    assert lc.room(parent) == 0  # all released ones wait to be placed
+    parent.waiting = lc.AHEAD - 10  # 10 of them were placed
+    assert lc.room(parent) == 10
+    parent.admitted, parent.waiting = 100_000 - 3, 0
+    assert lc.room(parent) == 3  # no more than are left
+
+
+def test_children_held_past_the_frontier_do_not_count_as_released() -> None:
+    parent = array(2)
+    parent.defn = defn(array={"size": 1000})
+    parent.children = [
+        Job(f"5:{i}", parent.defn, 2 + i, lambda e: None, 0.0, parent=parent, array_index=i)
+        for i in range(1000)
+    ]
+    parent.admitted, parent.waiting = 10, 1000  # looked at: every child has its object
+    assert lc.room(parent) == lc.AHEAD - 10
+
+
+def test_only_a_failed_sequential_child_stops_admission() -> None:
+    seq = array(3, sequential=True)
+    assert lc.stops_admission(seq, S.FAILED)
+    assert not lc.stops_admission(seq, S.SUCCEEDED)
+    assert not lc.stops_admission(array(3), S.FAILED)
+    assert lc.array_size(seq) == 3
+    assert lc.array_size(seq.children[0]) == 0  # a child is no array

@@ -1149,3 +1149,81 @@ def test_numbers_go_on_after_those_used_before_the_database(tmp_path: Path) -> N
         assert again.append_event({"job_id": "10", "status": "SUBMITTED"}) == 44
     finally:
         again.close()
+
+
+# --- sparse arrays: children not released yet are read as the rows they stand for ---
+
+
+def _sparse(store: Store, released: int, **array: Any) -> None:
+    """Array 1 of 100,000 children with ``released`` of them stored, then job 100002."""
+    defn = {"name": "arr", "command": ["true"], "array": {"size": 100_000, **array}}
+    store.add_job(job_row("1", 1, name="arr", state="PENDING", definition=defn, array_size=100_000))
+    store.add_jobs(array_rows("1", 2, released, state="RUNNABLE"))
+    store.add_job(job_row("100002", 100_002))
+    store.flush()
+
+
+def test_unreleased_children_read_as_runnable_rows(store: Store) -> None:
+    _sparse(store, 3)
+    store.update_job("1:0", state="RUNNING")
+    store.flush()
+    parent = store.get_job("1")
+    assert parent is not None
+    assert parent["children_counts"] == {"RUNNING": 1, "RUNNABLE": 100_000 - 1}
+    child = store.get_job("1:70000")
+    assert child is not None
+    assert (child["state"], child["seq"], child["parent"], child["array_index"]) == (
+        "RUNNABLE",
+        70_002,
+        "1",
+        70_000,
+    )
+    assert child["definition"]["array"]["size"] == 100_000 and child["attempts"] == []
+    assert store.get_job("1:100000") is None
+    assert store.state_and_size("1:99999") == ("RUNNABLE", None)
+    assert store.state_and_size("1:100000") is None
+    assert [c["id"] for c in store.children("1", limit=5)] == [f"1:{i}" for i in range(5)]
+    assert len(store.children("1")) == 100_000
+    assert [c["id"] for c in store.children("1", state="RUNNING")] == ["1:0"]
+    listed = store.list_jobs(parents_only=False)
+    assert len(listed) == 100_002
+    assert [j["id"] for j in listed[:2]] == ["1", "1:0"]
+    assert listed[-1]["id"] == "100002"  # in seq order: the range sits under its parent
+    assert [j["id"] for j in store.list_jobs(parents_only=False, after_seq=99_999, limit=3)] == [
+        "1:99998",
+        "1:99999",
+        "100002",
+    ]
+    rows, left_out = store.list_page(parents_only=False, newest=2)
+    assert [r["id"] for r in rows] == ["1:99999", "100002"] and left_out == 0
+    table, _ = store.table_page(parents_only=False, state="RUNNABLE", finished=1000)
+    assert len(table) == 100_000 - 1 and table[-1][0] == "1:99999"
+    assert store.counts_by_queue_state() == {
+        "default": {"RUNNING": 1, "RUNNABLE": 100_000 - 1, "SUBMITTED": 1}
+    }
+    assert [j["id"] for j in store.list_jobs()] == ["1", "100002"]  # parents: unchanged
+
+
+@pytest.mark.parametrize(
+    ("released", "array", "state"),
+    [
+        (0, {}, "PENDING"),  # its dependencies are not met yet: nothing released
+        (2, {"parallelism": 2}, "PENDING"),  # outside the parallelism window
+        (1, {"sequential": True}, "PENDING"),
+    ],
+)
+def test_unreleased_children_wait_outside_the_window(
+    store: Store, released: int, array: dict[str, Any], state: str
+) -> None:
+    _sparse(store, released, **array)
+    parent = store.get_job("1")
+    assert parent is not None
+    assert parent["children_counts"].get(state) == 100_000 - released
+    assert store.state_and_size("1:500") == (state, None)
+
+
+def test_a_range_keeps_its_seqs_from_the_next_controller(store: Store) -> None:
+    defn = {"name": "arr", "command": ["true"], "array": {"size": 1000}}
+    store.add_job(job_row("1", 7, state="PENDING", definition=defn, array_size=1000))
+    store.flush()
+    assert store.max_job_seq() == 7 + 1000

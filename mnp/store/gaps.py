@@ -1,0 +1,137 @@
+"""Array children not released yet, read as the rows they stand for.
+
+An array is stored as its parent row; a child gets its row (and events) when the
+controller releases it (``mnp.sched.lifecycle.room``), in index order. The others,
+indexes ``released`` to ``array_size - 1``, are read here as the rows they stand
+for: PENDING, or RUNNABLE for an array released at once (no parallelism, SEQUENTIAL
+or N_TO_N dependency) once its own dependencies are met (a child was released).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any, NamedTuple
+
+from mnp.store.codec import FINISHED_STATES, UNFINISHED_STATES, Row, key, scalar
+
+_UNFINISHED_SQL = ", ".join(f"'{s}'" for s in UNFINISHED_STATES)
+
+_GAP_PARENTS = (
+    "SELECT seq, id, name, queue, type, state, created, definition, depends_on, "
+    "array_size, num_nodes FROM jobs"
+)
+
+
+class Gap(NamedTuple):
+    """The children of array ``parent`` not released yet: indexes ``first`` to
+    ``size - 1``, each in ``state``."""
+
+    parent: str
+    seq: int
+    name: str | None
+    queue: str | None
+    type: str | None
+    created: float | None
+    num_nodes: int | None
+    first: int
+    size: int
+    state: str
+
+    def row(self, index: int) -> Row:
+        """Child ``index``'s ``list_jobs`` row."""
+        return {
+            "seq": self.seq + 1 + index,
+            "id": f"{self.parent}:{index}",
+            "parent": self.parent,
+            "array_index": index,
+            "name": self.name,
+            "queue": self.queue,
+            "type": self.type,
+            "state": self.state,
+            "reason": None,
+            "created": self.created,
+            "started": None,
+            "stopped": None,
+            "exit_code": None,
+            "signal": None,
+            "attempt_count": 0,
+            "timed_out": False,
+            "depends_on": [],
+            "array_size": None,
+            "num_nodes": self.num_nodes,
+        }
+
+
+def _gap(conn: sqlite3.Connection, parent: tuple[Any, ...]) -> Gap | None:
+    seq, job_id, name, queue, type_, state, created, definition, deps, size, nodes = parent
+    if not size or state in FINISHED_STATES:
+        return None
+    released = scalar(conn, "SELECT count(*) FROM jobs WHERE parent = ?", (job_id,)) or 0
+    if released >= size:
+        return None
+    arr = (json.loads(definition) if definition else {}).get("array") or {}
+    n_to_n = any(str(d).endswith(":N_TO_N") for d in (json.loads(deps) if deps else ()))
+    at_once = released > 0 and not arr.get("parallelism") and not arr.get("sequential")
+    waits = "RUNNABLE" if at_once and not n_to_n else "PENDING"
+    return Gap(job_id, seq, name, queue, type_, created, nodes, released, size, waits)
+
+
+def gap_of(conn: sqlite3.Connection, parent_id: str) -> Gap | None:
+    """The unreleased children of array ``parent_id``, or None (none, or no array)."""
+    found = conn.execute(
+        f"{_GAP_PARENTS} WHERE id = ? AND parent IS NULL", (key(parent_id),)
+    ).fetchone()
+    return None if found is None else _gap(conn, found)
+
+
+def gaps(conn: sqlite3.Connection) -> list[Gap]:
+    """Every unfinished array's unreleased children, in seq order."""
+    found = conn.execute(
+        f"{_GAP_PARENTS} WHERE parent IS NULL AND array_size IS NOT NULL "
+        f"AND state IN ({_UNFINISHED_SQL}) ORDER BY seq"
+    ).fetchall()
+    return [g for g in (_gap(conn, p) for p in found) if g is not None]
+
+
+def unreleased_child(conn: sqlite3.Connection, job_id: str) -> Gap | None:
+    """The gap that child ``job_id`` (``42:7``) lies in, or None."""
+    root, sep, index = job_id.partition(":")
+    if not sep or not index.isdigit():
+        return None
+    gap = gap_of(conn, root)
+    return gap if gap is not None and gap.first <= int(index) < gap.size else None
+
+
+_GAP_SQL = (
+    "WITH RECURSIVE n(i) AS (SELECT ? UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?), "
+    "jobs AS (SELECT ? + 1 + i AS seq, ? || ':' || i AS id, ? AS parent, i AS array_index, "
+    "? AS name, ? AS queue, ? AS type, ? AS state, NULL AS reason, ? AS created, "
+    "NULL AS started, NULL AS stopped, NULL AS exit_code, NULL AS signal, "
+    "0 AS attempt_count, 0 AS timed_out, NULL AS definition, NULL AS depends_on, "
+    "NULL AS array_size, ? AS num_nodes FROM n) "
+)
+
+
+def gap_rows(
+    conn: sqlite3.Connection, select: str, where: list[str], params: list[Any], gap: Gap
+) -> list[tuple[Any, ...]]:
+    """``SELECT seq, {select}`` over the unreleased children of ``gap`` as the rows they
+    stand for, filtered by ``where`` (the same terms as over the jobs table)."""
+    sql = _GAP_SQL + f"SELECT seq, {select} FROM jobs"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    values = (
+        gap.first,
+        gap.size,
+        gap.seq,
+        gap.parent,
+        gap.parent,
+        gap.name,
+        gap.queue,
+        gap.type,
+        gap.state,
+        gap.created,
+        gap.num_nodes,
+    )
+    return conn.execute(sql, [*values, *params]).fetchall()
