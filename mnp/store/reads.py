@@ -23,6 +23,7 @@ from mnp.store.codec import FINISHED_STATES as FINISHED_STATES
 from mnp.store.codec import UNFINISHED_STATES as UNFINISHED_STATES
 from mnp.store.codec import Row, key
 from mnp.store.codec import scalar as scalar
+from mnp.store.gaps import cut_of as gaps_cut
 from mnp.store.gaps import gap_of, gap_rows, gaps, unreleased_child
 from mnp.store.schema import JOB_COLUMNS, SUMMARY_COLUMNS, guard
 
@@ -447,6 +448,13 @@ def unfinished_jobs(conn: sqlite3.Connection) -> list[Row]:
                 f"AND array_size IS NOT NULL AND state IN ({_UNFINISHED_SQL})) GROUP BY parent"
             )
         }
+        cuts = {
+            j["id"]: cut
+            for j in jobs
+            if j["parent"] is None
+            and j["array_size"] is not None
+            and (cut := gaps_cut(conn, j["id"])) is not None
+        }
     attempts_of: dict[str, list[Row]] = {}
     for a in attempts:
         attempts_of.setdefault(a["job_id"], []).append(codec.decode_attempt(a))
@@ -462,6 +470,9 @@ def unfinished_jobs(conn: sqlite3.Connection) -> list[Row]:
         j["nodes"] = nodes_of.get((j["id"], last), []) if last is not None else []
         if j["parent"] is None and j["array_size"] is not None:
             j["released"], j["ended"] = released.get(j["id"], (0, 0))
+            cut = cuts.get(j["id"])  # ended unreleased: never to be released
+            j["cut"] = None if cut is None else int(cut["from"])
+            j["cut_reason"] = None if cut is None else cut.get("reason")
     return jobs
 
 
