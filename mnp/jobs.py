@@ -142,7 +142,8 @@ def _no_events(event: dict[str, Any]) -> None:
 
 ARRAY_CUT = "array-children-ended"
 """The one event that ends an array's unreleased children, all at once (``Job.cut``):
-``array_range`` [first, last], ``count``, ``status`` and ``reason``."""
+``array_range`` [first, last], ``count``, ``status`` and ``reason``. ``mnp events``
+reads it as each child's FAILED event (``mnp.store.gaps.child_ends``)."""
 
 
 @dataclass(slots=True)

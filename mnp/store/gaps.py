@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 from mnp.store.codec import FINISHED_STATES, UNFINISHED_STATES, Row, key, scalar
 
+ARRAY_CUT = "array-children-ended"  # mnp.jobs.ARRAY_CUT (the store imports no job model)
 _UNFINISHED_SQL = ", ".join(f"'{s}'" for s in UNFINISHED_STATES)
 FINISHED_SQL = ", ".join(f"'{s}'" for s in FINISHED_STATES)
 
@@ -179,3 +180,54 @@ def gap_rows(
         gap.num_nodes,
     )
     return conn.execute(sql, [*values, *params]).fetchall()
+
+
+def child_ends(event: Row, only: int | None = None) -> list[Row]:
+    """The ``array-children-ended`` ``event`` as the FAILED event of each child it
+    ended (``only``: of that child alone, if it is one of them), as a child's own
+    state change reads: from PENDING, no attempt, the event's ``seq``."""
+    first, last = (int(i) for i in event["array_range"])
+    if only is not None:
+        first, last = (only, only) if first <= only <= last else (0, -1)
+    parent = str(event["job_id"])
+    out: list[Row] = []
+    for index in range(first, last + 1):
+        child: Row = {
+            "seq": event["seq"],
+            "time": event["time"],
+            "type": "job-state-change",
+            "job_id": f"{parent}:{index}",
+            "name": event.get("name"),
+            "queue": event.get("queue"),
+            "status": event["status"],
+            "previous": "PENDING",
+            "reason": event.get("reason"),
+            "attempt": 0,
+            "exit_code": None,
+            "array_index": index,
+        }
+        if "tags" in event:
+            child["tags"] = event["tags"]
+        out.append(child)
+    return out
+
+
+def per_child_ends(found: list[Row], of_parent: list[Row], only: int | None) -> list[Row]:
+    """Events ``found`` with each ``array-children-ended`` one read as its children's
+    (``child_ends``); ``only``: those of child ``only`` alone, which may be among the
+    parent's events ``of_parent``."""
+    if of_parent:
+        found = sorted(
+            [*found, *(e for e in of_parent if e.get("type") == ARRAY_CUT)],
+            key=lambda e: int(e["seq"]),
+        )
+    out: list[Row] = []
+    for event in found:
+        out += child_ends(event, only) if event.get("type") == ARRAY_CUT else [event]
+    return out
+
+
+def child_index(job_id: str | None) -> int | None:
+    """The index of array child ``job_id`` (``42:7``: 7), or None for any other id."""
+    _root, sep, index = (job_id or "").partition(":")
+    return int(index) if sep and index.isdigit() else None

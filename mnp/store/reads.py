@@ -19,11 +19,11 @@ from mnp import jobref
 from mnp.errors import InfraError
 from mnp.jobid import split, top_of
 from mnp.store import codec, registry
+from mnp.store import gaps as gapmod
 from mnp.store.codec import FINISHED_STATES as FINISHED_STATES
 from mnp.store.codec import UNFINISHED_STATES as UNFINISHED_STATES
 from mnp.store.codec import Row, key
 from mnp.store.codec import scalar as scalar
-from mnp.store.gaps import cut_of as gaps_cut
 from mnp.store.gaps import gap_of, gap_rows, gaps, unreleased_child
 from mnp.store.schema import JOB_COLUMNS, SUMMARY_COLUMNS, guard
 
@@ -361,11 +361,14 @@ def counts_by_queue_state(conn: sqlite3.Connection) -> dict[str, dict[str, int]]
 
 
 def events_since(
-    conn: sqlite3.Connection, seq: int, job_id: str | None, limit: int | None
+    conn: sqlite3.Connection, seq: int, job_id: str | None, limit: int | None, exact: bool = False
 ) -> list[Row]:
     params: list[Any] = [seq]
     sql = "SELECT body FROM events WHERE seq > ?"
-    if job_id is not None:
+    if job_id is not None and exact:
+        sql += " AND job_id = ?"
+        params.append(key(job_id))
+    elif job_id is not None:
         if split(job_id)[1]:
             # ids are digits, ':' and '#': [X, X + '$') holds X and X#n, not X0 or X:n
             sql += " AND job_id >= ? AND job_id < ?"
@@ -453,7 +456,7 @@ def unfinished_jobs(conn: sqlite3.Connection) -> list[Row]:
             for j in jobs
             if j["parent"] is None
             and j["array_size"] is not None
-            and (cut := gaps_cut(conn, j["id"])) is not None
+            and (cut := gapmod.cut_of(conn, j["id"])) is not None
         }
     attempts_of: dict[str, list[Row]] = {}
     for a in attempts:
@@ -644,7 +647,12 @@ class ReadApi:
             return counts_by_queue_state(self.conn)
 
     def events_since(
-        self, seq: int, *, job_id: str | None = None, limit: int | None = None
+        self,
+        seq: int,
+        *,
+        job_id: str | None = None,
+        limit: int | None = None,
+        per_child: bool = False,
     ) -> list[Row]:
         """Events with a ``seq`` above ``seq``, in order, as their JSON bodies.
 
@@ -652,9 +660,18 @@ class ReadApi:
         matches ``42``, its children ``42:i`` and its nodes ``42#n`` (by the
         indexed ``root`` column); ``42:7`` matches ``42:7`` and ``42:7#n``;
         ``42#3`` matches that node only (by the indexed ``job_id`` column).
+
+        ``per_child`` (``mnp events``): the one event that ended an array's unreleased
+        children (``array-children-ended``) reads as each child's FAILED event, all
+        with its ``seq``; without it (hooks, the events file), as it is stored.
         """
         with self._guard("reading events"):
-            return events_since(self.conn, seq, job_id, limit)
+            found = events_since(self.conn, seq, job_id, limit)
+            only = gapmod.child_index(job_id)
+            if not per_child or only is None or job_id is None:
+                return gapmod.per_child_ends(found, [], None) if per_child else found
+            of_parent = events_since(self.conn, seq, top_of(job_id), None, True)
+            return gapmod.per_child_ends(found, of_parent, only)
 
     def event_lines(self, after: int, upto: int, limit: int = 10_000) -> list[tuple[int, str]]:
         """``(seq, body)`` of stored events with ``after < seq <= upto``, in order, at most
