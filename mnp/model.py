@@ -239,8 +239,8 @@ class HostSpec:
 
 @dataclass(frozen=True)
 class ManagedSpec:
-    """How a MANAGED compute environment acquires capacity (issue 15; parsed, not yet
-    used by the controller). vCPU counts are whole numbers, as in AWS Batch."""
+    """How a MANAGED compute environment acquires capacity (issue 15;
+    ``mnp.controller.managed``). vCPU counts are whole numbers, as in AWS Batch."""
 
     provider: str  # "slurm" | "pbs" | "command"
     max_vcpus: int

@@ -260,6 +260,9 @@ class Agent:
         self.ranks.exited(task, code, sig)  # an MPI rank's abort comes before its exit
         now = time.time()
         usage, error = self.limits.exit_report(task, rusage, code, sig)
+        oom = self.containers.exited(task.tid, code, sig)  # podman/docker's own limit
+        if oom is not None:
+            error, usage["max_rss_bytes"] = oom
         event: Dict[str, Any] = {"ev": "exited", "tid": task.tid, "code": code, "signal": sig}
         event["t"] = now
         event["usage"] = usage

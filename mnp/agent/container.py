@@ -153,6 +153,7 @@ def wrap(
     name: str,
     labels: Mapping[str, str],
     interactive: bool = False,
+    cidfile: Optional[str] = None,
 ) -> Tuple[List[str], Dict[str, str]]:
     """(argv, environment) of the runtime process that runs `argv` in `spec.image`.
 
@@ -163,12 +164,24 @@ def wrap(
     podman and docker enforce the task's `MNP_MEMORY_LIMIT` and `MNP_CPUS` themselves
     (`--memory`, `--memory-swap`, `--cpuset-cpus`): the container's processes are the
     runtime's, outside the cgroup and affinity the agent gives the task's client.
-    apptainer's are the task's own, and inherit those (limits.py).
+    apptainer's are the task's own, and inherit those (limits.py). `cidfile`: the
+    runtime writes the container's id there (`--cidfile`), which names its memory
+    cgroup in the kernel's OOM report (`containers.Containers.exited`).
     """
     if kind == "apptainer":
         return _apptainer(exe, spec, argv, env, names, cwd)
     out_env = dict(env)
-    cmd = [exe, "run", "--rm", "--init", "--network", "host", "--name", name]
+    rank = "PMI_PORT" in names  # an MPI rank (ranks.py)
+    cmd = [exe, "run", "--rm"]
+    if cidfile is not None:  # where the runtime writes the container's id (oom.py)
+        cmd += ["--cidfile", cidfile]
+    if rank:
+        # the node's ranks share /dev/shm and read each other's memory (CMA), as bare
+        # ranks do: the host's IPC and PID namespaces, where the rank is no PID 1
+        cmd += ["--ipc", "host", "--pid", "host"]
+    else:
+        cmd.append("--init")
+    cmd += ["--network", "host", "--name", name]
     if kind == "podman":
         cmd.append("--replace")  # a left-over container of a killed agent, same tid
     for key in sorted(labels):

@@ -40,6 +40,7 @@ from .container import (
     marker,
     wrap,
 )
+from .limits import oom_reason
 from .proc import agent_alive, job_part, read_file, read_stat
 from .spawn import SpawnError
 from .teardown import Step
@@ -54,6 +55,8 @@ if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are string
 
 
 RM_TRIES = 5
+RM_AT_LEAST = 3  # tries, however soon the containers are gone (see `_remove`)
+PMI_VARS = {"PMI_PORT", "PMI_ID"}
 
 
 class Containers:
@@ -63,6 +66,8 @@ class Containers:
         self.rundir = ""  # set once the agent made it
         self.running: Dict[str, Tuple[str, str, str]] = {}  # tid → (name, kind, exe)
         self.helpers: Set[int] = set()  # pids of `rm -f` processes, until reaped
+        self.cidfiles: Dict[str, Tuple[str, int]] = {}  # tid → (cidfile, memory limit)
+        self.failed: Set[str] = set()  # tids whose container failed: removed when gone
 
     def check(self, value: Any) -> Optional[Spec]:
         """A spawn's `container` field, checked (None: none); ValueError says what is wrong."""
@@ -91,8 +96,20 @@ class Containers:
             "mnp.ctl": self.ctl,
             "mnp.agent": self.identity,
         }
-        names = [n for n in forwarded(changes) if n in env]
-        out = wrap(kind, exe, spec, argv, env, names, cwd, name, labels, interactive)
+        # an MPI rank's PMI_PORT and PMI_ID (ranks.py) are the agent's, not the controller's
+        names = sorted({n for n in forwarded(changes) if n in env} | (PMI_VARS & set(env)))
+        cidfile = None
+        memory = env.get(MEMORY_VAR, "")
+        if kind != "apptainer" and self._dir() and memory.isdigit() and int(memory) > 0:
+            cidfile = os.path.join(self._dir(), name + ".cid")
+            try:
+                os.makedirs(self._dir(), 0o700, exist_ok=True)
+            except OSError:
+                cidfile = None
+            else:
+                _unlink(cidfile)  # the runtime refuses to overwrite one
+                self.cidfiles[tid] = (cidfile, int(memory))
+        out = wrap(kind, exe, spec, argv, env, names, cwd, name, labels, interactive, cidfile)
         if kind != "apptainer":  # apptainer's processes are the task's own
             self.running[tid] = (name, kind, exe)
             self._write_marker(name, marker(name, kind, exe, tid, self.identity))
@@ -109,9 +126,46 @@ class Containers:
             return changes
         return {k: v for k, v in changes.items() if k != MEMORY_VAR}
 
+    def exited(
+        self, tid: str, code: Optional[int], sig: Optional[int]
+    ) -> Optional[Tuple[str, int]]:
+        """The task `tid`'s client exited: (`exited`'s error, the container's memory
+        then) when its podman/docker container was killed for its memory limit, else
+        None. A container that failed is removed at `task_gone` whatever ended it: a
+        rank's container SIGTERMed as its job fails was seen left "Exited (143)" under
+        load, its `--rm` not done.
+
+        The runtimes cannot say so here: podman 4.3 with runc and cgroupfs reports
+        `State.OOMKilled` false for such a container, and its cgroup is gone with it.
+        The kernel's OOM report (/dev/kmsg) names the memory cgroup that hit its limit,
+        whose path holds the container's id (`--cidfile`), and that cgroup's usage.
+        Looked for only when the client exited 137 (the container's SIGKILL) or was
+        SIGKILLed; None where /dev/kmsg is not readable (`kernel.dmesg_restrict` and no
+        CAP_SYSLOG)."""
+        if tid in self.running and (code != 0 or sig is not None):
+            self.failed.add(tid)
+        entry = self.cidfiles.get(tid)
+        if entry is None or not (code == 137 or sig == signal.SIGKILL):
+            return None
+        cidfile, limit = entry
+        cid = (read_file(cidfile, 256) or b"").strip().decode("ascii", "replace")
+        if len(cid) < 12:
+            return None
+        used = kernel_oom_usage(cid)
+        if used is None:
+            return None
+        used = max(used, limit)
+        return oom_reason(used, limit), used
+
     def task_gone(self, tid: str, abnormal: bool) -> None:
         """The task `tid` is over: remove its container if it may be left over."""
+        found = self.cidfiles.pop(tid, None)
+        if found is not None:
+            _unlink(found[0])
         entry = self.running.pop(tid, None)
+        if tid in self.failed:
+            self.failed.discard(tid)
+            abnormal = True
         if entry is None:
             return
         name, _, exe = entry
@@ -134,6 +188,7 @@ class Containers:
             if over or dead:
                 found.setdefault(str(data.get("exe") or ""), []).append(str(data["name"]))
                 _unlink(path)
+                _unlink(path + ".cid")
         for exe, names in found.items():
             if exe:
                 self._remove(exe, names)
@@ -209,15 +264,20 @@ class Containers:
         return out
 
     def _remove(self, exe: str, names: List[str]) -> None:
-        """`exe rm -f NAMES`, tried up to RM_TRIES times a second apart: a first try that
-        races the container's own teardown (its client's and monitor's `--rm`) can leave it
-        "Stopping" (podman 4.3), and the next one removes it. `rm -f` of a container that
-        is not there succeeds."""
+        """`exe rm -f NAMES`, tried up to RM_TRIES times a second apart, at least RM_AT_LEAST,
+        until `inspect` finds none of them: a first try that races the container's own teardown (its
+        client's and monitor's `--rm`) can leave it "Stopping" or "Exited" (podman 4.3),
+        and the next one removes it."""
         opts = "--time 0 " if os.path.basename(exe) == "podman" else ""  # no stop timeout
-        script = 'for i in %s; do "$0" rm -f %s"$@" && exit 0; sleep 1; done; exit 1' % (
-            " ".join(str(i) for i in range(RM_TRIES)),
-            opts,
-        )
+        # done once none of them is there any more, from the RM_AT_LEAST-th try on: a `rm -f`
+        # racing the container's own cleanup was seen to succeed and leave it "Exited",
+        # and a client killed while its container was being created leaves the runtime
+        # to finish creating it a moment later (a failed MPI job's other ranks)
+        script = (
+            'for i in %s; do "$0" rm -f %s"$@" >/dev/null 2>&1; left=; for n in "$@"; do '
+            '"$0" inspect --format . "$n" >/dev/null 2>&1 && left=1; done; '
+            '[ -z "$left" ] && [ "$i" -ge %d ] && exit 0; sleep 1; done; exit 1'
+        ) % (" ".join(str(i) for i in range(RM_TRIES)), opts, RM_AT_LEAST - 1)
         argv = ["/bin/sh", "-c", script, exe] + names
         try:
             devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -238,6 +298,50 @@ class Containers:
             pass
         finally:
             os.close(devnull)
+
+
+def kernel_oom_usage(cid: str) -> Optional[int]:
+    """The memory (bytes) of the cgroup whose path holds `cid` when the kernel's OOM
+    killer last acted for its limit (`oom-kill:...,oom_memcg=.../<cid>...`, after
+    `memory: usage NkB, limit ...` of the same report), from /dev/kmsg; None when the
+    log has no such kill or cannot be read."""
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    records = []
+    try:
+        while True:
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:  # overwritten while read: go on from the next
+                continue
+            except OSError:
+                break
+            if not record:
+                break
+            records.append(record.decode("utf-8", "replace").partition(";")[2])
+    finally:
+        os.close(fd)
+    return oom_usage_in(records, cid)
+
+
+def oom_usage_in(messages: List[str], cid: str) -> Optional[int]:
+    """`kernel_oom_usage` on the kernel log's messages (without their /dev/kmsg prefix)."""
+    usage = 0
+    found = None
+    for text in messages:
+        if text.startswith("memory: usage "):
+            word = text[len("memory: usage ") :].split(",")[0]
+            if word.endswith("kB") and word[:-2].isdigit():
+                usage = int(word[:-2]) * 1024
+        elif text.startswith("oom-kill:"):
+            for part in text.split(","):
+                if part.startswith("oom_memcg=") and cid in part:
+                    found = usage
+    return found
 
 
 def _runtime_process_of(pid: int) -> Optional[str]:

@@ -54,6 +54,7 @@ class _Node:
         self.timer: Optional[Timer] = None
         self.failed = False  # one pmi_fail per node is enough
         self.within = 0.0  # seconds its ranks have to send `init`
+        self.listener: Optional[socket.socket] = None  # PMI_PORT: ranks in containers
 
 
 class Ranks:
@@ -65,10 +66,18 @@ class Ranks:
 
     # ---------------------------------------------------------------- spawn
 
-    def prepare(self, tid: str, pmi: Any, env: Dict[str, str]) -> socket.socket:
+    def prepare(
+        self, tid: str, pmi: Any, env: Dict[str, str], port: bool = False
+    ) -> Optional[socket.socket]:
         """Check the ``pmi`` part of a spawn, attach the rank to its node's server and
         return the end of its socketpair the rank inherits (``PMI_FD`` set in ``env``);
-        the caller closes it once the rank is started (or not)."""
+        the caller closes it once the rank is started (or not).
+
+        With `port` (the rank runs in a container, which cannot inherit a descriptor
+        under every runtime: docker has no way) the rank connects instead: ``PMI_PORT``
+        is its node server's listening socket on 127.0.0.1 (the container shares the
+        host's network) and ``PMI_ID`` its rank, which MPICH sends as ``initack`` once
+        connected; returns None."""
         if not isinstance(pmi, dict):
             raise BadRequest("pmi must be an object")
         kvsname = _field(pmi, "kvsname", str)
@@ -115,6 +124,16 @@ class Ranks:
             )
         if rank in n.tids:
             raise BadRequest("pmi.rank %d of %s is already on this agent" % (rank, kvsname))
+        if port:
+            if n.listener is None:
+                n.listener = self._listen(n)
+            n.tids[rank] = tid
+            n.live[tid] = rank
+            self.by_tid[tid] = (n, rank, None)
+            env.pop("PMI_FD", None)
+            env["PMI_PORT"] = "127.0.0.1:%d" % n.listener.getsockname()[1]
+            env["PMI_ID"] = str(rank)
+            return None
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         assert n.server is not None
@@ -128,11 +147,51 @@ class Ranks:
         env["PMI_FD"] = str(theirs.fileno())
         return theirs
 
+    def _listen(self, n: _Node) -> socket.socket:
+        """The node server's socket for ranks that connect (``PMI_PORT``)."""
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(128)
+        except OSError as e:
+            raise BadRequest("cannot listen for PMI connections on 127.0.0.1: %s" % e) from None
+        sock.setblocking(False)
+        self.agent.loop.add_reader(sock.fileno(), functools.partial(self._accept, n, sock))
+        return sock
+
+    def _accept(self, n: _Node, sock: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if n.server is None:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            fd = conn.fileno()
+            n.server.attach(fd)  # its rank comes with `initack pmiid=`
+            self.by_fd[fd] = (n, conn, "")
+            self.agent.loop.add_reader(fd, functools.partial(self._readable, fd))
+
+    def _fd_of(self, tid: str) -> Optional[int]:
+        """The descriptor of the rank `tid`'s PMI connection, if open."""
+        found = self.by_tid.get(tid)
+        if found is None:
+            return None
+        n, rank, fd = found
+        if fd is None and n.listener is not None and n.server is not None:
+            conn = n.server.bound.get(rank)
+            if isinstance(conn, int) and conn in self.by_fd:
+                return conn
+        return fd
+
     def spawn_failed(self, tid: str) -> None:
         """The rank never started (its `exited` and `gone` are sent by the spawn)."""
-        found = self.by_tid.get(tid)
-        if found is not None:
-            self._close(found[2])
+        self._close(self._fd_of(tid))
         self._forget(tid)
 
     # ---------------------------------------------------------------- reading
@@ -142,6 +201,9 @@ class Ranks:
         if found is None:
             return
         n, _, tid = found
+        if not tid and n.server is not None:  # PMI_PORT: known once identified
+            c = n.server.conns.get(fd)
+            tid = n.tids.get(c.rank, "") if c is not None and c.rank is not None else ""
         try:
             data = os.read(fd, READ_SIZE)
         except BlockingIOError:
@@ -305,16 +367,18 @@ class Ranks:
         found = self.by_tid.get(task.tid)
         if found is None:
             return
-        n, rank, fd = found
+        n, rank, _ = found
         n.codes[rank] = code if code is not None else 128 + (sig or 0)
+        fd = self._fd_of(task.tid)
         if fd is not None:
             self._drain(fd)
+        elif n.listener is not None and n.server is not None and rank not in n.server.bound:
+            self._lost(n, rank, NEW)  # PMI_PORT: it never connected
 
     def gone(self, task: Task) -> None:
-        found = self.by_tid.get(task.tid)
-        if found is None:
+        if task.tid not in self.by_tid:
             return
-        self._close(found[2])
+        self._close(self._fd_of(task.tid))
         self._forget(task.tid)
 
     def _forget(self, tid: str) -> None:
@@ -327,6 +391,7 @@ class Ranks:
             return
         self.agent.loop.cancel(n.timer)
         n.server = None
+        self._unlisten(n)
         self.nodes.pop((n.kvsname, n.node), None)
         for path in shm_leftovers(n.kvsname, n.node_id):
             try:
@@ -334,9 +399,22 @@ class Ranks:
             except OSError:
                 pass
 
+    def _unlisten(self, n: _Node) -> None:
+        """Close the node's listening socket and what connected but never said its rank."""
+        if n.listener is None:
+            return
+        self.agent.loop.remove(n.listener.fileno())
+        n.listener.close()
+        n.listener = None
+        for fd, (node, _, _) in list(self.by_fd.items()):
+            if node is n:
+                self._close(fd)
+
     def close_all(self) -> None:
         for fd in list(self.by_fd):
             self._close(fd)
+        for n in list(self.nodes.values()):
+            self._unlisten(n)
 
 
 def _field(msg: Dict[str, Any], key: str, kind: type) -> Any:

@@ -303,8 +303,8 @@ def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
         argv = [expand(a, env) for a in argv]
     pmi = msg.get("pmi")
     rank_end = None  # an MPI rank's end of its PMI socketpair (ranks.py)
-    if pmi is not None:
-        rank_end = agent.ranks.prepare(tid, pmi, env)
+    if pmi is not None:  # a rank in a container connects to PMI_PORT instead
+        rank_end = agent.ranks.prepare(tid, pmi, env, container is not None)
     feed_r = feed_w = -1
     try:
         try:
@@ -341,7 +341,7 @@ def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
         agent.containers.task_gone(tid, False)
         if feed_w >= 0:
             os.close(feed_w)
-        if rank_end is not None:
+        if pmi is not None:
             agent.ranks.spawn_failed(tid)
         agent.out.emit(
             {

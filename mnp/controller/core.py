@@ -38,7 +38,7 @@ from mnp.controller.admission import LOST_REASON, Admission, Restored
 from mnp.controller.attempts import TEARDOWN_SLACK, Attempts
 from mnp.controller.hosts import LOAD_WITHIN, HostPool
 from mnp.controller.launch import Launcher
-from mnp.controller.managed import Managed, Provider, interval_from_env
+from mnp.controller.managed import Managed, Provider, interval_from_env, is_allocation_transport
 from mnp.controller.starting import Starter
 from mnp.controller.state import (
     EventSink,
@@ -442,7 +442,7 @@ class Controller:
         drained and leaves once nothing runs there; a managed environment keeps the
         nodes of its allocations."""
         old = self.inventory
-        dynamic = {h.name: h for h in old.hosts if h.transport.startswith("srun:")}
+        dynamic = {h.name: h for h in old.hosts if is_allocation_transport(h.transport)}
         old_static = {h.name: h for h in old.hosts if h.name not in dynamic}
         new_hosts = {h.name: h for h in new.hosts}
         added = [n for n in new_hosts if n not in old_static]
@@ -515,14 +515,18 @@ def default_provider(name: str, spec: ManagedSpec) -> Provider:
         from mnp.provider.pbs import PbsProvider
 
         return PbsProvider(spec.options)
-    from mnp.provider.slurm import ProviderError
+    from mnp.provider.command import CommandProvider
 
-    raise ProviderError(f'{name}: provider "command" is not built yet; use "slurm" or "pbs"')
+    return CommandProvider(name, spec.start, spec.stop, spec.time_limit)
 
 
 def default_managed_transport(provider: Provider, alloc_id: str, nodes: Sequence[str]) -> Transport:
     """How the nodes of an allocation are reached: Slurm's srun from outside it
-    (``mnp.transport.srun.allocation_vars``)."""
+    (``mnp.transport.srun.allocation_vars``); a "command" provider's hosts over SSH."""
+    if provider.name == "command":
+        from mnp.provider.command import SshByHost
+
+        return SshByHost()
     from mnp.transport.srun import SrunTransport, allocation_vars
 
     environ = getattr(provider, "environ", None)

@@ -115,6 +115,17 @@ class _Env:
     blocked: set[str] = field(default_factory=set)
 
 
+def transport_key(provider: Provider, alloc_id: str) -> str:
+    """The transport name of an allocation's hosts: ``srun:ALLOC`` (Slurm, PBS) or
+    ``ssh:ALLOC`` (provider "command": SSH with the inventory's ``[ssh]`` settings)."""
+    return f"{'ssh' if provider.name == 'command' else 'srun'}:{alloc_id}"
+
+
+def is_allocation_transport(name: str) -> bool:
+    """Whether a host's transport is an allocation's (``transport_key``)."""
+    return name.startswith(("srun:", "ssh:"))
+
+
 def host_name(alloc_id: str, node: str) -> str:
     """A node of an allocation, as a host: the node's name (Slurm gives a node to one
     exclusive allocation at a time)."""
@@ -193,6 +204,7 @@ class Managed:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
         self.errors: dict[str, str] = {}  # environment → the provider's last error
 
     @property
@@ -365,14 +377,22 @@ class Managed:
 
     def _add_hosts(self, env: _Env, rec: AllocRecord) -> None:
         s = self.s
-        key = f"srun:{rec.alloc_id}"
+        key = transport_key(env.provider, rec.alloc_id)
         s.hosts.transports[key] = self.transport_for(env.provider, rec.alloc_id, rec.nodes)
+        addresses: Mapping[str, str] = getattr(env.provider, "addresses", {})
         ce = s.inventory.compute_environments[env.name]
         spec = ce.managed
         assert spec is not None
         names = [host_name(rec.alloc_id, n) for n in rec.nodes]
         new_hosts = [
-            HostSpec(name=n, address=n, vcpus=spec.vcpus_per_node, transport=key) for n in names
+            HostSpec(
+                name=n,
+                address=addresses.get(n, n),
+                vcpus=spec.vcpus_per_node,
+                transport=key,
+                ssh=s.inventory.ssh,
+            )
+            for n in names
         ]
         known = {h.name for h in s.inventory.hosts}
         inv = s.inventory
@@ -395,7 +415,7 @@ class Managed:
     def _remove_hosts(self, rec: AllocRecord, why: str | None) -> None:
         s = self.s
         names = {host_name(rec.alloc_id, n) for n in rec.nodes}
-        key = f"srun:{rec.alloc_id}"
+        key = transport_key(self.envs[rec.ce].provider, rec.alloc_id)
         mine = {h.name for h in s.inventory.hosts if h.transport == key and h.name in names}
         if not mine:
             return
@@ -416,7 +436,11 @@ class Managed:
         for n in sorted(mine):
             s.hosts.drop(n, why)
         if why is None or not any(h.transport == key for h in s.inventory.hosts):
-            s.hosts.transports.pop(key, None)
+            gone = s.hosts.transports.pop(key, None)
+            if gone is not None:  # its shared resources (SSH connections) go with it
+                task = asyncio.get_running_loop().create_task(gone.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     def learn(self, host: str) -> None:
         """A host came up: it is marked as its allocation's (a gang stays within one),
@@ -471,3 +495,5 @@ class Managed:
                     await env.provider.cancel(alloc_id)
                 self.note({"kind": "allocation", "ce": env.name, "allocation": alloc_id,
                            "state": "CANCELLED", "reason": "controller stopped"})  # fmt: skip
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

@@ -439,6 +439,9 @@ def _managed(ct: Table) -> ManagedSpec:
             at.fail("time_limit", "less than 1m; Slurm and PBS count whole minutes, e.g. 1h")
         per_node = at.integer("vcpus_per_node", None, 1, MAX_HOST_VCPUS)
         options = at.strings("options") or ()
+        if options and provider == "command":
+            at.fail("options", 'only for "slurm" and "pbs"; give a command\'s arguments in '
+                    "its start/stop arrays")  # fmt: skip
         for j, opt in enumerate(options):
             if not opt.strip() or not opt.isprintable():
                 fail(ct.source, index_path(at.field("options"), j), "empty or not printable")
@@ -456,8 +459,9 @@ def _managed(ct: Table) -> ManagedSpec:
                 ct.fail(key, f'only for provider = "command"; {provider} needs no program')
             continue
         if not argv or not argv[0].strip():
+            example = "nodes-up" if key == "start" else "nodes-down"
             ct.fail(key, f'missing or empty; provider = "command" needs the {key} program as '
-                    'an array, e.g. ["/usr/local/bin/nodes-up"]')  # fmt: skip
+                    f'an array, e.g. ["/usr/local/bin/{example}"]')  # fmt: skip
         programs[key] = argv
     return ManagedSpec(
         provider=provider,

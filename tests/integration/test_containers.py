@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -343,3 +344,122 @@ def test_container_hello_across_sshd_hosts(sshd_hosts: SshdCluster, tmp_path: Pa
         for i in range(4)
     ]
     assert none_left("mnp.job=1")
+
+
+def test_mpi_ranks_in_containers_on_two_local_nodes(tmp_path: Path) -> None:
+    """Direct MPI launch (issue 16) with ``--image``: each rank runs in a container of its
+    own and reaches its node's PMI server over ``PMI_PORT`` (127.0.0.1, host network);
+    the image runs this interpreter and venv (MPICH, mpi4py), mounted read-only."""
+    venv = sys.prefix
+    base = os.path.realpath(sys.base_prefix)
+    script = tmp_path / "where.py"
+    script.write_text(
+        "import os\nfrom mpi4py import MPI\nw = MPI.COMM_WORLD\n"
+        "print('rank', w.Get_rank(), 'of', w.Get_size(), 'container',"
+        " os.path.exists('/run/.containerenv'), 'pmi_port', 'PMI_PORT' in os.environ)\n"
+    )
+    mounts = ["/usr:/usr:ro", f"{venv}:{venv}:ro", f"{base}:{base}:ro"]
+    opts = [a for m in mounts for a in ("--mount", m)]
+    python = os.path.join(venv, "bin", "python")
+    before = set(containers("mnp.job"))  # other sessions' containers, perhaps
+    common = ["run", "--nodes", "2", "--tasks-per-node", "2", "--mpi", "pmi", "--image", MAIN]
+    r = mnp(*common, *opts, "--cwd", str(tmp_path), "--", python, "-m", "mpi4py.bench",
+            "helloworld", timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    hello = re.findall(r"^(\d)\.(\d): Hello, World! I am process (\d) of 4 ", r.stdout, re.M)
+    assert sorted((int(n), int(t), int(k)) for n, t, k in hello) == [
+        (k // 2, k % 2, k) for k in range(4)
+    ]
+    r = mnp(*common, *opts, "--cwd", str(tmp_path), "--", python, str(script), timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = sorted(line.split(": ", 1)[1] for line in r.stdout.splitlines())
+    assert lines == [f"rank {k} of 4 container True pmi_port True" for k in range(4)]
+    assert set(containers("mnp.job")) <= before
+
+
+def test_a_container_killed_for_memory_fails_with_the_oom_reason(tmp_path: Path) -> None:
+    """podman's own ``--memory`` kill is reported as a bare task's is: the job FAILED
+    with ``OutOfMemoryError: Container killed due to memory usage`` (from the kernel's
+    OOM report naming the container's cgroup); a container SIGKILLed otherwise exits
+    137 too, without that reason."""
+    venv, base = sys.prefix, os.path.realpath(sys.base_prefix)
+    mounts = ["/usr:/usr:ro", f"{venv}:{venv}:ro", f"{base}:{base}:ro"]
+    hog = "x = bytearray(300 << 20)\nx[::4096] = b'a' * len(x[::4096])\n"
+    path, label = job_file(tmp_path, [os.path.join(venv, "bin", "python"), "-c", hog])
+    opts = [a for m in mounts for a in ("--mount", m)]
+    r = mnp("run", "--memory", "64MiB", *opts, str(path), timeout=120)
+    assert r.returncode == 137, r.stderr
+    reason = (
+        "OutOfMemoryError: Container killed due to memory usage (used 64.0 MiB of its 64.0 MiB)"
+    )
+    assert re.search(r"job \d+ FAILED: " + re.escape(reason), r.stderr), r.stderr
+    assert none_left(label)
+    path, label = job_file(tmp_path, ["sh", "-c", "kill -9 $$$$"])  # mnp expands $$ to $
+    r = mnp("run", "--memory", "64MiB", str(path), timeout=120)
+    assert r.returncode == 137, r.stderr
+    assert "OutOfMemoryError" not in r.stderr, r.stderr
+    assert none_left(label)
+
+
+@pytest.mark.ssh
+def test_mpi_ranks_in_containers_across_sshd_hosts(sshd_hosts: SshdCluster, tmp_path: Path) -> None:
+    """The same on two sshd hosts: each node's two ranks in containers of that host's
+    agent, over that agent's PMI_PORT."""
+    python = tmp_path / "python-containers"
+    python.write_text(
+        f"#!/bin/sh\nCONTAINERS_CONF='{os.environ['CONTAINERS_CONF']}' "
+        f"exec '{sshd_hosts.python_mnp}' \"$@\"\n"
+    )
+    python.chmod(0o755)
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text(
+        sshd_hosts.toml().replace(f'python = "{sshd_hosts.python_mnp}"', f'python = "{python}"')
+    )
+    venv, base = sys.prefix, os.path.realpath(sys.base_prefix)
+    mounts = ["/usr:/usr:ro", f"{venv}:{venv}:ro", f"{base}:{base}:ro"]
+    before = set(containers("mnp.job"))
+    code = (
+        "import os; from mpi4py import MPI; w = MPI.COMM_WORLD; "
+        "print('rank', w.Get_rank(), 'of', w.Get_size(), 'host', os.environ['MNP_HOST'],"
+        " os.path.exists('/run/.containerenv'))"
+    )
+    r = mnp(
+        "run", "--inventory", str(inventory), "--nodes", "2", "--tasks-per-node", "2",
+        "--mpi", "pmi", "--image", MAIN, *[a for m in mounts for a in ("--mount", m)],
+        "--cwd", str(tmp_path), "--", os.path.join(venv, "bin", "python"), "-c", code,
+        timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    found = re.findall(r"^(\d)\.(\d): rank (\d) of 4 host (\S+) True$", r.stdout, re.M)
+    assert sorted((int(n), int(t), int(k)) for n, t, k, _ in found) == [
+        (k // 2, k % 2, k) for k in range(4)
+    ], r.stdout
+    hosts = {int(n): h for n, _, _, h in found}
+    assert len(set(hosts.values())) == 2  # the two nodes on two sshd hosts
+    assert {h for n, t, k, h in found} <= set(sshd_hosts.names)
+    assert set(containers("mnp.job")) <= before
+
+
+def test_a_containerized_rank_that_exits_before_connecting_fails_the_job(tmp_path: Path) -> None:
+    """A rank that never connects to PMI_PORT is reported at its exit, as a bare rank that
+    closes its PMI_FD, not after the init bound."""
+    venv, base = sys.prefix, os.path.realpath(sys.base_prefix)
+    mounts = ["/usr:/usr:ro", f"{venv}:{venv}:ro", f"{base}:{base}:ro"]
+    code = (
+        "import os, sys\n"
+        "if os.environ['PMI_RANK'] == '1': sys.exit(3)\n"
+        "from mpi4py import MPI; MPI.COMM_WORLD.Barrier()\n"
+    )
+    before = set(containers("mnp.job"))
+    start = time.monotonic()
+    r = mnp(
+        "run", "--nodes", "2", "--mpi", "pmi", "--image", MAIN,
+        *[a for m in mounts for a in ("--mount", m)], "--cwd", str(tmp_path),
+        "--", os.path.join(venv, "bin", "python"), "-c", code, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "MPI rank 1 (task " in r.stderr and "exited with code 3 before MPI_Init" in r.stderr
+    assert time.monotonic() - start < 30  # not the 60 s init bound
+    # rank 0's container, its client killed while it was still being created, is
+    # removed all the same
+    wait_until("no container left", lambda: set(containers("mnp.job")) <= before, 15)

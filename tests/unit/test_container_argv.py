@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mnp.agent import containers as containers_mod
 from mnp.agent.container import (
     ContainerError,
     Spec,
@@ -16,7 +17,7 @@ from mnp.agent.container import (
     forwarded,
     wrap,
 )
-from mnp.agent.containers import Containers
+from mnp.agent.containers import Containers, oom_usage_in
 from mnp.agent.proc import Tagger, agent_identity, read_stat
 from mnp.agent.sweep import StaleRule
 from mnp.errors import SpecError
@@ -106,8 +107,10 @@ def test_podman_and_docker_enforce_the_memory_limit_and_cpus() -> None:
     assert "--memory" not in argv and "--cpuset-cpus" not in argv
 
 
-def test_the_agent_does_not_hold_a_runtime_client_to_the_memory_limit(tmp_path: Path) -> None:
-    bindir, _ = _fake_runtime(tmp_path)
+def test_the_agent_does_not_hold_a_runtime_client_to_the_memory_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bindir, _ = _fake_runtime(tmp_path, monkeypatch)
     c = Containers("tok", agent_identity())
     c.rundir = str(tmp_path / "run")
     changes = {"MNP_MEMORY_LIMIT": str(32 << 20), "MNP_CPUS": "1"}
@@ -222,13 +225,15 @@ def test_mount_without_container_is_refused() -> None:
 # --- the agent's bookkeeping: markers, `rm -f` after an abnormal end, the stale sweep ---
 
 
-def _fake_runtime(tmp_path: Path) -> tuple[Path, Path]:
-    """A `podman` that only records its arguments (one line a call)."""
+def _fake_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A `podman` that only records its `rm` arguments (one line a call), and whose
+    `inspect` finds nothing (the containers are gone); one `rm -f` is then enough."""
+    monkeypatch.setattr(containers_mod, "RM_AT_LEAST", 1)
     bindir = tmp_path / "bin"
     bindir.mkdir()
     log = tmp_path / "calls"
     exe = bindir / "podman"
-    exe.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    exe.write_text(f'#!/bin/sh\n[ "$1" = inspect ] && exit 1\necho "$@" >> {log}\n')
     exe.chmod(0o755)
     return bindir, log
 
@@ -239,8 +244,10 @@ def _wait_helpers(c: Containers) -> None:
         assert c.reaped(pid)
 
 
-def test_container_removed_after_an_abnormal_end_only(tmp_path: Path) -> None:
-    bindir, log = _fake_runtime(tmp_path)
+def test_container_removed_after_an_abnormal_end_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bindir, log = _fake_runtime(tmp_path, monkeypatch)
     me = agent_identity()
     c = Containers("tok", me)
     c.rundir = str(tmp_path / "run")
@@ -259,8 +266,10 @@ def test_container_removed_after_an_abnormal_end_only(tmp_path: Path) -> None:
     assert not list(markers.iterdir())
 
 
-def test_stale_removes_containers_of_dead_agents_and_finished_jobs(tmp_path: Path) -> None:
-    bindir, log = _fake_runtime(tmp_path)
+def test_stale_removes_containers_of_dead_agents_and_finished_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bindir, log = _fake_runtime(tmp_path, monkeypatch)
     me = agent_identity()
     here = me.split(":", 1)[0]
     dead = f"{here}:999999999:1"  # no such process
@@ -291,3 +300,41 @@ def _start_of_parent() -> int:
     p = read_stat(os.getppid())
     assert p is not None
     return p.start
+
+
+def test_an_mpi_rank_shares_the_hosts_ipc_and_pid_namespaces() -> None:
+    """A rank (PMI_PORT passed in) runs with the host's /dev/shm and PIDs, as bare ranks
+    do, so MPICH's shared memory and CMA work between the node's containers; no --init
+    (the rank is not PID 1 there). PMI_PORT and PMI_ID travel as names, values in env."""
+    env = {"PMI_PORT": "127.0.0.1:4000", "PMI_ID": "3"}
+    for kind in ("podman", "docker"):
+        argv, out = wrap(
+            kind, kind, Spec(image="img"), ["a"], env, ["PMI_ID", "PMI_PORT"], None, "n", {}
+        )
+        assert argv[:7] == [kind, "run", "--rm", "--ipc", "host", "--pid", "host"]
+        assert "--init" not in argv and "127.0.0.1:4000" not in argv
+        assert out["PMI_PORT"] == "127.0.0.1:4000"
+        bare, _ = wrap(kind, kind, Spec(image="img"), ["a"], {}, [], None, "n", {})
+        assert "--init" in bare and "--pid" not in bare
+
+
+def test_cidfile_and_the_kernels_oom_report() -> None:
+    """With a memory limit the runtime writes the container's id (`--cidfile`); the
+    kernel's OOM report names the cgroup that hit its limit by a path holding that id,
+    after the cgroup's usage (what the agent reports)."""
+    argv, _ = wrap(
+        "podman", "podman", Spec(image="img"), ["a"], {}, [], None, "n", {}, False, "/r/c"
+    )
+    assert argv[:5] == ["podman", "run", "--rm", "--cidfile", "/r/c"]
+    cid = "fe53bf38e7a6" + "0" * 52
+    log = [
+        "python3 invoked oom-killer: gfp_mask=0xcc0(GFP_KERNEL), order=0",
+        "memory: usage 65536kB, limit 65536kB, failcnt 12",
+        "oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=libpod-x,"
+        f"mems_allowed=0,oom_memcg=/libpod_parent/libpod-{cid},task_memcg=/x,task=python3",
+        "memory: usage 24576kB, limit 24576kB, failcnt 0",
+        "oom-kill:constraint=CONSTRAINT_MEMCG,oom_memcg=/libpod_parent/libpod-other,task=sh",
+    ]
+    assert oom_usage_in(log, cid) == 64 << 20
+    assert oom_usage_in(log, "a" * 64) is None
+    assert oom_usage_in([], cid) is None

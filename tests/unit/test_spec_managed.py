@@ -61,6 +61,7 @@ def test_defaults_and_command_provider() -> None:
 
 CE = '[compute_environments.b]\ntype = "MANAGED"\n'
 SL = CE + 'provider = "slurm"\n'
+CM = CE + 'provider = "command"\nmax_vcpus = 4\n'
 BAD = [
     ("bad-type", '[compute_environments.b]\ntype = "AUTO"\nhosts = "n1"\n',
      'inv.toml:compute_environments.b.type: "AUTO" is not allowed'),
@@ -101,6 +102,18 @@ BAD = [
      'inv.toml:compute_environments.b.start: only for provider = "command"'),
     ("command-without-stop", CE + 'provider = "command"\nmax_vcpus = 4\nstart = ["/bin/up"]\n',
      "inv.toml:compute_environments.b.stop: missing or empty"),
+    ("command-empty-start", CM + 'start = []\nstop = ["/bin/down"]\n',
+     "inv.toml:compute_environments.b.start: missing or empty"),
+    ("command-blank-program", CM + 'start = [" "]\nstop = ["/bin/down"]\n',
+     "inv.toml:compute_environments.b.start: missing or empty"),
+    ("command-start-string", CM + 'start = "/bin/up 2"\nstop = ["/bin/down"]\n',
+     "inv.toml:compute_environments.b.start: expected an array of strings"),
+    ("command-stop-numbers", CM + 'start = ["/bin/up"]\nstop = [1]\n',
+     "inv.toml:compute_environments.b.stop"),
+    ("command-options",
+     CM + 'start = ["/bin/up"]\nstop = ["/bin/down"]\n[compute_environments.b.allocation]\n'
+     'options = ["--x"]\n',
+     'inv.toml:compute_environments.b.allocation.options: only for "slurm" and "pbs"'),
 ]  # fmt: skip
 
 
@@ -110,6 +123,17 @@ def test_malformed_managed_environment(text: str, expected: str) -> None:
         parse(text)
     assert str(e.value).startswith(expected), str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_cli_command_provider_one_line_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "inv.toml"
+    path.write_text(HOSTS + CM + 'start = ["/bin/up"]\n')
+    r = mnp("hosts", "--inventory", str(path), "--json", timeout=30)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f'mnp: {path}:compute_environments.b.stop: missing or empty; provider = "command" '
+        'needs the stop program as an array, e.g. ["/usr/local/bin/nodes-down"]'
+    ]
 
 
 def test_cli_says_one_line_and_exits_2(tmp_path: Path) -> None:
