@@ -552,7 +552,7 @@ def events(
         while True:
             store = store or open_store(home)
             if store is not None:
-                for ev in store.events_since(since, job_id=job):
+                for ev in store.events_since(since, job_id=job, per_child=True):
                     since = max(since, int(ev["seq"]))
                     yield dict(ev)
             if not follow or (deadline is not None and time.monotonic() >= deadline):

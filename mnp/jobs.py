@@ -136,6 +136,16 @@ class Attempt:
         }
 
 
+def _no_events(event: dict[str, Any]) -> None:
+    """What a job made up for a reader emits: nothing."""
+
+
+ARRAY_CUT = "array-children-ended"
+"""The one event that ends an array's unreleased children, all at once (``Job.cut``):
+``array_range`` [first, last], ``count``, ``status`` and ``reason``. ``mnp events``
+reads it as each child's FAILED event (``mnp.store.gaps.child_ends``)."""
+
+
 @dataclass(slots=True)
 class Job:
     id: str
@@ -163,6 +173,10 @@ class Job:
     waiting: int = 0  # array parent: children held (in memory) that wait to be placed
     finished: int = 0  # array parent: children that reached a terminal state
     ready: bool = False  # array parent: its own dependencies are met
+    cut: int | None = None
+    """An array parent: children from this index on ended (FAILED, ``cut_reason``) without
+    ever being released: they have no object, row or events of their own."""
+    cut_reason: str | None = None
     bonus_attempts: int = 0  # attempts lost to a controller restart: not counted
     note: str | None = None  # added to the final reason (e.g. "Output lost: PATH: ...")
 
@@ -170,18 +184,40 @@ class Job:
     def children(self) -> list[Job]:
         """Every child of an array parent, in index order ([] for any other job). Those
         not released yet get their object now, PENDING (``grow``): the controller itself
-        reads ``held``, which this does only where it needs them all (cancel, an end)."""
+        reads ``held`` (and ``cut``) instead. Those that ended unreleased (``cut``) are
+        made up here, FAILED, for the reader: the controller never holds them."""
         arr = self.defn.array
         held = self.held
-        if arr is not None and self.parent is None and self.grow is not None:
+        if arr is None or self.parent is not None:
+            return held
+        if self.grow is not None:
             start = max(self.admitted, (held[-1].array_index or 0) + 1 if held else 0)
             for index in range(start, arr.size):
                 self.grow(index)
-        return held
+        if self.cut is None:
+            return held
+        return held + [self.ended_unreleased(i) for i in range(self.cut, arr.size)]
 
     @children.setter
     def children(self, value: list[Job]) -> None:
         self.held = value
+
+    def ended_unreleased(self, index: int) -> Job:
+        """Child ``index``, one of those that ended unreleased (``cut``), as a job object
+        that no controller holds: FAILED for ``cut_reason``, never started."""
+        child = Job(
+            f"{self.id}:{index}",
+            self.defn,
+            self.seq + 1 + index,
+            _no_events,
+            self.created,
+            state=JobState.FAILED,
+            reason=self.cut_reason,
+            parent=self,
+            array_index=index,
+        )
+        child.stopped_at = self.stopped_at
+        return child
 
     @property
     def is_array(self) -> bool:
@@ -302,8 +338,8 @@ def job_exit_code(job: Job) -> int:
         return 130
     if job.reason == STDOUT_CLOSED:
         return EXIT_STDOUT_CLOSED
-    if job.children:
-        failed = [c for c in job.children if c.state is JobState.FAILED]
+    if job.is_array:  # those that ended unreleased (``cut``) never ran: no code of theirs
+        failed = [c for c in job.held if c.state is JobState.FAILED]
         if any(c.timed_out for c in failed):
             return 124
         codes = [exit_status(c.exit_code, c.signal) for c in failed if c.attempts]

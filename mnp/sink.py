@@ -88,6 +88,7 @@ class Progress:
     ) -> None:
         self.job_id, self.total, self.unit, self.clock = job_id, total, unit, clock
         self.states: dict[str, str] = {}
+        self.cut = 0  # children ended FAILED unreleased (one ``array-children-ended`` event)
         self.started = clock()
 
     @staticmethod
@@ -101,6 +102,9 @@ class Progress:
 
     def feed(self, event: Mapping[str, Any]) -> None:
         subject, status = str(event.get("job_id") or ""), event.get("status")
+        if event.get("type") == "array-children-ended" and subject == self.job_id:
+            self.cut = int(event.get("count") or 0)
+            return
         if event.get("type") != "job-state-change" or not isinstance(status, str):
             return
         if self.unit == "children" and subject.startswith(self.job_id + ":") and "#" not in subject:
@@ -119,7 +123,7 @@ class Progress:
             self.unit,
             counts["SUCCEEDED"],
             counts["RUNNING"] + counts["STARTING"],
-            counts["FAILED"],
+            counts["FAILED"] + self.cut,
             self.clock() - self.started,
         )
 

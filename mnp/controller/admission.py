@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from mnp import jobref
 from mnp.controller.managed import could_run_managed
 from mnp.controller.state import Shared
 from mnp.errors import InfraError, JobRefused
-from mnp.jobs import WAITING, Attempt, Job
+from mnp.jobs import ARRAY_CUT, WAITING, Attempt, Job
 from mnp.model import Dependency, JobDefinition, JobState, Request, Resources
 from mnp.sched import lifecycle
 from mnp.sched.autoscale import Need
@@ -47,6 +48,9 @@ class Restored:
     ended: int | None = None
     """An array parent: how many of its released children have ended (None: of those
     restored)."""
+    cut: int | None = None
+    """An array parent: children from this index on ended unreleased (``Job.cut``)."""
+    cut_reason: str | None = None
 
 
 class Admission:
@@ -158,12 +162,37 @@ class Admission:
                 return held
         return self._new_child(parent, index, now)
 
-    def _release_no_more(self, parent: Job, now: float) -> None:
+    def _release_no_more(self, parent: Job, reason: str, now: float) -> None:
         """Admission of ``parent``'s children ends (cancel, terminate, a failed SEQUENTIAL
-        child): every child not released yet comes into being, PENDING, to be failed."""
+        child): the children that never had an object (from ``lifecycle.unreleased``
+        on) end FAILED with ``reason`` in one step -- one event for them all
+        (``ARRAY_CUT``), which the recorder keeps beside the parent's row
+        (``mnp.store.gaps``) -- and the jobs waiting for any of them are woken."""
         size = lifecycle.array_size(parent)
-        for index in range(parent.admitted, size):
-            self._child_at(parent, index, now)
+        first = lifecycle.unreleased(parent)
+        parent.admitted = size
+        if first >= size or parent.cut is not None:
+            return
+        parent.cut, parent.cut_reason = first, reason
+        parent.finished += size - first
+        event: dict[str, Any] = {
+            "time": now,
+            "type": ARRAY_CUT,
+            "job_id": parent.id,
+            "name": parent.defn.name,
+            "queue": parent.defn.queue,
+            "status": JobState.FAILED.value,
+            "reason": reason,
+            "array_range": [first, size - 1],
+            "count": size - first,
+        }
+        if parent.defn.tags:
+            event["tags"] = dict(parent.defn.tags)
+        parent.emit(event)
+        prefix = f"{parent.id}:"
+        for target in [t for t in self.waiting_on if t.startswith(prefix)]:
+            if first <= int(target[len(prefix) :]):
+                self._wake(target, now)
 
     # --- crash recovery ---------------------------------------------------
 
@@ -202,6 +231,7 @@ class Admission:
             elif it.defn.array is not None:
                 parents[it.id] = job
                 counts[it.id] = (it.released, it.ended)
+                job.cut, job.cut_reason = it.cut, it.cut_reason
             restored.append(job)
         for parent in parents.values():
             parent.held.sort(key=lambda c: c.array_index or 0)
@@ -213,6 +243,9 @@ class Admission:
                 else released
             )
             parent.finished = sum(1 for c in held if c.done) if ended is None else ended
+            if parent.cut is not None:  # those ended unreleased are never released
+                parent.admitted = lifecycle.array_size(parent)
+                parent.finished += parent.admitted - parent.cut
             parent.waiting = sum(1 for c in parent.held if c.state in WAITING)
             self._can_grow(parent)
             parent.ready = parent.admitted > 0
@@ -248,12 +281,12 @@ class Admission:
             return job.state
         root, sep, index = job_id.partition(":")
         parent = self.s.jobs.get(root) if sep else None
-        if (
-            parent is not None
-            and index.isdigit()
-            and parent.admitted <= int(index) < lifecycle.array_size(parent)
-        ):
-            return JobState.PENDING  # not released yet (a released one has its row)
+        if parent is not None and index.isdigit():
+            i, size = int(index), lifecycle.array_size(parent)
+            if parent.cut is not None and parent.cut <= i < size:
+                return JobState.FAILED  # ended unreleased (cancel, terminate)
+            if parent.admitted <= i < size:
+                return JobState.PENDING  # not released yet (a released one has its row)
         recorder = self.s.recorder
         stored = recorder.stored_job(job_id) if recorder is not None else None
         return stored[0] if stored is not None else None
@@ -342,8 +375,8 @@ class Admission:
 
     def _fail_pending(self, job: Job, reason: str, now: float) -> None:
         if job.is_array:
-            self.stop_admitting(job, now)
-            for child in job.children:
+            self.stop_admitting(job, reason, now)
+            for child in job.held:
                 if not child.done:
                     self.s.dequeue(child)
                     self.finish(child, JobState.FAILED, reason, now)
@@ -374,13 +407,23 @@ class Admission:
         if not parent.done:
             self._admit_children(parent, now)
 
-    def stop_admitting(self, parent: Job, now: float) -> None:
-        """Release no more of ``parent``'s children (cancel, terminate): all are held.
-        Nothing for a job that is no array."""
-        if not parent.is_array:
+    def stop_admitting(self, parent: Job, reason: str, now: float) -> None:
+        """Release no more of ``parent``'s children (cancel, terminate): those never
+        released end FAILED with ``reason`` (``_release_no_more``). Nothing for a job
+        that is no array, or has ended."""
+        if not parent.is_array or parent.done:
             return
-        self._release_no_more(parent, now)
-        parent.admitted = lifecycle.array_size(parent)
+        self._release_no_more(parent, reason, now)
+
+    def end_if_over(self, parent: Job, now: float) -> None:
+        """End array ``parent`` if every child has: after a cancel or terminate that
+        left none to end it (all had ended, or were never released)."""
+        if not parent.is_array or parent.done:
+            return
+        outcome = lifecycle.array_outcome(parent)
+        if outcome is not None:
+            parent.exit_code = lifecycle.array_exit_code(parent)
+            self.finish(parent, outcome.state, outcome.reason, now)
 
     # --- a job's end ------------------------------------------------------
 
@@ -397,8 +440,6 @@ class Admission:
         if parent is None or parent.done:
             return
         parent.finished += 1
-        if lifecycle.stops_admission(parent, state):
-            self._release_no_more(parent, now)
         doomed = lifecycle.never_run(parent, state)
         if doomed is not None:
             # the rest can never run: fail them here, without recursing per child
@@ -408,7 +449,7 @@ class Admission:
                 parent.finished += 1
                 if sib.id in self.waiting_on:
                     self._wake(sib.id, now)
-            parent.admitted = lifecycle.array_size(parent)
+            self._release_no_more(parent, why, now)  # and those never released
         self._admit_children(parent, now)
         outcome = lifecycle.array_outcome(parent)
         if outcome is not None:
@@ -417,11 +458,12 @@ class Admission:
 
     def cancel(self, job: Job, reason: str, now: float) -> None:
         """SUBMITTED/PENDING/RUNNABLE → FAILED; what already runs goes on (AWS Batch)."""
-        self.stop_admitting(job, now)
+        self.stop_admitting(job, reason, now)
         for j in lifecycle.cancelled(job):
             if not j.done:
                 self.s.dequeue(j)
                 self.finish(j, JobState.FAILED, reason, now)
+        self.end_if_over(job, now)
 
     # --- forgetting -------------------------------------------------------
 

@@ -415,16 +415,16 @@ class Attempts:
 
     def terminate(self, job: Job, reason: str, now: float) -> None:
         """Like ``Admission.cancel``, and STARTING/RUNNING ones are ended."""
-        self.admission.stop_admitting(job, now)  # no more children while cascading
+        self.admission.stop_admitting(job, reason, now)  # no more children while cascading
         for j, running in lifecycle.terminated(job):
             if j.done:
                 continue
-            attempt = j.attempt
-            if running and attempt is not None:
+            if running and (attempt := j.attempt) is not None:
                 self.begin_end(j, attempt, JobState.FAILED, reason, now, retry=False)
             else:
                 self.s.dequeue(j)
                 self.admission.finish(j, JobState.FAILED, reason, now)
+        self.admission.end_if_over(job, now)
 
     # --- one job's failure stays that job's -------------------------------
 

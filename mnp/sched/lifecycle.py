@@ -144,6 +144,13 @@ def room(parent: Job) -> int:
     return max(0, min(free, arr.size - parent.admitted))
 
 
+def unreleased(parent: Job) -> int:
+    """The first index of an array parent's children that have no object yet (neither
+    released nor looked at past the release frontier)."""
+    held = parent.held
+    return max(parent.admitted, (held[-1].array_index or 0) + 1 if held else 0)
+
+
 def stops_admission(parent: Job, state: JobState) -> bool:
     """Whether a child of ``parent`` ending in ``state`` dooms every later one: a
     SEQUENTIAL array's failed child."""
@@ -154,8 +161,8 @@ def stops_admission(parent: Job, state: JobState) -> bool:
 def never_run(parent: Job, state: JobState) -> Sequence[Job] | None:
     """After a child of ``parent`` ended in ``state``: None when admission goes on, else
     the children that can never run and fail now -- a SEQUENTIAL array's failed child
-    dooms every later one still PENDING, and admits no more. (The controller first
-    gives every child not yet released its object, PENDING: they are all here.)"""
+    dooms every later one still PENDING, and admits no more. (Those here have their
+    object; the controller ends the ones that have none in one step, ``Job.cut``.)"""
     if not stops_admission(parent, state):
         return None
     first = parent.admitted
@@ -165,11 +172,13 @@ def never_run(parent: Job, state: JobState) -> Sequence[Job] | None:
 def array_outcome(parent: Job) -> Finish | None:
     """The parent's end once every child has ended: SUCCEEDED when all succeeded, else
     FAILED for the first failed child (a child that never ran failed for its parent's
-    reason: cancel, a dependency)."""
+    reason: cancel, a dependency; those ended unreleased come after every held one)."""
     if parent.finished < array_size(parent):
         return None
-    first = next((c for c in parent.children if c.state is JobState.FAILED), None)
+    first = next((c for c in parent.held if c.state is JobState.FAILED), None)
     if first is None:
+        if parent.cut is not None:
+            return Finish(JobState.FAILED, parent.cut_reason)
         return Finish(JobState.SUCCEEDED, None)
     return Finish(
         JobState.FAILED, first.reason if not first.attempts else f"Array child {first.id} failed"
@@ -177,8 +186,10 @@ def array_outcome(parent: Job) -> Finish | None:
 
 
 def array_exit_code(parent: Job) -> int | None:
-    first = next((c for c in parent.children if c.state is JobState.FAILED), None)
-    return first.exit_code if first is not None else 0
+    first = next((c for c in parent.held if c.state is JobState.FAILED), None)
+    if first is None:
+        return None if parent.cut is not None else 0
+    return first.exit_code
 
 
 # --- attempts ---------------------------------------------------------------------
@@ -264,10 +275,11 @@ def final_reason(reason: str | None, note: str | None) -> str | None:
 
 
 def cancelled(job: Job) -> Sequence[Job]:
-    """The jobs ``cancel`` fails: the job, or an array's children, that wait
-    (SUBMITTED/PENDING/RUNNABLE); what runs goes on (AWS Batch)."""
-    if job.children:
-        return [c for c in job.children if c.state in WAITING]
+    """The jobs ``cancel`` fails: the job, or an array's held children, that wait
+    (SUBMITTED/PENDING/RUNNABLE; those never released ended first: ``Job.cut``);
+    what runs goes on (AWS Batch)."""
+    if job.is_array:
+        return [c for c in job.held if c.state in WAITING]
     return [job] if job.state in WAITING else []
 
 
@@ -276,7 +288,7 @@ def terminated(job: Job) -> list[tuple[Job, bool]]:
     (job, True) ends a STARTING/RUNNING job's attempt, (job, False) fails a job that
     has not run. An array parent fails only through its children."""
     steps: list[tuple[Job, bool]] = []
-    for j in (*job.children, job):
+    for j in (*job.held, job):
         if j.done:
             continue
         if j.state in (JobState.STARTING, JobState.RUNNING) and j.attempt is not None:

@@ -116,6 +116,8 @@ class Service:
                     reason=row.get("reason"),
                     released=row.get("released"),
                     ended=row.get("ended"),
+                    cut=row.get("cut"),
+                    cut_reason=row.get("cut_reason"),
                 )
             )
         if items:

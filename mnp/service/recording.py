@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -20,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 from mnp.errors import InfraError, MnpError
 from mnp.files import open_regular
 from mnp.jobid import top_of
-from mnp.jobs import Attempt, Job, NodeRun, TaskRun, output_label
+from mnp.jobs import ARRAY_CUT, Attempt, Job, NodeRun, TaskRun, output_label
 from mnp.model import TERMINAL, JobState
 from mnp.purge import EVENTS_NAME, rewrite_events_file
 from mnp.service.feeds import Feeds
 from mnp.service.logfiles import TaskLog, events_tail, highest_log_id
 from mnp.spec import definition_to_dict
-from mnp.store import Store, codec
+from mnp.store import Store, codec, gaps
 
 if TYPE_CHECKING:
     from mnp.controller import Controller
@@ -108,6 +109,10 @@ class Recording:
     def event(self, event: dict[str, Any]) -> int:
         seq, body = self.store.add_event(event)
         job_id = str(event["job_id"])
+        if event.get("type") == ARRAY_CUT:  # read back as rows by mnp.store.gaps
+            first, _last = event["array_range"]
+            cut = {"from": first, "state": event["status"], "reason": event.get("reason")}
+            self.store.set_meta(gaps.cut_key(job_id), json.dumps({**cut, "time": event["time"]}))
         self._event_lines.append((top_of(job_id), body + "\n"))
         if "node_index" in event:
             job = self._jobs().get(top_of(job_id))

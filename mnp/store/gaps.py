@@ -5,6 +5,11 @@ controller releases it (``mnp.sched.lifecycle.room``), in index order. The other
 indexes ``released`` to ``array_size - 1``, are read here as the rows they stand
 for: PENDING, or RUNNABLE for an array released at once (no parallelism, SEQUENTIAL
 or N_TO_N dependency) once its own dependencies are met (a child was released).
+
+A cancel or terminate (or a failed SEQUENTIAL child) ends the children never
+released in one step: meta ``cut:ID`` holds ``{"from", "state", "reason", "time"}``
+(written with the ``array-children-ended`` event), and those children read as
+rows in that state with that reason -- also once their parent has finished.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from typing import Any, NamedTuple
 
 from mnp.store.codec import FINISHED_STATES, UNFINISHED_STATES, Row, key, scalar
 
+ARRAY_CUT = "array-children-ended"  # mnp.jobs.ARRAY_CUT (the store imports no job model)
 _UNFINISHED_SQL = ", ".join(f"'{s}'" for s in UNFINISHED_STATES)
+FINISHED_SQL = ", ".join(f"'{s}'" for s in FINISHED_STATES)
 
 _GAP_PARENTS = (
     "SELECT seq, id, name, queue, type, state, created, definition, depends_on, "
@@ -37,6 +44,8 @@ class Gap(NamedTuple):
     first: int
     size: int
     state: str
+    reason: str | None = None
+    stopped: float | None = None
 
     def row(self, index: int) -> Row:
         """Child ``index``'s ``list_jobs`` row."""
@@ -49,10 +58,10 @@ class Gap(NamedTuple):
             "queue": self.queue,
             "type": self.type,
             "state": self.state,
-            "reason": None,
+            "reason": self.reason,
             "created": self.created,
             "started": None,
-            "stopped": None,
+            "stopped": self.stopped,
             "exit_code": None,
             "signal": None,
             "attempt_count": 0,
@@ -63,9 +72,30 @@ class Gap(NamedTuple):
         }
 
 
+def cut_key(parent_id: str) -> str:
+    """The meta key of the children of ``parent_id`` that ended unreleased."""
+    return f"cut:{parent_id}"
+
+
+def cut_of(conn: sqlite3.Connection, parent_id: str) -> dict[str, Any] | None:
+    """What meta ``cut:ID`` holds for array ``parent_id``, or None."""
+    text = scalar(conn, "SELECT value FROM meta WHERE key = ?", (cut_key(parent_id),))
+    found = json.loads(text) if text else None
+    return found if isinstance(found, dict) else None
+
+
 def _gap(conn: sqlite3.Connection, parent: tuple[Any, ...]) -> Gap | None:
     seq, job_id, name, queue, type_, state, created, definition, deps, size, nodes = parent
-    if not size or state in FINISHED_STATES:
+    if not size:
+        return None
+    cut = cut_of(conn, str(job_id))
+    if cut is not None:
+        first = int(cut["from"])
+        if first >= size:
+            return None
+        ended, why, at = str(cut["state"]), cut.get("reason"), cut.get("time")
+        return Gap(job_id, seq, name, queue, type_, created, nodes, first, size, ended, why, at)
+    if state in FINISHED_STATES:
         return None
     released = scalar(conn, "SELECT count(*) FROM jobs WHERE parent = ?", (job_id,)) or 0
     if released >= size:
@@ -86,11 +116,24 @@ def gap_of(conn: sqlite3.Connection, parent_id: str) -> Gap | None:
 
 
 def gaps(conn: sqlite3.Connection) -> list[Gap]:
-    """Every unfinished array's unreleased children, in seq order."""
+    """Every unfinished array's unreleased children, and those that ended unreleased
+    (of finished arrays too), in seq order."""
     found = conn.execute(
         f"{_GAP_PARENTS} WHERE parent IS NULL AND array_size IS NOT NULL "
         f"AND state IN ({_UNFINISHED_SQL}) ORDER BY seq"
     ).fetchall()
+    ended = [
+        str(k)[len("cut:") :]
+        for (k,) in conn.execute("SELECT key FROM meta WHERE key > 'cut:' AND key < 'cut;'")
+    ]
+    for i in range(0, len(ended), 500):
+        chunk = ended[i : i + 500]
+        found += conn.execute(
+            f"{_GAP_PARENTS} WHERE parent IS NULL AND array_size IS NOT NULL "
+            f"AND state IN ({FINISHED_SQL}) AND id IN ({','.join('?' * len(chunk))})",
+            [key(j) for j in chunk],
+        ).fetchall()
+    found.sort(key=lambda p: int(p[0]))
     return [g for g in (_gap(conn, p) for p in found) if g is not None]
 
 
@@ -106,8 +149,8 @@ def unreleased_child(conn: sqlite3.Connection, job_id: str) -> Gap | None:
 _GAP_SQL = (
     "WITH RECURSIVE n(i) AS (SELECT ? UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?), "
     "jobs AS (SELECT ? + 1 + i AS seq, ? || ':' || i AS id, ? AS parent, i AS array_index, "
-    "? AS name, ? AS queue, ? AS type, ? AS state, NULL AS reason, ? AS created, "
-    "NULL AS started, NULL AS stopped, NULL AS exit_code, NULL AS signal, "
+    "? AS name, ? AS queue, ? AS type, ? AS state, ? AS reason, ? AS created, "
+    "NULL AS started, ? AS stopped, NULL AS exit_code, NULL AS signal, "
     "0 AS attempt_count, 0 AS timed_out, NULL AS definition, NULL AS depends_on, "
     "NULL AS array_size, ? AS num_nodes FROM n) "
 )
@@ -131,7 +174,60 @@ def gap_rows(
         gap.queue,
         gap.type,
         gap.state,
+        gap.reason,
         gap.created,
+        gap.stopped,
         gap.num_nodes,
     )
     return conn.execute(sql, [*values, *params]).fetchall()
+
+
+def child_ends(event: Row, only: int | None = None) -> list[Row]:
+    """The ``array-children-ended`` ``event`` as the FAILED event of each child it
+    ended (``only``: of that child alone, if it is one of them), as a child's own
+    state change reads: from PENDING, no attempt, the event's ``seq``."""
+    first, last = (int(i) for i in event["array_range"])
+    if only is not None:
+        first, last = (only, only) if first <= only <= last else (0, -1)
+    parent = str(event["job_id"])
+    out: list[Row] = []
+    for index in range(first, last + 1):
+        child: Row = {
+            "seq": event["seq"],
+            "time": event["time"],
+            "type": "job-state-change",
+            "job_id": f"{parent}:{index}",
+            "name": event.get("name"),
+            "queue": event.get("queue"),
+            "status": event["status"],
+            "previous": "PENDING",
+            "reason": event.get("reason"),
+            "attempt": 0,
+            "exit_code": None,
+            "array_index": index,
+        }
+        if "tags" in event:
+            child["tags"] = event["tags"]
+        out.append(child)
+    return out
+
+
+def per_child_ends(found: list[Row], of_parent: list[Row], only: int | None) -> list[Row]:
+    """Events ``found`` with each ``array-children-ended`` one read as its children's
+    (``child_ends``); ``only``: those of child ``only`` alone, which may be among the
+    parent's events ``of_parent``."""
+    if of_parent:
+        found = sorted(
+            [*found, *(e for e in of_parent if e.get("type") == ARRAY_CUT)],
+            key=lambda e: int(e["seq"]),
+        )
+    out: list[Row] = []
+    for event in found:
+        out += child_ends(event, only) if event.get("type") == ARRAY_CUT else [event]
+    return out
+
+
+def child_index(job_id: str | None) -> int | None:
+    """The index of array child ``job_id`` (``42:7``: 7), or None for any other id."""
+    _root, sep, index = (job_id or "").partition(":")
+    return int(index) if sep and index.isdigit() else None

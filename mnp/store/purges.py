@@ -66,6 +66,7 @@ def purge(
     conn.executemany("DELETE FROM nodes WHERE job_id = ?", keys)
     conn.executemany("DELETE FROM attempts WHERE job_id = ?", keys)
     conn.executemany("DELETE FROM jobs WHERE id = ?", keys)
+    conn.executemany("DELETE FROM meta WHERE key = 'cut:' || ?", keys)  # mnp.store.gaps
     return ids
 
 

@@ -19,6 +19,7 @@ from mnp import jobref
 from mnp.errors import InfraError
 from mnp.jobid import split, top_of
 from mnp.store import codec, registry
+from mnp.store import gaps as gapmod
 from mnp.store.codec import FINISHED_STATES as FINISHED_STATES
 from mnp.store.codec import UNFINISHED_STATES as UNFINISHED_STATES
 from mnp.store.codec import Row, key
@@ -360,11 +361,14 @@ def counts_by_queue_state(conn: sqlite3.Connection) -> dict[str, dict[str, int]]
 
 
 def events_since(
-    conn: sqlite3.Connection, seq: int, job_id: str | None, limit: int | None
+    conn: sqlite3.Connection, seq: int, job_id: str | None, limit: int | None, exact: bool = False
 ) -> list[Row]:
     params: list[Any] = [seq]
     sql = "SELECT body FROM events WHERE seq > ?"
-    if job_id is not None:
+    if job_id is not None and exact:
+        sql += " AND job_id = ?"
+        params.append(key(job_id))
+    elif job_id is not None:
         if split(job_id)[1]:
             # ids are digits, ':' and '#': [X, X + '$') holds X and X#n, not X0 or X:n
             sql += " AND job_id >= ? AND job_id < ?"
@@ -447,6 +451,13 @@ def unfinished_jobs(conn: sqlite3.Connection) -> list[Row]:
                 f"AND array_size IS NOT NULL AND state IN ({_UNFINISHED_SQL})) GROUP BY parent"
             )
         }
+        cuts = {
+            j["id"]: cut
+            for j in jobs
+            if j["parent"] is None
+            and j["array_size"] is not None
+            and (cut := gapmod.cut_of(conn, j["id"])) is not None
+        }
     attempts_of: dict[str, list[Row]] = {}
     for a in attempts:
         attempts_of.setdefault(a["job_id"], []).append(codec.decode_attempt(a))
@@ -462,6 +473,9 @@ def unfinished_jobs(conn: sqlite3.Connection) -> list[Row]:
         j["nodes"] = nodes_of.get((j["id"], last), []) if last is not None else []
         if j["parent"] is None and j["array_size"] is not None:
             j["released"], j["ended"] = released.get(j["id"], (0, 0))
+            cut = cuts.get(j["id"])  # ended unreleased: never to be released
+            j["cut"] = None if cut is None else int(cut["from"])
+            j["cut_reason"] = None if cut is None else cut.get("reason")
     return jobs
 
 
@@ -633,7 +647,12 @@ class ReadApi:
             return counts_by_queue_state(self.conn)
 
     def events_since(
-        self, seq: int, *, job_id: str | None = None, limit: int | None = None
+        self,
+        seq: int,
+        *,
+        job_id: str | None = None,
+        limit: int | None = None,
+        per_child: bool = False,
     ) -> list[Row]:
         """Events with a ``seq`` above ``seq``, in order, as their JSON bodies.
 
@@ -641,9 +660,18 @@ class ReadApi:
         matches ``42``, its children ``42:i`` and its nodes ``42#n`` (by the
         indexed ``root`` column); ``42:7`` matches ``42:7`` and ``42:7#n``;
         ``42#3`` matches that node only (by the indexed ``job_id`` column).
+
+        ``per_child`` (``mnp events``): the one event that ended an array's unreleased
+        children (``array-children-ended``) reads as each child's FAILED event, all
+        with its ``seq``; without it (hooks, the events file), as it is stored.
         """
         with self._guard("reading events"):
-            return events_since(self.conn, seq, job_id, limit)
+            found = events_since(self.conn, seq, job_id, limit)
+            only = gapmod.child_index(job_id)
+            if not per_child or only is None or job_id is None:
+                return gapmod.per_child_ends(found, [], None) if per_child else found
+            of_parent = events_since(self.conn, seq, top_of(job_id), None, True)
+            return gapmod.per_child_ends(found, of_parent, only)
 
     def event_lines(self, after: int, upto: int, limit: int = 10_000) -> list[tuple[int, str]]:
         """``(seq, body)`` of stored events with ``after < seq <= upto``, in order, at most
