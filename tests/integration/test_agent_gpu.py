@@ -138,7 +138,8 @@ def test_describe_shows_the_gpu_usage_of_a_job(
 ) -> None:
     inv = tmp_path / "gpu.toml"
     inv.write_text(INVENTORY)
-    env = {"PYTHONPATH": fake_nvml + os.pathsep + str(REPO)}
+    # a home of its own: job 1 is this job whatever ran before (the session shares one home)
+    env = {"PYTHONPATH": fake_nvml + os.pathsep + str(REPO), "MNP_HOME": str(tmp_path / "home")}
     r = mnp("run", "--inventory", str(inv), "--gpus", "1", "--", *TASK, env=env)
     assert r.returncode == 0, r.stderr
     d = json.loads(mnp("describe", "1", "--json", env=env).stdout)
