@@ -50,10 +50,34 @@ def sshd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdFacto
             c.close()
 
 
+# The SSH test files proper run on both clients; elsewhere (containers, MPI, faults, torch
+# on sshd hosts) the hosts are only a place to run jobs, and the default client is enough.
+BOTH_CLIENTS = {
+    "test_ssh_transport.py",
+    "test_ssh_jobs.py",
+    "test_hostcheck.py",
+    "test_security.py",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if len(SSH_TRANSPORTS) < 2:
+        return  # one client asked for by MNP_TEST_SSH_TRANSPORT: run everything on it
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        other = callspec is not None and callspec.params.get("sshd_hosts") == "openssh"
+        (drop if other and item.path.name not in BOTH_CLIENTS else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(scope="session", params=SSH_TRANSPORTS)
 def sshd_hosts(sshd_factory: SshdFactory, request: pytest.FixtureRequest) -> SshdCluster:
     """Four OpenSSH servers, sshd-1..sshd-4 on 127.0.0.2-5 (see sshd.py), their inventories
-    using each SSH transport in turn (``[ssh] transport``): every SSH test runs on both.
+    using each SSH transport in turn (``[ssh] transport``): the SSH test files run on both
+    (``BOTH_CLIENTS``), the others on the default asyncssh.
     ``MNP_TEST_SSH_TRANSPORT=openssh`` (or ``asyncssh``) runs only that one."""
     return sshd_factory(4).with_transport(request.param)
 
