@@ -83,6 +83,14 @@ def sshd_hosts(sshd_factory: SshdFactory, request: pytest.FixtureRequest) -> Ssh
 
 
 @pytest.fixture(scope="session")
+def sshd_hosts_default(sshd_factory: SshdFactory) -> SshdCluster:
+    """The four servers of ``sshd_hosts`` with one client (the default, or the one
+    ``MNP_TEST_SSH_TRANSPORT`` names), for fixtures that ask for hosts at run time
+    (``request.getfixturevalue``), where a parametrized fixture cannot be had."""
+    return sshd_factory(4).with_transport(SSH_TRANSPORTS[0])
+
+
+@pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     """A real 4-node Slurm 22.05 (n1..n4, 2 CPUs each) on this machine (see slurm.py).
 

@@ -47,7 +47,7 @@ def start_daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Dae
 
     def start(hosts: str, **extra: str) -> dict[str, str]:
         if hosts == "ssh":
-            cluster: SshdCluster = request.getfixturevalue("sshd_hosts")
+            cluster: SshdCluster = request.getfixturevalue("sshd_hosts_default")
             inventory = str(cluster.inventory_toml)
         else:
             inventory = "local"

@@ -65,7 +65,9 @@ def test_a_step_begins_holds_and_ends_a_sweep_and_counts_in_killed() -> None:
     OPS["sweep"](agent, {"op": "sweep", "job": "9999991", "grace": 0})
     assert step.calls == [("begin", "sweep", "9999991")]
     events = _settle(agent)
-    assert step.calls == [
+    # only the sweep's calls: orphans of earlier tests reparented to this process are
+    # torn down as strays by the same loop
+    assert [c for c in step.calls if c[1] == "sweep"] == [
         ("begin", "sweep", "9999991"),
         ("pending", "sweep", "9999991"),
         ("pending", "sweep", "9999991"),
