@@ -226,6 +226,19 @@ class Containers:
 
     # ------------------------------------------------------------------ internals
 
+    def client_cwd(self, cwd: Optional[str]) -> Optional[str]:
+        """Where the runtime's client runs: the agent's containers folder (podman's conmon
+        writes an `oom` file into its working directory when a container is killed for
+        memory), else the task's own directory."""
+        folder = self._dir()
+        if not folder:
+            return cwd
+        try:
+            os.makedirs(folder, 0o700, exist_ok=True)
+        except OSError:
+            return cwd
+        return folder
+
     def _dir(self) -> str:
         return os.path.join(self.rundir, "containers") if self.rundir else ""
 

@@ -313,10 +313,14 @@ def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
                 feed_r, feed_w = os.pipe()
             if files:
                 write_files(files)
+            run_cwd = cwd
             if container is not None:  # the runtime's argv and environment run it
                 argv, env = agent.containers.wrap_spawn(
                     container, tid, argv, env, changes, cwd, data is not None
                 )
+                # the container's directory is in its argv (-w/--pwd); the client runs in
+                # the agent's own folder, where conmon may leave files (an `oom` marker)
+                run_cwd = agent.containers.client_cwd(cwd)
             born_ticks = now_ticks()
             # its cgroup and CPUs, inherited (a container's runtime enforces its memory)
             limits = agent.limits.before(tid, agent.containers.limited(tid, changes))
@@ -324,7 +328,7 @@ def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
                 pid, out_fd, err_fd = agent.spawner.spawn(
                     argv,
                     env,
-                    cwd,
+                    run_cwd,
                     feed_r if feed_r >= 0 else None,
                     None if rank_end is None else rank_end.fileno(),
                 )
