@@ -52,13 +52,11 @@ import tempfile
 from mnp.errors import HostKeyError, TransportError
 from mnp.model import HostSpec, Inventory
 from mnp.transport.base import MAX_LINE, AgentStream, Transport
-from mnp.transport.bootstrap import SOURCE_REQUEST
-from mnp.transport.bootstrap import agent_blob as _agent_blob
 from mnp.transport.sshcommon import (
     CLOSE_WAIT,
     GLOBAL_KNOWN_HOSTS,
-    NOISE_LIMIT,
     STDERR_TAIL,
+    BootstrappedStream,
     SshError,
     agent_command,
     config_files,
@@ -83,7 +81,7 @@ class _Master:
         return os.path.exists(self.socket)
 
 
-class _OpenSshStream(AgentStream):
+class _OpenSshStream(BootstrappedStream):
     """The agent's stdio as the pipes of one ``ssh`` session; serves the source request."""
 
     def __init__(self, host: str, python: str, proc: asyncio.subprocess.Process) -> None:
@@ -109,22 +107,6 @@ class _OpenSshStream(AgentStream):
     def stderr_tail(self) -> str:
         return self._stderr.decode(errors="replace")
 
-    async def readline(self) -> bytes:
-        line = await self._readline()
-        if self._ready:
-            return line
-        while True:  # as _SshStream: the source request, and a chatty login shell's lines
-            if line == SOURCE_REQUEST:
-                await self._send_source()
-            elif not line:
-                raise await self._start_failure()
-            elif line.lstrip().startswith(b"{") or len(self._noise) >= NOISE_LIMIT:
-                self._ready = True
-                return line
-            else:
-                self._noise += line
-            line = await self._readline()
-
     async def _readline(self) -> bytes:
         try:
             return await self._stdout.readline()
@@ -134,19 +116,6 @@ class _OpenSshStream(AgentStream):
                     self.host, "ssh", f"connection lost while starting the agent: {e}"
                 ) from None
             raise ConnectionResetError(f"ssh connection to {self.host} lost: {e}") from None
-
-    async def _send_source(self) -> None:
-        try:
-            blob = _agent_blob()
-        except (ImportError, AttributeError) as e:
-            raise SshError(
-                self.host,
-                "agent",
-                f"mnp is not importable by {self.python} there and cannot be shipped: {e}",
-            ) from None
-        self.write(blob)
-        await self.drain()
-        self.shipped = True
 
     async def _start_failure(self) -> Exception:
         """The session ended before ``ready``: say why, from its exit status."""

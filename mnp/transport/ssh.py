@@ -58,13 +58,11 @@ import asyncssh
 from mnp.errors import HostKeyError, TransportError
 from mnp.model import HostSpec, Inventory, SshOptions
 from mnp.transport.base import AgentStream, Transport
-from mnp.transport.bootstrap import SOURCE_REQUEST
-from mnp.transport.bootstrap import agent_blob as _agent_blob
 from mnp.transport.sshcommon import (
     CLOSE_WAIT,
     GLOBAL_KNOWN_HOSTS,
-    NOISE_LIMIT,
     STDERR_TAIL,
+    BootstrappedStream,
     SshError,
     agent_command,
     config_files,
@@ -105,7 +103,7 @@ class _Client(asyncssh.SSHClient):
         return False
 
 
-class _SshStream(AgentStream):
+class _SshStream(BootstrappedStream):
     """The agent's stdin/stdout over one SSH channel; serves the source request."""
 
     def __init__(self, host: str, python: str, proc: asyncssh.SSHClientProcess[bytes]) -> None:
@@ -128,24 +126,6 @@ class _SshStream(AgentStream):
     def stderr_tail(self) -> str:
         return self._stderr.decode(errors="replace")
 
-    async def readline(self) -> bytes:
-        line = await self._readline()
-        if self._ready:
-            return line
-        # Before ``ready``: answer the bootstrap's source request, and step over
-        # what a chatty login shell (.bashrc echoing a banner) printed first.
-        while True:
-            if line == SOURCE_REQUEST:
-                await self._send_source()
-            elif not line:
-                raise await self._start_failure()
-            elif line.lstrip().startswith(b"{") or len(self._noise) >= NOISE_LIMIT:
-                self._ready = True
-                return line
-            else:
-                self._noise += line
-            line = await self._readline()
-
     async def _readline(self) -> bytes:
         try:
             return await self.proc.stdout.readline()
@@ -156,19 +136,6 @@ class _SshStream(AgentStream):
                 ) from None
             # AgentConnection's reader treats ConnectionError as "host lost".
             raise ConnectionResetError(f"ssh connection to {self.host} lost: {e}") from None
-
-    async def _send_source(self) -> None:
-        try:
-            blob = _agent_blob()
-        except (ImportError, AttributeError) as e:
-            raise SshError(
-                self.host,
-                "agent",
-                f"mnp is not importable by {self.python} there and cannot be shipped: {e}",
-            ) from None
-        self.write(blob)
-        await self.drain()
-        self.shipped = True
 
     async def _start_failure(self) -> SshError:
         """The agent's process ended before ``ready``: say why, from its exit status."""

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from mnp.errors import TransportError
 from mnp.model import HostSpec
-from mnp.transport.bootstrap import BOOTSTRAP
+from mnp.transport.base import AgentStream
+from mnp.transport.bootstrap import BOOTSTRAP, SOURCE_REQUEST, agent_blob
 
 GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 STDERR_TAIL = 4096
@@ -55,3 +56,52 @@ def identity_files(host: HostSpec) -> list[str]:
     if missing:
         raise SshError(host.name, "config", f"identity file {missing[0]} does not exist")
     return keys
+
+
+class BootstrappedStream(AgentStream):
+    """What both SSH clients' agent streams do until the agent's ``ready``: answer the
+    bootstrap's source request, step over what a chatty login shell (.bashrc echoing a
+    banner) printed first, and say why a session ended early. A client provides
+    ``_readline`` (its stdout, errors mapped) and ``_start_failure``; its ``__init__``
+    sets ``host``, ``python``, ``shipped``, ``_noise`` and ``_ready``."""
+
+    host: str
+    python: str
+    shipped: bool
+    _noise: bytearray
+    _ready: bool
+
+    async def _readline(self) -> bytes:
+        raise NotImplementedError
+
+    async def _start_failure(self) -> Exception:
+        raise NotImplementedError
+
+    async def readline(self) -> bytes:
+        line = await self._readline()
+        if self._ready:
+            return line
+        while True:
+            if line == SOURCE_REQUEST:
+                await self._send_source()
+            elif not line:
+                raise await self._start_failure()
+            elif line.lstrip().startswith(b"{") or len(self._noise) >= NOISE_LIMIT:
+                self._ready = True
+                return line
+            else:
+                self._noise += line
+            line = await self._readline()
+
+    async def _send_source(self) -> None:
+        try:
+            blob = agent_blob()
+        except (ImportError, AttributeError) as e:
+            raise SshError(
+                self.host,
+                "agent",
+                f"mnp is not importable by {self.python} there and cannot be shipped: {e}",
+            ) from None
+        self.write(blob)
+        await self.drain()
+        self.shipped = True
