@@ -17,14 +17,12 @@ agents are reached over SSH (PBS's ``pbsdsh`` gives no stdin to the agent).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from collections.abc import Mapping, Sequence
 
-from mnp.provider.slurm import AllocationStatus, ProviderError
+from mnp.provider.slurm import AllocationStatus, ProviderError, run_command
 
-COMMAND_TIMEOUT = 60.0
 HOLD = ("/bin/sleep", "2147483647")
 _STATES = {
     "Q": "PENDING",
@@ -150,24 +148,4 @@ class PbsProvider:
         )
 
     async def _run(self, argv: list[str], ok_if: Sequence[str] = ()) -> str:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=self.environ,
-            )
-        except OSError as e:
-            raise ProviderError(f"cannot run {argv[0]}: {e.strerror or e}") from None
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise ProviderError(f"{argv[0]} gave no answer within {COMMAND_TIMEOUT:g}s") from None
-        said = err.decode(errors="replace").strip()
-        if proc.returncode != 0 and not any(s in said for s in ok_if):
-            last = said.splitlines()[-1] if said else f"exit status {proc.returncode}"
-            raise ProviderError(f"{argv[0]}: {last[:300]}")
-        return out.decode(errors="replace")
+        return await run_command(argv, self.environ, ok_if)
