@@ -219,6 +219,7 @@ class SshOptions:
     python: str = "python3"
     config: tuple[str, ...] = ()  # extra ssh_config files; ~/.ssh/config is read by default
     transport: str = "asyncssh"  # SSH_CLIENTS: the client that carries the agents' streams
+    agent_cache: str = ""  # the host's agent cache folder; "" = XDG default, "none" = off
 
 
 SSH_CLIENTS = ("asyncssh", "openssh")

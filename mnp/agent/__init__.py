@@ -58,6 +58,17 @@ def _load(sources):
 """
 
 
+def agent_sources() -> list[tuple[str, str]]:
+    """Every module of the agent, ``(name, source)`` in ``MODULES`` order: what the
+    bootstrap ships to a host without mnp (mnp/transport/bootstrap.py)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = []
+    for name in MODULES:
+        with open(os.path.join(here, name + ".py"), encoding="utf-8") as f:
+            sources.append((name, f.read()))
+    return sources
+
+
 def bundle_source(compress: bool = True) -> str:
     """A self-contained Python script that runs the agent, for `python3 -c SCRIPT --ctl T`.
 
@@ -69,12 +80,7 @@ def bundle_source(compress: bool = True) -> str:
     import base64  # here, not at the top: `python -m mnp.agent` imports this package
     import zlib
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    sources = []
-    for name in MODULES:
-        with open(os.path.join(here, name + ".py"), encoding="utf-8") as f:
-            sources.append((name, f.read()))
-    inner = _LOADER + "sys.exit(_load(%r).main())\n" % (sources,)
+    inner = _LOADER + "sys.exit(_load(%r).main())\n" % (agent_sources(),)
     if not compress:
         return "# mnp node agent (bundled)\n" + _VERSION_CHECK + inner
     packed = base64.b85encode(zlib.compress(inner.encode("utf-8"), 9)).decode("ascii")

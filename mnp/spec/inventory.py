@@ -59,6 +59,7 @@ SSH_FIELDS = (
     "python",
     "config",
     "transport",
+    "agent_cache",
 )
 HOST_FIELDS = ("names", "vcpus", "memory", "gpus", "labels", "address", "transport", "ssh")
 CE_FIELDS = (
@@ -257,6 +258,15 @@ def parse_ssh(st: Table, base: SshOptions) -> SshOptions:
         changes["python"] = python
     if "transport" in st:
         changes["transport"] = st.choice("transport", base.transport, SSH_CLIENTS)
+    if "agent_cache" in st:
+        cache = st.string("agent_cache", "")
+        if not cache.strip() or not cache.isprintable():
+            st.fail(
+                "agent_cache",
+                'give a folder on the hosts (e.g. "~/.cache/mnp"), or "none" to ship the '
+                "agent on every start",
+            )
+        changes["agent_cache"] = "none" if cache.lower() == "none" else cache
     return dataclasses.replace(base, **changes)
 
 

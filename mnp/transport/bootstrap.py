@@ -1,51 +1,136 @@
 """The agent's bootstrap, shared by the transports that start it on another machine (ssh,
-srun): one ``python -c`` line that runs ``mnp.agent`` if it imports there, else asks for
-its source on stdin (``SOURCE_REQUEST``) and reads ``agent_blob()`` (see ssh.py).
+srun): one ``python -c`` line (``bootstrap(cache)``) that
+
+1. runs ``mnp.agent`` if it imports there (mnp installed on the host);
+2. else runs the agent from the host's cache, ``<cache>/agent-<digest>/_mnp_agent/``,
+   when an earlier start left it there: a package of plain files Python imports (and
+   compiles once into ``__pycache__``) -- the agent is shipped once per host and agent
+   version, not on every connection;
+3. else asks for the modules on stdin (``SOURCE_REQUEST``), reads ``agent_blob()``,
+   writes them to the cache (a temporary directory renamed into place, so hosts sharing a
+   home never see half of one) and runs them; where the cache cannot be written (no
+   home, read-only, not ours) it runs them from memory, as before there was a cache.
+
+``<cache>`` is the inventory's ``[ssh] agent_cache`` (``~`` expanded on the host), by
+default ``$XDG_CACHE_HOME/mnp`` or ``~/.cache/mnp``; ``"none"`` turns caching off. A
+cache directory is used only when it belongs to the agent's user and no one else may
+write to it. ``<digest>`` covers every module's source, so a new mnp never runs an old
+agent from the cache.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import zlib
 
 SOURCE_REQUEST = b"mnp-agent: send source\n"
+NO_CACHE = "none"
 
 _BOOTSTRAP = """\
 import sys
 try:
     import mnp.agent
 except ImportError:
-    import os, zlib
-    os.write(1, b"mnp-agent: send source\\n")
-    _h = b""
-    while _h[-1:] != b"\\n":
-        _c = os.read(0, 1)
-        if not _c:
-            sys.exit(3)
-        _h += _c
-    _n = int(_h)
-    _b = b""
-    while len(_b) < _n:
-        _c = os.read(0, _n - len(_b))
-        if not _c:
-            sys.exit(3)
-        _b += _c
-    _src = zlib.decompress(_b)
-    del _h, _c, _n, _b
-    exec(compile(_src, "<mnp.agent>", "exec"))
+    import os
+    _D, _C = %(digest)s, %(cache)s
+    def _ours(p):
+        try:
+            s = os.stat(p)
+        except OSError:
+            return False
+        return s.st_uid == os.getuid() and not s.st_mode & 0o022
+    def _source():
+        os.write(1, b"mnp-agent: send source\\n")
+        h = b""
+        while h[-1:] != b"\\n":
+            c = os.read(0, 1)
+            if not c:
+                sys.exit(3)
+            h += c
+        n, b = int(h), b""
+        while len(b) < n:
+            c = os.read(0, n - len(b))
+            if not c:
+                sys.exit(3)
+            b += c
+        import zlib
+        return eval(zlib.decompress(b))
+    def _store(base, root, mods):
+        tmp = "%%s.%%d.tmp" %% (root, os.getpid())
+        try:
+            os.makedirs(base, 0o700, exist_ok=True)
+            os.mkdir(tmp, 0o700)
+            os.mkdir(os.path.join(tmp, "_mnp_agent"), 0o700)
+            for name, text in [("__init__", "")] + mods:
+                fd = os.open(os.path.join(tmp, "_mnp_agent", name + ".py"),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(text)
+            os.rename(tmp, root)
+        except OSError:
+            for d, _, fs in os.walk(tmp, topdown=False):
+                for f in fs:
+                    os.unlink(os.path.join(d, f))
+                os.rmdir(d)
+    _root = None
+    if _C != "none":
+        _base = os.path.expanduser(_C or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or "~/.cache", "mnp"))
+        _root = os.path.join(_base, "agent-" + _D)
+    if not (_root and _ours(_root) and _ours(os.path.join(_root, "_mnp_agent", "main.py"))):
+        _mods = _source()
+        if _root and (_ours(_base) or not os.path.exists(_base)):
+            _store(_base, _root, _mods)
+        if not (_root and _ours(_root)):
+            import types
+            _pkg = types.ModuleType("_mnp_agent")
+            _pkg.__path__ = []
+            sys.modules["_mnp_agent"] = _pkg
+            for _n, _s in _mods:
+                _m = types.ModuleType("_mnp_agent." + _n)
+                _m.__package__ = "_mnp_agent"
+                _m.__file__ = "<mnp agent: %%s.py>" %% _n
+                sys.modules[_m.__name__] = _m
+                setattr(_pkg, _n, _m)
+                exec(compile(_s, _m.__file__, "exec"), _m.__dict__)
+            _root = None
+    if _root:
+        sys.path.insert(0, _root)
+    from _mnp_agent.main import main
+    sys.exit(main())
 else:
     import runpy
     runpy.run_module("mnp.agent", run_name="__main__", alter_sys=True)
 """
-# One line without single quotes: json.dumps writes a valid Python string literal.
-BOOTSTRAP = "exec(" + json.dumps(_BOOTSTRAP) + ")"
+
+
+@functools.cache
+def _modules() -> tuple[tuple[str, str], ...]:
+    from mnp.agent import agent_sources  # the agent package is imported only when shipped
+
+    return tuple(agent_sources())
+
+
+@functools.cache
+def agent_digest() -> str:
+    """16 hex digits of SHA-256 over every agent module's name and source."""
+    return hashlib.sha256(repr(_modules()).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def bootstrap(cache: str = "") -> str:
+    """The ``python -c`` argument: one line without single quotes (json.dumps writes
+    valid Python string literals). ``cache``: the host's cache folder, "" for the
+    default, ``NO_CACHE`` for none."""
+    code = _BOOTSTRAP % {"digest": json.dumps(agent_digest()), "cache": json.dumps(cache)}
+    return "exec(" + json.dumps(code) + ")"
 
 
 @functools.cache
 def agent_blob() -> bytes:
-    """``bundle_source()``, compressed, with its length line: what the bootstrap reads."""
-    from mnp.agent import bundle_source  # the agent package is imported only when shipped
-
-    data = zlib.compress(bundle_source().encode(), 9)
+    """The modules ``[(name, source), ...]`` as a Python literal, compressed, with its
+    length line: what the bootstrap reads after ``SOURCE_REQUEST``."""
+    data = zlib.compress(repr(list(_modules())).encode(), 9)
     return b"%d\n" % len(data) + data

@@ -185,7 +185,7 @@ class OpenSshTransport(Transport):
 
     async def open(self, host: HostSpec, agent_args: list[str]) -> AgentStream:
         python = host.ssh.python or "python3"
-        command = agent_command(python, agent_args)
+        command = agent_command(host, agent_args)
         master = await self.connect(host)
         try:
             proc = await asyncio.create_subprocess_exec(

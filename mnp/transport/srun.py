@@ -37,7 +37,7 @@ from mnp.errors import TransportError
 from mnp.model import HostSpec, Inventory
 from mnp.spec.nodeset import fold_nodeset
 from mnp.transport.base import MAX_LINE, AgentStream, Transport
-from mnp.transport.bootstrap import BOOTSTRAP, SOURCE_REQUEST, agent_blob
+from mnp.transport.bootstrap import SOURCE_REQUEST, agent_blob, bootstrap
 
 STDERR_TAIL = 4096
 CLOSE_WAIT = 10.0  # seconds the agent gets to tear down after its stdin closes
@@ -69,7 +69,7 @@ def srun_argv(
         argv.append(f"--cpus-per-task={host.vcpus}")
     if job_env:  # set inside the step, after srun has set its own
         argv += ["env", *(f"{k}={v}" for k, v in sorted(job_env.items()))]
-    return [*argv, python, "-c", BOOTSTRAP, "--parent-death", *agent_args]
+    return [*argv, python, "-c", bootstrap(), "--parent-death", *agent_args]
 
 
 class _SrunStream(AgentStream):

@@ -197,7 +197,7 @@ class SshTransport(Transport):
 
     async def open(self, host: HostSpec, agent_args: list[str]) -> AgentStream:
         python = host.ssh.python or "python3"
-        command = agent_command(python, agent_args)
+        command = agent_command(host, agent_args)
         for attempt in (1, 2):
             conn = await self.connect(host)
             try:

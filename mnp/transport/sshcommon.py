@@ -15,7 +15,7 @@ from pathlib import Path
 from mnp.errors import TransportError
 from mnp.model import HostSpec
 from mnp.transport.base import AgentStream
-from mnp.transport.bootstrap import BOOTSTRAP, SOURCE_REQUEST, agent_blob
+from mnp.transport.bootstrap import SOURCE_REQUEST, agent_blob, bootstrap
 
 GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 STDERR_TAIL = 4096
@@ -32,9 +32,12 @@ class SshError(TransportError):
         self.category = category
 
 
-def agent_command(python: str, agent_args: list[str]) -> str:
+def agent_command(host: HostSpec, agent_args: list[str]) -> str:
     """The exec request's command line: every word quoted for the remote shell."""
-    return shlex.join([python, "-c", BOOTSTRAP, "--parent-death", *agent_args])
+    python = host.ssh.python or "python3"
+    return shlex.join(
+        [python, "-c", bootstrap(host.ssh.agent_cache), "--parent-death", *agent_args]
+    )
 
 
 def config_files(host: HostSpec) -> list[str]:

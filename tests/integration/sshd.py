@@ -9,6 +9,8 @@ key for root. It writes next to them:
 - ``ssh_config``: ``Host sshd-1`` → ``HostName 127.0.0.2`` etc., so the
   inventory's host *names* are what connections go to, as on a real cluster;
 - ``inventory.toml``: SPEC §3 for those hosts (``[ssh] config = [ssh_config]``);
+- ``agent-cache/``: the hosts' agent cache (``[ssh] agent_cache``), so that tests
+  never write to root's ``~/.cache``;
 - ``python-mnp`` / ``python-nomnp``: interpreters (wrapper scripts) with and
   without ``mnp`` importable, to exercise both agent start paths.
 
@@ -93,6 +95,11 @@ class SshdCluster:
     python_nomnp: Path
     _extra: list[subprocess.Popen[bytes]] = field(default_factory=list)
     ssh_transport: str = "asyncssh"  # the inventories' [ssh] transport
+
+    @property
+    def agent_cache(self) -> Path:
+        """The inventories' ``[ssh] agent_cache``: in the cluster's folder, not root's home."""
+        return self.root / "agent-cache"
 
     def with_transport(self, name: str) -> SshdCluster:
         """The same servers, with inventories (and ``inventory.toml``) that use ``name``."""
@@ -208,6 +215,7 @@ class SshdCluster:
             "python": str(self.python_mnp),
             "config": (str(self.ssh_config),),
             "transport": self.ssh_transport,
+            "agent_cache": str(self.agent_cache),
         }
         values.update(overrides)
         return SshOptions(**values)  # type: ignore[arg-type]
@@ -238,6 +246,7 @@ class SshdCluster:
             f'python = "{self.python_mnp}"',
             f'config = ["{self.ssh_config}"]',
             f'transport = "{self.ssh_transport}"',
+            f'agent_cache = "{self.agent_cache}"',
         ]
         for h in self.hosts:
             lines += ["", "[[hosts]]", f'names = "{h.name}"', f'address = "{h.address}"']

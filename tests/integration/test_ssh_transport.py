@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import stat
 import subprocess
 import time
 import uuid
@@ -20,6 +21,7 @@ from mnp.errors import HostKeyError, TransportError
 from mnp.model import HostSpec, Inventory
 from mnp.transport import transports_for
 from mnp.transport.base import AgentConnection, Event, Transport
+from mnp.transport.bootstrap import agent_digest
 from mnp.transport.sshcommon import SshError
 from tests.helpers import procs_with_env
 from tests.integration.sshd import SshdCluster
@@ -231,12 +233,12 @@ SYSTEM_PYTHONS = [p for p in ["/usr/bin/python3"] if os.access(p, os.X_OK)]
 
 @pytest.mark.parametrize("python", ["python-nomnp", *SYSTEM_PYTHONS])
 async def test_agent_source_is_shipped_where_mnp_is_not_installed(
-    sshd_hosts: SshdCluster, token: str, python: str
+    sshd_hosts: SshdCluster, token: str, python: str, tmp_path: Path
 ) -> None:
     if python == "python-nomnp":
         python = str(sshd_hosts.python_nomnp)
     assert not _imports_mnp(python)
-    inv = sshd_hosts.inventory(python=python)
+    inv = sshd_hosts.inventory(python=python, agent_cache=str(tmp_path / "cache"))
     a = Agents(_transport(inv), token)
     try:
         conn = await a.open(inv.hosts[0])
@@ -248,6 +250,51 @@ async def test_agent_source_is_shipped_where_mnp_is_not_installed(
         await a.close()
 
 
+async def _start_and_run(inv: Inventory, token: str) -> bool:
+    """Start the first host's agent, run one task there; whether the source was shipped."""
+    a = Agents(_transport(inv), token)
+    try:
+        conn = await a.open(inv.hosts[0])
+        assert _is_ssh_stream(conn.stream)
+        exited, out = await a.run(inv.hosts[0].name, "3", ["sh", "-c", "echo $MNP_JOB_ID"])
+        assert (exited["code"], out) == (0, "3\n")
+        return bool(conn.stream.shipped)
+    finally:
+        await a.close()
+
+
+async def test_the_agent_is_shipped_once_per_host_then_started_from_its_cache(
+    sshd_hosts: SshdCluster, token: str, tmp_path: Path
+) -> None:
+    cache = tmp_path / "home" / ".cache" / "mnp"
+    inv = sshd_hosts.inventory(python=str(sshd_hosts.python_nomnp), agent_cache=str(cache))
+    assert await _start_and_run(inv, token)  # first start: shipped, and kept
+    root = cache / f"agent-{agent_digest()}"
+    assert (root / "_mnp_agent" / "main.py").read_text() == (AGENT.parent / "main.py").read_text()
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert [p.name for p in cache.iterdir()] == [root.name]  # no temporary folder left
+    assert not await _start_and_run(inv, token)  # then started from the cache
+    assert any((root / "_mnp_agent" / "__pycache__").glob("main.*.pyc"))  # compiled once
+    other = sshd_hosts.inventory(python=str(sshd_hosts.python_nomnp), agent_cache="none")
+    assert await _start_and_run(other, token) and await _start_and_run(other, token)
+
+
+async def test_a_cache_others_may_write_to_is_not_used(
+    sshd_hosts: SshdCluster, token: str, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    inv = sshd_hosts.inventory(python=str(sshd_hosts.python_nomnp), agent_cache=str(cache))
+    assert await _start_and_run(inv, token)
+    root = cache / f"agent-{agent_digest()}"
+    (root / "_mnp_agent" / "main.py").write_text("raise SystemExit('not this one')\n")
+    root.chmod(0o777)  # anyone could have written that: shipped again, run from memory
+    assert await _start_and_run(inv, token) and await _start_and_run(inv, token)
+    assert (root / "_mnp_agent" / "main.py").read_text().startswith("raise")
+    root.chmod(0o700)  # ours again: that file is what runs, and the start fails
+    with pytest.raises(TransportError):
+        await _start_and_run(inv, token)
+
+
 async def test_a_chatty_login_shell_does_not_confuse_the_start(
     sshd_hosts: SshdCluster, token: str, tmp_path: Path
 ) -> None:
@@ -256,7 +303,7 @@ async def test_a_chatty_login_shell_does_not_confuse_the_start(
         ("chatty", sshd_hosts.python_nomnp),
     ):
         _write_script(tmp_path / name, f'echo "Welcome to the cluster"; echo; exec {target} "$@"')
-        inv = sshd_hosts.inventory(python=str(tmp_path / name))
+        inv = sshd_hosts.inventory(python=str(tmp_path / name), agent_cache=str(tmp_path / name))
         a = Agents(_transport(inv), token)
         try:
             conn = await a.open(inv.hosts[0])

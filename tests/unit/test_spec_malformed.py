@@ -358,6 +358,11 @@ INVENTORIES: list[tuple[str, str | bytes, str]] = [
         'inv.toml:ssh.transport: "paramiko" is not allowed; use one of',
     ),
     (
+        "empty-agent-cache",
+        '[ssh]\nagent_cache = " "\n' + HOSTS,
+        'inv.toml:ssh.agent_cache: give a folder on the hosts (e.g. "~/.cache/mnp"), or "none"',
+    ),
+    (
         "bad-host-ssh-transport",
         HOSTS + "ssh = { transport = 1 }\n",
         "inv.toml:hosts[0].ssh.transport: expected one of",

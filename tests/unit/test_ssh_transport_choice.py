@@ -65,3 +65,15 @@ def test_openssh_inventories_never_import_asyncssh(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["OpenSshTransport", "False"]
+
+
+def test_agent_cache_is_a_folder_or_none(tmp_path: Path) -> None:
+    path = tmp_path / "inv.toml"
+    path.write_text(
+        '[ssh]\nagent_cache = "/scratch/mnp-cache"\n[[hosts]]\nnames = "a"\n'
+        '[[hosts]]\nnames = "b"\nssh = { agent_cache = "NONE" }\n'
+    )
+    a, b = load_inventory(path).hosts
+    assert (a.ssh.agent_cache, b.ssh.agent_cache, SshOptions().agent_cache) == (
+        "/scratch/mnp-cache", "none", "",
+    )  # fmt: skip

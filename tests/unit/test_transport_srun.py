@@ -8,7 +8,7 @@ from mnp.errors import SpecError, TransportError
 from mnp.model import HostSpec
 from mnp.spec import resolve_inventory
 from mnp.transport import srun
-from mnp.transport.bootstrap import BOOTSTRAP
+from mnp.transport.bootstrap import bootstrap
 
 NODES = {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_CPUS_PER_NODE": "8(x2)"}
 
@@ -22,7 +22,7 @@ def test_argv_is_one_overlapping_step_on_the_node() -> None:
                 "--cpu-bind=none", "--cpus-per-task=8", "--quiet"):  # fmt: skip
         assert opt in opts
     assert argv[argv.index("/venv/bin/python") :] == [
-        "/venv/bin/python", "-c", BOOTSTRAP, "--parent-death", "--ctl", "T",
+        "/venv/bin/python", "-c", bootstrap(), "--parent-death", "--ctl", "T",
     ]  # fmt: skip
     auto = srun.srun_argv("srun", "42", HostSpec(name="n1", address="n1"), "py", [])
     assert not any(a.startswith("--cpus-per-task") for a in auto)
