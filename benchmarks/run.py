@@ -40,6 +40,7 @@ from typing import Any
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
+FLOOR = REPO / "benchmarks" / "asyncssh_floor.py"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -769,7 +770,7 @@ class Bench:
         n = self.hosts
         home = self.home("cold")
         mpiexec = self.mpiexec_argv()
-        cold, mpi, ready, floor = [], [], [], []
+        cold, mpi, ready, floor, least = [], [], [], [], []
         argv = [*self.mnp, "run", "--verbose", "--inventory", str(self.inv_all)]
         argv += ["--nodes", str(n), "--", "true"]
         # the floor under both: one OpenSSH login per host running `true`, all at once
@@ -784,6 +785,7 @@ class Bench:
             if mpiexec:
                 mpi.append(self.run(mpiexec)[0])
             floor.append(self.run(logins)[0])
+            least.append(self.run([sys.executable, str(FLOOR), str(self.inv_all)])[0])
         note = ""
         if ready:
             note = f"of which connecting to {n} hosts and starting their agents: " + fmt_spread(
@@ -811,6 +813,18 @@ class Bench:
                 "- (shown for reference)",
                 note="the SSH floor: one OpenSSH login per host and nothing else (each login "
                 "runs the host's shell start-up, as mnp's agent and mpiexec's proxy do)",
+            )
+        )
+        self.add(
+            Row(
+                f"cold launch: {n} nodes `true` (wall)",
+                "time",
+                cold,
+                "asyncssh_floor.py",
+                least,
+                "- (shown for reference)",
+                note="benchmarks/asyncssh_floor.py: import asyncssh, connect to every host, "
+                "start the agent, wait for `ready`, close; no controller, store or job",
             )
         )
 
