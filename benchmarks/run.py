@@ -1170,7 +1170,7 @@ class Bench:
             {"default": ComputeEnvironment("default", names)},
             {"default": Queue("default", 1, ("default",))},
         )
-        transport = FakeTransport()
+        transport = FakeTransport(keep=False)
         service: Any = None
         if with_store:
             from mnp.daemon import prepare_home

@@ -574,6 +574,9 @@ def serve_forever(home: Path | str, make_handler: MakeHandler) -> int:
     try:
         import asyncio
 
+        from mnp.controller import tune_gc
+
+        tune_gc()
         return asyncio.run(serve(home, make_handler))
     finally:
         lock.release()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from mnp.api import Responder
+from mnp.controller import tune_gc
 from mnp.daemon import Daemon, Lock, Ops, ShutdownFn, dispatch, prepare_home, serve
 from mnp.errors import InfraError, MnpError
 from mnp.model import Inventory, JobDefinition
@@ -75,6 +76,7 @@ def try_hosted_run(
     handler.setLevel(logging.ERROR)  # warnings reach the terminal with the run's first answer
     log.addHandler(handler)
     try:
+        tune_gc()
         return asyncio.run(_host(home, inventory, inventory_key, defn, verbose))
     finally:
         log.removeHandler(handler)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from mnp.controller import Controller
+from mnp.controller import Controller, tune_gc
 from mnp.jobs import Job, TaskRun, job_exit_code, output_label
 from mnp.model import Inventory, JobDefinition, JobState
 from mnp.sink import INTERRUPTED, STDOUT_CLOSED, Progress, Sink, wants_progress
@@ -147,6 +147,7 @@ def run_job(
     warning = unverified_warning(inventory)
     if warning:
         sys.stderr.write(f"mnp: warning: {warning}\n")
+    tune_gc()
     code, job = asyncio.run(run_async(defn, inventory, verbose=verbose))
     if job.state is JobState.FAILED and job.reason and job.reason != STDOUT_CLOSED:
         sys.stderr.write(f"mnp: job {job.id} FAILED: {job.reason}\n")

@@ -18,7 +18,7 @@ and never import ``core``, which makes them:
 - ``state``: ``Shared`` and the ``Recorder`` protocol -- what the rooms share.
 """
 
-from mnp.controller.core import LOST_REASON, Controller, Recorder, Restored
+from mnp.controller.core import LOST_REASON, Controller, Recorder, Restored, tune_gc
 from mnp.controller.hosts import HostPool, heartbeat_from_env
 from mnp.controller.launch import Launcher, LaunchError, ipv4_literal
 
@@ -28,6 +28,7 @@ __all__ = [
     "HostPool",
     "LaunchError",
     "Launcher",
+    "tune_gc",
     "Recorder",
     "Restored",
     "heartbeat_from_env",

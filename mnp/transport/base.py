@@ -19,6 +19,11 @@ from typing import Any
 from mnp.errors import TransportError
 from mnp.model import HostSpec
 
+# one encoder and decoder for every message: json.dumps with arguments builds an encoder
+# per call, json.loads of bytes guesses their encoding per call
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+_decode = json.JSONDecoder().decode
+
 MAX_LINE = 16 * 1024 * 1024
 UNRESPONSIVE = "agent not responding"
 """How a connection given up on by its heartbeat (or by the controller) is reported lost."""
@@ -162,14 +167,12 @@ class AgentConnection:
     def send(self, msg: Event) -> None:
         if not self.alive:
             raise TransportError(f"{self.host}: agent connection is down")
-        self.stream.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+        self.stream.write(_encode(msg).encode() + b"\n")
 
     def send_many(self, msgs: list[Event]) -> None:
         if not self.alive:
             raise TransportError(f"{self.host}: agent connection is down")
-        self.stream.write(
-            b"".join(json.dumps(m, separators=(",", ":")).encode() + b"\n" for m in msgs)
-        )
+        self.stream.write("".join([_encode(m) + "\n" for m in msgs]).encode())
 
     async def drain(self) -> None:
         await self.stream.drain()
@@ -184,8 +187,8 @@ class AgentConnection:
                     break
                 self.last_heard = time.monotonic()
                 try:
-                    msg = json.loads(line)
-                except ValueError:
+                    msg = _decode(line.decode("utf-8", "surrogatepass"))
+                except ValueError:  # UnicodeDecodeError is one
                     continue
                 if isinstance(msg, dict):
                     self._on_event(self.host, msg)

@@ -38,6 +38,8 @@ from mnp.model import HostSpec, Inventory
 from mnp.transport.base import AgentStream, Event, Transport
 
 CORES = 2
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # as a real agent encodes
+_decode = json.JSONDecoder().decode
 MEMORY = 8 * 1024**3
 SIGTERM = 15
 
@@ -117,7 +119,7 @@ class FakeAgent(AgentStream):
                 self.tasks[tid] = True
             elif ev == "gone":
                 self.tasks.pop(tid, None)
-        self._lines.append(json.dumps(event, separators=(",", ":")).encode() + b"\n")
+        self._lines.append(_encode(event).encode() + b"\n")
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -138,7 +140,7 @@ class FakeAgent(AgentStream):
             raise TransportError(f"{self.host}: fake agent is gone")
         for line in data.splitlines():
             if line:
-                self._receive(json.loads(line))
+                self._receive(_decode(line.decode()))
 
     def _receive(self, msg: Event) -> None:
         self.transport.record(self.host, msg)
@@ -208,8 +210,11 @@ class FakeTransport(Transport):
 
     name = "fake"
 
-    def __init__(self, handler: Handler | None = None) -> None:
+    def __init__(self, handler: Handler | None = None, *, keep: bool = True) -> None:
+        """``keep=False`` (benchmarks): count the spawns, keep no message (a run of
+        20,000 tasks would hold every one of them in ``sent`` and ``log``)."""
         self.handler: Handler = handler or (lambda host, msg: None)
+        self.keep = keep
         self.agents: dict[str, FakeAgent] = {}  # host -> its current agent
         self.sent: dict[str, list[Event]] = {}  # host -> every message, in order
         self.log: list[tuple[str, Event]] = []  # (host, message), across hosts in order
@@ -218,8 +223,9 @@ class FakeTransport(Transport):
         self.spawns = 0
 
     def record(self, host: str, msg: Event) -> None:
-        self.sent.setdefault(host, []).append(msg)
-        self.log.append((host, msg))
+        if self.keep:
+            self.sent.setdefault(host, []).append(msg)
+            self.log.append((host, msg))
         if msg.get("op") == "spawn":
             self.spawns += 1
 
