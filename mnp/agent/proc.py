@@ -15,7 +15,7 @@ from .jobid import top_of
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
-    from typing import Dict, Iterable, List, Optional, Set
+    from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 
 PR_SET_PDEATHSIG = 1
@@ -27,15 +27,18 @@ _DEAD = ("Z", "X", "x")
 class Proc:
     """One line of /proc/PID/stat; `(pid, start)` names a process across pid reuse."""
 
-    __slots__ = ("pid", "ppid", "pgrp", "sid", "start", "state")
+    __slots__ = ("pid", "ppid", "pgrp", "sid", "start", "state", "comm")
 
-    def __init__(self, pid: int, ppid: int, pgrp: int, sid: int, start: int, state: str):
+    def __init__(
+        self, pid: int, ppid: int, pgrp: int, sid: int, start: int, state: str, comm: bytes = b""
+    ):
         self.pid = pid
         self.ppid = ppid
         self.pgrp = pgrp
         self.sid = sid
         self.start = start
         self.state = state
+        self.comm = comm  # the program's name; an exec changes it (the pid and start stay)
 
     @property
     def dead(self) -> bool:
@@ -66,11 +69,21 @@ def read_file(path: str, limit: int = 1 << 24) -> Optional[bytes]:
 
 def read_stat(pid: int) -> Optional[Proc]:
     """The process's stat line, or None if it is gone or a kernel thread."""
-    data = read_file("/proc/%d/stat" % pid)
+    try:  # one read: the kernel writes the line, well under 4 KiB, whole
+        fd = os.open("/proc/%d/stat" % pid, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     if not data:
         return None
     # the command name (field 2) may hold spaces and parentheses: split after the last ')'
-    fields = data[data.rfind(b")") + 2 :].split()
+    end = data.rfind(b")")
+    fields = data[end + 2 :].split()
     try:
         if int(fields[6]) & _PF_KTHREAD:
             return None
@@ -81,6 +94,7 @@ def read_stat(pid: int) -> Optional[Proc]:
             int(fields[3]),
             int(fields[19]),
             fields[0].decode("ascii", "replace"),
+            data[data.find(b"(") + 1 : end],
         )
     except (IndexError, ValueError):
         return None
@@ -96,6 +110,9 @@ class Tagger:
 
     def __init__(self, ctl: str) -> None:
         self.needle = b"\0MNP_CONTROLLER_ID=" + ctl.encode("utf-8", "surrogateescape") + b"\0"
+        # (pid, start, comm) -> its tag, from the last scan: a process's environment is
+        # fixed at its exec, and an exec of another program changes comm
+        self.known: Dict[Tuple[int, int, bytes], Optional[str]] = {}
 
     def tag(self, pid: int) -> Optional[str]:
         return self.value(pid, "MNP_JOB_ID")
@@ -195,11 +212,16 @@ def snapshot(tagger: Tagger) -> Snapshot:
         protected.add(pid)
         pid = procs[pid].ppid
     tags: Dict[int, str] = {}
+    known = tagger.known
+    seen: Dict[Tuple[int, int, bytes], Optional[str]] = {}
     for p in procs.values():
         if not p.dead and p.pid not in protected:
-            tag = tagger.tag(p.pid)
+            key = (p.pid, p.start, p.comm)
+            tag = known[key] if key in known else tagger.tag(p.pid)
+            seen[key] = tag
             if tag is not None:
                 tags[p.pid] = tag
+    tagger.known = seen
     return Snapshot(procs, tags, protected)
 
 
