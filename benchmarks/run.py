@@ -1147,7 +1147,19 @@ class Bench:
         )
 
     async def _fake_run(self, with_store: bool) -> tuple[int, float]:
-        from mnp.controller import Controller
+        """As a controller process runs it: ``tune_gc()`` first (the collector's settings
+        are put back after)."""
+        import gc
+
+        threshold = gc.get_threshold()
+        try:
+            return await self._fake_run_tuned(with_store)
+        finally:
+            gc.unfreeze()
+            gc.set_threshold(*threshold)
+
+    async def _fake_run_tuned(self, with_store: bool) -> tuple[int, float]:
+        from mnp.controller import Controller, tune_gc
         from mnp.model import ComputeEnvironment, HostSpec, Inventory, Queue
         from mnp.spec import definition_from_command
         from mnp.transport.fake import FakeTransport
@@ -1171,6 +1183,7 @@ class Bench:
             {"default": Queue("default", 1, ("default",))},
         )
         transport = FakeTransport(keep=False)
+        tune_gc()
         service: Any = None
         if with_store:
             from mnp.daemon import prepare_home

@@ -150,6 +150,10 @@ def decode_attempt(row: Row) -> Row:
     return row
 
 
+_KEYS: dict[tuple[Any, Any, Any], tuple[str | None, str | None]] = {}
+_KEYS_MAX = 4096  # a job's events come together: a few thousand recent subjects suffice
+
+
 def event_key(event: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """The subject of an event and its top-level job, as stored for filtering.
 
@@ -160,12 +164,22 @@ def event_key(event: Mapping[str, Any]) -> tuple[str | None, str | None]:
     job_id = event.get("job_id")
     if job_id is None:
         return None, None
-    key = str(job_id)
+    memo = (job_id, event.get("array_index"), event.get("node_index"))
+    try:
+        found = _KEYS.get(memo)
+    except TypeError:  # an unhashable index: not one mnp gives out
+        return _event_key(str(job_id), memo[1], memo[2])
+    if found is None:
+        if len(_KEYS) >= _KEYS_MAX:
+            _KEYS.clear()
+        found = _KEYS[memo] = _event_key(str(job_id), memo[1], memo[2])
+    return found
+
+
+def _event_key(key: str, array_index: Any, node_index: Any) -> tuple[str | None, str | None]:
     subject = JobId.parse_or_none(key)
     if subject is None:  # not an id mnp gives out: filed as written
         return key, top_of(key)
-    array_index = event.get("array_index")
-    node_index = event.get("node_index")
     try:
         if array_index is not None and subject.index is None:
             subject = JobId(subject.root, int(array_index), subject.node, subject.task)
