@@ -41,7 +41,9 @@ if sys.version_info < (3, 8):
     sys.exit("mnp agent: needs python >= 3.8, this is " + sys.version.split()[0])
 """
 
-_LOADER = """\
+# `_load(sources)`: the modules as the package `_mnp_agent`, from memory; returns its main
+# module (also what the SSH/srun bootstrap runs where the host cache cannot be used)
+LOADER = """\
 import sys, types
 def _load(sources):
     pkg = types.ModuleType("_mnp_agent")
@@ -80,7 +82,7 @@ def bundle_source(compress: bool = True) -> str:
     import base64  # here, not at the top: `python -m mnp.agent` imports this package
     import zlib
 
-    inner = _LOADER + "sys.exit(_load(%r).main())\n" % (agent_sources(),)
+    inner = LOADER + "sys.exit(_load(%r).main())\n" % (agent_sources(),)
     if not compress:
         return "# mnp node agent (bundled)\n" + _VERSION_CHECK + inner
     packed = base64.b85encode(zlib.compress(inner.encode("utf-8"), 9)).decode("ascii")

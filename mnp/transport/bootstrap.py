@@ -26,7 +26,6 @@ import json
 import zlib
 
 SOURCE_REQUEST = b"mnp-agent: send source\n"
-NO_CACHE = "none"
 
 _BOOTSTRAP = """\
 import sys
@@ -84,17 +83,8 @@ except ImportError:
         if _root and (_ours(_base) or not os.path.exists(_base)):
             _store(_base, _root, _mods)
         if not (_root and _ours(_root)):
-            import types
-            _pkg = types.ModuleType("_mnp_agent")
-            _pkg.__path__ = []
-            sys.modules["_mnp_agent"] = _pkg
-            for _n, _s in _mods:
-                _m = types.ModuleType("_mnp_agent." + _n)
-                _m.__package__ = "_mnp_agent"
-                _m.__file__ = "<mnp agent: %%s.py>" %% _n
-                sys.modules[_m.__name__] = _m
-                setattr(_pkg, _n, _m)
-                exec(compile(_s, _m.__file__, "exec"), _m.__dict__)
+            exec(%(loader)s)
+            _load(_mods)
             _root = None
     if _root:
         sys.path.insert(0, _root)
@@ -123,8 +113,14 @@ def agent_digest() -> str:
 def bootstrap(cache: str = "") -> str:
     """The ``python -c`` argument: one line without single quotes (json.dumps writes
     valid Python string literals). ``cache``: the host's cache folder, "" for the
-    default, ``NO_CACHE`` for none."""
-    code = _BOOTSTRAP % {"digest": json.dumps(agent_digest()), "cache": json.dumps(cache)}
+    default, "none" for none."""
+    from mnp.agent import LOADER  # the package's __init__ only: strings and MODULES
+
+    code = _BOOTSTRAP % {
+        "digest": json.dumps(agent_digest()),
+        "cache": json.dumps(cache),
+        "loader": json.dumps(LOADER),
+    }
     return "exec(" + json.dumps(code) + ")"
 
 
