@@ -9,7 +9,8 @@ srun): one ``python -c`` line (``bootstrap(cache)``) that
 3. else asks for the modules on stdin (``SOURCE_REQUEST``), reads ``agent_blob()``,
    writes them to the cache (a temporary directory renamed into place, so hosts sharing a
    home never see half of one) and runs them; where the cache cannot be written (no
-   home, read-only, not ours) it runs them from memory, as before there was a cache.
+   home, read-only, not ours) it runs them from memory, as before there was a cache;
+   a cached folder missing a module is shipped past the same way.
 
 ``<cache>`` is the inventory's ``[ssh] agent_cache`` (``~`` expanded on the host), by
 default ``$XDG_CACHE_HOME/mnp`` or ``~/.cache/mnp``; ``"none"`` turns caching off. A
@@ -78,18 +79,27 @@ except ImportError:
         _base = os.path.expanduser(_C or os.path.join(
             os.environ.get("XDG_CACHE_HOME") or "~/.cache", "mnp"))
         _root = os.path.join(_base, "agent-" + _D)
-    if not (_root and _ours(_root) and _ours(os.path.join(_root, "_mnp_agent", "main.py"))):
+    _main = None
+    if _root and _ours(_root) and _ours(os.path.join(_root, "_mnp_agent", "main.py")):
+        sys.path.insert(0, _root)
+        try:
+            from _mnp_agent.main import main as _main
+        except ImportError:  # a module gone from the cache: shipped again, run from memory
+            sys.path.remove(_root)
+            for _k in [k for k in sys.modules if k.split(".")[0] == "_mnp_agent"]:
+                del sys.modules[_k]
+            _root = None
+    if _main is None:
         _mods = _source()
         if _root and (_ours(_base) or not os.path.exists(_base)):
             _store(_base, _root, _mods)
-        if not (_root and _ours(_root)):
+        if _root and _ours(_root):
+            sys.path.insert(0, _root)
+            from _mnp_agent.main import main as _main
+        else:
             exec(%(loader)s)
-            _load(_mods)
-            _root = None
-    if _root:
-        sys.path.insert(0, _root)
-    from _mnp_agent.main import main
-    sys.exit(main())
+            _main = _load(_mods).main
+    sys.exit(_main())
 else:
     import runpy
     runpy.run_module("mnp.agent", run_name="__main__", alter_sys=True)

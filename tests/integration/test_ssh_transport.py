@@ -293,6 +293,9 @@ async def test_a_cache_others_may_write_to_is_not_used(
     root.chmod(0o700)  # ours again: that file is what runs, and the start fails
     with pytest.raises(TransportError):
         await _start_and_run(inv, token)
+    (root / "_mnp_agent" / "main.py").write_text((AGENT.parent / "main.py").read_text())
+    (root / "_mnp_agent" / "spawn.py").unlink()  # a module gone: shipped past, from memory
+    assert await _start_and_run(inv, token)
 
 
 async def test_a_chatty_login_shell_does_not_confuse_the_start(
