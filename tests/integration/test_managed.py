@@ -176,7 +176,10 @@ async def test_allocation_cancelled_mid_job_is_host_loss_and_retried(
     assert len(job.attempts) >= 2, reasons
     assert any("Host lost: n" in (r or "") for r in reasons[:-1]), reasons
     ended = next(a for a in allocs(c) if a["id"] == first[0]["id"])
-    assert ended["state"] == "ENDED" and ended["scheduler_state"] in ("CANCELLED", "GONE")
+    # COMPLETING: Slurm's view of a cancelled job while its nodes are cleaned up (seen
+    # on a loaded machine); the allocation holds no nodes for mnp either way
+    assert ended["state"] == "ENDED"
+    assert ended["scheduler_state"] in ("CANCELLED", "COMPLETING", "GONE"), ended
     assert len({a["id"] for a in allocs(c)}) >= 2
 
 
