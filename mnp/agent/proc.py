@@ -110,8 +110,9 @@ class Tagger:
 
     def __init__(self, ctl: str) -> None:
         self.needle = b"\0MNP_CONTROLLER_ID=" + ctl.encode("utf-8", "surrogateescape") + b"\0"
-        # (pid, start, comm) -> its tag, from the last scan: a process's environment is
-        # fixed at its exec, and an exec of another program changes comm
+        # (pid, start, comm) -> its tag, from the last scan, for processes older than a
+        # second: a process's environment is fixed at its exec, and an exec of another
+        # program changes comm (one of the same program, right after a fork, may not)
         self.known: Dict[Tuple[int, int, bytes], Optional[str]] = {}
 
     def tag(self, pid: int) -> Optional[str]:
@@ -214,11 +215,13 @@ def snapshot(tagger: Tagger) -> Snapshot:
     tags: Dict[int, str] = {}
     known = tagger.known
     seen: Dict[Tuple[int, int, bytes], Optional[str]] = {}
+    settled = now_ticks() - _HZ  # younger ones may not have exec'd yet: read every time
     for p in procs.values():
         if not p.dead and p.pid not in protected:
             key = (p.pid, p.start, p.comm)
             tag = known[key] if key in known else tagger.tag(p.pid)
-            seen[key] = tag
+            if p.start < settled:
+                seen[key] = tag
             if tag is not None:
                 tags[p.pid] = tag
     tagger.known = seen
