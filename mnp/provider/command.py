@@ -19,7 +19,6 @@ The contract (README "Managed compute environments"):
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import time
@@ -27,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mnp.model import HostSpec
-from mnp.provider.slurm import AllocationStatus, ProviderError
+from mnp.provider.slurm import AllocationStatus, ProviderError, run_command
 from mnp.transport.base import AgentStream, Transport
 
 START_TIMEOUT = 600.0  # seconds start may take (cloud VMs boot slowly)
@@ -157,28 +156,7 @@ class CommandProvider:
     ) -> str:
         env = {**self.environ, "MNP_NODES": str(nodes), "MNP_ALLOCATION": alloc_id,
                "MNP_CE": self.ce}  # fmt: skip
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                start_new_session=True,
-            )
-        except OSError as e:
-            raise ProviderError(f"cannot run {argv[0]}: {e.strerror or e}") from None
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), within)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise ProviderError(f"{argv[0]} gave no answer within {within:g}s") from None
-        if proc.returncode != 0:
-            said = err.decode(errors="replace").strip()
-            last = said.splitlines()[-1] if said else f"exit status {proc.returncode}"
-            raise ProviderError(f"{argv[0]}: {last[:300]}")
-        return out.decode(errors="replace")
+        return await run_command(argv, env, within=within, new_session=True)
 
 
 def time_limit_left(started: float, limit: float | None, now: float) -> float | None:

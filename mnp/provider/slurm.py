@@ -163,11 +163,16 @@ class SlurmProvider:
 
 
 async def run_command(
-    argv: list[str], environ: Mapping[str, str], ok_if: Sequence[str] = ()
+    argv: Sequence[str],
+    environ: Mapping[str, str],
+    ok_if: Sequence[str] = (),
+    *,
+    within: float = COMMAND_TIMEOUT,
+    new_session: bool = False,
 ) -> str:
-    """Run a batch system's command off the loop's thread: its stdout, or a ``ProviderError``
-    (not runnable, no answer within ``COMMAND_TIMEOUT``, a failure whose stderr holds none
-    of ``ok_if``)."""
+    """Run a batch system's (or a command provider's) command off the loop's thread: its
+    stdout, or a ``ProviderError`` (not runnable, no answer ``within`` seconds, a failure
+    whose stderr holds none of ``ok_if``)."""
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -175,15 +180,16 @@ async def run_command(
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=environ,
+            start_new_session=new_session,
         )
     except OSError as e:
         raise ProviderError(f"cannot run {argv[0]}: {e.strerror or e}") from None
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT)
+        out, err = await asyncio.wait_for(proc.communicate(), within)
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        raise ProviderError(f"{argv[0]} gave no answer within {COMMAND_TIMEOUT:g}s") from None
+        raise ProviderError(f"{argv[0]} gave no answer within {within:g}s") from None
     said = err.decode(errors="replace").strip()
     if proc.returncode != 0 and not any(s in said for s in ok_if):
         last = said.splitlines()[-1] if said else f"exit status {proc.returncode}"
