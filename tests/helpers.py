@@ -85,3 +85,19 @@ def describe(env: dict[str, str], job: str) -> dict[str, Any]:
 def controller_pid(env: dict[str, str]) -> int:
     st = json.loads(mnp("controller", "status", "--json", env=env).stdout)
     return int(st["pid"])
+
+
+async def until(check: Callable[[], bool], within: float, what: str) -> None:
+    """Wait, on the running loop, until ``check()`` holds; AssertionError after ``within`` s."""
+    import asyncio
+
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within:g}s: {what}")
+        await asyncio.sleep(0.2)
+
+
+def allocs(c: Any) -> list[dict[str, Any]]:
+    """Every allocation of a controller's managed compute environments, as shown."""
+    return [a for env in c.managed.views() for a in env["allocations"]]

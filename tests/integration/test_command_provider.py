@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 from mnp.controller import Controller
 from mnp.model import ComputeEnvironment, Inventory, JobState, ManagedSpec, Queue
 from mnp.spec import apply_overrides, parse_definition
+from tests.helpers import allocs, until
 from tests.integration.conftest import SSH_TRANSPORTS, SshdFactory
 from tests.integration.sshd import SSHD, SshdCluster
 
@@ -121,18 +121,6 @@ def inventory(cluster: SshdCluster, tmp: Path, fail: bool = False) -> Inventory:
         queues={"default": Queue("default", 1, ("cloud",))},
         ssh=cluster.ssh_options(),
     )
-
-
-async def until(check: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within:g}s: {what}")
-        await asyncio.sleep(0.2)
-
-
-def allocs(c: Controller) -> list[dict[str, Any]]:
-    return [a for env in c.managed.views() for a in env["allocations"]]
 
 
 def running(cluster: SshdCluster, tmp: Path) -> list[str]:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from mnp.provider.slurm import SlurmProvider
 from mnp.spec import apply_overrides, load_definition, parse_definition, parse_inventory
 from mnp.transport.base import Transport
 from mnp.transport.srun import SrunTransport, allocation_vars
+from tests.helpers import allocs, until
 from tests.integration.slurm import SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
@@ -80,18 +80,6 @@ async def managed(slurm_cluster: SlurmCluster) -> AsyncIterator[tuple[Controller
     finally:
         await c.close()
         slurm_cluster.wait_idle()
-
-
-async def until(check: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within:g}s: {what}")
-        await asyncio.sleep(0.2)
-
-
-def allocs(c: Controller) -> list[dict[str, Any]]:
-    return [a for env in c.managed.views() for a in env["allocations"]]
 
 
 async def done(c: Controller, job: Job, within: float = 120) -> Job:
