@@ -25,6 +25,7 @@ import sys
 import time
 
 from .proc import read_stat
+from .request import index_list
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
@@ -36,15 +37,7 @@ GPUS_VAR = "CUDA_VISIBLE_DEVICES"
 SAMPLE_EVERY = 1.0  # seconds between NVML samples while tasks with GPUs run
 
 
-def parse_devices(text: str) -> List[int]:
-    """`"0,3"` as [0, 3]; [] for "" or anything that is not a list of indices (UUIDs)."""
-    out: List[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part.isdigit():
-            return []
-        out.append(int(part))
-    return out
+parse_devices = index_list  # CUDA_VISIBLE_DEVICES: [] for GPU UUIDs
 
 
 class GpuUse:

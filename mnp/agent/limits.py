@@ -30,6 +30,7 @@ import signal
 
 from .gpu import GPUS_VAR, GpuSampler, GpuUse, parse_devices
 from .proc import read_file, read_stat, send, send_group
+from .request import index_list
 from .teardown import Step
 
 TYPE_CHECKING = False
@@ -47,15 +48,7 @@ OOM = "OutOfMemoryError: Container killed due to memory usage"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def parse_cpus(text: str) -> List[int]:
-    """`"0,3,5"` as [0, 3, 5]; [] when it is not such a list."""
-    out: List[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part.isdigit():
-            return []
-        out.append(int(part))
-    return out
+parse_cpus = index_list  # MNP_CPUS
 
 
 def mib(n: int) -> str:

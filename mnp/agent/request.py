@@ -12,6 +12,18 @@ class BadRequest(Exception):
     pass
 
 
+def index_list(text: str) -> List[int]:
+    """`"0,3"` as [0, 3]: the CPU or GPU indices of `MNP_CPUS` / `CUDA_VISIBLE_DEVICES`;
+    [] for "" or anything that is not a list of indices (ranges, GPU UUIDs)."""
+    out: List[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            return []
+        out.append(int(part))
+    return out
+
+
 def tid_of(msg: Dict[str, Any]) -> str:
     tid = msg.get("tid")
     if not isinstance(tid, str) or not tid or "\0" in tid:
