@@ -321,11 +321,10 @@ def test_stale_sweep_removes_the_containers_of_killed_agents(
     assert none_left(label, 30)
 
 
-@pytest.mark.ssh
-def test_container_hello_across_sshd_hosts(sshd_hosts: SshdCluster, tmp_path: Path) -> None:
-    """The same definition on four sshd hosts. The hosts' podman reads the tests'
-    containers.conf: the agents' python is a wrapper that sets CONTAINERS_CONF (on a
-    real cluster the hosts have their own configuration)."""
+def _containers_inventory(sshd_hosts: SshdCluster, tmp_path: Path) -> Path:
+    """The sshd hosts' inventory whose agents' python is a wrapper that sets the tests'
+    CONTAINERS_CONF for the hosts' podman (on a real cluster the hosts have their own
+    configuration)."""
     python = tmp_path / "python-containers"
     python.write_text(
         f"#!/bin/sh\nCONTAINERS_CONF='{os.environ['CONTAINERS_CONF']}' "
@@ -336,6 +335,15 @@ def test_container_hello_across_sshd_hosts(sshd_hosts: SshdCluster, tmp_path: Pa
     inventory.write_text(
         sshd_hosts.toml().replace(f'python = "{sshd_hosts.python_mnp}"', f'python = "{python}"')
     )
+    return inventory
+
+
+@pytest.mark.ssh
+def test_container_hello_across_sshd_hosts(sshd_hosts: SshdCluster, tmp_path: Path) -> None:
+    """The same definition on four sshd hosts. The hosts' podman reads the tests'
+    containers.conf: the agents' python is a wrapper that sets CONTAINERS_CONF (on a
+    real cluster the hosts have their own configuration)."""
+    inventory = _containers_inventory(sshd_hosts, tmp_path)
     r = mnp("run", "--inventory", str(inventory), "nodegroups/container-hello.toml", timeout=110)
     assert r.returncode == 0, r.stderr
     lines = sorted(r.stdout.splitlines())
@@ -405,16 +413,7 @@ def test_a_container_killed_for_memory_fails_with_the_oom_reason(tmp_path: Path)
 def test_mpi_ranks_in_containers_across_sshd_hosts(sshd_hosts: SshdCluster, tmp_path: Path) -> None:
     """The same on two sshd hosts: each node's two ranks in containers of that host's
     agent, over that agent's PMI_PORT."""
-    python = tmp_path / "python-containers"
-    python.write_text(
-        f"#!/bin/sh\nCONTAINERS_CONF='{os.environ['CONTAINERS_CONF']}' "
-        f"exec '{sshd_hosts.python_mnp}' \"$@\"\n"
-    )
-    python.chmod(0o755)
-    inventory = tmp_path / "inventory.toml"
-    inventory.write_text(
-        sshd_hosts.toml().replace(f'python = "{sshd_hosts.python_mnp}"', f'python = "{python}"')
-    )
+    inventory = _containers_inventory(sshd_hosts, tmp_path)
     venv, base = sys.prefix, os.path.realpath(sys.base_prefix)
     mounts = ["/usr:/usr:ro", f"{venv}:{venv}:ro", f"{base}:{base}:ro"]
     before = set(containers("mnp.job"))
