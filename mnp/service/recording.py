@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ log = logging.getLogger("mnp")
 FLUSH_EVERY = 0.02  # seconds: the batching window for store and log writes
 DB_CHECK_EVERY = 2.0  # seconds: how often the state database's file is checked
 RETRY_EVERY = 1.0  # seconds: how soon a write that failed (disk full, locked) is tried again
+LOG_FOLDER_FRESH = 1.0  # seconds: a log folder found writable is not checked again
 
 
 class Recording:
@@ -56,6 +58,12 @@ class Recording:
         self._events_fd: int | None = None
         self._trouble: dict[str, str] = {}  # what cannot be written now -> why (logged once)
         self._files: dict[tuple[str, int], TaskLog] = {}
+        # rows behind their objects, written at the next flush (each once, however
+        # often it changed since): job -> Job, (job, attempt) -> Attempt, node -> NodeRun
+        self._job_rows: dict[str, Job] = {}
+        self._attempt_rows: dict[tuple[str, int], Attempt] = {}
+        self._node_rows: dict[tuple[str, int, int], NodeRun] = {}
+        self._log_folders: dict[Path, float] = {}  # made and writable: when checked
         self._flush_handle: asyncio.TimerHandle | None = None
         self._db_check: asyncio.TimerHandle | None = None
         self.db_lost: str | None = None  # why the state database's file is not ours any more
@@ -117,46 +125,73 @@ class Recording:
         if "node_index" in event:
             job = self._jobs().get(top_of(job_id))
             if job is not None and job.attempt is not None:
-                self._record_node(job, job.attempt, job.attempt.nodes[int(event["node_index"])])
+                self._mark_node(job.id, job.attempt, job.attempt.nodes[int(event["node_index"])])
         else:
             job = self._jobs().get(job_id)
             if job is not None:
-                self.store.update_job(
-                    job.id,
-                    state=job.state.value,
-                    reason=job.reason,
-                    exit_code=job.exit_code,
-                    signal=job.signal,
-                    attempt_count=len(job.attempts),
-                    started=job.started_at,
-                    stopped=job.stopped_at,
-                    timed_out=job.timed_out,
-                )
+                self._job_rows[job.id] = job
                 if job.state in TERMINAL:
                     self.feeds.publish(job, {"state": job.state.value, "job_id": job.id})
         self._dirty()
         return seq
 
     def attempt(self, job: Job, attempt: Attempt) -> None:
-        self.store.upsert_attempt(
-            job.id,
-            attempt.number,
-            ce=attempt.ce,
-            hosts=[g.host for g in attempt.grants],
-            placed_at=attempt.placed_at,
-            running_at=attempt.running_at,
-            main_exit_at=attempt.main_exit_at,
-            reaped_at=attempt.reaped_at,
-            stopped_at=attempt.stopped_at,
-            exit_code=attempt.exit_code,
-            signal=attempt.signal,
-            reason=attempt.reason,
-            final_state=attempt.final.value if attempt.final and attempt.stopped_at else None,
-            usage=attempt.usage(),
-        )
+        self._attempt_rows[(job.id, attempt.number)] = attempt
         for node in attempt.nodes:
-            self._record_node(job, attempt, node)
+            self._mark_node(job.id, attempt, node)
         self._dirty()
+
+    def _mark_node(self, job_id: str, attempt: Attempt, node: NodeRun) -> None:
+        self._node_rows[(job_id, attempt.number, node.index)] = node
+
+    def _write_rows(self) -> None:
+        """Buffer in the store the rows of what changed since the last flush, as the
+        objects are now."""
+        store = self.store
+        for job in self._job_rows.values():
+            store.update_job(
+                job.id,
+                state=job.state.value,
+                reason=job.reason,
+                exit_code=job.exit_code,
+                signal=job.signal,
+                attempt_count=len(job.attempts),
+                started=job.started_at,
+                stopped=job.stopped_at,
+                timed_out=job.timed_out,
+            )
+        for (job_id, number), attempt in self._attempt_rows.items():
+            store.upsert_attempt(
+                job_id,
+                number,
+                ce=attempt.ce,
+                hosts=[g.host for g in attempt.grants],
+                placed_at=attempt.placed_at,
+                running_at=attempt.running_at,
+                main_exit_at=attempt.main_exit_at,
+                reaped_at=attempt.reaped_at,
+                stopped_at=attempt.stopped_at,
+                exit_code=attempt.exit_code,
+                signal=attempt.signal,
+                reason=attempt.reason,
+                final_state=attempt.final.value if attempt.final and attempt.stopped_at else None,
+                usage=attempt.usage(),
+            )
+        for (job_id, number, index), node in self._node_rows.items():
+            store.upsert_node(
+                job_id,
+                number,
+                index,
+                host=node.host,
+                grp=node.group,
+                state=node.state.value,
+                reason=node.reason,
+                exit_code=node.exit_code,
+                signal=node.signal,
+            )
+        self._job_rows.clear()
+        self._attempt_rows.clear()
+        self._node_rows.clear()
 
     def stored_job(self, job_id: str) -> tuple[JobState, int | None] | None:
         try:
@@ -173,22 +208,14 @@ class Recording:
             log.error("store: %s", e)
             return None
 
-    def _record_node(self, job: Job, attempt: Attempt, node: NodeRun) -> None:
-        self.store.upsert_node(
-            job.id,
-            attempt.number,
-            node.index,
-            host=node.host,
-            grp=node.group,
-            state=node.state.value,
-            reason=node.reason,
-            exit_code=node.exit_code,
-            signal=node.signal,
-        )
-
     def withdraw(self, job: Job) -> None:
         """Drop what was recorded of a job the controller withdrew (never committed)."""
-        self.store.discard([job.id, *(c.id for c in job.held)])
+        ids = {job.id, *(c.id for c in job.held)}
+        for job_id in ids:
+            self._job_rows.pop(job_id, None)
+        self._attempt_rows = {k: v for k, v in self._attempt_rows.items() if k[0] not in ids}
+        self._node_rows = {k: v for k, v in self._node_rows.items() if k[0] not in ids}
+        self.store.discard(list(ids))
         self._event_lines = [e for e in self._event_lines if e[0] != job.id]
 
     # --- output -----------------------------------------------------------
@@ -201,13 +228,21 @@ class Recording:
     def task_start(self, job: Job, task: TaskRun) -> str | None:
         """Check that the task's log folder takes files before it starts; if not, why not.
         The files themselves are made at the first output (a task that says nothing
-        leaves none)."""
+        leaves none). A folder found writable is taken as such for
+        ``LOG_FOLDER_FRESH`` seconds (an array's children share their parent's)."""
         folder = self.logs / top_of(job.id)
+        now = time.monotonic()
+        checked = self._log_folders.get(folder)
+        if checked is not None and now - checked < LOG_FOLDER_FRESH:
+            return None
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             return f"Cannot write logs: {e.filename or folder}: {e.strerror or e}"
         if os.access(folder, os.W_OK):
+            if len(self._log_folders) > 1000:
+                self._log_folders.clear()
+            self._log_folders[folder] = now
             return None
         log_file = self._log(job, task, 1)  # fails, and says why
         if log_file.error is None:
@@ -254,6 +289,7 @@ class Recording:
             self._flush_handle.cancel()
             self._flush_handle = None
         try:
+            self._write_rows()
             self.store.flush()
         except (MnpError, ValueError) as e:  # ValueError: a bug; the store dropped the batch
             failed: str | None = str(e)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mnp.jobid import JobId, JobIdError, top_of
+from mnp.jsonline import dumps as dumps  # compact JSON, its encoder made once
 from mnp.store.schema import ATTEMPT_COLUMNS, JOB_COLUMNS, NODE_COLUMNS
 
 # mnp.model's JobState values, spelt out so that a reader (`mnp list`) does not
@@ -28,10 +29,6 @@ _UPDATE_FIELDS = _JOB_FIELDS - {"id", "seq"}
 _ATTEMPT_FIELDS = frozenset(ATTEMPT_COLUMNS) - {"job_id", "number"}
 _NODE_FIELDS = frozenset(NODE_COLUMNS) - {"job_id", "attempt", "node_index"}
 _REF_KEYS = frozenset({"file", "env"})
-
-
-dumps = json.JSONEncoder(separators=(",", ":")).encode
-"""Compact JSON (the encoder made once: ``json.dumps`` with options makes one per call)."""
 
 
 def _check_fields(kind: str, fields: Mapping[str, Any], allowed: frozenset[str]) -> None:

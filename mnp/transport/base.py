@@ -17,11 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 from mnp.errors import TransportError
+from mnp.jsonline import dumps
 from mnp.model import HostSpec
 
 # one encoder and decoder for every message: json.dumps with arguments builds an encoder
 # per call, json.loads of bytes guesses their encoding per call
-_encode = json.JSONEncoder(separators=(",", ":")).encode
+_encode = dumps
 _decode = json.JSONDecoder().decode
 
 MAX_LINE = 16 * 1024 * 1024
