@@ -63,7 +63,7 @@ class Recording:
         self._job_rows: dict[str, Job] = {}
         self._attempt_rows: dict[tuple[str, int], Attempt] = {}
         self._node_rows: dict[tuple[str, int, int], NodeRun] = {}
-        self._log_folders: dict[Path, float] = {}  # made and writable: when checked
+        self._log_folders: dict[str, float] = {}  # job -> when its log folder was writable
         self._flush_handle: asyncio.TimerHandle | None = None
         self._db_check: asyncio.TimerHandle | None = None
         self.db_lost: str | None = None  # why the state database's file is not ours any more
@@ -230,11 +230,12 @@ class Recording:
         The files themselves are made at the first output (a task that says nothing
         leaves none). A folder found writable is taken as such for
         ``LOG_FOLDER_FRESH`` seconds (an array's children share their parent's)."""
-        folder = self.logs / top_of(job.id)
+        top = top_of(job.id)
         now = time.monotonic()
-        checked = self._log_folders.get(folder)
+        checked = self._log_folders.get(top)
         if checked is not None and now - checked < LOG_FOLDER_FRESH:
             return None
+        folder = self.logs / top
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -242,7 +243,7 @@ class Recording:
         if os.access(folder, os.W_OK):
             if len(self._log_folders) > 1000:
                 self._log_folders.clear()
-            self._log_folders[folder] = now
+            self._log_folders[top] = now
             return None
         log_file = self._log(job, task, 1)  # fails, and says why
         if log_file.error is None:
