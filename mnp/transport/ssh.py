@@ -30,6 +30,13 @@ comes from the inventory's ``config`` files, then ``~/.ssh/config`` (first
 value wins, as in OpenSSH). Keepalives every 30 s declare a silent host lost
 after 90 s unless ssh traffic proves it alive.
 
+Ciphers: AES-GCM first, then asyncssh's defaults, unless an ssh_config file
+given sets ``Ciphers``. asyncssh encrypts on the controller's one thread, and
+its ``chacha20-poly1305@openssh.com`` (OpenSSH's first choice, asyncssh's
+too) runs four calls into ``cryptography`` a packet: measured here 14 us a
+512-byte packet, against 2.3-2.6 us for ``aes128-gcm@openssh.com`` and
+``aes256-gcm@openssh.com`` (one call).
+
 Host keys are checked against ``known_hosts`` (plus ``/etc/ssh/ssh_known_hosts``
 when readable, as OpenSSH does). An unknown or changed key is refused during
 the key exchange, before authentication, so nothing is sent to that host; the
@@ -50,6 +57,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shlex
 import socket
 
@@ -72,6 +80,25 @@ from mnp.transport.sshcommon import (
 log = logging.getLogger("mnp")
 
 KEEPALIVE_INTERVAL = 30.0  # seconds; a silent peer is declared lost after 3 of these
+FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+_CIPHERS_LINE = re.compile(r"\s*ciphers\s*[=\s]", re.IGNORECASE)  # `Ciphers x`, `Ciphers=x`
+
+
+def cipher_preference(config: list[str]) -> list[str] | None:
+    """The ciphers to offer, best first: ``FAST_CIPHERS`` then asyncssh's defaults;
+    None (asyncssh decides, from the config) when one of the ``config`` files has a
+    ``Ciphers`` line."""
+    for path in config:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                if any(_CIPHERS_LINE.match(line) for line in f):
+                    return None
+        except OSError:
+            return None  # asyncssh says what is wrong with it
+    from asyncssh.encryption import get_default_encryption_algs
+
+    rest = [a.decode() for a in get_default_encryption_algs()]
+    return [*FAST_CIPHERS, *(a for a in rest if a not in FAST_CIPHERS)]
 
 
 class _Client(asyncssh.SSHClient):
@@ -268,8 +295,9 @@ class SshTransport(Transport):
     def _options(self, host: HostSpec) -> dict[str, object]:
         """asyncssh.connect's keyword arguments: explicit inventory options over ssh_config."""
         opts = host.ssh
+        config = self._config_files(host)
         kwargs: dict[str, object] = {
-            "config": self._config_files(host),
+            "config": config,
             "known_hosts": self._known_hosts(opts),
             "connect_timeout": opts.connect_timeout,
             "keepalive_interval": KEEPALIVE_INTERVAL,
@@ -281,6 +309,9 @@ class SshTransport(Transport):
             kwargs["port"] = opts.port
         if opts.identity:
             kwargs["client_keys"] = identity_files(host)
+        ciphers = cipher_preference(config)
+        if ciphers is not None:
+            kwargs["encryption_algs"] = ciphers
         return kwargs
 
     async def _connect(self, host: HostSpec) -> asyncssh.SSHClientConnection:

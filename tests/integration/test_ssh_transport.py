@@ -378,6 +378,19 @@ async def test_concurrent_opens_share_one_connection(
     assert await agents.transport.connect(h) is conns[0]
 
 
+async def test_asyncssh_encrypts_with_aes_gcm(sshd_hosts: SshdCluster, agents: Agents) -> None:
+    """The cipher negotiated with a real OpenSSH server (``ssh.cipher_preference``); the
+    ``ssh`` of the OpenSSH client picks its own."""
+    h = sshd_hosts.inventory().hosts[0]
+    conn = await agents.transport.connect(h)
+    if h.ssh.transport == "asyncssh":
+        assert conn.get_extra_info("send_cipher") == "aes128-gcm@openssh.com"
+        assert conn.get_extra_info("recv_cipher") == "aes128-gcm@openssh.com"
+    await agents.open(h)
+    exited, out = await agents.run(h.name, "gcm", ["echo", "ok"])
+    assert (exited["code"], out) == (0, "ok\n")
+
+
 def _silent_listener() -> tuple[socket.socket, int]:
     """A TCP port that accepts connections and never says anything (no SSH banner)."""
     s = socket.socket()

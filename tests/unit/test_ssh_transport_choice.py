@@ -77,3 +77,21 @@ def test_agent_cache_is_a_folder_or_none(tmp_path: Path) -> None:
     assert (a.ssh.agent_cache, b.ssh.agent_cache, SshOptions().agent_cache) == (
         "/scratch/mnp-cache", "none", "",
     )  # fmt: skip
+
+
+def test_asyncssh_offers_aes_gcm_first_unless_a_config_sets_ciphers(tmp_path: Path) -> None:
+    from asyncssh.encryption import get_default_encryption_algs
+
+    from mnp.transport.ssh import FAST_CIPHERS, cipher_preference
+
+    plain = tmp_path / "plain"
+    plain.write_text("Host *\n  ServerAliveInterval 10\n  # Ciphers in a comment\n")
+    offered = cipher_preference([str(plain)])
+    assert offered is not None and tuple(offered[:2]) == FAST_CIPHERS
+    # nothing asyncssh offers by default is dropped, nothing is offered twice
+    assert sorted(offered) == sorted(a.decode() for a in get_default_encryption_algs())
+    assert cipher_preference([]) == offered
+    for line in ("Ciphers aes256-ctr", "  ciphers=aes256-ctr", "CIPHERS +aes128-ctr"):
+        config = tmp_path / "with-ciphers"
+        config.write_text(f"Host a1\n{line}\n")
+        assert cipher_preference([str(plain), str(config)]) is None, line
