@@ -60,6 +60,7 @@ class Recording:
         self._files: dict[tuple[str, int], TaskLog] = {}
         # rows behind their objects, written at the next flush (each once, however
         # often it changed since): job -> Job, (job, attempt) -> Attempt, node -> NodeRun
+        self._new_children: dict[str, Job] = {}  # array children whose row is not yet made
         self._job_rows: dict[str, Job] = {}
         self._attempt_rows: dict[tuple[str, int], Attempt] = {}
         self._node_rows: dict[tuple[str, int, int], NodeRun] = {}
@@ -88,30 +89,37 @@ class Recording:
         return self.store.job_ids_below
 
     def jobs_added(self, jobs: Sequence[Job]) -> None:
+        """Buffer the new jobs' rows. A top-level job's now (its definition is encoded, and
+        what cannot be fails its submit); an array child's at the next flush, whole, as
+        the child is then: one statement where an insert and an update of its state
+        would be two (a short child is often over by then)."""
         rows = []
         for job in jobs:
+            if job.parent is not None:
+                self._new_children[job.id] = job
+                continue
             defn = job.defn
-            child = job.parent is not None
             rows.append(
                 {
                     "id": job.id,
                     "seq": job.seq,
-                    "parent": job.parent.id if job.parent is not None else None,
+                    "parent": None,
                     "array_index": job.array_index,
                     "name": defn.name,
                     "queue": defn.queue,
                     "type": defn.type.value,
                     "state": job.state.value,
                     "created": job.created,
-                    "definition": None if child else definition_to_dict(defn),
-                    "depends_on": None
-                    if child
-                    else [f"{d.job_id}:{d.type}" if d.type else d.job_id for d in defn.depends_on],
-                    "array_size": defn.array.size if defn.array is not None and not child else None,
+                    "definition": definition_to_dict(defn),
+                    "depends_on": [
+                        f"{d.job_id}:{d.type}" if d.type else d.job_id for d in defn.depends_on
+                    ],
+                    "array_size": defn.array.size if defn.array is not None else None,
                     "num_nodes": defn.multinode.num_nodes if defn.multinode is not None else None,
                 }
             )
-        self.store.add_jobs(rows)
+        if rows:
+            self.store.add_jobs(rows)
         self._dirty()
 
     def event(self, event: dict[str, Any]) -> int:
@@ -148,6 +156,35 @@ class Recording:
         """Buffer in the store the rows of what changed since the last flush, as the
         objects are now."""
         store = self.store
+        if self._new_children:
+            rows = []
+            for job in self._new_children.values():
+                self._job_rows.pop(job.id, None)
+                parent, defn = job.parent, job.defn
+                assert parent is not None
+                rows.append(
+                    {
+                        "id": job.id,
+                        "seq": job.seq,
+                        "parent": parent.id,
+                        "array_index": job.array_index,
+                        "name": defn.name,
+                        "queue": defn.queue,
+                        "type": defn.type.value,
+                        "state": job.state.value,
+                        "created": job.created,
+                        "num_nodes": defn.multinode.num_nodes if defn.multinode else None,
+                        "reason": job.reason,
+                        "exit_code": job.exit_code,
+                        "signal": job.signal,
+                        "attempt_count": len(job.attempts),
+                        "started": job.started_at,
+                        "stopped": job.stopped_at,
+                        "timed_out": job.timed_out,
+                    }
+                )
+            self._new_children.clear()
+            store.add_jobs(rows)
         for job in self._job_rows.values():
             store.update_job(
                 job.id,
@@ -213,6 +250,7 @@ class Recording:
         ids = {job.id, *(c.id for c in job.held)}
         for job_id in ids:
             self._job_rows.pop(job_id, None)
+            self._new_children.pop(job_id, None)
         self._attempt_rows = {k: v for k, v in self._attempt_rows.items() if k[0] not in ids}
         self._node_rows = {k: v for k, v in self._node_rows.items() if k[0] not in ids}
         self.store.discard(list(ids))
