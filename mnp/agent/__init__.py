@@ -82,7 +82,7 @@ def bundle_source(compress: bool = True) -> str:
     import base64  # here, not at the top: `python -m mnp.agent` imports this package
     import zlib
 
-    inner = LOADER + "sys.exit(_load(%r).main())\n" % (agent_sources(),)
+    inner = LOADER + "_load(%r).run()\n" % (agent_sources(),)
     if not compress:
         return "# mnp node agent (bundled)\n" + _VERSION_CHECK + inner
     packed = base64.b85encode(zlib.compress(inner.encode("utf-8"), 9)).decode("ascii")

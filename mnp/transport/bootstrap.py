@@ -83,7 +83,7 @@ except ImportError:
     if _root and _ours(_root) and _ours(os.path.join(_root, "_mnp_agent", "main.py")):
         sys.path.insert(0, _root)
         try:
-            from _mnp_agent.main import main as _main
+            from _mnp_agent.main import run as _main
         except ImportError:  # a module gone from the cache: shipped again, run from memory
             sys.path.remove(_root)
             for _k in [k for k in sys.modules if k.split(".")[0] == "_mnp_agent"]:
@@ -95,11 +95,11 @@ except ImportError:
             _store(_base, _root, _mods)
         if _root and _ours(_root):
             sys.path.insert(0, _root)
-            from _mnp_agent.main import main as _main
+            from _mnp_agent.main import run as _main
         else:
             exec(%(loader)s)
-            _main = _load(_mods).main
-    sys.exit(_main())
+            _main = _load(_mods).run
+    _main()
 else:
     import runpy
     runpy.run_module("mnp.agent", run_name="__main__", alter_sys=True)
