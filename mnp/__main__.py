@@ -1,3 +1,3 @@
-from mnp.cli import main
+from mnp.cli import entry_point
 
-main()
+entry_point()
