@@ -46,6 +46,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 GiB = 1024**3
+SETTLE = 0.5  # seconds between the samples of the warm launch (see phase_warm)
 PHASES = ("warm", "cold", "arrays", "query", "scale", "pmi")
 
 
@@ -502,6 +503,9 @@ class Bench:
             pds: list[float] = []
             inside: list[float] = []
             for _ in range(self.reps):
+                # each sample starts once the one before has wound down (a peer's 16
+                # sshd sessions close after it exits): none is charged for another's tail
+                time.sleep(SETTLE)
                 wall, out = self.run(run_true, home=home)
                 if "agent(s) ready" in out.stderr:
                     raise RuntimeError("mnp run did not use the running controller")
@@ -510,8 +514,10 @@ class Bench:
                 if span is not None:
                     inside.append(span)
                 if mpiexec:
+                    time.sleep(SETTLE)
                     mpi.append(self.run(mpiexec)[0])
                 if pdsh:
+                    time.sleep(SETTLE)
                     pds.append(self.run(pdsh, env=pdsh_env)[0])
             self.add(
                 Row(
