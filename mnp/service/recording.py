@@ -99,23 +99,13 @@ class Recording:
                 self._new_children[job.id] = job
                 continue
             defn = job.defn
+            deps = [f"{d.job_id}:{d.type}" if d.type else d.job_id for d in defn.depends_on]
             rows.append(
                 {
-                    "id": job.id,
-                    "seq": job.seq,
-                    "parent": None,
-                    "array_index": job.array_index,
-                    "name": defn.name,
-                    "queue": defn.queue,
-                    "type": defn.type.value,
-                    "state": job.state.value,
-                    "created": job.created,
+                    **_row_of(job),
                     "definition": definition_to_dict(defn),
-                    "depends_on": [
-                        f"{d.job_id}:{d.type}" if d.type else d.job_id for d in defn.depends_on
-                    ],
+                    "depends_on": deps,
                     "array_size": defn.array.size if defn.array is not None else None,
-                    "num_nodes": defn.multinode.num_nodes if defn.multinode is not None else None,
                 }
             )
         if rows:
@@ -157,46 +147,13 @@ class Recording:
         objects are now."""
         store = self.store
         if self._new_children:
-            rows = []
-            for job in self._new_children.values():
-                self._job_rows.pop(job.id, None)
-                parent, defn = job.parent, job.defn
-                assert parent is not None
-                rows.append(
-                    {
-                        "id": job.id,
-                        "seq": job.seq,
-                        "parent": parent.id,
-                        "array_index": job.array_index,
-                        "name": defn.name,
-                        "queue": defn.queue,
-                        "type": defn.type.value,
-                        "state": job.state.value,
-                        "created": job.created,
-                        "num_nodes": defn.multinode.num_nodes if defn.multinode else None,
-                        "reason": job.reason,
-                        "exit_code": job.exit_code,
-                        "signal": job.signal,
-                        "attempt_count": len(job.attempts),
-                        "started": job.started_at,
-                        "stopped": job.stopped_at,
-                        "timed_out": job.timed_out,
-                    }
-                )
+            for job_id in self._new_children:
+                self._job_rows.pop(job_id, None)
+            rows = [{**_row_of(job), **_changes_of(job)} for job in self._new_children.values()]
             self._new_children.clear()
             store.add_jobs(rows)
         for job in self._job_rows.values():
-            store.update_job(
-                job.id,
-                state=job.state.value,
-                reason=job.reason,
-                exit_code=job.exit_code,
-                signal=job.signal,
-                attempt_count=len(job.attempts),
-                started=job.started_at,
-                stopped=job.stopped_at,
-                timed_out=job.timed_out,
-            )
+            store.update_job(job.id, **_changes_of(job))
         for (job_id, number), attempt in self._attempt_rows.items():
             store.upsert_attempt(
                 job_id,
@@ -474,3 +431,34 @@ class Recording:
             self.store.close()
         except MnpError as e:
             log.error("store: %s (the last changes are lost)", e)
+
+
+def _row_of(job: Job) -> dict[str, Any]:
+    """The columns of a new job's row that every job has, as ``job`` is now."""
+    defn = job.defn
+    return {
+        "id": job.id,
+        "seq": job.seq,
+        "parent": job.parent.id if job.parent is not None else None,
+        "array_index": job.array_index,
+        "name": defn.name,
+        "queue": defn.queue,
+        "type": defn.type.value,
+        "state": job.state.value,
+        "created": job.created,
+        "num_nodes": defn.multinode.num_nodes if defn.multinode is not None else None,
+    }
+
+
+def _changes_of(job: Job) -> dict[str, Any]:
+    """The columns of a job's row that its life changes, as ``job`` is now."""
+    return {
+        "state": job.state.value,
+        "reason": job.reason,
+        "exit_code": job.exit_code,
+        "signal": job.signal,
+        "attempt_count": len(job.attempts),
+        "started": job.started_at,
+        "stopped": job.stopped_at,
+        "timed_out": job.timed_out,
+    }
