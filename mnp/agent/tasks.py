@@ -6,7 +6,7 @@ from .proc import job_part
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
-    from typing import Collection, Dict, Iterable, List, Optional, Set, Tuple
+    from typing import Callable, Collection, Dict, Iterable, List, Optional, Set, Tuple
 
     from .limits import TaskLimits
     from .loop import Feeder, Stream
@@ -113,10 +113,20 @@ def targets(
     tasks: Iterable[Task],
     all_tids: Collection[str],
     extra: Iterable[int] = (),
+    foreign: Optional[Callable[[int], bool]] = None,
 ) -> Dict[int, Proc]:
     """The live processes `td` must kill now, according to `snap`; `extra`: more seeds
-    (the adopted orphans that are the teardown's to kill)."""
+    (the adopted orphans that are the teardown's to kill). `foreign(pid)`: whether a
+    process found by its tid tag is another running agent's task on this machine (a
+    retry of the same tid that a restarted controller had a new agent start while this
+    one still tears down): a task's, a `kill`'s and the agent's last teardown leave it
+    alone. (A job's `sweep` does not ask: the ranks an MPI launcher starts over SSH
+    carry the main node's tags.)"""
     seeds: List[int] = list(extra)
+
+    def ours(pids: Iterable[int]) -> Iterable[int]:
+        return pids if foreign is None else [p for p in pids if not foreign(p)]
+
     if td.kind in ("task", "tag"):
         task = td.task
         if task is not None:
@@ -128,7 +138,7 @@ def targets(
             elif task.reaped:
                 # the group emptied: its number may now name someone else's group
                 td.group_gone = True
-        seeds.extend(snap.by_tag.get(td.name, ()))
+        seeds.extend(ours(snap.by_tag.get(td.name, ())))
     elif td.kind == "sweep":
         for tag, pids in snap.by_tag.items():
             if job_part(tag) == td.name:
@@ -150,5 +160,5 @@ def targets(
         seeds.extend(snap.children.get(agent_pid, ()))
         for tag, pids in snap.by_tag.items():
             if tag in all_tids:
-                seeds.extend(pids)
+                seeds.extend(ours(pids))
     return snap.tree(seeds)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import signal
 import time
 
-from .proc import job_part, send, send_group, snapshot
+from .proc import agent_alive, job_part, send, send_group, snapshot
 from .tasks import FIRST_CHECK, MAX_CHECK, Teardown, targets
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
-    from typing import Any, Dict, List, Optional, Sequence
+    from typing import Any, Callable, Dict, List, Optional, Sequence
 
     from .agent import Agent
     from .loop import Timer
@@ -243,11 +243,28 @@ class Teardowns:
                 extra = [o.pid]
         for step in self.steps:
             extra.extend(step.seeds(td, snap))
-        found = targets(td, snap, agent.pid, agent.tasks.values(), agent.all_tids, extra)
+        found = targets(
+            td, snap, agent.pid, agent.tasks.values(), agent.all_tids, extra, self._foreign(snap)
+        )
         killing = td.kill_at <= time.monotonic()
         for step in self.steps:
             step.spare(td, found, snap, killing)
         return found
+
+    def _foreign(self, snap: Snapshot) -> Callable[[int], bool]:
+        """Whether a process is the task of another agent that runs on this machine (its
+        `MNP_AGENT_ID` names a live agent of this boot and pid namespace, not this one)."""
+        me = self.agent.identity
+        here = me.split(":", 1)[0]
+        tagger = self.agent.tagger
+
+        def foreign(pid: int) -> bool:
+            other = tagger.value(pid, "MNP_AGENT_ID")
+            if other is None or other == me:
+                return False
+            return agent_alive(other, here, snap.procs) is True
+
+        return foreign
 
     def drop(self, td: Teardown) -> None:
         """SIGKILL at once what a tag sweep found, and forget it: a new task of that tid

@@ -484,6 +484,30 @@ def test_stale_never_kills_what_this_agent_spawned_before_or_after_it() -> None:
         b.close()
 
 
+def test_an_ending_agent_leaves_alone_the_retry_a_new_agent_started() -> None:
+    """The controller died: its agent tears its tasks down within its grace, by their
+    tags too. A restarted controller's new agent on the same machine starts the retry
+    meanwhile, with the same tid (the same tag): the old agent's teardown must not take
+    it for its own (found in CI: the retry SIGKILLed when the old agent's grace ran out)."""
+    old = Agent("--grace", "1")
+    new = Agent()
+    try:
+        old.send(op="spawn", tid="204", argv=["sh", "-c", "trap '' TERM; sleep 100"])
+        lost = old.expect("started", "204")["pid"]
+        assert old.proc.stdin is not None
+        old.proc.stdin.close()  # the controller is gone: the agent ends what it started
+        new.send(op="spawn", tid="204", argv=["sh", "-c", "trap '' TERM; sleep 100"])
+        retry = new.expect("started", "204")["pid"]
+        assert old.proc.wait(5) == 0  # after its grace: the lost attempt SIGKILLed
+        assert _dead(lost)
+        time.sleep(0.2)
+        assert psutil.Process(retry).status() != psutil.STATUS_ZOMBIE
+        assert [e for e in new.history if e.get("ev") == "exited"] == []
+    finally:
+        old.close()
+        new.close()
+
+
 def _sleepers(mark: str) -> list[psutil.Process]:
     """Live processes whose command line has `mark` (it has no tag to find it by)."""
     found = []
