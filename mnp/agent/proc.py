@@ -110,28 +110,36 @@ class Tagger:
 
     def __init__(self, ctl: str) -> None:
         self.needle = b"\0MNP_CONTROLLER_ID=" + ctl.encode("utf-8", "surrogateescape") + b"\0"
-        # (pid, start, comm) -> its tag, from the last scan, for processes older than a
+        # (pid, start, comm) -> its tags, from the last scan, for processes older than a
         # second: a process's environment is fixed at its exec, and an exec of another
         # program changes comm (one of the same program, right after a fork, may not)
-        self.known: Dict[Tuple[int, int, bytes], Optional[str]] = {}
+        self.known: Dict[Tuple[int, int, bytes], Optional[Tuple[str, Optional[str]]]] = {}
 
     def tag(self, pid: int) -> Optional[str]:
-        return self.value(pid, "MNP_JOB_ID")
+        found = self.tags(pid)
+        return None if found is None else found[0]
 
-    def value(self, pid: int, name: str) -> Optional[str]:
-        """The variable `name` of the process, if it carries this controller's token."""
+    def tags(self, pid: int) -> Optional[Tuple[str, Optional[str]]]:
+        """`(MNP_JOB_ID, MNP_AGENT_ID)` of the process, from one read of its environment,
+        if it carries this controller's token and a job id."""
         data = read_file("/proc/%d/environ" % pid)
         if not data:
             return None
         data = b"\0" + data if data.endswith(b"\0") else b"\0" + data + b"\0"
         if self.needle not in data:
             return None
-        key = b"\0" + name.encode("ascii") + b"="
-        i = data.find(key)
-        if i < 0:
-            return None
-        i += len(key)
-        return data[i : data.index(b"\0", i)].decode("utf-8", "surrogateescape")
+        job = _variable(data, b"MNP_JOB_ID")
+        return None if job is None else (job, _variable(data, b"MNP_AGENT_ID"))
+
+
+def _variable(environ: bytes, name: bytes) -> Optional[str]:
+    """The value of `name` in `environ` (NUL-separated, starting and ending with NUL)."""
+    key = b"\0" + name + b"="
+    i = environ.find(key)
+    if i < 0:
+        return None
+    i += len(key)
+    return environ[i : environ.index(b"\0", i)].decode("utf-8", "surrogateescape")
 
 
 def agent_identity() -> str:
@@ -167,9 +175,16 @@ def agent_alive(identity: str, here: str, procs: Dict[int, Proc]) -> Optional[bo
 class Snapshot:
     """Every process on the host at one moment, indexed the ways teardown looks them up."""
 
-    def __init__(self, procs: Dict[int, Proc], tags: Dict[int, str], protected: Set[int]):
+    def __init__(
+        self,
+        procs: Dict[int, Proc],
+        tags: Dict[int, str],
+        protected: Set[int],
+        agents: Optional[Dict[int, str]] = None,
+    ):
         self.procs = procs
         self.tags = tags
+        self.agents = agents or {}  # tagged pid -> the MNP_AGENT_ID it carries
         self.protected = protected
         self.children: Dict[int, List[int]] = {}
         self.by_group: Dict[int, List[int]] = {}
@@ -213,19 +228,22 @@ def snapshot(tagger: Tagger) -> Snapshot:
         protected.add(pid)
         pid = procs[pid].ppid
     tags: Dict[int, str] = {}
+    agents: Dict[int, str] = {}
     known = tagger.known
-    seen: Dict[Tuple[int, int, bytes], Optional[str]] = {}
+    seen: Dict[Tuple[int, int, bytes], Optional[Tuple[str, Optional[str]]]] = {}
     settled = now_ticks() - _HZ  # younger ones may not have exec'd yet: read every time
     for p in procs.values():
         if not p.dead and p.pid not in protected:
             key = (p.pid, p.start, p.comm)
-            tag = known[key] if key in known else tagger.tag(p.pid)
+            found = known[key] if key in known else tagger.tags(p.pid)
             if p.start < settled:
-                seen[key] = tag
-            if tag is not None:
-                tags[p.pid] = tag
+                seen[key] = found
+            if found is not None:
+                tags[p.pid] = found[0]
+                if found[1] is not None:
+                    agents[p.pid] = found[1]
     tagger.known = seen
-    return Snapshot(procs, tags, protected)
+    return Snapshot(procs, tags, protected, agents)
 
 
 def children_list() -> Optional[bytes]:

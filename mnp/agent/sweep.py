@@ -13,10 +13,10 @@ from .request import BadRequest, grace_of
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
-    from typing import Any, Collection, Dict, List, Optional, Set, Tuple
+    from typing import Any, Collection, Dict, List, Optional, Set
 
     from .agent import Agent
-    from .proc import Proc, Snapshot, Tagger
+    from .proc import Proc, Snapshot
     from .tasks import Task
 
 
@@ -68,7 +68,7 @@ def op_stale(agent: Agent, msg: Dict[str, Any]) -> None:
     if old is not None:  # the newer list wins; what the old one found is killed at once
         agent.teardowns.drop(old)
     here = agent.identity.split(":", 1)[0]
-    rule = StaleRule(set(live), below, here, agent.tagger, agent.identity, set(abandoned))
+    rule = StaleRule(set(live), below, here, agent.identity, set(abandoned))
     agent.teardowns.start("stale", "stale", "", None, grace, rule=rule)
 
 
@@ -87,28 +87,19 @@ class StaleRule:
         live: Set[str],
         below: int,
         here: str,
-        tagger: Tagger,
         me: str = "",
         abandoned: Optional[Set[str]] = None,
     ) -> None:
         self.live = live
         self.below = below
         self.here = here
-        self.tagger = tagger
         self.me = me
         self.abandoned = abandoned or set()
-        self.agents: Dict[Tuple[int, int], Optional[str]] = {}  # (pid, start) → its agent
-
-    def agent_of(self, p: Proc) -> Optional[str]:
-        key = (p.pid, p.start)
-        if key not in self.agents:
-            self.agents[key] = self.tagger.value(p.pid, "MNP_AGENT_ID")
-        return self.agents[key]
 
     def stale(self, p: Proc, tag: str, snap: Snapshot, own: Collection[int] = ()) -> bool:
         if p.sid in own:
             return False  # a task of this agent (or what it started in its session)
-        agent = self.agent_of(p)
+        agent = snap.agents.get(p.pid)  # read with its tag
         if agent is not None and self.me and agent == self.me:
             return False
         job = job_part(tag)

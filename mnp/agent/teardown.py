@@ -256,10 +256,9 @@ class Teardowns:
         `MNP_AGENT_ID` names a live agent of this boot and pid namespace, not this one)."""
         me = self.agent.identity
         here = me.split(":", 1)[0]
-        tagger = self.agent.tagger
 
         def foreign(pid: int) -> bool:
-            other = tagger.value(pid, "MNP_AGENT_ID")
+            other = snap.agents.get(pid)
             if other is None or other == me:
                 return False
             return agent_alive(other, here, snap.procs) is True

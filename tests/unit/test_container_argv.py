@@ -18,7 +18,7 @@ from mnp.agent.container import (
     wrap,
 )
 from mnp.agent.containers import Containers, oom_usage_in
-from mnp.agent.proc import Tagger, agent_identity, read_stat
+from mnp.agent.proc import agent_identity, read_stat
 from mnp.agent.sweep import StaleRule
 from mnp.errors import SpecError
 from mnp.model import Container, Mount
@@ -287,7 +287,7 @@ def test_stale_removes_containers_of_dead_agents_and_finished_jobs(
     live.wrap_spawn(spec, "2", ["true"], env, {}, None, False)  # job 2 is over
     sweeper = Containers("tok", me)
     sweeper.rundir = rundir
-    rule = StaleRule({"5"}, 10, here, Tagger("tok"), me)
+    rule = StaleRule({"5"}, 10, here, me)
     # its own (4) stays; 3's agent is dead; 2's job is over; 5 runs under a live agent
     assert sweeper.stale(rule) == 2
     _wait_helpers(sweeper)
