@@ -23,7 +23,7 @@ from mnp.errors import InfraError, MnpError
 from mnp.files import open_regular
 from mnp.jobid import top_of
 from mnp.jobs import ARRAY_CUT, Attempt, Job, NodeRun, TaskRun, output_label
-from mnp.model import TERMINAL, JobState
+from mnp.model import JobState
 from mnp.purge import EVENTS_NAME, rewrite_events_file
 from mnp.service.feeds import Feeds
 from mnp.service.logfiles import TaskLog, events_tail, highest_log_id
@@ -128,8 +128,6 @@ class Recording:
             job = self._jobs().get(job_id)
             if job is not None:
                 self._job_rows[job.id] = job
-                if job.state in TERMINAL:
-                    self.feeds.publish(job, {"state": job.state.value, "job_id": job.id})
         self._dirty()
         return seq
 
