@@ -16,6 +16,7 @@ MODULES = (
     "jobid",
     "expand",
     "proc",
+    "jsonline",
     "loop",
     "facts",
     "request",

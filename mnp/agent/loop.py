@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import codecs
 import heapq
-import json
 import os
 import select
 import time
+
+from .jsonline import dumps
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are strings here
@@ -21,7 +22,7 @@ CHUNK = 65536  # largest `data` of one `out` event, in bytes of task output
 FLUSH_DELAY = 0.025  # a partial line waits this long for its newline
 
 
-_encode = json.JSONEncoder(separators=(",", ":")).encode
+_encode = dumps
 
 
 class Loop:
