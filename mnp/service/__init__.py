@@ -9,7 +9,8 @@ Every job the service accepts is written to SQLite (``mnp.store``), every state
 change appended to the store and to ``$MNP_HOME/events.jsonl``, every task's output
 to ``$MNP_HOME/logs/JOB/TID.out|err``. Writes are batched and flushed every
 ``FLUSH_EVERY`` seconds, and at once before ``submit`` answers (an accepted job is
-durable). Reads (``list``, ``describe``, ``events``, ``logs``) do not go through
+durable) and before ``run`` and ``wait`` answer with a job's end (what the client
+reads next shows it). Reads (``list``, ``describe``, ``events``, ``logs``) do not go through
 here: the CLI and ``mnp.Client`` (``mnp.client``) open the store read-only and the
 log files directly. The inventory's ``[[notifications]]`` hooks are given each event
 once committed (``hooks``).

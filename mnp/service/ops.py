@@ -169,6 +169,7 @@ class Handlers:
                 if msg is not None and "out" in msg:
                     await r.send(msg)
             closed.cancel()
+            self.recording.flush()  # what the client reads next (describe, list) shows the end
             await r.end(self._outcome(job))
         finally:
             feeds.remove(feed)

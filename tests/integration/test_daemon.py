@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -336,3 +338,67 @@ def test_controller_stop_neither_fails_a_running_job_nor_uses_an_attempt(
         assert d["state"] == "SUCCEEDED", (d["reason"], d["attempts"])
         assert len(d["attempts"]) == 2  # type: ignore[arg-type]
     assert mnp("logs", job, env=home).stdout == "done\n"
+
+
+class _Client:
+    """A ``Responder`` for an op called in-process: keeps the answers; its client never
+    goes away."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.ended: dict[str, Any] | None = None
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        self.sent.append(msg)
+
+    async def end(self, msg: dict[str, Any] | None = None) -> None:
+        self.ended = msg or {}
+
+    async def fail(self, error: Exception) -> None:
+        raise AssertionError(f"the op failed: {error}")
+
+    async def wait_closed(self) -> None:
+        await asyncio.Event().wait()
+
+
+def test_run_and_wait_answer_once_the_end_is_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a client reads from the store as soon as ``run`` or ``wait`` answered (a
+    ``describe``) shows the job's end, however long the batching window of the writes."""
+    from mnp.daemon import Daemon, prepare_home
+    from mnp.service import Service, recording
+    from mnp.spec import definition_from_command, definition_to_dict, local_inventory
+    from mnp.store import Store
+
+    monkeypatch.setattr(recording, "FLUSH_EVERY", 600.0)
+    home = prepare_home(tmp_path / "home")
+    request = {"definition": definition_to_dict(definition_from_command(["true"]))}
+
+    def stored_state(job_id: str) -> str | None:
+        with Store(home / "mnp.db", readonly=True) as store:
+            row = store.get_job(job_id)
+        return None if row is None else str(row["state"])
+
+    async def go() -> tuple[str | None, str | None]:
+        service = Service(home, local_inventory(1), "local:1")
+        ops = service.ops(Daemon(home, asyncio.get_running_loop()))
+        await service.start(restore=False)
+        try:
+            ran = _Client()
+            await ops["run"](request, ran)  # type: ignore[arg-type]
+            assert ran.ended is not None and ran.ended["state"] == "SUCCEEDED", ran.ended
+            after_run = stored_state(ran.ended["job_id"])
+            submitted = _Client()  # its answer commits what was buffered before it
+            await ops["submit"](request, submitted)  # type: ignore[arg-type]
+            assert submitted.ended is not None
+            job_id = submitted.ended["job_id"]
+            await service.controller.wait(service.controller.jobs[job_id])
+            waited = _Client()
+            await ops["wait"]({"job_id": job_id}, waited)  # type: ignore[arg-type]
+            assert waited.ended is not None and waited.ended["state"] == "SUCCEEDED"
+            return after_run, stored_state(job_id)
+        finally:
+            await service.shutdown()
+
+    assert asyncio.run(go()) == ("SUCCEEDED", "SUCCEEDED")
