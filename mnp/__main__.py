@@ -1,3 +1,3 @@
-from mnp.cli import entry_point
+from mnp.entry import entry_point
 
 entry_point()

@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mnp.errors import InfraError, UsageError
 from mnp.overrides import BY_NAME, OVERRIDES
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LogReader",
+    "Submitter",
     "absolute_cwd",
     "build_definition",
     "build_registered",
@@ -148,14 +149,42 @@ def _here() -> str:
         ) from None
 
 
-def absolute_cwd(path: str | None, what: str) -> str | None:
-    """A working directory as the nodes get it: relative to where mnp runs (as Slurm's
-    --chdir), since a relative one would be relative to wherever each agent runs."""
+class Submitter(NamedTuple):
+    """What a definition built from a command line takes from the process that submits
+    it: its working directory (None where it cannot be read), its environment (what
+    ``--export`` forwards; the active venv or conda environment) and its Python's
+    ``sys.prefix`` and ``sys.base_prefix``. ``mnp run``'s quick client
+    (``mnp.quickrun``) sends its own, and the controller builds the definition from
+    them as the client would have."""
+
+    cwd: str | None
+    environ: Mapping[str, str]
+    prefix: str
+    base_prefix: str
+
+    @classmethod
+    def here(cls) -> Submitter:
+        try:
+            cwd: str | None = os.getcwd()
+        except OSError:
+            cwd = None
+        return cls(cwd, dict(os.environ), sys.prefix, sys.base_prefix)
+
+    def working_dir(self) -> str:
+        if self.cwd is None:
+            raise UsageError("the current directory cannot be used; give --cwd DIR")
+        return self.cwd
+
+
+def absolute_cwd(path: str | None, what: str, here: Callable[[], str] = _here) -> str | None:
+    """A working directory as the nodes get it: relative to where mnp runs (``here``,
+    as Slurm's --chdir), since a relative one would be relative to wherever each agent
+    runs."""
     if path is None or os.path.isabs(path) or path.startswith("~"):
         return path
     if not path:
         raise UsageError(f"{what}: empty; give a directory")
-    return os.path.normpath(os.path.join(_here(), path))
+    return os.path.normpath(os.path.join(here(), path))
 
 
 def full_overrides(given: Mapping[str, Any]) -> dict[str, Any]:
@@ -185,24 +214,27 @@ def build_definition(
     overrides: Mapping[str, Any],
     *,
     source: str = "<definition>",
+    submitter: Submitter | None = None,
 ) -> JobDefinition:
     """The definition ``mnp submit``/``mnp run`` send: a file (path), a TOML-shaped
     dictionary (read as from ``source``), or ``command`` alone, with ``overrides``
     (``full_overrides``) applied. The working directory: ``cwd``, else the
-    definition's, else here; the Python environment: the definition's, else the
-    submitter's."""
+    definition's, else the submitter's; the Python environment: the definition's,
+    else the submitter's. ``submitter``: this process when None."""
     from mnp import spec
 
+    here = _here if submitter is None else submitter.working_dir
+    environ = os.environ if submitter is None else submitter.environ
     o = full_overrides(overrides)
-    o["cwd"] = absolute_cwd(o["cwd"], "--cwd")
+    o["cwd"] = absolute_cwd(o["cwd"], "--cwd", here)
     if definition is None:
         if command is None:
             raise UsageError("give either a definition file (DEF.toml) or '-- CMD ARGS...'")
         if not command:
             raise UsageError("nothing after '--': give the command to run")
         if o["cwd"] is None:
-            o["cwd"] = _here()
-        defn = spec.definition_from_command(list(command), **o)
+            o["cwd"] = here()
+        defn = spec.definition_from_command(list(command), environ=environ, **o)
     elif command:
         raise UsageError("give either a definition file (DEF.toml) or '-- CMD ARGS...', not both")
     else:
@@ -212,14 +244,17 @@ def build_definition(
             defn = spec.load_definition(os.fspath(definition), open_refs=True)
         if o["cwd"] is None:
             # cwd, else the definition's own cwd, else the directory mnp runs in
-            cwd = _here() if defn.cwd is None else absolute_cwd(defn.cwd, "cwd")
+            cwd = here() if defn.cwd is None else absolute_cwd(defn.cwd, "cwd", here)
             if cwd != defn.cwd:
                 o["cwd"] = cwd
-        defn = spec.apply_overrides(defn, **o)
+        defn = spec.apply_overrides(defn, environ=environ, **o)
     if defn.python_env is None:  # neither the definition nor python_env said: the submitter's
         import dataclasses
 
-        found = spec.submitter_python_env(os.environ, sys.prefix, sys.base_prefix)
+        if submitter is None:
+            found = spec.submitter_python_env(os.environ, sys.prefix, sys.base_prefix)
+        else:
+            found = spec.submitter_python_env(environ, submitter.prefix, submitter.base_prefix)
         defn = dataclasses.replace(defn, python_env=found or "none")
     return defn
 

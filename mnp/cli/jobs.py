@@ -27,12 +27,11 @@ from mnp.errors import UsageError
 from mnp.overrides import OVERRIDES
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-    from types import FrameType
+    from collections.abc import Sequence
 
     from mnp.api.client import ApiClient
+    from mnp.client import Submitter
     from mnp.model import JobDefinition
-    from mnp.sink import Progress
 
 EXAMPLE_RUN = """\b
 Examples:
@@ -134,69 +133,36 @@ def run(ctx: click.Context, /, definition: tuple[str, ...], verbose: bool, **o: 
 
 def _run_through(api: ApiClient, home: Path, defn: JobDefinition, verbose: bool) -> int:
     """``mnp run`` against the running controller: stream, and terminate on Ctrl-C."""
-    import signal
-
-    from mnp import client as layer
-    from mnp.api.client import ApiClient
-    from mnp.sink import (
-        INTERRUPTED,
-        STDOUT_CLOSED,
-        Progress,
-        ProgressThread,
-        RunStream,
-        wants_progress,
-    )
+    from mnp.runclient import run_through
+    from mnp.sink import Progress, wants_progress
     from mnp.spec import definition_to_dict
 
-    interrupted = 0
-
-    def end_job(reason: str) -> None:
-        if view.job_id is not None:
-            with ApiClient.connect(home) as other:  # type: ignore[union-attr]
-                layer.end_job(other, "terminate", view.job_id, reason)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal interrupted
-        interrupted += 1
-        if interrupted > 1:  # again: stop waiting; the controller ends the job of a
-            raise KeyboardInterrupt  # client that went away
-        end_job(INTERRUPTED)
-
-    view = RunStream(on_stdout_closed=lambda: end_job(STDOUT_CLOSED))
-    if wants_progress():
-        view.progress_of = Progress.of(defn)
-    drawing: ProgressThread | None = None
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    try:
-        for msg in api.stream("run", definition=definition_to_dict(defn), source=defn.source):
-            view.feed(msg)
-            if drawing is None and view.progress is not None:
-                drawing = ProgressThread(view.sink, view.progress, _new_events(home, view.progress))
-    finally:
-        if drawing is not None:
-            drawing.stop()
-    return view.finish(verbose=verbose, interrupted=interrupted > 0)
+    fields = {"definition": definition_to_dict(defn), "source": defn.source}
+    progress_of = Progress.of(defn) if wants_progress() else None
+    code = run_through(api, home, fields, verbose=verbose, progress_of=progress_of)
+    assert code is not None  # a refusal raises
+    return code
 
 
-def _new_events(home: Path, progress: Progress) -> Callable[[], list[dict[str, Any]]]:
-    """The job's events committed since the last call (the store, read-only)."""
+def definition_from_argv(argv: Sequence[str], submitter: Submitter) -> JobDefinition:
+    """The definition ``mnp run ARGV`` would build in ``submitter``'s process: ARGV
+    parsed by the ``run`` command itself, for the controller that serves ``mnp run``'s
+    quick client (``mnp.quickrun``). Only the ``-- CMD ARGS`` form without a common
+    option (``--home``, ``--inventory``, ``--local-nodes``, ``--debug``) or
+    ``--verbose`` is built; anything else, and anything wrong, is a ``UsageError``
+    (that client then runs the full command, which says what is wrong)."""
     from mnp import client as layer
 
-    since = 0
-
-    def poll() -> list[dict[str, Any]]:
-        nonlocal since
-        store = layer.open_store(home)
-        if store is None:
-            return []
-        with store:
-            found = [dict(e) for e in store.events_since(since, job_id=progress.job_id)]
-        if found:
-            since = max(int(e["seq"]) for e in found)
-        return found
-
-    return poll
+    try:
+        ctx = run.make_context("run", list(argv))
+    except (click.ClickException, click.exceptions.Exit) as e:
+        raise UsageError(f"not a quick run: {e}") from None
+    o = dict(ctx.params)
+    definition, verbose, common = o.pop("definition"), o.pop("verbose"), _common(o)
+    command = ctx.meta.get("mnp.command")
+    if definition or verbose or command is None or any(v is not None for v in common.values()):
+        raise UsageError("not a quick run: give the full command")
+    return layer.build_definition(None, command, _overrides(o), submitter=submitter)
 
 
 @click.command(cls=_DashDashCommand)

@@ -33,7 +33,10 @@ The control socket's ops (the wire is in ``mnp.api``; the table is
 - ``shutdown`` → ``pid``, ``stopping``: the controller stops (the daemon's)
 - ``submit`` {``definition``, ``source``} → ``job_id``, ``warnings``, once committed
 - ``run`` {``definition``, ``source``} → ``job_id``, then output messages
-  (``out``, ``fd``, ``tid``, ``label``), then how the job ended (as ``wait``)
+  (``out``, ``fd``, ``tid``, ``label``), then how the job ended (as ``wait``);
+  {``argv``, ``submitter``} in place of the definition: ``mnp run``'s command line
+  and the client's ``cwd``, ``environ``, ``prefix``, ``base_prefix``, built here
+  by the ``run`` command (``mnp.quickrun``)
 - ``wait`` {``job_id``} → ``state``, ``reason``, ``exit_code``, ``timings`` once it ends
 - ``cancel`` {``job_id``, ``reason``} → ``job_id``, ``name``, ``state``
 - ``terminate`` {``job_id``, ``reason``} → ``job_id``, ``name``, ``state``

@@ -87,12 +87,40 @@ class Handlers:
             raise UsageError("submit: a definition is required")
         return parse_definition(data, str(request.get("source") or "<submitted>"))
 
-    def _accept(self, request: dict[str, Any]) -> Job:
-        """Submit a job and commit it; if it cannot be committed it is withdrawn (also
-        when the database file turns out not to be ``mnp.db`` any more)."""
+    @staticmethod
+    def _command_line(request: dict[str, Any]) -> JobDefinition:
+        """The definition of ``mnp run``'s quick client (``mnp.quickrun``): its command
+        line (``argv``, what follows ``run``) built by the ``run`` command for the
+        client's process (``submitter``), then read as a submitted definition is."""
+        from mnp.cli.jobs import definition_from_argv
+        from mnp.client import Submitter
+        from mnp.spec import definition_to_dict
+
+        argv, who = request.get("argv"), request.get("submitter")
+        if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+            raise UsageError("run: argv must be a list of strings")
+        if not isinstance(who, dict):
+            raise UsageError("run: a submitter is required with argv")
+        cwd, environ = who.get("cwd"), who.get("environ")
+        prefix, base_prefix = who.get("prefix"), who.get("base_prefix")
+        if not (
+            (cwd is None or isinstance(cwd, str))
+            and isinstance(environ, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in environ.items())
+            and isinstance(prefix, str)
+            and isinstance(base_prefix, str)
+        ):
+            raise UsageError("run: submitter must have cwd, environ, prefix and base_prefix")
+        defn = definition_from_argv(argv, Submitter(cwd, environ, prefix, base_prefix))
+        return parse_definition(definition_to_dict(defn), defn.source)
+
+    def _accept(self, request: dict[str, Any], defn: JobDefinition | None = None) -> Job:
+        """Submit a job (``defn``, else the request's definition) and commit it; if it
+        cannot be committed it is withdrawn (also when the database file turns out not
+        to be ``mnp.db`` any more)."""
         if self.recording.check_db() is not None:
             raise InfraError(f"job not accepted: {self.recording.db_lost}")
-        job = self.controller.submit(self._definition(request))
+        job = self.controller.submit(defn if defn is not None else self._definition(request))
         failed = self.recording.flush()
         if failed is None and self.recording.check_db() is not None:
             failed = self.recording.db_lost
@@ -136,8 +164,9 @@ class Handlers:
         """Submit, stream the job's output, end with how it ended. A client that reads
         more slowly than the job writes gets gaps, each said in a line on stderr (the
         logs have everything): the controller keeps at most ``RUN_BUFFER`` characters
-        of output for it."""
-        job = self._accept(request)
+        of output for it. ``argv`` and ``submitter`` in place of the definition: the
+        command line of ``mnp run``'s quick client (``_command_line``)."""
+        job = self._accept(request, self._command_line(request) if "argv" in request else None)
         feed = Feed(RUN_BUFFER, job.id)
         feeds = self.service.feeds
         feeds.add(feed)

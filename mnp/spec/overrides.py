@@ -148,7 +148,9 @@ def _resources_dict(r: Resources) -> dict[str, Any]:
     return d
 
 
-def apply_overrides(defn: JobDefinition, **overrides: Any) -> JobDefinition:
+def apply_overrides(
+    defn: JobDefinition, *, environ: Mapping[str, str] | None = None, **overrides: Any
+) -> JobDefinition:
     """A new definition: ``defn`` with the submit/run options applied and validated again.
 
     ``--nodes N`` on a multinode job sets ``num_nodes`` and stretches every
@@ -162,19 +164,24 @@ def apply_overrides(defn: JobDefinition, **overrides: Any) -> JobDefinition:
     not (``defn`` may come from ``load_definition(path, open_refs=True)``); every
     ``Ref::K`` must have a value afterwards, and a ``K`` that no ``Ref::K`` of
     the job's commands names is an error (a typo would otherwise go unnoticed).
+
+    ``environ``: the submitting shell's environment, what ``--export`` forwards
+    (default: this process's).
     """
     _check_names(overrides)
     raw = definition_to_dict(defn)
     given = _apply(raw, overrides)
     export_env = bool(overrides.get("export_env")) or defn.export_env
-    result = _reparse(raw, defn.source, given, export_env)
+    result = _reparse(raw, defn.source, given, export_env, environ)
     _check_params_used(result, overrides.get("params"))
     return result
 
 
-def definition_from_command(argv: Sequence[str], **overrides: Any) -> JobDefinition:
-    """The definition for ``mnp run [opts] -- CMD ARGS``; ``overrides`` as in
-    :func:`apply_overrides`. The name is ``CMD``'s basename, made valid."""
+def definition_from_command(
+    argv: Sequence[str], *, environ: Mapping[str, str] | None = None, **overrides: Any
+) -> JobDefinition:
+    """The definition for ``mnp run [opts] -- CMD ARGS``; ``overrides`` and ``environ``
+    as in :func:`apply_overrides`. The name is ``CMD``'s basename, made valid."""
     if not argv:
         fail(COMMAND_LINE, "command", "no command given; put it after --, e.g. mnp run -- hostname")
     program = argv[0] if isinstance(argv[0], str) else ""
@@ -184,7 +191,7 @@ def definition_from_command(argv: Sequence[str], **overrides: Any) -> JobDefinit
     }
     _check_names(overrides)
     given = _apply(raw, overrides)
-    result = _reparse(raw, COMMAND_LINE, given, bool(overrides.get("export_env")))
+    result = _reparse(raw, COMMAND_LINE, given, bool(overrides.get("export_env")), environ)
     _check_params_used(result, overrides.get("params"))
     return result
 
@@ -213,7 +220,13 @@ def _check_params_used(defn: JobDefinition, params: Mapping[str, str] | None) ->
             )
 
 
-def _reparse(raw: dict[str, Any], source: str, given: set[str], export_env: bool) -> JobDefinition:
+def _reparse(
+    raw: dict[str, Any],
+    source: str,
+    given: set[str],
+    export_env: bool,
+    environ: Mapping[str, str] | None,
+) -> JobDefinition:
     try:
         defn = parse_definition(raw, source)
     except SpecError as e:
@@ -225,7 +238,8 @@ def _reparse(raw: dict[str, Any], source: str, given: set[str], export_env: bool
         raise
     if not export_env:
         return defn
-    return dataclasses.replace(defn, export_env=True, environment=exported(defn, os.environ))
+    forwarded = exported(defn, os.environ if environ is None else environ)
+    return dataclasses.replace(defn, export_env=True, environment=forwarded)
 
 
 def exported(defn: JobDefinition, environ: Mapping[str, str]) -> dict[str, str]:

@@ -304,6 +304,36 @@ def test_export_forwards_the_submitting_shells_environment(home: dict[str, str])
     assert r.stdout.strip() == "v= w="
 
 
+def test_mnp_run_through_a_running_controller_is_the_quick_clients(
+    home: dict[str, str], tmp_path: Path
+) -> None:
+    """With a controller running, ``mnp run -- CMD`` is the quick client's: it imports
+    neither click nor ``mnp.spec`` nor ``mnp.model``, the job runs where it was started
+    from and the client exits with its code. What the full command must judge (a bad
+    option, a job the controller refuses) is said by it, once, and leaves no job."""
+    assert mnp("controller", "start", env=home).returncode == 0
+    probe = (
+        "import sys; from mnp.quickrun import quick_run; code = quick_run(sys.argv[1:]); "
+        "print([m for m in ('click', 'mnp.spec', 'mnp.model') if m in sys.modules], code)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe, "--", "sh", "-c", "pwd; exit 3"],
+        cwd=tmp_path,
+        env={**os.environ, **home},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.stdout.splitlines() == [str(tmp_path), "[] 3"], r.stderr
+    r = mnp("run", "--nodes", "x", "--", "true", env=home)
+    assert r.returncode == 2 and "Invalid value for '--nodes'" in r.stderr, r.stderr
+    r = mnp("run", "--vcpus", "4096", "--", "true", env=home)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT") == 1, r.stderr
+    listed = json.loads(mnp("list", "--json", env=home).stdout)
+    assert [j["state"] for j in listed] == ["FAILED"], listed
+
+
 def test_controller_stop_neither_fails_a_running_job_nor_uses_an_attempt(
     home: dict[str, str],
 ) -> None:
