@@ -8,8 +8,10 @@ and Python (``mnp.client.Submitter``); the controller builds the definition with
 the full command would have submitted. Where that is not certain, nothing is sent
 and ``quick_run`` returns None for the full command to run from the start: no
 controller running, one serving another inventory than ``MNP_INVENTORY`` names, a
-definition file, a help, ``--verbose`` or common option (``--home``,
-``--inventory``, ``--local-nodes``, ``--debug``), a terminal to draw progress on.
+definition file, a help or common option (``--home``, ``--inventory``,
+``--local-nodes``, ``--debug``), a terminal to draw progress on. ``-v``/``--verbose``
+is the client's own (the timings printed at the end, as the full command prints them
+against a running controller): it is not sent.
 A command line the controller refuses (anything wrong in it) also returns None
 before any job was accepted: the full command then says what is wrong, in its words.
 """
@@ -26,9 +28,11 @@ if TYPE_CHECKING:
 
     from mnp.api.client import ApiClient
 
-NOT_QUICK = frozenset({"--help", "--verbose", "--home", "--inventory", "--local-nodes", "--debug"})
-"""Options before ``--`` that leave the run to the full command (with ``-h``, ``-v``
-and any other short option)."""
+NOT_QUICK = frozenset({"--help", "--home", "--inventory", "--local-nodes", "--debug"})
+"""Options before ``--`` that leave the run to the full command (with ``-h`` and any
+other short option but ``-v``)."""
+
+VERBOSE = frozenset({"-v", "--verbose"})
 
 
 def quick_run(argv: list[str]) -> int | None:
@@ -37,6 +41,17 @@ def quick_run(argv: list[str]) -> int | None:
     submitted)."""
     if "--" not in argv or not argv[argv.index("--") + 1 :]:
         return None
+    cut = argv.index("--")
+    verbose = False
+    if any(arg in VERBOSE for arg in argv[:cut]):
+        from mnp.overrides import OVERRIDES
+
+        takes_value = {o.flag for o in OVERRIDES if not o.is_flag}
+        for before, arg in zip(["", *argv[:cut]], argv[:cut], strict=False):
+            if arg in VERBOSE and before in takes_value:
+                return None  # an option's value, as click reads it: the full command's
+        verbose = True
+        argv = [arg for arg in argv[:cut] if arg not in VERBOSE] + argv[cut:]
     for arg in argv[: argv.index("--")]:
         if arg.partition("=")[0] in NOT_QUICK or (arg.startswith("-") and arg[1:2] != "-"):
             return None
@@ -53,7 +68,7 @@ def quick_run(argv: list[str]) -> int | None:
         api = ApiClient.connect(home)
         if api is None or not layer.serves(api, os.environ.get("MNP_INVENTORY") or None):
             return None
-        return _follow(api, home, argv)
+        return _follow(api, home, argv, verbose)
     except MnpError:  # nothing sent yet: the controller went away while asked
         return None
     finally:
@@ -61,7 +76,7 @@ def quick_run(argv: list[str]) -> int | None:
             api.close()
 
 
-def _follow(api: ApiClient, home: Path, argv: list[str]) -> int | None:
+def _follow(api: ApiClient, home: Path, argv: list[str], verbose: bool) -> int | None:
     """Send the run; None if the controller refuses it (no job accepted), else the
     job's exit code, or that of what went wrong after it was accepted, said as the
     full command says it."""
@@ -74,7 +89,8 @@ def _follow(api: ApiClient, home: Path, argv: list[str]) -> int | None:
     submitter = {"cwd": me.cwd, "environ": dict(me.environ), "prefix": me.prefix}
     submitter["base_prefix"] = me.base_prefix
     try:
-        return run_through(api, home, {"argv": argv, "submitter": submitter}, refusal_returns=True)
+        fields = {"argv": argv, "submitter": submitter}
+        return run_through(api, home, fields, verbose=verbose, refusal_returns=True)
     except MnpError as e:
         print(f"mnp: {e}", file=sys.stderr)
         return e.exit_code

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -325,13 +326,25 @@ def test_mnp_run_through_a_running_controller_is_the_quick_clients(
         timeout=60,
     )
     assert r.stdout.splitlines() == [str(tmp_path), "[] 3"], r.stderr
+    # -v is the client's own: the attempt's timings at the end, as the full command prints
+    r = subprocess.run(
+        [sys.executable, "-c", probe, "--name", "quick", "-v", "--", "true"],
+        env={**os.environ, **home},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.stdout.splitlines() == ["[] 0"], r.stderr
+    timed = re.search(r"^mnp: job (\d+) attempt 1: \{", r.stderr, re.M)
+    assert timed is not None, r.stderr
+    assert describe(home, timed.group(1))["name"] == "quick"
     r = mnp("run", "--nodes", "x", "--", "true", env=home)
     assert r.returncode == 2 and "Invalid value for '--nodes'" in r.stderr, r.stderr
     r = mnp("run", "--vcpus", "4096", "--", "true", env=home)
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT") == 1, r.stderr
     listed = json.loads(mnp("list", "--json", env=home).stdout)
-    assert [j["state"] for j in listed] == ["FAILED"], listed
+    assert [j["state"] for j in listed] == ["FAILED", "SUCCEEDED"], listed
 
 
 def test_controller_stop_neither_fails_a_running_job_nor_uses_an_attempt(

@@ -88,6 +88,7 @@ def test_a_command_line_the_full_command_must_see_is_refused(
     [
         ["--", "true"],  # no controller runs for this home
         ["-v", "--", "true"],
+        ["--name", "-v", "--", "true"],  # -v: the name, as click reads it
         ["-h"],
         ["--help", "--", "true"],
         ["--debug", "--", "true"],
