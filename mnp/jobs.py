@@ -115,6 +115,7 @@ class Attempt:
     pending_sweeps: set[str] = field(default_factory=set)
     secrets: dict[str, str] = field(default_factory=dict)  # read at launch; never stored
     mpi: World | None = None  # its MPI ranks' world (direct MPI launch); never stored
+    port_key: str | None = None  # MASTER_PORT comes from the main node's agent (its spawns' key)
 
     @property
     def ending(self) -> bool:

@@ -57,6 +57,8 @@ BUSY_CHILDREN = 64  # with more children than this, exits are checked for orphan
 CHECK_BATCH = 0.002
 ORPHAN_POLL = 1.0  # seconds between looks for new orphans while tasks run
 CLOCK_SLACK = 2  # clock ticks: a task started this much after an orphan may still own it
+PORTS_REMEMBERED = 256  # ports handed out (`port`, a spawn's `port_env`) not given again
+FEATURES = ("port_env",)  # what `ready` lists beyond the ops: spawn fields newer agents take
 
 
 class Agent:
@@ -88,7 +90,8 @@ class Agent:
         self.input: Optional[LineReader] = None
         self.stopping = False
         self.signals: List[int] = []
-        self.ports_given: List[int] = []
+        self.ports_given: List[int] = []  # the last PORTS_REMEMBERED handed out, oldest first
+        self.ports_keyed: Dict[str, int] = {}  # `port_key` of a spawn → the port it got
         self.rundir = ""
         self.nvml = False  # the facts said NVML works: GPU usage is sampled (gpu.py)
 
@@ -194,7 +197,12 @@ class Agent:
 
     def facts(self) -> Dict[str, Any]:
         """The body of `ready` and `facts`."""
-        body = dict(agent_id=self.identity, ops=sorted(OPS), **collect(self.started, self.rundir))
+        body = dict(
+            agent_id=self.identity,
+            ops=sorted(OPS),
+            features=list(FEATURES),
+            **collect(self.started, self.rundir),
+        )
         self.nvml = bool(body.get("nvml"))
         return body
 
@@ -213,12 +221,39 @@ class Agent:
 
     # ---------------------------------------------------------------- tasks and exits
 
-    def add(self, task: Task) -> None:
-        """A task just spawned (spawn.py): its main process is the agent's to reap."""
+    def free_port(self, key: Optional[str] = None) -> int:
+        """A TCP port free on this host now (bound to port 0 and released), none of the
+        last PORTS_REMEMBERED handed out. With `key`: the port handed out for that key
+        before, if any (the tasks of one main node share its MASTER_PORT)."""
+        if key is not None and key in self.ports_keyed:
+            return self.ports_keyed[key]
+        import socket
+
+        given = self.ports_given
+        for _ in range(20):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("", 0))
+                port = int(sock.getsockname()[1])
+            if port not in given:
+                break
+        given.append(port)
+        del given[:-PORTS_REMEMBERED]
+        if key is not None:
+            self.ports_keyed[key] = port
+            while len(self.ports_keyed) > PORTS_REMEMBERED:
+                del self.ports_keyed[next(iter(self.ports_keyed))]
+        return port
+
+    def add(self, task: Task, port: Optional[int] = None) -> None:
+        """A task just spawned (spawn.py): its main process is the agent's to reap.
+        `port`: the one its spawn's `port_env` got, said in `started`."""
         self.tasks[task.tid] = task
         self.by_pid[task.pid] = task
         self.all_tids.add(task.tid)
-        self.out.emit({"ev": "started", "tid": task.tid, "pid": task.pid, "t": time.time()})
+        event = {"ev": "started", "tid": task.tid, "pid": task.pid, "t": time.time()}
+        if port is not None:
+            event["port"] = port
+        self.out.emit(event)
         if self.poll_timer is None:
             self.poll_timer = self.loop.call_later(ORPHAN_POLL, self._poll_orphans)
 

@@ -20,9 +20,6 @@ if TYPE_CHECKING:  # typing costs milliseconds to import; annotations are string
     from .agent import Agent
 
 
-PORTS_REMEMBERED = 256
-
-
 def op_signal(agent: Agent, msg: Dict[str, Any]) -> None:
     tid = tid_of(msg)
     sig = msg.get("sig")
@@ -67,17 +64,7 @@ def op_load(agent: Agent, msg: Dict[str, Any]) -> None:
 
 def op_port(agent: Agent, msg: Dict[str, Any]) -> None:
     """A TCP port free on this host now (for MASTER_PORT), not one handed out lately."""
-    import socket
-
-    given = agent.ports_given
-    for _ in range(20):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("", 0))
-            port = int(sock.getsockname()[1])
-        if port not in given:
-            break
-    given.append(port)
-    del given[:-PORTS_REMEMBERED]
+    port = agent.free_port()
     agent.out.emit({"ev": "port", "id": msg.get("id"), "port": port, "t": time.time()})
 
 

@@ -280,6 +280,10 @@ def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
     cwd = optional(msg, "cwd", str)
     if cwd is not None and (not cwd or "\0" in cwd):
         raise BadRequest("cwd must be a non-empty path")
+    port_env = optional(msg, "port_env", str)
+    if port_env is not None and not env_entry(port_env, ""):
+        raise BadRequest("port_env must be an environment variable's name")
+    port_key = optional(msg, "port_key", str)
     pyenv = optional(msg, "pyenv", str)
     do_expand = optional(msg, "expand", bool)
     stdin = optional(msg, "stdin", str)
@@ -296,6 +300,10 @@ def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
     if agent.stopping:
         raise BadRequest("the agent is shutting down")
 
+    port = None
+    if port_env is not None:  # the agent picks the port: no round trip before the spawn
+        port = agent.free_port(port_key)
+        changes = {**changes, port_env: str(port)}
     env = task_env(_base_env(agent, pyenv), changes, tid, agent.ctl, agent.identity)
     if cwd is not None and "PWD" not in changes:
         env["PWD"] = cwd  # as a shell's cd would: the login shell's PWD is wrong here
@@ -372,7 +380,7 @@ def op_spawn(agent: Agent, msg: Dict[str, Any]) -> None:
             pass
     task = Task(tid, pid, streams, feeder, time.monotonic(), born_ticks, pipes)
     task.limits = limits
-    agent.add(task)
+    agent.add(task, port)
     agent.limits.started(task)
 
 

@@ -13,6 +13,7 @@ failure while handling one job ends that job only (``abort``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,9 +43,8 @@ class Attempts:
         self.s = shared
         self.admission = admission
         self.teardown_slack = TEARDOWN_SLACK
+        # starts a multi-node attempt's other nodes once its main node runs (Starter's)
         self.main_running: MainRunning | None = None
-        """What starts a multi-node attempt's other nodes once its main node runs
-        (``Starter.main_running``)."""
         self._timers: dict[str, asyncio.TimerHandle] = {}
         # attempts ending, waiting for their agents: id → (deadline, job, attempt)
         self._ending: dict[int, tuple[float, Job, Attempt]] = {}
@@ -201,6 +201,7 @@ class Attempts:
             self.arm_timeout(job, attempt)
             return
         node = attempt.nodes[task.node_index or 0]
+        _take_port(attempt, msg.get("port"))
         if all(t.started_at is not None for t in node.tasks):
             node.set_state(JobState.RUNNING, now)
             mn = job.defn.multinode
@@ -487,3 +488,13 @@ class Attempts:
             timer.cancel()
         if self._ending_timer is not None:
             self._ending_timer.cancel()
+
+
+def _take_port(attempt: Attempt, port: object) -> None:
+    """MASTER_PORT as the main node's agent picked it at the spawn (``port`` of its
+    ``started``; ``Launcher.nodes``): the nodes started after it are wired with it."""
+    launch = attempt.launch
+    if not attempt.port_key or launch is None or launch.master_port is not None:
+        return
+    if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+        attempt.launch = dataclasses.replace(launch, master_port=port)

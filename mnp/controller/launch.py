@@ -97,16 +97,28 @@ class Launcher:
         return TaskRun(launch.job_id, grant.host), argv, env, None
 
     async def nodes(self, job: Job, attempt: Attempt) -> bool:
-        """Prepare a multi-node attempt: ask for the main node's port, its IPv4 address
-        (``aws_batch_env``) and the secrets at once, then wire every node (``attempt``'s
-        ``launch`` and ``nodes``). False when the attempt ended meanwhile."""
+        """Prepare a multi-node attempt: its IPv4 address (``aws_batch_env``), the
+        secrets and, where the main node's agent cannot pick it at the spawn, the main
+        node's port, asked at once; then wire every node (``attempt``'s ``launch`` and
+        ``nodes``). False when the attempt ended meanwhile.
+
+        The main node's agent picks MASTER_PORT itself when the main node runs a command
+        and the agent takes a spawn's ``port_env`` (its ``ready`` lists the feature):
+        its tasks' spawns carry ``port_env``, its ``started`` says the port, and the
+        other nodes are wired with it (``Attempts``), one round trip fewer before the
+        main node starts. A held main node, or an older agent, is asked with ``port``."""
         defn = job.defn
         mn = defn.multinode
         assert mn is not None
         main_host = attempt.grants[mn.main_node].host
         want_ipv4 = defn.aws_batch_env and mn.num_nodes > 1
+        main_group = mn.group_of(mn.main_node)[1]
+        if node_command(defn, main_group, mn.main_node) is not None and self._takes(
+            main_host, "port_env"
+        ):
+            attempt.port_key = f"{job.id}.{attempt.number}"
         port, main_ipv4, secrets = await asyncio.gather(
-            self.hosts.free_port(main_host),
+            _none() if attempt.port_key else self.hosts.free_port(main_host),
             self.ipv4_of(self.inventory.host(main_host).address) if want_ipv4 else _none(),
             self.secrets(defn) if defn.secrets else _no_secrets(),
         )
@@ -151,6 +163,11 @@ class Launcher:
             held = node_command(defn, mn.groups[p.group], p.index) is None
             attempt.nodes.append(NodeRun(job, p.index, p.host, p.group, held))
         return True
+
+    def _takes(self, host: str, feature: str) -> bool:
+        """Whether the agent on ``host`` lists ``feature`` in its ``ready``."""
+        conn = self.hosts.agents.get(host)
+        return conn is not None and feature in (conn.facts.get("features") or ())
 
     def node(self, job: Job, attempt: Attempt, node: NodeRun) -> list[Spawn]:
         """The tasks of one node that runs a command (``tasks_per_node`` of them); the

@@ -116,6 +116,10 @@ class Starter:
             msg["container"] = container
         if world is not None and rank is not None:
             msg["pmi"] = world.rank_part(rank)
+        launch = attempt.launch
+        if attempt.port_key and launch is not None and launch.master_port is None:
+            # the main node's tasks: its agent picks MASTER_PORT (Launcher.nodes)
+            msg["port_env"], msg["port_key"] = "MASTER_PORT", attempt.port_key
         # registered only now: nothing above may leave a task that was never sent
         attempt.tasks[task.tid] = task
         s.tasks[task.tid] = (job, attempt, task)

@@ -83,6 +83,8 @@ class FakeAgent(AgentStream):
         self.transport = transport
         self.host = host
         self.tasks: dict[str, bool] = {}  # tid -> exited, for tasks not yet gone
+        self.task_ports: dict[str, int] = {}  # tid -> the port its spawn's port_env got
+        self.keyed_ports: dict[str, int] = {}  # port_key -> port, as an agent keeps them
         self._lines: deque[bytes] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
@@ -102,6 +104,7 @@ class FakeAgent(AgentStream):
             "agent_id": f"fake.{host}:1:0",
             "ops": ["facts", "kill", "load", "ping", "port", "shutdown", "signal"]
             + ["spawn", "stale", "sweep"],
+            "features": ["port_env"],
         }
         self.send(self.facts)
 
@@ -115,6 +118,8 @@ class FakeAgent(AgentStream):
         if isinstance(tid, str):
             if ev == "started":
                 self.tasks.setdefault(tid, False)
+                if tid in self.task_ports and "port" not in event:  # its spawn's port_env
+                    event = {**event, "port": self.task_ports.pop(tid)}
             elif ev == "exited":
                 self.tasks[tid] = True
             elif ev == "gone":
@@ -145,7 +150,11 @@ class FakeAgent(AgentStream):
     def _receive(self, msg: Event) -> None:
         self.transport.record(self.host, msg)
         if msg.get("op") == "spawn":
-            self.tasks[str(msg["tid"])] = False  # held from now on, started or not
+            tid = str(msg["tid"])
+            self.tasks[tid] = False  # held from now on, started or not
+            if msg.get("port_env"):  # the port it picks, said in its `started`
+                key = str(msg.get("port_key") or tid)
+                self.task_ports[tid] = self.keyed_ports.setdefault(key, next(_ports))
         answer = self.transport.handler(self.host, msg)
         if answer is None:
             answer = self.answer(msg)

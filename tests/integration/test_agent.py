@@ -75,6 +75,28 @@ def test_port(agent: Agent) -> None:
         s.bind(("", ports[0]))  # it is free
 
 
+def test_spawn_port_env_picks_a_free_port_once_per_key(agent: Agent) -> None:
+    """A main node's tasks: the agent picks MASTER_PORT at the spawn (no `port` round
+    trip first), the same for every spawn with the same `port_key`, and says it in
+    `started`; the variable is set like the spawn's own `env`, and `$MASTER_PORT` in
+    argv is expanded from it."""
+    assert "port_env" in agent.ready["features"]
+    argv = ["sh", "-c", "echo $MASTER_PORT", "x"]
+    ports = []
+    for tid, key in (("a", "7.1"), ("b", "7.1"), ("c", "8.1")):
+        agent.send(op="spawn", tid=tid, argv=argv, port_env="MASTER_PORT", port_key=key)
+        ports.append(agent.expect("started", tid)["port"])
+        agent.expect("gone", tid)
+        assert agent.output(tid, 1) == f"{ports[-1]}\n"
+    assert ports[0] == ports[1] != ports[2] and all(0 < p < 65536 for p in ports)
+    agent.send(op="port", id="r")
+    assert agent.expect("port", id="r")["port"] not in ports  # not handed out again
+    agent.send(op="spawn", tid="d", argv=["true"])
+    assert "port" not in agent.expect("started", "d")
+    agent.send(op="spawn", tid="e", argv=["true"], port_env="A=B")
+    assert "port_env" in agent.expect("error", "e")["msg"]
+
+
 def test_output_and_exit_codes(agent: Agent) -> None:
     agent.send(op="spawn", tid="1", argv=["sh", "-c", "echo out; echo err >&2; exit 3"])
     started = agent.expect("started", "1")

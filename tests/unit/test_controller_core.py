@@ -415,9 +415,11 @@ async def test_multinode_main_node_first_then_the_children(
     main = f"{job.id}#0"
     assert [tid for _, tid in fake.spawned()] == [main]
     main_host = fake.host_of(main)
-    # the main node's MASTER_PORT was asked of its agent before its spawn
-    assert [m["op"] for m in fake.ops(main_host)][-2:] == ["port", "spawn"]
+    # the main node's agent picks MASTER_PORT at the spawn: nothing is asked before it
+    assert fake.ops(op="port") == []
     (spawn,) = fake.ops(op="spawn")
+    assert (spawn["port_env"], spawn["port_key"]) == ("MASTER_PORT", f"{job.id}.1")
+    assert "MASTER_PORT" not in spawn["env"]
     assert [f["path"] for f in spawn["files"]] == [
         f"/tmp/mnp-fake/{main_host}/{job.id}.1/hostfile",
         f"/tmp/mnp-fake/{main_host}/{job.id}.1/hostfile.ompi",
@@ -431,6 +433,29 @@ async def test_multinode_main_node_first_then_the_children(
     assert [tid for _, tid in spawned] == [main, f"{job.id}#1", f"{job.id}#2"]
     assert len({h for h, _ in spawned}) == 3  # distinct hosts
     assert job.state is RUN and node_states(job) == [RUN, RUN, RUN]
+    # the others are wired with the port the main node's `started` said
+    port = fake.agents[main_host].keyed_ports[f"{job.id}.1"]
+    children = fake.ops(op="spawn")[1:]
+    assert [m["env"]["MASTER_PORT"] for m in children] == [str(port)] * 2
+    assert not any("port_env" in m for m in children)
+
+
+async def test_master_port_is_asked_first_of_an_agent_that_cannot_pick_it(
+    ctl: Controller, fake: FakeTransport
+) -> None:
+    fake.handler = fakemod.hold
+    for conn in ctl.agents.values():  # an older agent: its `ready` lists no features
+        conn.facts.pop("features")
+    job = ctl.submit(multinode(3))
+    await settle()
+    assert job.state is RUN
+    assert len(fake.ops(op="port")) == 1
+    assert job.attempt is not None and job.attempt.launch is not None
+    port = job.attempt.launch.master_port
+    assert port is not None
+    spawns = fake.ops(op="spawn")
+    assert spawns and all(m["env"]["MASTER_PORT"] == str(port) for m in spawns)
+    assert not any("port_env" in m for m in spawns)
 
 
 async def test_multinode_main_exit_ends_the_job_and_sweeps_every_host(
